@@ -1,0 +1,152 @@
+"""Synthetic long-context tasks, byte-level, generated deterministically from (seed, index).
+
+Each task is a Grain random-access source: `len(task)` examples, `task[i]` a dict with
+- "tokens": int32 [length + 1] (inputs are tokens[:-1], targets tokens[1:]);
+- "loss_mask": float32 [length], 1 where the target counts in the training loss;
+- "answer_mask": float32 [length], 1 on the targets that the task's accuracy is measured on.
+
+Tasks:
+- `Passkey`: the needle-in-a-haystack test of the Stuffed-Mamba / InfiniteBench template — a
+  5-digit key hidden at a chosen depth in repetitive filler text, asked for at the end.
+- `AssociativeRecall` (MQAR, Arora et al. 2023): key-value pairs, then queries of some keys.
+- `SelectiveCopy` (Gu & Dao 2023): data tokens scattered among noise tokens, to be copied in order.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+FILLER = ("The grass is green. ", "The sky is blue. ", "The sun is yellow. ", "Here we go. ",
+          "There and back again. ")
+NEEDLE = "The passkey is {key}. Remember it. {key} is the passkey. "
+QUESTION = "What is the passkey? The passkey is "
+N_DIGITS = 5
+
+
+def _bytes(s: str) -> np.ndarray:
+    return np.frombuffer(s.encode(), np.uint8).astype(np.int32)
+
+
+def _rng(seed: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, index])
+
+
+@dataclasses.dataclass(frozen=True)
+class Passkey:
+    """Passkey retrieval of `length` tokens; depth in [0, 1] (None = uniform at random).
+
+    Loss on every target (`answer_only=False`, the filler teaches induction cheaply) or only on
+    the 5 answer digits; accuracy on the answer digits.
+    """
+
+    length: int
+    depth: float | None = None
+    seed: int = 0
+    answer_only: bool = False
+    num_examples: int = 2**31 - 1
+
+    def __post_init__(self):
+        need = self.min_length()
+        if self.length < need:
+            raise ValueError(f"passkey length {self.length} is too short; it must be >= {need} "
+                             "(needle + question + answer)")
+        if self.depth is not None and not 0.0 <= self.depth <= 1.0:
+            raise ValueError(f"passkey depth {self.depth} must lie in [0, 1]")
+
+    @staticmethod
+    def min_length() -> int:
+        return len(NEEDLE.format(key="0" * N_DIGITS)) + len(QUESTION) + N_DIGITS + 8
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        rng = _rng(self.seed, index)
+        key = "".join(str(d) for d in rng.integers(0, 10, N_DIGITS))
+        needle, tail = _bytes(NEEDLE.format(key=key)), _bytes(QUESTION + key)
+        n_fill = self.length + 1 - len(needle) - len(tail)
+        start = int(rng.integers(len(FILLER)))
+        reps = n_fill // 12 + len(FILLER)
+        filler = _bytes("".join(FILLER[(start + j) % len(FILLER)] for j in range(reps)))[:n_fill]
+        depth = rng.uniform() if self.depth is None else self.depth
+        # insert at the sentence boundary nearest to the requested depth
+        at = int(round(depth * n_fill))
+        bounds = np.concatenate([[0], np.flatnonzero(filler == ord(" ")) + 1, [n_fill]])
+        bounds = bounds[np.r_[True, filler[np.clip(bounds[1:] - 2, 0, None)] == ord(".")]]
+        at = int(bounds[np.argmin(np.abs(bounds - at))])
+        tokens = np.concatenate([filler[:at], needle, filler[at:], tail]).astype(np.int32)
+        answer = np.zeros(self.length, np.float32)
+        answer[-N_DIGITS:] = 1.0
+        loss = answer.copy() if self.answer_only else np.ones(self.length, np.float32)
+        return {"tokens": tokens, "loss_mask": loss, "answer_mask": answer}
+
+
+@dataclasses.dataclass(frozen=True)
+class AssociativeRecall:
+    """Multi-query associative recall: `num_pairs` key/value pairs, then `num_queries` keys to recall.
+
+    Keys are bytes 128..191 (distinct within an example), values 192..255, noise 1..127 pads the
+    pairs section to `length`. Loss and accuracy on the recalled values.
+    """
+
+    length: int
+    num_pairs: int = 8
+    num_queries: int = 4
+    seed: int = 0
+    num_examples: int = 2**31 - 1
+
+    def __post_init__(self):
+        if not 1 <= self.num_queries <= self.num_pairs <= 64:
+            raise ValueError(f"need 1 <= num_queries ({self.num_queries}) <= num_pairs ({self.num_pairs}) <= 64")
+        need = 2 * self.num_pairs + 2 * self.num_queries
+        if self.length + 1 < need:
+            raise ValueError(f"recall length {self.length} is too short; it must be >= {need - 1}")
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        rng = _rng(self.seed, index)
+        keys = rng.choice(64, self.num_pairs, replace=False) + 128
+        values = rng.integers(0, 64, self.num_pairs) + 192
+        pairs = np.stack([keys, values], 1).reshape(-1)
+        q = rng.choice(self.num_pairs, self.num_queries, replace=False)
+        queries = np.stack([keys[q], values[q]], 1).reshape(-1)
+        noise = rng.integers(1, 128, self.length + 1 - len(pairs) - len(queries))
+        tokens = np.concatenate([pairs, noise, queries]).astype(np.int32)
+        answer = np.zeros(self.length, np.float32)
+        answer[self.length - len(queries) + 1::2] = 1.0  # targets that are the queried values
+        return {"tokens": tokens, "loss_mask": answer.copy(), "answer_mask": answer}
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectiveCopy:
+    """Selective copying: `num_data` data tokens (bytes 16..255) at random positions among noise
+    (byte 1), a separator (byte 2), then the data tokens in order. Loss and accuracy on the copy."""
+
+    length: int
+    num_data: int = 8
+    seed: int = 0
+    num_examples: int = 2**31 - 1
+
+    def __post_init__(self):
+        if self.length + 1 < 2 * self.num_data + 2:
+            raise ValueError(f"selective-copy length {self.length} must be >= {2 * self.num_data + 1}")
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        rng = _rng(self.seed, index)
+        n_ctx = self.length + 1 - self.num_data - 1
+        data = rng.integers(16, 256, self.num_data)
+        ctx = np.ones(n_ctx, np.int64)
+        ctx[np.sort(rng.choice(n_ctx, self.num_data, replace=False))] = data
+        tokens = np.concatenate([ctx, [2], data]).astype(np.int32)
+        answer = np.zeros(self.length, np.float32)
+        answer[-self.num_data:] = 1.0
+        return {"tokens": tokens, "loss_mask": answer.copy(), "answer_mask": answer}
+
+
+TASKS = {"passkey": Passkey, "recall": AssociativeRecall, "selective_copy": SelectiveCopy}

@@ -1,0 +1,1 @@
+"""Evaluation: passkey retrieval by length and depth, accuracy and loss vs context length, plots."""

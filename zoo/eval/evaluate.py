@@ -1,0 +1,38 @@
+"""`zoo eval`: the task's long-context evaluation of a trained run, written to eval.json + plots."""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from zoo.eval import longcontext, plots
+from zoo.train.checkpoint import write_json_atomic
+from zoo.train.metrics import read_metrics
+
+
+def evaluate(model, config: ml_collections.ConfigDict) -> dict:
+    """Runs the evaluations that fit `config.data.source` and returns them as a dict."""
+    data, ev = config.data, config.eval
+    lengths = [int(x) for x in ev.lengths]
+    out: dict = {}
+    if data.source == "passkey":
+        out["passkey"] = longcontext.passkey_grid(model, data, lengths, ev.depths, ev.samples, ev.batch_size)
+    if data.source in ("passkey", "recall", "selective_copy"):
+        out["by_length"] = longcontext.answer_accuracy_by_length(model, data, lengths, ev.samples, ev.batch_size)
+    out["loss_by_position"] = longcontext.loss_by_position(model, data, max(lengths), ev.samples, ev.batch_size)
+    return out
+
+
+def evaluate_workdir(workdir: str, model=None, config=None, step: int | None = None) -> dict:
+    """Evaluates the run in `workdir` (loading its checkpoint unless a model is given)."""
+    if model is None:
+        from zoo.train.checkpoint import load_model
+        model, config = load_model(workdir, step)
+    result = evaluate(model, config)
+    write_json_atomic(os.path.join(workdir, "eval.json"), result)
+    title = f"{config.model_name} ({config.preset}) on {config.data.source}"
+    plots.eval_figure(result, os.path.join(workdir, "eval.png"), config.data.seq_len, title)
+    records = read_metrics(workdir)
+    if records:
+        plots.training_curves(records, os.path.join(workdir, "training.png"), title)
+    return result

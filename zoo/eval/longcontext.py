@@ -1,0 +1,83 @@
+"""Long-context evaluations of any zoo language model.
+
+- `passkey_grid`: exact-match retrieval of the 5-digit key for every (length, depth) pair.
+- `answer_accuracy_by_length`: answer accuracy of a synthetic task at several lengths.
+- `loss_by_position`: mean next-token loss at each position of sequences of one length, so the
+  loss beyond the training length is visible.
+Exact match under teacher forcing equals greedy decoding's exact match: if every answer digit is
+the argmax given the true previous digits, greedy decoding emits exactly those digits.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from zoo.data.pipeline import example_source, to_model_inputs
+
+
+@nnx.jit
+def _forward(model, inputs):
+    return model(inputs)
+
+
+def _batches(source, n: int, batch_size: int):
+    for start in range(0, n, batch_size):
+        items = [to_model_inputs(source[i]) for i in range(start, min(start + batch_size, n))]
+        yield {k: np.stack([it[k] for it in items]) for k in items[0]}
+
+
+def answer_stats(model, source, n: int, batch_size: int) -> dict[str, float]:
+    """Per-answer-token accuracy, exact match of all answer tokens, and mean answer loss."""
+    tok_correct = tok_total = exact = loss_sum = 0.0
+    for b in _batches(source, n, batch_size):
+        logits = np.asarray(_forward(model, jnp.asarray(b["inputs"])))
+        correct = (logits.argmax(-1) == b["targets"]) | (b["answer_mask"] == 0)
+        ce = np.asarray(optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits), jnp.asarray(b["targets"])))
+        tok_correct += float(((logits.argmax(-1) == b["targets"]) * b["answer_mask"]).sum())
+        tok_total += float(b["answer_mask"].sum())
+        exact += float(correct.all(-1).sum())
+        loss_sum += float((ce * b["answer_mask"]).sum())
+    return {"token_accuracy": tok_correct / tok_total, "exact_match": exact / n, "answer_loss": loss_sum / tok_total}
+
+
+def passkey_grid(model, data: Any, lengths, depths, samples: int, batch_size: int) -> dict:
+    """{"lengths", "depths", "exact_match" [len x depth], "token_accuracy" [len x depth]}."""
+    em = np.zeros((len(lengths), len(depths)))
+    ta = np.zeros_like(em)
+    for i, length in enumerate(lengths):
+        for j, depth in enumerate(depths):
+            s = answer_stats(model, example_source(data, "validation", int(length), depth=float(depth)),
+                             samples, batch_size)
+            em[i, j], ta[i, j] = s["exact_match"], s["token_accuracy"]
+    return {"lengths": list(map(int, lengths)), "depths": list(map(float, depths)),
+            "exact_match": em.tolist(), "token_accuracy": ta.tolist()}
+
+
+def answer_accuracy_by_length(model, data: Any, lengths, samples: int, batch_size: int) -> dict:
+    rows = {int(length): answer_stats(model, example_source(data, "validation", int(length)), samples, batch_size)
+            for length in lengths}
+    return {"lengths": list(rows), **{k: [rows[length][k] for length in rows] for k in next(iter(rows.values()))}}
+
+
+def loss_by_position(model, data: Any, length: int, samples: int, batch_size: int, bins: int = 32) -> dict:
+    """Mean loss over the loss-mask at each position, averaged into `bins` equal position bins."""
+    source = example_source(data, "validation", int(length))
+    total = np.zeros(length)
+    weight = np.zeros(length)
+    for b in _batches(source, samples, batch_size):
+        logits = _forward(model, jnp.asarray(b["inputs"]))
+        ce = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(b["targets"])))
+        total += (ce * b["loss_mask"]).sum(0)
+        weight += b["loss_mask"].sum(0)
+    edges = np.linspace(0, length, min(bins, length) + 1).astype(int)
+    centers, losses = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        if weight[lo:hi].sum() > 0:
+            centers.append(float((lo + hi - 1) / 2))
+            losses.append(float(total[lo:hi].sum() / weight[lo:hi].sum()))
+    return {"length": int(length), "position": centers, "loss": losses}

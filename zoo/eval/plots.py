@@ -1,0 +1,53 @@
+"""Matplotlib figures (Agg backend) for training curves and long-context evaluations."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def training_curves(records: list[dict], path: str, title: str = "") -> None:
+    steps = [r["step"] for r in records]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    axes[0].plot(steps, [r["loss"] for r in records])
+    axes[0].set(xlabel="step", ylabel="training loss", yscale="log", title=title or "loss")
+    axes[1].plot(steps, [r["accuracy"] for r in records])
+    axes[1].set(xlabel="step", ylabel="answer accuracy", ylim=(0, 1.02), title="accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def eval_figure(result: dict, path: str, train_length: int, title: str = "") -> None:
+    panels = [k for k in ("passkey", "by_length", "loss_by_position") if k in result]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        r = result[key]
+        if key == "passkey":
+            grid = np.asarray(r["exact_match"])
+            im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+            ax.set_xticks(range(len(r["depths"])), [f"{d:.2f}" for d in r["depths"]])
+            ax.set_yticks(range(len(r["lengths"])), r["lengths"])
+            for i in range(grid.shape[0]):
+                for j in range(grid.shape[1]):
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w" if grid[i, j] < .6 else "k")
+            ax.set(xlabel="needle depth", ylabel="context length", title="passkey exact match")
+            fig.colorbar(im, ax=ax)
+        elif key == "by_length":
+            ax.plot(r["lengths"], r["token_accuracy"], "o-", label="token accuracy")
+            ax.plot(r["lengths"], r["exact_match"], "s-", label="exact match")
+            ax.axvline(train_length, color="gray", ls="--", label="train length")
+            ax.set(xlabel="context length", ylabel="accuracy", ylim=(0, 1.02), xscale="log", title="answer accuracy")
+            ax.legend()
+        else:
+            ax.plot(r["position"], r["loss"])
+            ax.axvline(train_length, color="gray", ls="--", label="train length")
+            ax.set(xlabel="position", ylabel="loss", title=f"loss by position (length {r['length']})")
+            ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,61 @@
+"""`zoo info`: what a config builds, measured rather than guessed.
+
+Parameter count from the abstract model (nothing is allocated), forward FLOPs per token from
+XLA's cost analysis of the lowered forward pass at the given length (training is ~3x), the mesh
+over the available devices, and the data layout (fixed length or decomposition buckets).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import ml_collections
+from flax import nnx
+
+from zoo.config import model_config
+from zoo.models import registry
+from zoo.train import sharding
+from zoo.train.params import ParamView
+
+
+def abstract_model(config: ml_collections.ConfigDict):
+    cfg = model_config(config)
+    cls = registry.model_class(config.model_name)
+    return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
+
+
+def count_params(config: ml_collections.ConfigDict) -> int:
+    return sum(math.prod(s.shape) for s in ParamView(abstract_model(config)).shapes.values())
+
+
+def forward_flops_per_token(config: ml_collections.ConfigDict, seq_len: int) -> float | None:
+    """XLA's FLOP count of one forward pass over [1, seq_len] tokens, divided by seq_len."""
+    view = ParamView(abstract_model(config))
+    fn = jax.jit(lambda p, x: view.merge(p)(x))
+    lowered = fn.lower(dict(view.shapes), jax.ShapeDtypeStruct((1, seq_len), jax.numpy.int32))
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = (cost or {}).get("flops")
+    return None if flops is None else float(flops) / seq_len
+
+
+def describe(config: ml_collections.ConfigDict, seq_len: int | None = None) -> str:
+    seq_len = seq_len or config.data.seq_len
+    n = count_params(config)
+    lines = [f"model      {config.model_name} (preset {config.preset})",
+             f"params     {n:,} ({n / 1e6:.2f}M)"]
+    flops = forward_flops_per_token(config, seq_len)
+    if flops is not None:
+        lines.append(f"FLOPs/tok  {flops / 1e6:,.2f} MFLOP forward, ~{3 * flops / 1e6:,.2f} MFLOP train "
+                     f"at length {seq_len} (XLA cost analysis; 6N = {6 * n / 1e6:,.2f} MFLOP)")
+    try:
+        shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, jax.device_count())
+        lines.append(f"mesh       data={shape[0]} fsdp={shape[1]} tensor={shape[2]} over {jax.device_count()} "
+                     f"{jax.devices()[0].platform} device(s)")
+    except ValueError as e:
+        lines.append(f"mesh       invalid on this machine: {e}")
+    d = config.data
+    if d.mode == "fixed":
+        lines.append(f"data       {d.source}: fixed length {d.seq_len} x batch {d.batch_size} "
+                     f"= {d.seq_len * d.batch_size:,} tokens/step")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Training: mesh and sharding rules, optimizer, Orbax checkpoints, the jitted loop."""

@@ -1,0 +1,215 @@
+"""The training loop: one jitted, explicitly sharded step over (params, opt_state, batch).
+
+    params, opt_state, metrics = step(params, opt_state, batch)
+
+`params` is a flat dict (see `zoo.train.params`) sharded by the logical-axis rules of
+`zoo.train.sharding`; the optimizer state follows its parameters; the batch is split over
+data x fsdp. Re-running the same command resumes from the latest checkpoint: parameters,
+optimizer state, data-iterator state and step are restored, so the continued run is identical
+to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from zoo.config import model_config
+from zoo.data.pipeline import check_vocab, make_batches
+from zoo.models import registry
+from zoo.train import checkpoint as ckpt_lib
+from zoo.train import optim, sharding
+from zoo.train.metrics import MetricsWriter
+from zoo.train.params import ParamView
+
+
+def lm_loss(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Masked next-token cross-entropy (fp32) and answer accuracy."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
+    lm, am = batch["loss_mask"], batch["answer_mask"]
+    correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
+    stats = {"loss_sum": jnp.sum(ce * lm), "loss_weight": jnp.sum(lm),
+             "correct": jnp.sum(correct * am), "answers": jnp.sum(am)}
+    return stats["loss_sum"] / jnp.maximum(stats["loss_weight"], 1.0), stats
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything derived from a run config before any state exists."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    view: ParamView
+    param_shardings: dict[str, NamedSharding]
+    tx: optax.GradientTransformation
+    init_params: Callable[[], dict]
+    tokens_per_step: int
+
+    def opt_shardings(self, abstract_opt_state) -> Any:
+        """Each optimizer leaf keyed by a parameter name gets that parameter's sharding."""
+        replicated = NamedSharding(self.mesh, P())
+
+        def pick(path, leaf):
+            for k in reversed(path):
+                name = getattr(k, "key", None)
+                if name in self.param_shardings:
+                    return self.param_shardings[name]
+            return replicated
+
+        return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
+def make_setup(config: ml_collections.ConfigDict) -> Setup:
+    cfg = model_config(config)
+    cls = registry.model_class(config.model_name)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    seed = config.train.seed
+    abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(seed)))
+    view = ParamView(abstract)
+    param_sh = view.tree(lambda n, meta, s: NamedSharding(mesh, sharding.logical_to_spec(meta["axes"], s.shape, mesh)))
+    labels = view.tree(lambda n, meta, s: optim.param_label(meta, len(s.shape)))
+    tokens_per_step = (config.data.tokens_per_step if config.data.mode == "decomposition"
+                       else config.data.batch_size * config.data.seq_len)
+    tx = optim.make_optimizer(config.optim, config.train.steps, tokens_per_step, labels)
+    init = jax.jit(lambda: view.flat(cls(cfg, rngs=nnx.Rngs(seed))), out_shardings=param_sh)
+    return Setup(config, mesh, view, param_sh, tx, init, tokens_per_step)
+
+
+def make_train_step(setup: Setup, opt_sh) -> Callable:
+    view, tx, accum = setup.view, setup.tx, setup.config.train.grad_accum
+
+    def loss_fn(params, batch):
+        return lm_loss(view.merge(params)(batch["inputs"]), batch)
+
+    def step(params, opt_state, batch):
+        grad_fn = jax.grad(loss_fn, has_aux=True)
+        if accum == 1:
+            grads, stats = grad_fn(params, batch)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+            def body(carry, mb):
+                g, s = grad_fn(params, mb)
+                w = s["loss_weight"]  # weight each micro-batch by its loss tokens
+                return jax.tree.map(jnp.add, carry, (jax.tree.map(lambda x: x * w, g), s)), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, params),
+                     {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "loss_weight", "correct", "answers")})
+            (grads, stats), _ = jax.lax.scan(body, zeros, micro)
+            grads = jax.tree.map(lambda g: g / jnp.maximum(stats["loss_weight"], 1.0), grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": stats["loss_sum"] / jnp.maximum(stats["loss_weight"], 1.0),
+                   "accuracy": stats["correct"] / jnp.maximum(stats["answers"], 1.0),
+                   "grad_norm": optax.global_norm(grads)}
+        return params, opt_state, metrics
+
+    batch_sh = sharding.batch_sharding(setup.mesh, 2)
+    return jax.jit(step, in_shardings=(setup.param_shardings, opt_sh, batch_sh),
+                   out_shardings=(setup.param_shardings, opt_sh, None), donate_argnums=(0, 1))
+
+
+def global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """Per-host numpy batch -> global jax arrays split over data x fsdp."""
+    sh = sharding.batch_sharding(mesh, 2)
+    dp = sharding.data_parallel_size(mesh)
+    n = batch["inputs"].shape[0] * jax.process_count()
+    if n % dp:
+        raise ValueError(f"global batch {n} is not divisible by data x fsdp = {dp}; change data.batch_size "
+                         "(or data.tokens_per_step) or the mesh")
+    return {k: jax.make_array_from_process_local_data(sh, v) for k, v in batch.items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+          stop_after: int | None = None, evaluate: bool = True) -> dict:
+    """Trains (or resumes) the run in `workdir`; returns the final metrics (and eval results).
+
+    Args:
+      stop_after: stop after this global step without a final checkpoint (tests simulate preemption).
+      evaluate: run the task evaluation and write plots at the end.
+    """
+    sharding.maybe_initialize_distributed()
+    # Everything that can fail on user input is checked before the work directory is touched.
+    setup = make_setup(config)
+    batches = make_batches(config.data, "train", process_index=jax.process_index(),
+                           process_count=jax.process_count())
+    ckpt_lib.check_resume_config(workdir, config)
+    vocab = model_config(config).vocab_size
+
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0 and not os.path.isfile(os.path.join(workdir, ckpt_lib.CONFIG_FILE)):
+        ckpt_lib.write_json_atomic(os.path.join(workdir, ckpt_lib.CONFIG_FILE), config.to_dict())
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+
+    abstract_params = {n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=setup.param_shardings[n])
+                       for n, s in setup.view.shapes.items()}
+    abstract_opt = jax.eval_shape(setup.tx.init, abstract_params)
+    opt_sh = setup.opt_shardings(abstract_opt)
+    start = checkpointer.latest_step()
+    if start is None:
+        params = setup.init_params()
+        opt_state = jax.jit(setup.tx.init, out_shardings=opt_sh)(params)
+        start = 0
+    else:
+        target_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_opt, opt_sh)
+        restored = checkpointer.restore(start, abstract_params, target_opt)
+        params, opt_state = restored["params"], restored["opt_state"]
+        batches.set_state(restored["data"])
+    step_fn = make_train_step(setup, opt_sh)
+
+    writer = MetricsWriter(workdir)
+    total = config.train.steps
+    bar = None
+    if progress and jax.process_index() == 0:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, initial=start, desc=f"train {config.model_name}", unit="step", dynamic_ncols=True)
+    last = {}
+    t0, tokens_since = time.perf_counter(), 0
+    lr = optim.lr_schedule(config.optim.lr, config.optim.warmup_steps * setup.tokens_per_step,
+                           total * setup.tokens_per_step, config.optim.min_lr_ratio, setup.tokens_per_step)
+    step = start
+    try:
+        while step < total:
+            host_batch = next(batches)
+            check_vocab(host_batch, vocab, f"data.source={config.data.source!r}")
+            batch = global_batch(host_batch, setup.mesh)
+            params, opt_state, metrics = step_fn(params, opt_state, batch)
+            step += 1
+            tokens_since += int(np.prod(batch["inputs"].shape))
+            if step % config.train.log_every == 0 or step == total:
+                now = time.perf_counter()
+                last = {k: float(v) for k, v in metrics.items()}
+                last.update(tokens_per_sec=tokens_since / (now - t0), lr=float(lr(step - 1)),
+                            seq_len=int(batch["inputs"].shape[1]))
+                t0, tokens_since = now, 0
+                writer.write(step, last)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}")
+            if bar is not None:
+                bar.update(1)
+            if stop_after is not None and step >= stop_after:
+                checkpointer.wait()
+                return last
+            if step % config.train.checkpoint_every == 0 or step == total:
+                checkpointer.save(step, params, opt_state, batches.get_state(),
+                                  {"step": step, "model_name": config.model_name})
+        checkpointer.wait()
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+        checkpointer.close()
+    result = {"train": last, "step": step}
+    if evaluate and jax.process_index() == 0:
+        from zoo.eval.evaluate import evaluate_workdir
+        result["eval"] = evaluate_workdir(workdir, model=setup.view.merge(jax.device_get(params)), config=config)
+    return result
