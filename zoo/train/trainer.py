@@ -142,8 +142,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     setup = make_setup(config)
     batches = make_batches(config.data, "train", process_index=jax.process_index(),
                            process_count=jax.process_count())
-    ckpt_lib.check_resume_config(workdir, config)
     vocab = model_config(config).vocab_size
+    initial_state = batches.get_state()
+    check_vocab(next(batches), vocab, f"data.source={config.data.source!r}")  # peek, then rewind
+    batches.set_state(initial_state)
+    ckpt_lib.check_resume_config(workdir, config)
 
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0 and not os.path.isfile(os.path.join(workdir, ckpt_lib.CONFIG_FILE)):
