@@ -54,8 +54,21 @@ def describe(config: ml_collections.ConfigDict, seq_len: int | None = None) -> s
                      f"{jax.devices()[0].platform} device(s)")
     except ValueError as e:
         lines.append(f"mesh       invalid on this machine: {e}")
-    d = config.data
-    if d.mode == "fixed":
-        lines.append(f"data       {d.source}: fixed length {d.seq_len} x batch {d.batch_size} "
-                     f"= {d.seq_len * d.batch_size:,} tokens/step")
+    lines.append(data_stats(config.data))
     return "\n".join(lines)
+
+
+def data_stats(d) -> str:
+    """The data layout; for decomposition on text/TFDS, the bucket table of the training split."""
+    if d.mode == "fixed":
+        return (f"data       {d.source}: fixed length {d.seq_len} x batch {d.batch_size} "
+                f"= {d.seq_len * d.batch_size:,} tokens/step (concat-and-chunk for text)")
+    from zoo.data import decomposition as dd
+    from zoo.data.pipeline import DecompositionBatches
+    batches = DecompositionBatches(d, "train")
+    head = (f"data       {d.source}: decomposition buckets 2^{d.min_log2}..2^{d.max_log2}, "
+            f"{d.tokens_per_step:,} tokens/step, curriculum {d.curriculum}; batch per bucket "
+            + ", ".join(f"{1 << k}:{b}" for k, b in batches.schedule.batch_sizes.items()))
+    if batches.index is None:
+        return head
+    return head + "\n" + dd.format_stats(dd.decomposition_stats(batches.index, schedule=batches.schedule))

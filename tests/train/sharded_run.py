@@ -23,7 +23,7 @@ def main():
     train(config, workdir, progress=False, evaluate=False)
     setup = make_setup(config)
     params = setup.init_params()
-    shards = {n: [str(p.sharding.spec), list(p.addressable_shards[0].data.shape), list(p.shape)]
+    shards = {n: [list(p.sharding.spec), list(p.addressable_shards[0].data.shape), list(p.shape)]
               for n, p in params.items()}
     print(json.dumps({"devices": jax.device_count(), "losses": [r["loss"] for r in read_metrics(workdir)],
                       "shards": shards}))

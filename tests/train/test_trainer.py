@@ -86,3 +86,25 @@ def test_weight_decay_skips_norms(tiny):
     for name, u in updates.items():
         moved = float(jnp.abs(u).max()) > 0
         assert moved == (setup.view.metadata[name].get("wd", True) and u.ndim >= 2), name
+
+
+def test_decomposition_training_resumes_exactly(tmp_path, tiny):
+    """The transformer trains on variable-length buckets (a curriculum from the config) and resumes."""
+    rng = np.random.default_rng(0)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(30):
+        (corpus / f"d{i}.txt").write_bytes(rng.integers(97, 123, int(rng.integers(40, 600))).astype(np.uint8).tobytes())
+
+    def config():
+        c = tiny(steps=8, checkpoint_every=4)
+        c.data.source, c.data.path, c.data.mode = "text", str(corpus), "decomposition"
+        c.data.min_log2, c.data.max_log2, c.data.tokens_per_step, c.data.curriculum = 4, 6, 128, "uniform"
+        return c
+
+    train(config(), str(tmp_path / "full"), progress=False, evaluate=False)
+    train(config(), str(tmp_path / "part"), progress=False, evaluate=False, stop_after=6)
+    train(config(), str(tmp_path / "part"), progress=False, evaluate=False)
+    full, part = read_metrics(str(tmp_path / "full")), read_metrics(str(tmp_path / "part"))
+    assert len({r["seq_len"] for r in full}) > 1
+    assert [r["loss"] for r in full] == [r["loss"] for r in part]
