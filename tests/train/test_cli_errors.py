@@ -10,7 +10,9 @@ import pytest
 
 from conftest import ROOT, TINY_OVERRIDES
 
-CONFIG = "configs/transformer.py:tiny"
+from zoo.cli import main
+
+CONFIG = os.path.join(ROOT, "configs", "transformer.py") + ":tiny"
 
 
 def _digest(path):
@@ -25,13 +27,17 @@ def _digest(path):
     return h.hexdigest()
 
 
+def _main(capsys, *args):
+    """Runs the CLI in-process: (exit code, stderr lines)."""
+    code = main(list(args))
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
-    from conftest import run_cli
-    out = run_cli("train", "--config", CONFIG, "--workdir", str(workdir), "--no-eval",
-                  "--config.train.steps=2", *TINY_OVERRIDES)
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert main(["train", "--config", CONFIG, "--workdir", str(workdir), "--no-eval",
+                 "--config.train.steps=2", *TINY_OVERRIDES]) == 0
     return workdir
 
 
@@ -43,33 +49,33 @@ def trained(tmp_path_factory):
     (["--config.model.vocab_size=100"], "outside the vocabulary [0, 100)"),
     (["--config.data.source=nope"], "unknown data.source 'nope'"),
 ])
-def test_config_errors_leave_checkpoint_intact(trained, cli, args, message):
+def test_config_errors_leave_checkpoint_intact(trained, capsys, args, message):
     before = _digest(trained)
-    out = cli("train", "--config", CONFIG, "--workdir", str(trained), *TINY_OVERRIDES, *args)
-    assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("zoo: error: ") and message in lines[0], out.stderr
+    code, lines = _main(capsys, "train", "--config", CONFIG, "--workdir", str(trained), *TINY_OVERRIDES, *args)
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("zoo: error: ") and message in lines[0], lines
     assert _digest(trained) == before
 
 
-def test_unknown_model_and_preset(tmp_path, cli):
+def test_unknown_model_and_preset(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
     cfg = tmp_path / "bad.py"
     cfg.write_text("from zoo.config import make_config\ndef get_config(preset='tiny'):\n"
                    "    return make_config('no_such_model', preset)\n")
-    out = cli("info", "--config", str(cfg))
-    assert out.returncode == 2 and "unknown model 'no_such_model'" in out.stderr
-    out = cli("info", "--config", "configs/transformer.py:giant")
-    assert out.returncode == 2 and "unknown preset 'giant'" in out.stderr
-    out = cli("info", "--config", "configs/missing.py:tiny")
-    assert out.returncode == 2 and "does not exist" in out.stderr
-    out = cli("eval", "--workdir", str(tmp_path / "empty"))
-    assert out.returncode == 2 and "not a zoo work directory" in out.stderr
+    for args, message in [(("info", "--config", str(cfg)), "unknown model 'no_such_model'"),
+                          (("info", "--config", "configs/transformer.py:giant"), "unknown preset 'giant'"),
+                          (("info", "--config", "configs/missing.py:tiny"), "does not exist"),
+                          (("eval", "--workdir", str(tmp_path / "empty")), "not a zoo work directory")]:
+        code, lines = _main(capsys, *args)
+        assert code == 2 and len(lines) == 1 and message in lines[0], lines
 
 
-def test_info_prints_params_flops_mesh(cli):
+def test_cli_subprocess_error_and_info(cli):
     out = cli("info", "--config", CONFIG, "--config.model.n_layers=1")
     assert out.returncode == 0, out.stderr
     assert "params" in out.stdout and "FLOPs/tok" in out.stdout and "mesh" in out.stdout
+    out = cli("train", "--config", CONFIG, "--workdir", "/tmp/unused", "--config.model.n_layer=3")
+    assert out.returncode == 2 and out.stderr.strip().startswith("zoo: error: unknown config key")
 
 
 def test_kill_9_then_rerun_resumes_identically(tmp_path, cli):
