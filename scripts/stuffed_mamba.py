@@ -1,0 +1,166 @@
+"""State collapse of Mamba-2 beyond its training length, and the training-free Stuffed-Mamba fixes.
+
+    python scripts/stuffed_mamba.py --workdir runs/stuffed_mamba [--steps 600 --train_len 128]
+
+1. Trains the tiny Mamba-2 (`configs/mamba2.py:tiny`) on passkey retrieval at a short length with
+   the zoo's trainer (reuses the checkpoint when the work directory already has one).
+2. Evaluates it at 1, 4, 8 and 16x the training length, without and with each mitigation of
+   `zoo/models/mamba2.py` (set on the trained model with `set_inference_options`): passkey exact
+   match (random depths) and next-token loss by position at the longest length.
+3. Writes `stuffed_mamba.png` (loss by position, passkey accuracy vs length), `state_norms.png`
+   (the diagnostic: per-layer, per-head state norm vs position) and `stuffed_mamba.json`, and prints
+   a markdown table.
+Runtime: ~10 minutes on 2 CPU cores with the defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from zoo.config import apply_overrides, load_config  # noqa: E402
+from zoo.data.pipeline import example_source  # noqa: E402
+from zoo.eval import longcontext  # noqa: E402
+from zoo.models.mamba2 import calibrate_state_norm, state_norm_trace  # noqa: E402
+from zoo.train.checkpoint import load_model  # noqa: E402
+from zoo.train.trainer import train  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULTS = dict(b_scale=1.0, b_clip=0.0, dt_scale=1.0, dt_offset=0.0, a_scale=1.0, a_offset=0.0,
+                state_norm_thresholds=(), window=0)
+
+
+def run_config(args):
+    overrides = [f"--config.data.seq_len={args.train_len}", f"--config.data.batch_size={args.batch}",
+                 f"--config.train.steps={args.steps}", "--config.train.log_every=50",
+                 f"--config.train.checkpoint_every={args.steps}", "--config.optim.warmup_steps=50"]
+    return apply_overrides(load_config(os.path.join(ROOT, "configs/mamba2.py:tiny")), overrides)
+
+
+def mitigations(model, data, train_len: int, chunk: int) -> dict[str, dict]:
+    """The inference options compared, name -> config fields (thresholds calibrated here)."""
+    model.set_inference_options(**DEFAULTS, state_norm_chunk=chunk)
+    calib = longcontext._batches(example_source(data, "train", train_len), 16, 16)
+    tokens = jnp.asarray(next(calib)["inputs"])
+    thr = calibrate_state_norm(model, tokens, multiplier=1.0)
+    return {
+        "original": {},
+        "M1: B x0.5 (remember less)": dict(b_scale=0.5),
+        "M1: A x2 (forget more)": dict(a_scale=2.0),
+        "M1: A x4, B x0.7": dict(a_scale=4.0, b_scale=0.7),
+        f"M2: state-norm cap (chunk {chunk})": dict(state_norm_thresholds=thr),
+        f"M3: window {train_len}": dict(window=train_len),
+        f"M3: window {train_len // 2}": dict(window=train_len // 2),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="runs/stuffed_mamba")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--train_len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--factors", default="1,4,8,16")
+    parser.add_argument("--samples", type=int, default=16)
+    args = parser.parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    ckpt_dir = os.path.join(args.workdir, "run")
+
+    t0 = time.perf_counter()
+    config = run_config(args)
+    result = train(config, ckpt_dir, progress=False, evaluate=False)
+    print(f"trained {result['step']} steps at length {args.train_len} in {time.perf_counter() - t0:.0f}s: "
+          f"{result.get('train', {})}", flush=True)
+    model, config = load_model(ckpt_dir)
+    data = config.data
+    lengths = [args.train_len * int(f) for f in args.factors.split(",")]
+    longest = lengths[-1]
+
+    # The diagnostic on the original model: state norm vs position at the longest length.
+    probe = jnp.asarray(next(longcontext._batches(example_source(data, "validation", longest), 4, 4))["inputs"])
+    model.set_inference_options(**DEFAULTS)
+    pos, norms = state_norm_trace(model, probe, every=max(1, args.train_len // 8))
+    plot_state_norms(pos, norms, args.train_len, os.path.join(args.workdir, "state_norms.png"))
+
+    variants = mitigations(model, data, args.train_len, chunk=max(1, args.train_len // 2))
+    rows = {}
+    for name, opts in variants.items():
+        t1 = time.perf_counter()
+        model.set_inference_options(**{**DEFAULTS, **opts})
+        acc = longcontext.answer_accuracy_by_length(model, data, lengths, args.samples, 16)
+        lbp = longcontext.loss_by_position(model, data, longest, 16, 16, bins=32)
+        short = longcontext.loss_by_position(model, data, args.train_len, 16, 16, bins=1)
+        rows[name] = {"exact_match": acc["exact_match"], "answer_loss": acc["answer_loss"],
+                      "position": lbp["position"], "loss": lbp["loss"], "loss_train_len": short["loss"][0]}
+        print(f"{name}: exact match {acc['exact_match']} ({time.perf_counter() - t1:.0f}s)", flush=True)
+
+    with open(os.path.join(args.workdir, "stuffed_mamba.json"), "w") as f:
+        json.dump({"lengths": lengths, "train_len": args.train_len, "rows": rows,
+                   "options": {k: {a: list(b) if isinstance(b, tuple) else b for a, b in v.items()}
+                               for k, v in variants.items()}}, f, indent=1)
+    plot_results(rows, lengths, args.train_len, os.path.join(args.workdir, "stuffed_mamba.png"))
+    print(markdown_table(rows, lengths, args.train_len))
+    print(f"total {time.perf_counter() - t0:.0f}s; figures in {args.workdir}")
+
+
+def _loss_in(row, lo, hi):
+    vals = [l for p, l in zip(row["position"], row["loss"]) if lo <= p < hi]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def markdown_table(rows: dict, lengths: list[int], train_len: int) -> str:
+    longest = lengths[-1]
+    head = ("| inference option | " + " | ".join(f"passkey EM @{n} ({n // train_len}x)" for n in lengths)
+            + f" | answer loss @{longest} | loss @{train_len} (1x) | loss @{longest}, pos < {train_len}"
+            f" | loss @{longest}, pos {longest // 2}-{longest} |")
+    lines = [head, "|" + "---|" * (len(lengths) + 5)]
+    for name, r in rows.items():
+        em = " | ".join(f"{v:.2f}" for v in r["exact_match"])
+        lines.append(f"| {name} | {em} | {r['answer_loss'][-1]:.2f} | {r['loss_train_len']:.3f} | "
+                     f"{_loss_in(r, 0, train_len):.3f} | {_loss_in(r, longest // 2, longest):.3f} |")
+    return "\n".join(lines)
+
+
+def plot_results(rows: dict, lengths: list[int], train_len: int, path: str) -> None:
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for name, r in rows.items():
+        ax1.plot(r["position"], r["loss"], label=name)
+        ax2.plot(lengths, r["exact_match"], marker="o", label=name)
+    for ax in (ax1, ax2):
+        ax.axvline(train_len, color="k", ls=":", lw=1)
+    ax1.set(xlabel="position", ylabel="next-token loss (nats)", title=f"loss by position at {lengths[-1]}",
+            yscale="log")
+    ax2.set(xlabel="sequence length", ylabel="passkey exact match", xscale="log", title="passkey retrieval")
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"tiny Mamba-2 trained at {train_len} tokens: state collapse and training-free fixes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_state_norms(pos, norms, train_len: int, path: str) -> None:
+    """norms [L, B, H, S]: one panel per layer, one line per head (mean over the batch)."""
+    n_layers = norms.shape[0]
+    fig, axes = plt.subplots(1, n_layers, figsize=(5 * n_layers, 3.8), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        for h in range(norms.shape[2]):
+            ax.plot(pos, norms[i, :, h].mean(0), lw=1, label=f"head {h}")
+        ax.axvline(train_len, color="k", ls=":", lw=1)
+        ax.set(xlabel="position", ylabel="||h||_F", title=f"layer {i}", yscale="log")
+    axes[0][-1].legend(fontsize=6, ncol=2)
+    fig.suptitle("state norm per head vs position (original model)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
