@@ -1,0 +1,650 @@
+"""SpaceTime (Zhang et al., ICLR 2023): a forecaster built from discrete-time companion SSMs.
+
+"Effectively Modeling Time Series with Simple Discrete State Spaces", arXiv 2303.09489.
+
+SpaceTime is a *forecaster*, not a language model. Its API:
+
+    model = SpaceTime(SpaceTimeConfig(lag=336, horizon=720, n_channels=7), rngs=nnx.Rngs(0))
+    forecast = model(x)                    # x float [B, lag, C] -> forecast float [B, horizon, C]
+    out = model.forward(x)                 # SpaceTimeOutput: forecast + what the loss needs
+    loss, metrics = model.loss(x, y)       # y float [B, horizon, C]: the three-term loss (sec. 3.4)
+
+`model.train()` / `model.eval()` switch dropout on and off (dropout draws from the "dropout" stream
+of the `nnx.Rngs` given at construction).
+
+Shapes: B batch, T time, D model width, C channels, N state size (`kernel_dim`), L kernel length,
+K kernels (`n_kernels`; channel d uses kernel d // (D / K)), H horizon.
+
+The discrete SSM (paper eq. 1), parameterised directly in discrete time:
+    x_{t+1} = A x_t + b u_t,   y_t = c^T x_{t+1}   (+ skip * u_t)
+so y = K * u is a causal convolution with the kernel K_l = c^T A^l b, l = 0..L-1 (eq. 2).
+The companion matrix (eq. 3) is A = S + a e_N^T: S the down-shift (ones on the sub-diagonal) and the
+learnable last column a, L1-normalised (a / ||a||_1) so that every eigenvalue has modulus <= 1.
+
+Three ways to compute K, all tested against each other:
+- `krylov_sequential`: the O(N^2 L) loop x <- A x (the oracle);
+- `krylov_squaring`: doubling [b, Ab, ..] with A, A^2, A^4, ... (O(N^3 log L + N^2 L));
+- `companion_kernel_fft`: the companion structure (sec. 3.3, O((N + L) log(N + L))). With M = I - zS,
+  Sherman-Morrison on I - zA = M - z a e_N^T gives the generating function
+      sum_l K_l z^l = Q(c,b) + z Q(c,a) Q(e_N,b) / (1 - z Q(e_N,a)),   Q(u,v)(z) = u^T M^{-1} v,
+  where Q(u,v) = sum_k z^k u^T S^k v is a degree-(N-1) polynomial whose coefficients are a
+  cross-correlation (one FFT). The paper evaluates this at the L-th roots of unity with the
+  truncation folded into c~ = (I - A^L)^T c; we instead expand the rational function as a power
+  series mod z^L (FFT products and a Newton power-series inverse), which needs neither A^L nor a
+  learned c~ and stays exact when eigenvalues sit on the unit circle (||a||_1 = 1 allows that,
+  and then 1 - z Q(e_N, a) vanishes at roots of unity).
+
+Closed loop (sec. 3.2, the decoder): after encoding the lag window into the state x_lag, the layer
+forecasts its own next input u_hat = k^T x and feeds it back, so x_{h+1} = (A + b k^T) x_h and
+y_h = c^T (A + b k^T)^h x_lag, h = 0..H-1. Unlike the original code, a, b, c and k are normalised
+the same way everywhere (the original encodes x_lag with the unnormalised b, predicts u_hat with the
+unnormalised k, and its k-normalisation falls back to b when norm_order <= 0), so the closed loop
+equals the explicit rollout of the open-loop layer exactly (tested). x_lag and the rows c^T (A+bk^T)^h
+use the companion structure (A x = shift(x) + a x_N: O(N) per step, `companion_powers`,
+`closed_loop_rows`) rather than the original's repeated squaring of N x N matrices (O(N^3 log L)).
+
+Preprocessing (sec. 3.1.2): fixed kernels for differencing (binomial coefficients of (1 - z)^j) and
+moving-average residuals (u_t - mean(u_{t-w+1..t})). The original `MovingAvgResidualSSM` computes
+the residual kernel but returns the plain base kernel; here every kernel is the one applied.
+
+Model (the reference configs): embedding (repeat the univariate input D times, or a linear map for
+mixed channels) -> encoder blocks [preprocess -> companion SSM (+skip) -> GELU-MLP (+residual),
++ block residual] -> closed-loop companion decoder -> output MLP (GELU, dropout, linear D -> 1).
+Inputs are centred on their lag-window mean and the forecast is shifted back ("data_transform mean").
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from zoo.layers import Linear, param
+from zoo.models import registry
+
+KERNEL_METHODS = ("fft", "squaring", "sequential")
+PREPROCESS_KINDS = ("none", "residual", "differencing", "ma_residual")
+SSM_KINDS = ("companion", "shift")
+LOSSES = ("mse", "rmse", "mae")
+
+
+# --------------------------------------------------------------------------------------------------
+# Functional core: companion matrices, Krylov kernels, FFT convolution
+# --------------------------------------------------------------------------------------------------
+
+def companion_matrix(a: jax.Array) -> jax.Array:
+    """A = S + a e_N^T (paper eq. 3): down-shift plus the last column a. a [..., N] -> A [..., N, N]."""
+    n = a.shape[-1]
+    shift = jnp.eye(n, k=-1, dtype=a.dtype)                        # S[i+1, i] = 1
+    last = jnp.zeros((n,), a.dtype).at[n - 1].set(1.0)             # e_N
+    return shift + a[..., :, None] * last                          # column N-1 holds a
+
+
+def shift_matrix(n: int, dtype=jnp.float32) -> jax.Array:
+    """The shift SSM's A = S (a companion matrix with a = 0)."""
+    return jnp.eye(n, k=-1, dtype=dtype)
+
+
+def krylov_sequential(length: int, A: jax.Array, b: jax.Array, c: jax.Array | None = None) -> jax.Array:
+    """The oracle: [c^T A^l b]_{l<L} by the loop x <- A x.
+
+    A [..., N, N], b [..., N], c [..., N] or None. Returns [..., L] (with c) or [..., N, L].
+    """
+    def step(x, _):
+        out = x if c is None else jnp.sum(c * x, axis=-1)
+        return jnp.einsum("...ij,...j->...i", A, x), out
+
+    x0 = jnp.broadcast_to(b, jnp.broadcast_shapes(b.shape, A.shape[:-1]))
+    _, outs = jax.lax.scan(step, x0, None, length=length)          # [L, ..., (N)]
+    return jnp.moveaxis(outs, 0, -1)
+
+
+def krylov_squaring(length: int, A: jax.Array, b: jax.Array, c: jax.Array | None = None) -> jax.Array:
+    """[c^T A^l b]_{l<L} by repeated squaring: X <- [X, A^m X], A^m <- (A^m)^2 (log2 L matmuls).
+
+    Same signature and result as `krylov_sequential`.
+    """
+    x = jnp.broadcast_to(b, jnp.broadcast_shapes(b.shape, A.shape[:-1]))[..., None]  # [..., N, 1]
+    power = A                                                      # A^m with m = x.shape[-1]
+    while x.shape[-1] < length:
+        m = x.shape[-1]
+        take = min(m, length - m)
+        x = jnp.concatenate([x, power @ x[..., :take]], axis=-1)   # append A^m [b, .., A^{take-1} b]
+        if x.shape[-1] < length:
+            power = power @ power
+    x = x[..., :length]
+    if c is None:
+        return x
+    return jnp.einsum("...nl,...n->...l", x, c)
+
+
+def companion_powers(length: int, a: jax.Array, b: jax.Array) -> jax.Array:
+    """[A^l b]_{l<L} for A = companion(a) in O(L N): A x = S x + a x_{N-1} (shift, then add a column).
+
+    a [..., N], b [..., N] -> [..., N, L]. The structured form of `krylov_sequential` with c = None.
+    """
+    a, b = jnp.broadcast_arrays(a, b)
+
+    def step(x, _):
+        nxt = jnp.concatenate([jnp.zeros_like(x[..., :1]), x[..., :-1]], axis=-1) + a * x[..., -1:]
+        return nxt, x
+
+    _, xs = jax.lax.scan(step, b, None, length=length)             # [L, ..., N]
+    return jnp.moveaxis(xs, 0, -1)
+
+
+def closed_loop_rows(length: int, a: jax.Array, b: jax.Array, k: jax.Array, r: jax.Array) -> jax.Array:
+    """[r^T (A + b k^T)^h]_{h<H} for A = companion(a) in O(H N): r A = (r_2, .., r_N, r.a), plus (r.b) k.
+
+    a, b, k [..., N], r [..., N] -> [..., N, H].
+    """
+    a, b, k, r = jnp.broadcast_arrays(a, b, k, r)
+
+    def step(row, _):
+        nxt = jnp.concatenate([row[..., 1:], jnp.sum(row * a, -1, keepdims=True)], axis=-1)
+        return nxt + jnp.sum(row * b, -1, keepdims=True) * k, row
+
+    _, rows = jax.lax.scan(step, r, None, length=length)           # [H, ..., N]
+    return jnp.moveaxis(rows, 0, -1)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _poly_mul(p: jax.Array, q: jax.Array, n: int) -> jax.Array:
+    """First n coefficients of the product of polynomials p [..., P] and q [..., Q] (via FFT)."""
+    full = p.shape[-1] + q.shape[-1] - 1
+    size = _next_pow2(full)
+    r = jnp.fft.irfft(jnp.fft.rfft(p, size) * jnp.fft.rfft(q, size), size)[..., :min(n, full)]
+    if n > full:
+        r = jnp.pad(r, [(0, 0)] * (r.ndim - 1) + [(0, n - full)])
+    return r
+
+
+def _series_inverse(f: jax.Array, n: int) -> jax.Array:
+    """g with f g = 1 mod z^n (f [..., F], f_0 != 0) by Newton: g <- g (2 - f g) mod z^{2m}."""
+    g = 1.0 / f[..., :1]
+    m = 1
+    while m < n:
+        m = min(2 * m, n)
+        fg = _poly_mul(f[..., :m], g, m)                           # 1 + O(z^{m/2})
+        g = _poly_mul(g, (-fg).at[..., 0].add(2.0), m)
+    return g
+
+
+def _correlate(u: jax.Array, v: jax.Array) -> jax.Array:
+    """Q(u, v)_k = u^T S^k v = sum_i u_i v_{i-k}, k = 0..N-1 (one FFT cross-correlation)."""
+    n = u.shape[-1]
+    size = _next_pow2(2 * n)                                       # no wrap-around for |lag| < N
+    spec = jnp.fft.rfft(u, size) * jnp.conj(jnp.fft.rfft(v, size))
+    return jnp.fft.irfft(spec, size)[..., :n]
+
+
+def companion_kernel_fft(length: int, a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
+    """K_l = c^T A^l b for A = companion(a), l < L, in O((N + L) log(N + L)) (paper sec. 3.3).
+
+    K(z) = Q(c,b) + z Q(c,a) Q(e_N,b) / D(z),  D(z) = 1 - z Q(e_N,a),  expanded mod z^L.
+    a, b, c [..., N] (broadcastable) -> [..., L].
+    """
+    a, b, c = jnp.broadcast_arrays(a, b, c)
+    q_cb = _correlate(c, b)                                        # [..., N]
+    q_ca = _correlate(c, a)                                        # [..., N]
+    q_eb = b[..., ::-1]                                            # Q(e_N, b)_k = b_{N-1-k}
+    denom = jnp.concatenate([jnp.ones_like(a[..., :1]), -a[..., ::-1]], axis=-1)  # D(z), [..., N+1]
+    inv = _series_inverse(denom, length)                           # 1 / D mod z^L
+    numer = _poly_mul(q_ca, q_eb, 2 * a.shape[-1] - 1)             # Q(c,a) Q(e_N,b)
+    tail = _poly_mul(numer, inv, max(length - 1, 1))[..., :length - 1]
+    n = a.shape[-1]
+    head = q_cb[..., :length] if length <= n else jnp.pad(q_cb, [(0, 0)] * (q_cb.ndim - 1) + [(0, length - n)])
+    return head.at[..., 1:].add(tail)                              # times z: shift by one
+
+
+def companion_kernel(length: int, a: jax.Array, b: jax.Array, c: jax.Array, method: str = "fft") -> jax.Array:
+    """K_l = c^T companion(a)^l b, l < L, by `method` in {"fft", "squaring", "sequential"}."""
+    if method == "fft":
+        return companion_kernel_fft(length, a, b, c)
+    if method == "squaring":
+        return krylov_squaring(length, companion_matrix(a), b, c)
+    if method == "sequential":
+        return krylov_sequential(length, companion_matrix(a), b, c)
+    raise ValueError(f"kernel method {method!r} is not one of {KERNEL_METHODS}")
+
+
+def fft_conv(u: jax.Array, k: jax.Array) -> jax.Array:
+    """Causal convolution y_t = sum_{l<=t} k_l u_{t-l} by FFT (zero-padded to 2T).
+
+    u [B, T, D], k [D, L] (L >= T uses the first T taps; L < T is zero-padded) -> y [B, T, D], fp32.
+    """
+    t = u.shape[1]
+    k = k[:, :t] if k.shape[1] >= t else jnp.pad(k, ((0, 0), (0, t - k.shape[1])))
+    n = _next_pow2(2 * t)
+    u_f = jnp.fft.rfft(u.astype(jnp.float32), n, axis=1)           # [B, F, D]
+    k_f = jnp.fft.rfft(k.astype(jnp.float32), n, axis=1).T         # [F, D]
+    return jnp.fft.irfft(u_f * k_f, n, axis=1)[:, :t]
+
+
+def direct_conv(u: jax.Array, k: jax.Array) -> jax.Array:
+    """The O(T^2) oracle for `fft_conv`: y_t = sum_{l<=t} k_l u_{t-l}."""
+    t = u.shape[1]
+    k = k[:, :t] if k.shape[1] >= t else jnp.pad(k, ((0, 0), (0, t - k.shape[1])))
+    idx = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]          # [T, T] = t - s
+    toeplitz = jnp.where(idx >= 0, k[:, jnp.clip(idx, 0, t - 1)], 0.0)  # [D, T, T]
+    return jnp.einsum("dts,bsd->btd", toeplitz, u.astype(jnp.float32))
+
+
+def normalize(x: jax.Array, order: int) -> jax.Array:
+    """x / ||x||_order over the last axis (order <= 0: unchanged); rows with norm <= 1e-4 unchanged.
+
+    The original skips the whole batch of rows when their mean norm is below 1e-4; per row is the
+    same in every non-degenerate case and never divides a single row by ~0.
+    """
+    if order <= 0:
+        return x
+    norm = jnp.linalg.norm(x, ord=order, axis=-1, keepdims=True)
+    ok = norm > 1e-4
+    return jnp.where(ok, x / jnp.where(ok, norm, 1.0), x)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixed preprocessing kernels (paper sec. 3.1.2)
+# --------------------------------------------------------------------------------------------------
+
+def differencing_kernel(order: int) -> np.ndarray:
+    """Coefficients of (1 - z)^order: conv with it is the order-th difference. [order + 1]."""
+    return np.array([(-1) ** j * math.comb(order, j) for j in range(order + 1)], np.float32)
+
+
+def moving_average_residual_kernel(window: int) -> np.ndarray:
+    """Kernel of y_t = u_t - (1/w) sum_{i<w} u_{t-i} (zero history before t = 0). [window]."""
+    kernel = np.full((window,), -1.0 / window, np.float32)
+    kernel[0] += 1.0
+    return kernel
+
+
+def preprocess_kernels(kind: str, d_model: int, n_kernels: int, max_diff_order: int,
+                       windows: tuple[int, ...]) -> np.ndarray:
+    """The fixed kernel of every channel, [D, max(max_diff_order, max window)].
+
+    Channel d uses kernel d % n_kernels of its repeat group r = d // n_kernels (the reference layout):
+    - "differencing": difference order (d % n_kernels) % max_diff_order (0 = identity);
+    - "ma_residual": moving-average residual with window windows[d];
+    - "residual": orders 0..max_diff_order-1 first, then MA residuals with windows[r * n_ma + j].
+    """
+    width = max([max_diff_order] + list(windows))
+    out = np.zeros((d_model, width), np.float32)
+    n_ma = n_kernels - max_diff_order
+    for d in range(d_model):
+        r, j = divmod(d, n_kernels)
+        if kind == "differencing" or (kind == "residual" and j < max_diff_order):
+            k = differencing_kernel(j % max_diff_order)
+        elif kind == "ma_residual":
+            k = moving_average_residual_kernel(windows[d])
+        elif kind == "residual":
+            k = moving_average_residual_kernel(windows[r * n_ma + j - max_diff_order])
+        else:
+            raise ValueError(f"preprocess kind {kind!r} is not one of {PREPROCESS_KINDS[1:]}")
+        out[d, :len(k)] = k
+    return out
+
+
+class PreprocessSSM(nnx.Module):
+    """A non-trainable SSM whose kernels are fixed differencing / moving-average-residual filters.
+
+    The moving-average windows are drawn once at construction, uniformly in [min_window, max_window),
+    as in the reference; they are static (part of the graph), not parameters.
+    """
+
+    def __init__(self, kind: str, d_model: int, n_kernels: int, *, max_diff_order: int, min_window: int,
+                 max_window: int, rngs: nnx.Rngs):
+        n_windows = {"differencing": 0, "ma_residual": d_model,
+                     "residual": (d_model // n_kernels) * (n_kernels - max_diff_order)}[kind]
+        key = rngs.params()
+        draws = jax.random.randint(key, (n_windows,), min_window, max_window) if n_windows else []
+        self.windows = tuple(int(w) for w in np.asarray(draws))
+        self.kind, self.d_model, self.n_kernels, self.max_diff_order = kind, d_model, n_kernels, max_diff_order
+
+    def kernel(self) -> jax.Array:
+        """[D, width] fixed kernels (a constant built from the static windows)."""
+        return jnp.asarray(preprocess_kernels(self.kind, self.d_model, self.n_kernels, self.max_diff_order,
+                                              self.windows))
+
+    def __call__(self, u: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
+        return fft_conv(u, self.kernel())
+
+
+# --------------------------------------------------------------------------------------------------
+# SSM layers
+# --------------------------------------------------------------------------------------------------
+
+def _ssm_param(rngs: nnx.Rngs, shape: tuple[int, ...]) -> nnx.Param:
+    # the reference's kernel_init="normal": standard normal entries
+    return param(rngs, nnx.initializers.normal(1.0), shape, (None, "state"))
+
+
+class CompanionSSM(nnx.Module):
+    """Open-loop companion SSM layer (kind="companion") or shift SSM (kind="shift": a = 0, b = e_1).
+
+    K kernels of state size N shared by D / K consecutive channels; y = K * u (+ skip * u).
+    """
+
+    def __init__(self, d_model: int, n_kernels: int, kernel_dim: int, *, kind: str = "companion",
+                 norm_order: int = 1, skip: bool = True, kernel_method: str = "fft", rngs: nnx.Rngs):
+        if d_model % n_kernels:
+            raise ValueError(f"n_kernels ({n_kernels}) must divide d_model ({d_model})")
+        self.kind, self.norm_order, self.kernel_method = kind, norm_order, kernel_method
+        self.d_model, self.n_kernels, self.kernel_dim = d_model, n_kernels, kernel_dim
+        shape = (n_kernels, kernel_dim)
+        self.a = _ssm_param(rngs, shape) if kind == "companion" else None
+        self.b = _ssm_param(rngs, shape) if kind == "companion" else None
+        self.c = _ssm_param(rngs, shape)
+        self.skip = param(rngs, nnx.initializers.normal(1.0), (d_model,), ("embed",)) if skip else None
+
+    def abc(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(a, b, c) as used: a normalised; the shift SSM's fixed a = 0 and b = e_1. Each [K, N]."""
+        shape = (self.n_kernels, self.kernel_dim)
+        if self.kind == "shift":
+            return jnp.zeros(shape), jnp.zeros(shape).at[:, 0].set(1.0), self.c[...]
+        return normalize(self.a[...], self.norm_order), self.b[...], self.c[...]
+
+    def kernel(self, length: int) -> jax.Array:
+        """K_l = c^T A^l b per kernel, [K, L] (fp32)."""
+        a, b, c = self.abc()
+        if self.kind == "shift":                                   # S^l e_1 = e_{l+1}: K = c, zero-padded
+            return c[:, :length] if length <= self.kernel_dim else jnp.pad(c, ((0, 0), (0, length - self.kernel_dim)))
+        return companion_kernel(length, a, b, c, self.kernel_method)
+
+    def __call__(self, u: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D] fp32
+        k = jnp.repeat(self.kernel(u.shape[1]), self.d_model // self.n_kernels, axis=0)  # [D, T]
+        y = fft_conv(u, k)
+        if self.skip is not None:
+            y = y + u.astype(jnp.float32) * self.skip[...]
+        return y
+
+
+class ClosedLoopSSM(nnx.Module):
+    """The closed-loop companion (or shift) SSM decoder (paper sec. 3.2).
+
+    Open loop over the lag window: y_t = c^T x_{t+1}, next-input prediction u_hat_{t+1} = k^T x_{t+1},
+    x_{t+1} = sum_{i<=t} A^{t-i} b u_i. Closed loop over the horizon: x_{h+1} = (A + b k^T) x_h from
+    x_0 = x_lag, y_h = c^T x_h and u_hat_h = k^T x_h. a, b, c, k are all normalised (norm_order).
+    """
+
+    def __init__(self, d_model: int, n_kernels: int, kernel_dim: int, *, kind: str = "companion",
+                 norm_order: int = 1, kernel_method: str = "fft", rngs: nnx.Rngs):
+        if d_model % n_kernels:
+            raise ValueError(f"n_kernels ({n_kernels}) must divide d_model ({d_model})")
+        self.kind, self.norm_order, self.kernel_method = kind, norm_order, kernel_method
+        self.d_model, self.n_kernels, self.kernel_dim = d_model, n_kernels, kernel_dim
+        shape = (n_kernels, kernel_dim)
+        self.a = _ssm_param(rngs, shape) if kind == "companion" else None
+        self.b = _ssm_param(rngs, shape) if kind == "companion" else None
+        self.c = _ssm_param(rngs, shape)
+        self.k = _ssm_param(rngs, shape)
+
+    def abck(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """(a, b, c, k) as used, each [K, N]: all normalised; shift: a = 0, b = e_1."""
+        shape = (self.n_kernels, self.kernel_dim)
+        o = self.norm_order
+        if self.kind == "shift":
+            a, b = jnp.zeros(shape), jnp.zeros(shape).at[:, 0].set(1.0)
+        else:
+            a, b = normalize(self.a[...], o), normalize(self.b[...], o)
+        return a, b, normalize(self.c[...], o), normalize(self.k[...], o)
+
+    def _per_channel(self, x: jax.Array) -> jax.Array:
+        return jnp.repeat(x, self.d_model // self.n_kernels, axis=0)
+
+    def state(self, u: jax.Array) -> jax.Array:
+        """x_lag = sum_{i<T} A^{T-1-i} b u_i: the state after the input window. u [B,T,D] -> [B,D,N]."""
+        a, b, _, _ = self.abck()
+        powers = companion_powers(u.shape[1], a, b)                       # [K, N, T]: A^l b
+        powers = self._per_channel(powers)                                # [D, N, T]
+        return jnp.einsum("dnl,bld->bdn", powers, u[:, ::-1].astype(jnp.float32))
+
+    def rollout(self, x: jax.Array, horizon: int) -> tuple[jax.Array, jax.Array]:
+        """From the state x [B, D, N]: (y, u_hat) [B, H, D] with y_h = c^T (A + b k^T)^h x."""
+        a, b, c, k = self.abck()
+        rows = closed_loop_rows(horizon, a[:, None], b[:, None], k[:, None],
+                                jnp.stack([c, k], axis=1))                # [K, 2, N, H]: r^T (A + b k^T)^h
+        rows = self._per_channel(rows)                                    # [D, 2, N, H]
+        out = jnp.einsum("dsnh,bdn->sbhd", rows, x)
+        return out[0], out[1]
+
+    def __call__(self, u: jax.Array, horizon: int) -> tuple[jax.Array, jax.Array]:
+        """Closed-loop forecast: u [B, T, D] -> (y [B, H, D], u_hat [B, H, D])."""
+        return self.rollout(self.state(u), horizon)
+
+    def open_loop(self, u: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Open loop over the window: u [B, T, D] -> (y [B, T, D], u_hat_next [B, T, D])."""
+        a, b, c, k = self.abck()
+        t = u.shape[1]
+        kernels = companion_kernel(t, a[:, None], b[:, None], jnp.stack([c, k], axis=1),
+                                   self.kernel_method)                     # [K, 2, T]
+        kernels = self._per_channel(kernels)                               # [D, 2, T]
+        return fft_conv(u, kernels[:, 0]), fft_conv(u, kernels[:, 1])
+
+    def step(self, x: jax.Array, u_t: jax.Array) -> jax.Array:
+        """One open-loop recurrence step x <- A x + b u_t. x [B, D, N], u_t [B, D]."""
+        a, b, _, _ = self.abck()
+        A = self._per_channel(companion_matrix(a))                         # [D, N, N]
+        return jnp.einsum("dij,bdj->bdi", A, x) + self._per_channel(b) * u_t[..., None]
+
+
+# --------------------------------------------------------------------------------------------------
+# The SpaceTime forecaster
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SpaceTimeConfig:
+    lag: int = 32                       # input window length (lag terms)
+    horizon: int = 16                   # forecast length
+    n_channels: int = 1                 # C in x [B, lag, C]
+    channel_independent: bool = True    # share one univariate model over channels (repeat embedding)
+    d_model: int = 16                   # D
+    kernel_dim: int = 8                 # N, the state size of every SSM
+    n_encoder_blocks: int = 1
+    first_block_kernels: int = 4        # kernels in encoder block 1 (later blocks and decoder: D)
+    encoder_ssm: str = "companion"      # companion | shift
+    decoder_ssm: str = "companion"      # companion | shift
+    preprocess: str = "residual"        # first block's fixed SSM: none | residual | differencing | ma_residual
+    preprocess_kernels: int = 8         # distinct preprocessing kernels per repeat group
+    max_diff_order: int = 4
+    min_avg_window: int = 4
+    max_avg_window: int = 16
+    norm_order: int = 1                 # L1-normalise a (and b, c, k in the decoder); 0 = off
+    kernel_method: str = "fft"          # fft | squaring | sequential
+    dropout: float = 0.0
+    input_transform: str = "mean"       # mean (subtract the lag-window mean) | none
+    loss: str = "rmse"                  # per-term criterion: mse | rmse | mae
+    loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # horizon, lag (open loop), next input
+    dtype: str = "float32"              # compute dtype of the MLPs; kernels and FFTs run in fp32
+
+    def __post_init__(self):
+        def bad(name, value, fix):
+            raise ValueError(f"SpaceTimeConfig.{name}={value!r} is invalid: {fix}")
+        if self.lag <= self.kernel_dim:
+            bad("lag", self.lag, f"the lag-term loss needs lag > kernel_dim ({self.kernel_dim})")
+        if self.horizon < 1:
+            bad("horizon", self.horizon, "use horizon >= 1")
+        if self.d_model % self.first_block_kernels:
+            bad("first_block_kernels", self.first_block_kernels, f"it must divide d_model ({self.d_model})")
+        for name, kinds in (("encoder_ssm", SSM_KINDS), ("decoder_ssm", SSM_KINDS),
+                            ("preprocess", PREPROCESS_KINDS), ("kernel_method", KERNEL_METHODS),
+                            ("loss", LOSSES), ("input_transform", ("mean", "none"))):
+            if getattr(self, name) not in kinds:
+                bad(name, getattr(self, name), f"choose one of {kinds}")
+        if self.preprocess != "none":
+            if self.d_model % self.preprocess_kernels:
+                bad("preprocess_kernels", self.preprocess_kernels, f"it must divide d_model ({self.d_model})")
+            if self.preprocess == "residual" and self.preprocess_kernels <= self.max_diff_order:
+                bad("preprocess_kernels", self.preprocess_kernels,
+                    f"'residual' needs more than max_diff_order ({self.max_diff_order}) kernels")
+            if not 1 <= self.min_avg_window < self.max_avg_window:
+                bad("min_avg_window", self.min_avg_window, f"need 1 <= min < max_avg_window ({self.max_avg_window})")
+        if self.n_encoder_blocks < 1:
+            bad("n_encoder_blocks", self.n_encoder_blocks, "use at least 1 (block 1 holds the preprocessing)")
+        if len(self.loss_weights) != 3:
+            bad("loss_weights", self.loss_weights, "give three weights (horizon, lag, next input)")
+
+    @property
+    def in_dim(self) -> int:
+        return 1 if self.channel_independent else self.n_channels
+
+
+PRESETS = {
+    # CPU tests: 913 parameters.
+    "tiny": SpaceTimeConfig(),
+    # The ETT command of the reference README (lag 336, horizon 720, n_blocks 1 = one encoder block
+    # + the decoder, kernel_dim 64, width 128 from 4 heads x 32 kernels, dropout 0.25).
+    "ett": SpaceTimeConfig(lag=336, horizon=720, d_model=128, kernel_dim=64, n_encoder_blocks=1,
+                           first_block_kernels=16, preprocess_kernels=8, max_avg_window=64, dropout=0.25),
+    # configs/model/encoder/default.yaml: two encoder blocks (preprocessing + companion, companion).
+    "default": SpaceTimeConfig(lag=336, horizon=720, d_model=128, kernel_dim=64, n_encoder_blocks=2,
+                               first_block_kernels=16, preprocess_kernels=8, max_avg_window=64,
+                               dropout=0.2),
+}
+
+
+class MLP(nnx.Module):
+    """The reference MLP: pre-activation GELU, dropout, linear (+ input when residual)."""
+
+    def __init__(self, d_in: int, d_out: int, *, residual: bool, dropout: float, axes, rngs: nnx.Rngs,
+                 dtype: str):
+        self.linear = Linear(d_in, d_out, axes=axes, rngs=rngs, use_bias=True, dtype=dtype)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.residual = residual
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.linear(self.dropout(jax.nn.gelu(x, approximate=False))).astype(jnp.float32)
+        return y + x if self.residual else y
+
+
+class EncoderBlock(nnx.Module):
+    """z = pre(u); y = MLP(SSM(z)) (+ z inside the MLP); output y + z (block 1) or y + u."""
+
+    def __init__(self, cfg: SpaceTimeConfig, index: int, *, rngs: nnx.Rngs):
+        first = index == 0
+        self.pre = PreprocessSSM(cfg.preprocess, cfg.d_model, cfg.preprocess_kernels,
+                                 max_diff_order=cfg.max_diff_order, min_window=cfg.min_avg_window,
+                                 max_window=cfg.max_avg_window, rngs=rngs) if first and cfg.preprocess != "none" else None
+        self.ssm = CompanionSSM(cfg.d_model, cfg.first_block_kernels if first else cfg.d_model,
+                                cfg.kernel_dim, kind=cfg.encoder_ssm, norm_order=cfg.norm_order,
+                                skip=True, kernel_method=cfg.kernel_method, rngs=rngs)
+        self.mlp = MLP(cfg.d_model, cfg.d_model, residual=True, dropout=cfg.dropout, axes=("embed", "mlp"),
+                       rngs=rngs, dtype=cfg.dtype)
+
+    def __call__(self, u: jax.Array) -> jax.Array:  # [B, T, D] fp32
+        z = u if self.pre is None else self.pre(u)
+        return self.mlp(self.ssm(z)) + z
+
+
+class SpaceTimeOutput(NamedTuple):
+    forecast: jax.Array          # [B, H, C] closed-loop forecast (input scale)
+    lag_pred: jax.Array          # [B, lag, C] open-loop one-step-ahead predictions of x[t+1]
+    next_input_pred: jax.Array   # [B*, lag, D] decoder's predictions k^T x_{t+1} of its next input
+    next_input: jax.Array        # [B*, lag, D] the decoder's actual inputs (B* = B*C if channel-independent)
+
+
+@registry.register("spacetime", PRESETS)
+class SpaceTime(nnx.Module):
+    """The SpaceTime forecaster: `model(x)` x [B, lag, C] -> forecast [B, horizon, C].
+
+    Not a language model: `task = "forecasting"`, no `vocab_size`, no token decode step; its
+    recurrent (decode) form is the closed-loop decoder, tested equal to an explicit rollout.
+    """
+
+    task = "forecasting"
+
+    def __init__(self, cfg: SpaceTimeConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        d = cfg.d_model
+        self.embed = None if cfg.channel_independent else Linear(
+            cfg.n_channels, d, axes=(None, "embed"), rngs=rngs, use_bias=True, dtype=cfg.dtype)
+        self.encoder = nnx.List([EncoderBlock(cfg, i, rngs=rngs) for i in range(cfg.n_encoder_blocks)])
+        self.decoder = ClosedLoopSSM(d, d, cfg.kernel_dim, kind=cfg.decoder_ssm, norm_order=cfg.norm_order,
+                                     kernel_method=cfg.kernel_method, rngs=rngs)
+        self.output = MLP(d, cfg.in_dim, residual=False, dropout=cfg.dropout, axes=("embed", None),
+                          rngs=rngs, dtype=cfg.dtype)
+
+    def _check(self, x: jax.Array) -> None:
+        cfg = self.config
+        if x.ndim != 3 or x.shape[1] != cfg.lag or x.shape[2] != cfg.n_channels:
+            raise ValueError(f"x has shape {x.shape}; SpaceTime expects [B, lag={cfg.lag}, "
+                             f"C={cfg.n_channels}] (set lag/n_channels in the config to match)")
+
+    def _encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Centre, embed, encode. x [B, lag, C] -> (decoder input z [B*, lag, D], offset [B, 1, C])."""
+        cfg = self.config
+        x = x.astype(jnp.float32)
+        offset = x.mean(axis=1, keepdims=True) if cfg.input_transform == "mean" else jnp.zeros_like(x[:, :1])
+        u = x - offset
+        if cfg.channel_independent:                                       # [B, T, C] -> [B*C, T, D]
+            u = jnp.moveaxis(u, 2, 1).reshape(-1, cfg.lag, 1)
+            z = jnp.broadcast_to(u, u.shape[:2] + (cfg.d_model,))
+        else:
+            z = self.embed(u).astype(jnp.float32)
+        for block in self.encoder:
+            z = block(z)
+        return z, offset
+
+    def _readout(self, y: jax.Array, offset: jax.Array, batch: int) -> jax.Array:
+        """Output MLP and un-centring: y [B*, T, D] -> [B, T, C]."""
+        cfg = self.config
+        out = self.output(y)                                              # [B*, T, in_dim]
+        if cfg.channel_independent:
+            out = jnp.moveaxis(out[..., 0].reshape(batch, cfg.n_channels, -1), 1, 2)
+        return out + offset
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x float [B, lag, C] -> closed-loop forecast float32 [B, horizon, C]."""
+        self._check(x)
+        z, offset = self._encode(x)
+        y, _ = self.decoder(z, self.config.horizon)
+        return self._readout(y, offset, x.shape[0])
+
+    def forward(self, x: jax.Array) -> SpaceTimeOutput:
+        """Closed- and open-loop outputs: everything the three-term loss needs."""
+        self._check(x)
+        z, offset = self._encode(x)
+        y_closed, _ = self.decoder(z, self.config.horizon)
+        y_open, z_pred = self.decoder.open_loop(z)
+        return SpaceTimeOutput(self._readout(y_closed, offset, x.shape[0]),
+                               self._readout(y_open, offset, x.shape[0]), z_pred, z)
+
+    def loss(self, x: jax.Array, y: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The training loss w0 L(forecast, y) + w1 L(lag preds, x[t+1]) + w2 L(u_hat, next input).
+
+        x [B, lag, C], y [B, horizon, C]. The first kernel_dim - 1 open-loop steps are warm-up and
+        not supervised, as in the reference. Returns (loss, {"horizon", "lag", "next_input", "mse"}).
+        """
+        cfg = self.config
+        if y.shape != (x.shape[0], cfg.horizon, cfg.n_channels):
+            raise ValueError(f"y has shape {y.shape}; expected [B={x.shape[0]}, horizon={cfg.horizon}, "
+                             f"C={cfg.n_channels}]")
+        out = self.forward(x)
+        n = cfg.kernel_dim
+        full = jnp.concatenate([x, y], axis=1).astype(jnp.float32)        # [B, lag + H, C]
+        l_h = criterion(cfg.loss, out.forecast, y.astype(jnp.float32))
+        l_lag = criterion(cfg.loss, out.lag_pred[:, n - 1:], full[:, n:cfg.lag + 1])
+        l_next = criterion(cfg.loss, out.next_input_pred[:, n - 1:-1], out.next_input[:, n:])
+        w0, w1, w2 = cfg.loss_weights
+        total = w0 * l_h + w1 * l_lag + w2 * l_next
+        mse = jnp.mean(jnp.square(out.forecast - y))
+        return total, {"horizon": l_h, "lag": l_lag, "next_input": l_next, "mse": mse}
+
+
+def criterion(kind: str, pred: jax.Array, target: jax.Array) -> jax.Array:
+    """Mean over everything: "mse", "rmse" (sqrt of the mean, the reference's informer_rmse), "mae"."""
+    err = pred.astype(jnp.float32) - target.astype(jnp.float32)
+    if kind == "mse":
+        return jnp.mean(jnp.square(err))
+    if kind == "rmse":
+        return jnp.sqrt(jnp.mean(jnp.square(err)))
+    if kind == "mae":
+        return jnp.mean(jnp.abs(err))
+    raise ValueError(f"loss {kind!r} is not one of {LOSSES}")
