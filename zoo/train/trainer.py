@@ -71,6 +71,9 @@ class Setup:
 def make_setup(config: ml_collections.ConfigDict) -> Setup:
     cfg = model_config(config)
     cls = registry.model_class(config.model_name)
+    if getattr(cls, "task", "lm") != "lm":
+        raise ValueError(f"model {config.model_name!r} is a {cls.task} model, not a language model; "
+                         "`zoo train` trains language models (see the README section of the model)")
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     seed = config.train.seed
     abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(seed)))
