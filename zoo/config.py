@@ -28,7 +28,7 @@ def make_config(model_name: str, preset: str = "tiny", **model_overrides) -> ml_
     c.data = ml_collections.ConfigDict(dict(
         source="passkey",      # passkey | recall | selective_copy | text | tfds
         seq_len=160,           # training length (fixed-length mode) / 2^max_log2 (decomposition)
-        batch_size=32,         # global sequences per step (fixed-length mode)
+        batch_size=16,         # global sequences per step (fixed-length mode)
         seed=0,
         depth=-1.0,            # passkey needle depth in [0, 1]; -1 = uniform at random
         answer_only=False,     # passkey: loss on the answer digits only
@@ -43,7 +43,7 @@ def make_config(model_name: str, preset: str = "tiny", **model_overrides) -> ml_
         curriculum="pow2",              # uniform | pow2 | cyclic | fixed
     ))
     c.train = ml_collections.ConfigDict(dict(
-        steps=1500, seed=0, log_every=25, checkpoint_every=250, keep_checkpoints=2,
+        steps=2000, seed=0, log_every=25, checkpoint_every=250, keep_checkpoints=2,
         grad_accum=1, eval_batches=4,
     ))
     c.optim = ml_collections.ConfigDict(dict(
@@ -52,7 +52,7 @@ def make_config(model_name: str, preset: str = "tiny", **model_overrides) -> ml_
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.eval = ml_collections.ConfigDict(dict(
-        lengths=[160, 320, 640], depths=[0.0, 0.25, 0.5, 0.75, 1.0], samples=16, batch_size=16,
+        lengths=[160, 320, 640], depths=[0.0, 0.25, 0.5, 0.75, 1.0], samples=32, batch_size=16,
     ))
     return c
 

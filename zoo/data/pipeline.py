@@ -83,7 +83,25 @@ def check_vocab(batch: dict[str, np.ndarray], vocab_size: int, where: str) -> No
                              f"--config.model.vocab_size to at least {hi + 1} or use a tokenizer that fits")
 
 
-class FixedLengthBatches:
+class _GrainBatches:
+    """A Grain iterator of per-host batches whose state (a small JSON dict) is checkpointable."""
+
+    _iter: grain.DatasetIterator
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._iter)
+
+    def get_state(self) -> dict:
+        return self._iter.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._iter.set_state(state)
+
+
+class FixedLengthBatches(_GrainBatches):
     """Per-host batches of fixed shape [batch_size / process_count, seq_len]."""
 
     def __init__(self, data: Any, split: str = "train", *, process_index: int = 0, process_count: int = 1,
@@ -99,18 +117,6 @@ class FixedLengthBatches:
         self.dataset = ds.batch(batch_size // process_count, drop_remainder=True)
         self._iter = iter(self.dataset.to_iter_dataset())
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._iter)
-
-    def get_state(self) -> dict:
-        return self._iter.get_state()
-
-    def set_state(self, state: dict) -> None:
-        self._iter.set_state(state)
-
 
 def make_batches(data: Any, split: str = "train", *, process_index: int = 0, process_count: int = 1):
     """The training batch iterator for `data.mode` (fixed-length or decomposition buckets)."""
@@ -123,7 +129,7 @@ def make_batches(data: Any, split: str = "train", *, process_index: int = 0, pro
     raise ValueError(f"unknown data.mode {data.mode!r}; choose 'fixed' or 'decomposition'")
 
 
-class DecompositionBatches:
+class DecompositionBatches(_GrainBatches):
     """Variable-length batches from dataset-decomposition buckets; state = the next step."""
 
     def __init__(self, data: Any, split: str = "train", *, process_index: int = 0, process_count: int = 1):
@@ -160,15 +166,3 @@ class DecompositionBatches:
         ids = dd.host_slice(j * b + np.arange(b), self.process_index, self.process_count)
         items = [to_model_inputs(self.tasks[k][int(i)]) for i in ids]
         return {key: np.stack([it[key] for it in items]) for key in items[0]}
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._iter)
-
-    def get_state(self) -> dict:
-        return self._iter.get_state()
-
-    def set_state(self, state: dict) -> None:
-        self._iter.set_state(state)
