@@ -25,8 +25,7 @@ class ParamView:
 
     def __init__(self, model: nnx.Module):
         self.graphdef, self.state, self.rest = nnx.split(model, nnx.Param, ...)
-        state = self.state
-        leaves, self.treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_var)
+        leaves, self.treedef = jax.tree_util.tree_flatten_with_path(self.state, is_leaf=_is_var)
         self.names = [_name(path) for path, _ in leaves]
         self.metadata = {n: dict(v.get_metadata()) for n, (_, v) in zip(self.names, leaves)}
         self.shapes = {n: jax.ShapeDtypeStruct(v.shape, v.dtype) for n, (_, v) in zip(self.names, leaves)}
