@@ -51,6 +51,22 @@ def _crossover(lengths, dense, other):
     return float(np.exp((co - cd) / (sd - so))), "extrapolated from the fits"
 
 
+def _splash(q, k, v, repeats):
+    """JAX's splash attention with a causal mask (TPU kernel; interpreted off TPU): (time, max error)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    b, t, h, d = q.shape
+    g = h // k.shape[2]
+    mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(h)])
+    kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1,
+                                interpret=jax.default_backend() != "tpu")
+    kv = lambda x: jnp.repeat(x, g, axis=2).transpose(0, 2, 1, 3)  # noqa: E731  [B, H, T, D]
+    fn = jax.jit(lambda q, k, v: jax.vmap(kernel)(q.transpose(0, 2, 1, 3) * d ** -0.5, kv(k), kv(v))
+                 .transpose(0, 2, 1, 3))
+    dense = jax.nn.dot_product_attention(q, jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2), is_causal=True)
+    return _time(fn, (q, k, v), repeats), float(jnp.abs(fn(q, k, v) - dense).max())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
@@ -65,6 +81,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--implementation", default=None, help="sparse path (default per backend)")
     parser.add_argument("--out", default=None, help="save a log-log plot (png) here")
+    parser.add_argument("--splash", action="store_true",
+                        help="also time JAX's splash attention (default on TPU; elsewhere it runs "
+                             "interpreted, which checks the code path but times the interpreter)")
     args = parser.parse_args()
 
     bq = bk = args.block
@@ -84,6 +103,7 @@ def main() -> None:
         implementation=impl, **kw))
     search = jax.jit(lambda q, k: hip_block_indices(q, k, k_blocks=args.k_blocks, **kw))
 
+    use_splash = args.splash or jax.default_backend() == "tpu"
     rows = []
     print(f"\n{'T':>6} {'dense ms':>9} {'pattern ms':>11} {'dense/pattern':>14} {'search ms':>10} "
           f"{'HiP ms':>8} {'dense/HiP':>10}")
@@ -106,6 +126,10 @@ def main() -> None:
         rows.append((t, td, tp, ts, th))
         print(f"{t:>6} {td*1e3:>9.1f} {tp*1e3:>11.1f} {td/tp:>14.2f} {ts*1e3:>10.1f} "
               f"{th*1e3:>8.1f} {td/th:>10.2f}", flush=True)
+        if use_splash:
+            tsp, err = _splash(q, k, v, args.repeats)
+            print(f"{'':>6} splash (causal) {tsp*1e3:.1f} ms, dense/splash {td/tsp:.2f}, "
+                  f"max |splash - dense| {err:.1e}", flush=True)
 
     lengths = np.array([r[0] for r in rows], float)
     td, tp, ts, th = (np.array([r[i] for r in rows]) for i in (1, 2, 3, 4))
