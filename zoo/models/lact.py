@@ -46,6 +46,7 @@ from flax import nnx
 
 from zoo.layers import AttentionSpec, Embed, Linear, RMSNorm, SwiGLU, apply_rope, attend, param, rms_norm
 from zoo.models import registry
+from zoo.models.transformer import Transformer
 
 # Per-step (a, b, c) of the quintic Newton-Schulz iteration X <- a X + (b A + c A^2) X, A = X X^T,
 # as published with the LaCT code (ttt_operation.py::zeropower_via_newtonschulz5).
@@ -528,18 +529,9 @@ class LaCT(nnx.Module):
         self.unembed = None if cfg.tie_embeddings else Linear(
             cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), rngs=rngs, dtype=cfg.dtype)
 
-    def logits(self, x: jax.Array) -> jax.Array:
-        x = self.final_norm(x)
-        if self.unembed is None:
-            return self.embed.attend(x) * self.config.d_model ** -0.5
-        return self.unembed(x).astype(jnp.float32)
-
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """tokens int32 [B, T] -> logits float32 [B, T, V]."""
-        x = self.embed(tokens).astype(jnp.float32)
-        for block in self.blocks:
-            x = block(x)
-        return self.logits(x)
+    # The output head and the parallel forward are the baseline transformer's (same attributes).
+    logits = Transformer.logits
+    __call__ = Transformer.__call__
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
         """Per-layer decoding states stacked on a leading layer axis, plus the next position."""
