@@ -5,7 +5,7 @@ import pytest
 from zoo.config import make_config
 from zoo.data import synthetic
 from zoo.data.pipeline import FixedLengthBatches, make_batches
-from zoo.data.text import TextFiles
+from zoo.data.text import TextFiles, Tokenizer
 
 
 def _data(**kw):
@@ -31,6 +31,12 @@ def test_passkey_layout_and_depth():
     assert (a["tokens"] == b["tokens"]).all()
     with pytest.raises(ValueError, match="too short"):
         synthetic.Passkey(50)
+
+
+def test_passkey_loss_masks():
+    full, only = synthetic.Passkey(200, seed=1)[4], synthetic.Passkey(200, seed=1, answer_only=True)[4]
+    assert (full["tokens"] == only["tokens"]).all() and (full["loss_mask"] == 1).all()
+    np.testing.assert_array_equal(only["loss_mask"], full["answer_mask"])
 
 
 def test_recall_and_selective_copy_answers():
@@ -79,6 +85,28 @@ def test_text_files_split_and_errors(tmp_path):
         TextFiles(str(tmp_path / "missing"))
     batch = next(make_batches(_data(source="text", path=str(tmp_path), batch_size=2, seq_len=32)))
     assert batch["inputs"].shape == (2, 32) and (batch["targets"][:, :-1] == batch["inputs"][:, 1:]).all()
+
+
+def test_sentencepiece_tokenizer(tmp_path):
+    import sentencepiece as spm  # in the `test` extra
+    corpus = tmp_path / "docs"
+    corpus.mkdir()
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa"]
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(words, 200)) + "\n")
+    spm.SentencePieceTrainer.train(input=",".join(str(p) for p in sorted(corpus.iterdir())),
+                                   model_prefix=str(tmp_path / "sp"), vocab_size=40, model_type="bpe",
+                                   num_threads=1, minloglevel=2)
+    tok = Tokenizer(str(tmp_path / "sp.model"))
+    ids = tok("gamma delta kappa")
+    assert tok.vocab_size == 40 and ids.dtype == np.int32 and len(ids) < len("gamma delta kappa")
+    assert tok.sp.decode(ids.tolist()) == "gamma delta kappa"
+    batch = next(make_batches(_data(source="text", path=str(corpus), batch_size=2, seq_len=16,
+                                    sp_model=str(tmp_path / "sp.model"))))
+    assert batch["inputs"].max() < 40 and (batch["targets"][:, :-1] == batch["inputs"][:, 1:]).all()
+    with pytest.raises(ValueError, match="does not exist"):
+        Tokenizer(str(tmp_path / "missing.model"))
 
 
 def test_default_corpus_is_python_stdlib():
