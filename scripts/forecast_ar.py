@@ -1,20 +1,26 @@
 """SpaceTime vs S4D on synthetic AR(p) forecasting (the SpaceTime paper's expressivity result, small).
 
-    .venv/bin/python scripts/forecast_ar.py --orders 4 8 16 32 --steps 400 --out runs/forecast_ar
+    .venv/bin/python scripts/forecast_ar.py --out runs/forecast_ar      # p 4 8 16 32, seeds 0 1 2
 
-For each order p: one stable AR(p) process (roots drawn inside the unit circle, radius in
-[0.8, 0.99] so that the process is predictable over the horizon), three independent realisations as train / val / test, windows of `lag` inputs and
-`horizon` targets. Both models are trained with the same optimiser, steps and batch size, at about
-the same parameter count, then evaluated on every test window:
+For each order p and seed: one stable AR(p) process (roots drawn inside the unit circle, radius in
+[0.8, 0.99] so that the process is predictable over the horizon), independent train (65536 steps)
+and test realisations, windows of `lag` inputs and `horizon` targets. Both models get the same
+optimiser (AdamW, cosine decay, clip 1.0), steps and batch size, at about the same parameter count,
+each at its best peak lr from the same three-value sweep; then every test window is evaluated:
 - `rmse`: error of the forecast against the noisy future (the task);
 - `oracle`: the error of the optimal forecast (the true-phi recursion) — the floor;
 - `vs_oracle`: RMSE between the model's forecast and the optimal one (0 = learned the process).
+The table reports mean ± std over the seeds.
 
-S4D baseline (the Informer-style forecaster of the S4 codebase): centre on the lag mean, append
-`horizon` zeros to the input, Linear(1 -> H), causal S4D blocks from zoo.models.s4 (S4D-Lin, ZOH),
-RMSNorm, Linear(H -> 1), read the last `horizon` outputs; loss RMSE on the horizon.
+S4D baseline (the Informer-style forecaster of the S4 codebase): append `horizon` zeros to the
+input, Linear(1 -> H), causal S4D blocks from zoo.models.s4 (S4D-Lin, ZOH), RMSNorm, Linear(H -> 1),
+read the last `horizon` outputs; loss RMSE on the horizon.
 SpaceTime: zoo.models.spacetime (residual preprocessing block + closed-loop companion decoder),
-trained with its three-term loss. Writes results.json, a markdown table and ar_forecast.png to --out.
+trained with its three-term loss; `--decoder-norm a` (default) L1-normalises only the decoder's a,
+so that A + b k^T can realise AR processes whose coefficients have ||phi||_1 >> 1.
+Neither model subtracts the lag mean by default (`--input-transform none`): the series is zero-mean
+and stationary, and centring discards the level that the optimal forecast uses.
+Writes results.json, a markdown table and ar_forecast.png to --out.
 """
 from __future__ import annotations
 
@@ -40,8 +46,9 @@ class S4DForecaster(nnx.Module):
 
     task = "forecasting"
 
-    def __init__(self, lag: int, horizon: int, d_model: int, n_layers: int, d_state: int, *, rngs: nnx.Rngs):
-        self.lag, self.horizon = lag, horizon
+    def __init__(self, lag: int, horizon: int, d_model: int, n_layers: int, d_state: int, *,
+                 input_transform: str = "mean", rngs: nnx.Rngs):
+        self.lag, self.horizon, self.input_transform = lag, horizon, input_transform
         cfg = S4Config(d_model=d_model, n_layers=n_layers, d_state=d_state, mode="diag", init="lin",
                        disc="zoh", l_max=lag + horizon)
         self.embed = Linear(1, d_model, axes=(None, "embed"), rngs=rngs, use_bias=True)
@@ -51,7 +58,7 @@ class S4DForecaster(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, _, c = x.shape
-        offset = x.mean(axis=1, keepdims=True)
+        offset = x.mean(axis=1, keepdims=True) if self.input_transform == "mean" else jnp.zeros_like(x[:, :1])
         u = jnp.moveaxis(x - offset, 2, 1).reshape(b * c, self.lag, 1)           # channel-independent
         u = jnp.concatenate([u, jnp.zeros((b * c, self.horizon, 1), u.dtype)], axis=1)
         z = self.embed(u)
@@ -107,32 +114,39 @@ def fit(model: nnx.Module, task: ARTask, *, steps: int, batch_size: int, lr: flo
                 "oracle": test["forecast"][0, :, 0].tolist(), "pred": preds[0, :, 0].tolist()}}
 
 
-def plot(results: dict, orders: list[int], path: str) -> None:
+def _mean_std(values: list[float]) -> str:
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+
+
+def plot(results: dict, orders: list[int], seeds: list[int], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    get = lambda p, name, key: [results[str(p)][str(s)][name][key] for s in seeds]
     for name, style in (("spacetime", "o-"), ("s4d", "s--")):
-        axes[0].plot(orders, [results[str(p)][name]["rmse"] for p in orders], style, label=name)
-        axes[1].plot(orders, [results[str(p)][name]["vs_oracle"] for p in orders], style, label=name)
-    axes[0].plot(orders, [results[str(p)]["spacetime"]["oracle"] for p in orders], "k:", label="oracle (true AR)")
-    axes[0].set(xlabel="AR order p", ylabel="test RMSE vs truth", title="forecast error", xscale="log", xticks=orders)
+        for ax, key in ((axes[0], "rmse"), (axes[1], "vs_oracle")):
+            ax.errorbar(orders, [np.mean(get(p, name, key)) for p in orders],
+                        yerr=[np.std(get(p, name, key)) for p in orders], fmt=style, capsize=3, label=name)
+    axes[0].plot(orders, [np.mean(get(p, "spacetime", "oracle")) for p in orders], "k:", label="oracle (true AR)")
+    axes[0].set(xlabel="AR order p", ylabel="test RMSE vs truth", title=f"forecast error (mean ± std, {len(seeds)} seeds)",
+                xscale="log", xticks=orders)
     axes[1].set(xlabel="AR order p", ylabel="RMSE vs optimal forecast", title="distance to the optimal forecast",
                 xscale="log", yscale="log", xticks=orders)
     for ax in axes[:2]:
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xticklabels([str(p) for p in orders])
         ax.legend()
-    p = orders[-1]
-    ex = results[str(p)]["spacetime"]["example"]
+    p, s = orders[-1], seeds[0]
+    ex = results[str(p)][str(s)]["spacetime"]["example"]
     lag = len(ex["x"])
     t_in, t_out = np.arange(lag), lag + np.arange(len(ex["y"]))
     axes[2].plot(t_in[-48:], ex["x"][-48:], color="gray", label="input")
     axes[2].plot(t_out, ex["y"], "k", label="truth")
     axes[2].plot(t_out, ex["oracle"], "k:", label="oracle")
     axes[2].plot(t_out, ex["pred"], label="spacetime")
-    axes[2].plot(t_out, results[str(p)]["s4d"]["example"]["pred"], "--", label="s4d")
-    axes[2].set(title=f"AR({p}) test window", xlabel="t")
+    axes[2].plot(t_out, results[str(p)][str(s)]["s4d"]["example"]["pred"], "--", label="s4d")
+    axes[2].set(title=f"AR({p}) test window (seed {s})", xlabel="t")
     axes[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -141,11 +155,19 @@ def plot(results: dict, orders: list[int], path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--orders", type=int, nargs="+", default=[4, 8, 16, 32])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                    help="one AR process, train/test realisation and model init per seed")
     ap.add_argument("--lag", type=int, default=128)
     ap.add_argument("--horizon", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--st-lr", type=float, default=1e-2, help="SpaceTime peak lr (best of 3e-3/1e-2/3e-2 on AR(16))")
+    ap.add_argument("--s4d-lr", type=float, default=3e-2, help="S4D peak lr (best of 3e-3/1e-2/3e-2 on AR(16))")
+    ap.add_argument("--train-length", type=int, default=65536, help="length of the training realisation")
+    ap.add_argument("--input-transform", choices=("none", "mean"), default="none",
+                    help="both models: none, or subtract the lag-window mean (loses the level of the series)")
+    ap.add_argument("--decoder-norm", choices=("a", "abck"), default="a",
+                    help="SpaceTime decoder: L1-normalise only a (b, c, k free) or all four (the reference)")
     ap.add_argument("--d-model", type=int, default=32, help="SpaceTime width (S4D width is matched on params)")
     ap.add_argument("--kernel-dim", type=int, default=64, help="SpaceTime state size N (>= max p)")
     ap.add_argument("--s4d-d-model", type=int, default=40)
@@ -153,47 +175,56 @@ def main() -> None:
     ap.add_argument("--s4d-state", type=int, default=64)
     ap.add_argument("--min-radius", type=float, default=0.8, help="smallest modulus of the AR roots")
     ap.add_argument("--max-radius", type=float, default=0.99, help="largest modulus of the AR roots (< 1)")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/forecast_ar")
     args = ap.parse_args()
     if max(args.orders) > args.kernel_dim:
         raise SystemExit(f"error: --kernel-dim {args.kernel_dim} must be >= the largest order {max(args.orders)}")
     os.makedirs(args.out, exist_ok=True)
 
+    t_start = time.perf_counter()
     results = {}
     for p in args.orders:
-        task = ARTask(p=p, lag=args.lag, horizon=args.horizon, seed=args.seed, min_radius=args.min_radius,
-                      max_radius=args.max_radius)
-        models = {
-            "spacetime": registry.create_model(
-                "spacetime", "tiny", seed=args.seed, lag=args.lag, horizon=args.horizon, d_model=args.d_model,
-                kernel_dim=args.kernel_dim, first_block_kernels=args.d_model // 8, max_avg_window=64),
-            "s4d": S4DForecaster(args.lag, args.horizon, args.s4d_d_model, args.s4d_layers, args.s4d_state,
-                                 rngs=nnx.Rngs(args.seed)),
-        }
         results[str(p)] = {}
-        for name, model in models.items():
-            r = fit(model, task, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-            results[str(p)][name] = r
-            print(f"AR({p:2d}) {name:9s} params {r['params']:6d}  test rmse {r['rmse']:.4f}  oracle "
-                  f"{r['oracle']:.4f}  vs oracle {r['vs_oracle']:.4f}  train {r['train_seconds']:.1f}s", flush=True)
+        for seed in args.seeds:
+            task = ARTask(p=p, lag=args.lag, horizon=args.horizon, seed=seed, train_length=args.train_length,
+                          min_radius=args.min_radius, max_radius=args.max_radius)
+            models = {
+                "spacetime": (registry.create_model(
+                    "spacetime", "tiny", seed=seed, lag=args.lag, horizon=args.horizon, d_model=args.d_model,
+                    kernel_dim=args.kernel_dim, first_block_kernels=args.d_model // 8, max_avg_window=64,
+                    input_transform=args.input_transform, decoder_norm=args.decoder_norm), args.st_lr),
+                "s4d": (S4DForecaster(args.lag, args.horizon, args.s4d_d_model, args.s4d_layers, args.s4d_state,
+                                      input_transform=args.input_transform, rngs=nnx.Rngs(seed)), args.s4d_lr),
+            }
+            results[str(p)][str(seed)] = {}
+            for name, (model, lr) in models.items():
+                r = fit(model, task, steps=args.steps, batch_size=args.batch_size, lr=lr, seed=seed)
+                results[str(p)][str(seed)][name] = r
+                print(f"AR({p:2d}) seed {seed} {name:9s} params {r['params']:6d}  test rmse {r['rmse']:.4f}  oracle "
+                      f"{r['oracle']:.4f}  vs oracle {r['vs_oracle']:.4f}  train {r['train_seconds']:.1f}s", flush=True)
 
-    lines = ["| p | SpaceTime RMSE | S4D RMSE | oracle RMSE | SpaceTime vs oracle | S4D vs oracle | S4D / SpaceTime (vs oracle) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| p | SpaceTime RMSE | S4D RMSE | oracle RMSE | SpaceTime vs oracle | S4D vs oracle | "
+             "S4D / SpaceTime (vs oracle) |", "|---|---|---|---|---|---|---|"]
     for p in args.orders:
-        s, d = results[str(p)]["spacetime"], results[str(p)]["s4d"]
-        lines.append(f"| {p} | {s['rmse']:.4f} | {d['rmse']:.4f} | {s['oracle']:.4f} | {s['vs_oracle']:.4f} | "
-                     f"{d['vs_oracle']:.4f} | {d['vs_oracle'] / s['vs_oracle']:.1f}x |")
-    sp = results[str(args.orders[0])]
-    lines.append(f"\nparams: SpaceTime {sp['spacetime']['params']}, S4D {sp['s4d']['params']}; lag {args.lag}, "
-                 f"horizon {args.horizon}, {args.steps} steps x batch {args.batch_size}, lr {args.lr}")
+        get = lambda name, key: [results[str(p)][str(s)][name][key] for s in args.seeds]
+        ratios = np.array(get("s4d", "vs_oracle")) / np.array(get("spacetime", "vs_oracle"))
+        lines.append(f"| {p} | {_mean_std(get('spacetime', 'rmse'))} | {_mean_std(get('s4d', 'rmse'))} | "
+                     f"{_mean_std(get('spacetime', 'oracle'))} | {_mean_std(get('spacetime', 'vs_oracle'))} | "
+                     f"{_mean_std(get('s4d', 'vs_oracle'))} | {ratios.mean():.1f}x (min {ratios.min():.1f}x) |")
+    first = results[str(args.orders[0])][str(args.seeds[0])]
+    wall = time.perf_counter() - t_start
+    lines.append(f"\nmean ± std over seeds {args.seeds}; params: SpaceTime {first['spacetime']['params']}, S4D "
+                 f"{first['s4d']['params']}; lag {args.lag}, horizon {args.horizon}, {args.steps} steps x batch "
+                 f"{args.batch_size}, lr SpaceTime {args.st_lr} / S4D {args.s4d_lr}, train length "
+                 f"{args.train_length}, input transform {args.input_transform}, decoder norm {args.decoder_norm}; "
+                 f"wall {wall / 60:.1f} min")
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "results": results}, f)
+        json.dump({"args": vars(args), "results": results, "wall_seconds": wall}, f)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")
-    plot(results, args.orders, os.path.join(args.out, "ar_forecast.png"))
+    plot(results, args.orders, args.seeds, os.path.join(args.out, "ar_forecast.png"))
     print(f"wrote {args.out}/results.json, table.md, ar_forecast.png")
 
 

@@ -147,11 +147,12 @@ def test_open_loop_equals_step_recurrence_and_shift_ssm_is_fir():
     np.testing.assert_allclose(np.asarray(shift(u)), np.asarray(st.direct_conv(u, c0)), atol=2e-5)
 
 
+@pytest.mark.parametrize("normalize_bck", [True, False])
 @pytest.mark.parametrize("kind", st.SSM_KINDS)
-def test_closed_loop_equals_explicit_rollout(kind):
+def test_closed_loop_equals_explicit_rollout(kind, normalize_bck):
     rng = np.random.default_rng(4)
     d, n, t, horizon = 6, 4, 9, 7
-    dec = st.ClosedLoopSSM(d, 3, n, kind=kind, norm_order=1, rngs=nnx.Rngs(5))
+    dec = st.ClosedLoopSSM(d, 3, n, kind=kind, norm_order=1, normalize_bck=normalize_bck, rngs=nnx.Rngs(5))
     u = jnp.asarray(rng.standard_normal((2, t, d)), jnp.float32)
     y, u_hat = dec(u, horizon)
     assert y.shape == u_hat.shape == (2, horizon, d)
@@ -181,6 +182,40 @@ def test_closed_loop_shift_decoder_is_the_optimal_ar_forecast():
     y, _ = dec(jnp.asarray(series, jnp.float32)[None, :, None], horizon)
     want = ts.ar_forecast(phi, series, horizon)
     np.testing.assert_allclose(np.asarray(y[0, :, 0]), want, rtol=1e-4, atol=1e-4)
+
+
+def test_companion_decoder_with_free_bck_is_the_optimal_forecast_of_a_high_gain_ar():
+    """AR processes with roots near the unit circle have ||phi||_1 >> 1. With only a normalised
+    (decoder_norm="a"), a = e_N, b = e_1, c = k = phi is the optimal forecast; with b, c, k also
+    L1-normalised (the reference) the same parameters give k = phi / ||phi||_1, a different process."""
+    p, n, lag, horizon = 6, 10, 32, 12
+    rng = np.random.default_rng(11)
+    phi = ts.sample_ar_coefficients(p, rng, min_radius=0.9, max_radius=0.99)
+    assert np.abs(phi).sum() > 3.0
+    series = ts.simulate_arima(phi, lag, rng=rng)
+    coef = np.zeros((1, n))
+    coef[0, :p] = phi
+    e_n, e_1 = np.eye(n)[None, -1], np.eye(n)[None, 0]
+    want = ts.ar_forecast(phi, series, horizon)
+    u = jnp.asarray(series, jnp.float32)[None, :, None]
+    free = st.ClosedLoopSSM(1, 1, n, norm_order=1, normalize_bck=False, rngs=nnx.Rngs(0))
+    _set(free, a=e_n, b=e_1, c=coef, k=coef)
+    y, u_hat = free(u, horizon)
+    np.testing.assert_allclose(np.asarray(y[0, :, 0]), want, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(u_hat[0, :, 0]), want, rtol=1e-4, atol=1e-3)
+    normed = st.ClosedLoopSSM(1, 1, n, norm_order=1, normalize_bck=True, rngs=nnx.Rngs(0))
+    _set(normed, a=e_n, b=e_1, c=coef, k=coef)
+    y_normed, _ = normed(u, horizon)
+    assert np.abs(np.asarray(y_normed[0, :, 0]) - want).max() > 0.1 * np.abs(want).max()
+
+
+def test_free_bck_decoder_starts_where_the_normalised_one_starts():
+    u = jnp.asarray(np.random.default_rng(3).standard_normal((2, 12, 4)), jnp.float32)
+    outs = [st.ClosedLoopSSM(4, 2, 5, normalize_bck=f, rngs=nnx.Rngs(7))(u, 6) for f in (True, False)]
+    for x, y in zip(*outs):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
+    model = _model(decoder_norm="a")
+    assert not model.decoder.normalize_bck and _model().decoder.normalize_bck
 
 
 # ---------------------------------------------------------------------------- preprocessing
@@ -275,6 +310,8 @@ def test_errors_name_the_argument():
         st.SpaceTimeConfig(kernel_method="cauchy")
     with pytest.raises(ValueError, match="first_block_kernels"):
         st.SpaceTimeConfig(first_block_kernels=5)
+    with pytest.raises(ValueError, match="decoder_norm"):
+        st.SpaceTimeConfig(decoder_norm="bk")
     with pytest.raises(ValueError, match="expects"):
         _model()(jnp.zeros((2, 31, 1)))
 
