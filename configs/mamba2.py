@@ -2,7 +2,8 @@
 
     zoo train --config configs/mamba2.py:tiny --workdir runs/mamba2
 
-Presets: `tiny` (CPU, a few minutes) and the released sizes `130m`, `370m`, `780m`, `1.3b`, `2.7b`
+Presets: `tiny` (CPU: 3000 steps, ~20 min measured on 2 cores shared with other jobs) and the
+released sizes `130m`, `370m`, `780m`, `1.3b`, `2.7b`
 (state-spaces/mamba2-*: d_state 128, headdim 64, expand 2, vocab 50277 padded to 50288; launch on a
 pod). The Stuffed-Mamba inference options are model fields, e.g. `--config.model.window=256`,
 `--config.model.b_scale=0.7`, `--config.model.a_scale=2.0` (see zoo/models/mamba2.py).

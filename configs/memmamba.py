@@ -2,7 +2,8 @@
 
     zoo train --config configs/memmamba.py:tiny --workdir runs/memmamba
 
-Presets: `tiny` (CPU, a few minutes) and `130m`, `370m` (the Mamba-2 released bodies with the
+Presets: `tiny` (CPU: 3000 steps, about half an hour on 2 cores shared with other jobs) and `130m`,
+`370m` (the Mamba-2 released bodies with the
 secondary-source Note Block defaults: pool 50, summary 64, tau1 0.5, tau2 0.3, cross layer every 4;
 launch on a pod). The Note Block options are model fields, e.g. `--config.model.pool_size=32`,
 `--config.model.tau1=0.6`, `--config.model.cross_layer_interval=0` (see zoo/models/memmamba.py).
