@@ -87,8 +87,9 @@ def main():
     t0 = time.perf_counter()
     if args.run:
         model, config = load_model(args.run)
-        if config.model_name != "mamba2":
-            raise SystemExit(f"error: --run {args.run} holds a {config.model_name!r} model; give a mamba2 run")
+        if config.model_name != "mamba2" or config.data.source != "passkey":
+            raise SystemExit(f"error: --run {args.run} holds a {config.model_name!r} model trained on "
+                             f"{config.data.source!r}; give a mamba2 run trained on passkey")
     else:
         ckpt_dir = os.path.join(args.workdir, "run")
         result = train(run_config(args), ckpt_dir, progress=False, evaluate=False)
