@@ -51,6 +51,25 @@ def _as_complex(name: str, x) -> jax.Array:
     return x.astype(jnp.complex64)
 
 
+def _batch_shape(v: jax.Array, u: jax.Array, name: str) -> tuple[int, ...]:
+    """The broadcast batch shape of v [..., N] and the second operand `name` [..., N]."""
+    if v.ndim < 1 or u.ndim < 1 or v.shape[-1] != u.shape[-1]:
+        raise ValueError(
+            f"v {v.shape} and {name} {u.shape} must share the last (state) dim N; pass both as [..., N]."
+        )
+    try:
+        return jnp.broadcast_shapes(v.shape[:-1], u.shape[:-1])
+    except ValueError:
+        raise ValueError(
+            f"batch dims of v {v.shape[:-1]} and {name} {u.shape[:-1]} do not broadcast; make them equal."
+        ) from None
+
+
+def _flatten(a: jax.Array, batch: tuple[int, ...]) -> jax.Array:
+    """[..., N] broadcast to `batch` and flattened to [B, N]."""
+    return jnp.broadcast_to(a, (*batch, a.shape[-1])).reshape(-1, a.shape[-1])
+
+
 def _sum_fn(impl: str, interpret):
     if impl == "xla":
         return xla.cauchy_sum
@@ -112,21 +131,10 @@ def cauchy(
     v, z, w = _as_complex("v", v), _as_complex("z", z), _as_complex("w", w)
     if z.ndim != 1:
         raise ValueError(f"z must be 1-D [L]; got shape {z.shape}. Flatten or loop over extra node sets.")
-    if v.ndim < 1 or w.ndim < 1 or v.shape[-1] != w.shape[-1]:
-        raise ValueError(
-            f"v {v.shape} and w {w.shape} must share the last (state) dim N; pass both as [..., N]."
-        )
-    try:
-        batch = jnp.broadcast_shapes(v.shape[:-1], w.shape[:-1])
-    except ValueError:
-        raise ValueError(
-            f"batch dims of v {v.shape[:-1]} and w {w.shape[:-1]} do not broadcast; make them equal."
-        ) from None
+    batch = _batch_shape(v, w, "w")
     if impl == "reference":
         return reference.cauchy(v, z, w, conj=conj)
-    n = v.shape[-1]
-    vb = jnp.broadcast_to(v, (*batch, n)).reshape(-1, n)  # [B,N]
-    wb = jnp.broadcast_to(w, (*batch, n)).reshape(-1, n)  # [B,N]
+    vb, wb = _flatten(v, batch), _flatten(w, batch)  # [B,N]
     if vb.shape[0] == 0 or z.shape[0] == 0:
         return jnp.zeros((*batch, z.shape[0]), jnp.complex64)
     out = _cauchy_flat(vb, z, wb, conj, impl, interpret)  # [B,L]
@@ -198,19 +206,10 @@ def vandermonde(
     v, x = _as_complex("v", v), _as_complex("x", x)
     if not isinstance(length, int) or length < 0:
         raise ValueError(f"length={length!r} must be a non-negative Python int (static).")
-    if v.ndim < 1 or x.ndim < 1 or v.shape[-1] != x.shape[-1]:
-        raise ValueError(f"v {v.shape} and x {x.shape} must share the last (state) dim N; pass [..., N].")
-    try:
-        batch = jnp.broadcast_shapes(v.shape[:-1], x.shape[:-1])
-    except ValueError:
-        raise ValueError(
-            f"batch dims of v {v.shape[:-1]} and x {x.shape[:-1]} do not broadcast; make them equal."
-        ) from None
+    batch = _batch_shape(v, x, "x")
     if impl == "reference":
         return reference.vandermonde(v, x, length, conj=conj)
-    n = v.shape[-1]
-    vb = jnp.broadcast_to(v, (*batch, n)).reshape(-1, n)  # [B,N]
-    xb = jnp.broadcast_to(x, (*batch, n)).reshape(-1, n)  # [B,N]
+    vb, xb = _flatten(v, batch), _flatten(x, batch)  # [B,N]
     if vb.shape[0] == 0 or length == 0:
         return jnp.zeros((*batch, length), jnp.float32 if conj else jnp.complex64)
     out = _vandermonde_flat(vb, xb, length, conj, impl, interpret)  # [B,L]

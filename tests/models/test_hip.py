@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lm_testing import decode_all, forward
+
 import zoo
 from pallas_kernels.sparse_attention import hip_block_indices
 from zoo.models import registry
@@ -15,18 +17,6 @@ from zoo.models.transformer import Transformer
 
 TINY = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
 SPARSE = dict(k_blocks=2, block_q=1, block_k=8, window=8, sinks=4, dense_below=0)
-
-forward = nnx.jit(lambda m, x: m(x))
-
-
-def _decode_all(model, tokens, step_fn):
-    cache = model.init_cache(tokens.shape[0], tokens.shape[1] + 3)
-    step = nnx.jit(step_fn)
-    out = []
-    for t in range(tokens.shape[1]):
-        logits, cache = step(model, tokens[:, t], cache)
-        out.append(logits)
-    return jnp.stack(out, 1), cache
 
 
 def _tokens(t, seed=0):
@@ -68,10 +58,10 @@ def test_decode_matches_parallel_per_query_search():
     model = zoo.create_model("hip", seed=2, **TINY, **SPARSE)
     tokens = _tokens(64, seed=5)
     parallel = forward(model, tokens)
-    decoded, cache = _decode_all(model, tokens, lambda m, t, c: m.decode_step(t, c))
+    decoded, cache = decode_all(model, tokens, max_length=tokens.shape[1] + 3)
     np.testing.assert_allclose(decoded, parallel, atol=3e-5, rtol=3e-5)
     assert int(cache["pos"]) == 64 and set(cache) == {"k", "v", "pos", "kmin", "kmax"}
-    generic, _ = _decode_all(model, tokens, _generic)
+    generic, _ = decode_all(model, tokens, nnx.jit(_generic), max_length=tokens.shape[1] + 3)
     np.testing.assert_allclose(generic, parallel, atol=3e-5, rtol=3e-5)
 
 

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lm_testing import decode_all, decode_step, forward, prefill
+
 from zoo.config import make_config
 from zoo.info import count_params
 from zoo.models.mamba2 import (PRESETS, Mamba2, Mamba2Config, calibrate_state_norm, cap_state_norm,
@@ -28,31 +30,6 @@ def _tokens(b=2, t=T, seed=0):
     return jax.random.randint(jax.random.key(seed), (b, t), 0, SMALL["vocab_size"])
 
 
-@nnx.jit
-def _forward(model, tokens):
-    return model(tokens)
-
-
-@nnx.jit
-def _prefill(model, tokens, cache):
-    return model.prefill(tokens, cache)
-
-
-@nnx.jit
-def _step(model, tokens_t, cache):
-    return model.decode_step(tokens_t, cache)
-
-
-def _decode_all(model, tokens):
-    """Token-by-token decoding with one compiled step."""
-    cache = model.init_cache(tokens.shape[0], tokens.shape[1])
-    outs = []
-    for i in range(tokens.shape[1]):
-        logits, cache = _step(model, tokens[:, i], cache)
-        outs.append(logits)
-    return jnp.stack(outs, 1), cache
-
-
 def _close(a, b, tol=2e-5):
     a, b = np.asarray(a), np.asarray(b)
     np.testing.assert_allclose(a, b, atol=tol * max(1.0, float(np.abs(b).max())), rtol=0)
@@ -62,11 +39,11 @@ def _close(a, b, tol=2e-5):
 @pytest.mark.parametrize("opts", [{}, {"window": 5}], ids=["plain", "window5"])
 def test_decode_matches_parallel(opts):
     model, toks = _model(**opts), _tokens()
-    full = _forward(model, toks)
+    full = forward(model, toks)
     assert full.shape == (2, T, SMALL["vocab_size"]) and full.dtype == jnp.float32
-    steps, cache = _decode_all(model, toks)
+    steps, cache = decode_all(model, toks)
     _close(steps, full)
-    _, pre = _prefill(model, toks, model.init_cache(2, T))
+    _, pre = prefill(model, toks, model.init_cache(2, T))
     _close(cache["ssm"], pre["ssm"])
     _close(cache["conv"], pre["conv"])
     assert int(cache["pos"]) == int(pre["pos"]) == T
@@ -76,10 +53,10 @@ def test_decode_matches_parallel(opts):
                          ids=["plain", "window5", "state_norm"])
 def test_prefill_in_two_chunks_equals_one(opts):
     model, toks = _model(**opts), _tokens()
-    one, c_one = _prefill(model, toks, model.init_cache(2, T))
+    one, c_one = prefill(model, toks, model.init_cache(2, T))
     split = 12  # a multiple of state_norm_chunk, not of the SSD chunk (8)
-    a, c = _prefill(model, toks[:, :split], model.init_cache(2, T))
-    b, c_two = _prefill(model, toks[:, split:], c)
+    a, c = prefill(model, toks[:, :split], model.init_cache(2, T))
+    b, c_two = prefill(model, toks[:, split:], c)
     _close(jnp.concatenate([a, b], 1), one)
     for k in c_one:
         _close(c_two[k], c_one[k])
@@ -87,10 +64,10 @@ def test_prefill_in_two_chunks_equals_one(opts):
 
 def test_prefill_then_decode_continues():
     model, toks = _model(), _tokens()
-    full = _forward(model, toks)
-    _, cache = _prefill(model, toks[:, :15], model.init_cache(2, T))
+    full = forward(model, toks)
+    _, cache = prefill(model, toks[:, :15], model.init_cache(2, T))
     for i in range(15, T):
-        logits, cache = _step(model, toks[:, i], cache)
+        logits, cache = decode_step(model, toks[:, i], cache)
         _close(logits, full[:, i])
 
 
@@ -176,7 +153,7 @@ def test_method1_adjustments():
     _close(B1, 0.5 * np.clip(np.asarray(B), -1, 1))
     # B = 0 writes nothing: the state stays zero
     model.set_inference_options(b_scale=0.0, b_clip=0.0, dt_scale=1.0, dt_offset=0.0, a_scale=1.0, a_offset=0.0)
-    _, cache = _prefill(model, _tokens(), model.init_cache(2, T))
+    _, cache = prefill(model, _tokens(), model.init_cache(2, T))
     assert float(jnp.abs(cache["ssm"]).max()) == 0.0
 
 
@@ -191,7 +168,7 @@ def test_state_norm_cap_never_exceeds_threshold():
     assert capped.max() <= thr * (1 + 1e-5)
     assert np.isclose(capped.max(), thr, rtol=1e-4)       # capped, not zeroed
     # decoding caps after every token
-    steps, cache = _decode_all(model, toks)
+    steps, cache = decode_all(model, toks)
     norms = np.sqrt((np.asarray(cache["ssm"]) ** 2).sum((-2, -1)))
     assert norms.max() <= thr * (1 + 1e-5)
     # the cap formula; the paper code's h * ||h|| / thr would grow the state instead
@@ -211,7 +188,7 @@ def test_calibrate_state_norm():
     assert cfg.state_norm_thresholds == thr
     # with thresholds at twice the calibration norms the calibration prompt is unchanged
     ref = _model(state_norm_chunk=8)
-    _close(_forward(model, _tokens()), _forward(ref, _tokens()))
+    _close(forward(model, _tokens()), forward(ref, _tokens()))
 
 
 def _explicit_window(x, dt, A, B, C, D, r):
@@ -255,4 +232,4 @@ def test_windowed_ssd_matches_explicit_window(r):
 
 def test_window_longer_than_sequence_is_the_plain_model():
     toks = _tokens()
-    _close(_forward(_model(window=T + 3), toks), _forward(_model(), toks))
+    _close(forward(_model(window=T + 3), toks), forward(_model(), toks))

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lm_testing import decode_all, forward, prefill
+
 from zoo.config import make_config
 from zoo.models import registry
 from zoo.models.mamba2 import Mamba2, Mamba2Config
@@ -30,21 +32,6 @@ def _model(**kw) -> MemMamba:
 
 def _tokens(b=2, t=T, seed=0):
     return jax.random.randint(jax.random.key(seed), (b, t), 0, SMALL["vocab_size"])
-
-
-@nnx.jit
-def _forward(model, tokens):
-    return model(tokens)
-
-
-@nnx.jit
-def _prefill(model, tokens, cache):
-    return model.prefill(tokens, cache)
-
-
-@nnx.jit
-def _step(model, tokens_t, cache):
-    return model.decode_step(tokens_t, cache)
 
 
 def _close(a, b, tol=2e-5):
@@ -148,15 +135,11 @@ def test_model_is_causal():
                                                   marks=pytest.mark.slow)], ids=["default", "decay_blockin"])
 def test_decode_matches_parallel(opts):
     model, toks = _model(**opts), _tokens()
-    full = _forward(model, toks)
+    full = forward(model, toks)
     assert full.shape == (2, T, SMALL["vocab_size"]) and full.dtype == jnp.float32
-    cache = model.init_cache(2, T)
-    outs = []
-    for i in range(T):
-        logits, cache = _step(model, toks[:, i], cache)
-        outs.append(logits)
-    _close(jnp.stack(outs, 1), full)
-    _, pre = _prefill(model, toks, model.init_cache(2, T))
+    decoded, cache = decode_all(model, toks)
+    _close(decoded, full)
+    _, pre = prefill(model, toks, model.init_cache(2, T))
     assert set(cache) == set(pre)
     for k in cache:
         _close(cache[k], pre[k])
@@ -167,9 +150,9 @@ def test_decode_matches_parallel(opts):
 
 def test_prefill_in_two_chunks_equals_one():
     model, toks = _model(priority_decay=0.9), _tokens()
-    one, c_one = _prefill(model, toks, model.init_cache(2, T))
-    a, c = _prefill(model, toks[:, :12], model.init_cache(2, T))
-    b, c_two = _prefill(model, toks[:, 12:], c)
+    one, c_one = prefill(model, toks, model.init_cache(2, T))
+    a, c = prefill(model, toks[:, :12], model.init_cache(2, T))
+    b, c_two = prefill(model, toks[:, 12:], c)
     _close(jnp.concatenate([a, b], 1), one)
     for k in c_one:
         _close(c_two[k], c_one[k])
@@ -180,7 +163,7 @@ def test_cross_layer_pool_is_top_of_earlier_pools():
     layers' candidates = the top-M of their pools."""
     model = _model(n_layers=3, cross_layer_interval=3, tau1=0.45)
     assert model.config.cross_layers == (2,) and model.config.cross_sources(2) == (0, 1)
-    _, cache = _prefill(model, _tokens(), model.init_cache(2, T))
+    _, cache = prefill(model, _tokens(), model.init_cache(2, T))
     local = np.asarray(cache["note_prio"])           # [3,B,M]
     cross = np.asarray(cache["xnote_prio"])[0]       # [B,M]
     for bi in range(2):
@@ -193,7 +176,7 @@ def test_cross_layer_pool_is_top_of_earlier_pools():
 def test_no_cross_layers_and_trigger_off():
     model = _model(cross_layer_interval=0)
     assert model.config.cross_layers == () and model.blocks[1].note.cross is None
-    logits, cache = _prefill(model, _tokens(), model.init_cache(2, T))
+    logits, cache = prefill(model, _tokens(), model.init_cache(2, T))
     assert cache["xnote_prio"].shape == (0, 2, 4) and np.isfinite(np.asarray(logits)).all()
     # tau2 = 1: retrieval never triggers, so each block adds exactly its mixer output
     quiet = _model(tau2=1.0)

@@ -3,7 +3,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+
+from lm_testing import decode_all
 
 import zoo
 from zoo.layers import AttentionSpec, attend
@@ -13,26 +14,12 @@ from zoo.models.transformer import TransformerConfig
 TINY = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
 
 
-@nnx.jit
-def _decode_step(model, tokens_t, cache):
-    return model.decode_step(tokens_t, cache)
-
-
-def _decode_all(model, tokens):
-    cache = model.init_cache(tokens.shape[0], tokens.shape[1])
-    out = []
-    for t in range(tokens.shape[1]):
-        logits, cache = _decode_step(model, tokens[:, t], cache)
-        out.append(logits)
-    return jnp.stack(out, 1), cache
-
-
 @pytest.mark.parametrize("attention", ["full", "window", "block"])
 def test_decode_matches_parallel(attention):
     model = zoo.create_model("transformer", seed=1, attention=attention, window=5, block=4, **TINY)
     tokens = jax.random.randint(jax.random.key(0), (2, 13), 0, 256)
     parallel = model(tokens)
-    decoded, cache = _decode_all(model, tokens)
+    decoded, cache = decode_all(model, tokens)
     assert parallel.shape == (2, 13, 256) and parallel.dtype == jnp.float32
     np.testing.assert_allclose(decoded, parallel, atol=2e-5, rtol=2e-5)
     assert int(cache["pos"]) == 13

@@ -459,27 +459,27 @@ class Mamba2(nnx.Module):
         cache["pos"] = pos
         return cache
 
-    def prefill(self, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-        """tokens int32 [B, T] continuing from `cache` -> (logits [B, T, V], cache after the last token)."""
-        self._check_tokens(tokens, 2, "tokens")
+    def _layers(self, tokens: jax.Array, cache: dict, recurrent: bool) -> tuple[jax.Array, dict]:
+        """The residual stack from `cache`, each mixer in parallel (`forward`) or one-token (`step`) form."""
         x = self._embed(tokens)
         states = []
         for i, block in enumerate(self.blocks):
-            h, s = block.mixer.forward(block.norm(x), self._layer_state(cache, i))
+            mix = block.mixer.step if recurrent else block.mixer.forward
+            h, s = mix(block.norm(x), self._layer_state(cache, i))
             x = x + h.astype(jnp.float32)
             states.append(s)
-        return self._logits(x), self._stack(states, cache["pos"] + tokens.shape[1])
+        n_new = 1 if recurrent else tokens.shape[1]
+        return self._logits(x), self._stack(states, cache["pos"] + n_new)
+
+    def prefill(self, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        """tokens int32 [B, T] continuing from `cache` -> (logits [B, T, V], cache after the last token)."""
+        self._check_tokens(tokens, 2, "tokens")
+        return self._layers(tokens, cache, recurrent=False)
 
     def decode_step(self, tokens_t: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
         """tokens_t int32 [B] -> (logits [B, V], updated cache)."""
         self._check_tokens(tokens_t, 1, "tokens_t")
-        x = self._embed(tokens_t)
-        states = []
-        for i, block in enumerate(self.blocks):
-            h, s = block.mixer.step(block.norm(x), self._layer_state(cache, i))
-            x = x + h.astype(jnp.float32)
-            states.append(s)
-        return self._logits(x), self._stack(states, cache["pos"] + 1)
+        return self._layers(tokens_t, cache, recurrent=True)
 
 
 @nnx.jit
