@@ -103,9 +103,13 @@ def fit(model: nnx.Module, task: ARTask, *, steps: int, batch_size: int, lr: flo
     def predict(model, x):
         return model(x)
 
-    train = task.oracle("train") if target == "optimal" else task.windows("train").arrays()
     if target == "optimal":
-        train = {"x": train["x"], "y": train["forecast"]}
+        oracle = task.oracle("train")
+        train = {"x": oracle["x"], "y": oracle["forecast"]}
+    elif target == "noisy":
+        train = task.windows("train").arrays()
+    else:
+        raise ValueError(f"target {target!r} must be 'noisy' or 'optimal'")
     rng = np.random.default_rng(seed)
     model.train()
     t0 = time.perf_counter()
