@@ -8,19 +8,13 @@ released sizes `130m`, `370m`, `780m`, `1.3b`, `2.7b`
 pod). The Stuffed-Mamba inference options are model fields, e.g. `--config.model.window=256`,
 `--config.model.b_scale=0.7`, `--config.model.a_scale=2.0` (see zoo/models/mamba2.py).
 """
-from zoo.config import make_config
+from zoo.config import answer_only_passkey, make_config
 
 
 def get_config(preset: str = "tiny"):
     config = make_config("mamba2", preset)
     if preset == "tiny":
-        # Loss on the 5 answer digits only: with the loss on every token the tiny SSM spends its
-        # capacity on the filler and stayed at chance on the key for 1,400 steps, where answer-only
-        # training reached 0.8 digit accuracy (README, Mamba-2).
-        config.data.seq_len = 128
-        config.data.answer_only = True
-        config.train.steps = 3000
-        config.eval.lengths = [128, 512, 2048]
+        answer_only_passkey(config)
     else:
         config.data.source = "text"
         config.data.seq_len = 2048          # the released models' training length

@@ -8,19 +8,13 @@ secondary-source Note Block defaults: pool 50, summary 64, tau1 0.5, tau2 0.3, c
 launch on a pod). The Note Block options are model fields, e.g. `--config.model.pool_size=32`,
 `--config.model.tau1=0.6`, `--config.model.cross_layer_interval=0` (see zoo/models/memmamba.py).
 """
-from zoo.config import make_config
+from zoo.config import answer_only_passkey, make_config
 
 
 def get_config(preset: str = "tiny"):
     config = make_config("memmamba", preset)
     if preset == "tiny":
-        # Loss on the 5 answer digits only: with the loss on every token the tiny SSM spends its
-        # capacity on the filler and stayed at chance on the key for 1,400 steps, where answer-only
-        # training reached 0.8 digit accuracy (README, Mamba-2).
-        config.data.seq_len = 128
-        config.data.answer_only = True
-        config.train.steps = 3000
-        config.eval.lengths = [128, 512, 2048]
+        answer_only_passkey(config)
     else:
         config.data.source = "text"
         config.data.seq_len = 2048

@@ -415,13 +415,14 @@ def test_forecast_ar_script_runs_end_to_end(tmp_path, target):
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from conftest import ROOT
+
     out = tmp_path / "far"
-    cmd = [sys.executable, os.path.join(root, "scripts", "forecast_ar.py"), "--orders", "2", "--seeds", "0",
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "forecast_ar.py"), "--orders", "2", "--seeds", "0",
            "--steps", "3", "--batch-size", "4", "--lag", "16", "--horizon", "4", "--train-length", "512",
            "--d-model", "8", "--kernel-dim", "8", "--s4d-d-model", "8", "--s4d-layers", "1",
            "--s4d-state", "8", "--target", target, "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["args"]["target"] == target

@@ -4,10 +4,10 @@ import os
 
 import pytest
 
+from conftest import ROOT
 from zoo.config import load_config, model_config
 from zoo.models import registry
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
 
