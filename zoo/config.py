@@ -26,7 +26,7 @@ def make_config(model_name: str, preset: str = "tiny", **model_overrides) -> ml_
     c.model = ml_collections.ConfigDict({k: list(v) if isinstance(v, tuple) else v
                                          for k, v in dataclasses.asdict(model_cfg).items()})
     c.data = ml_collections.ConfigDict(dict(
-        source="passkey",      # passkey | recall | selective_copy | text | tfds
+        source="passkey",      # passkey | recall | selective_copy | text | tfds | shards (zoo data prepare)
         seq_len=160,           # training length (fixed-length mode) / 2^max_log2 (decomposition)
         batch_size=16,         # global sequences per step (fixed-length mode)
         seed=0,
@@ -34,10 +34,13 @@ def make_config(model_name: str, preset: str = "tiny", **model_overrides) -> ml_
         answer_only=False,     # passkey: loss on the answer digits only
         num_pairs=8, num_queries=4,   # recall
         num_data=8,                   # selective_copy
-        path="",               # text: directory of text files; '' = this Python's stdlib source
+        path="",               # text: directory of text files ('' = this Python's stdlib source); shards: prepared dir
+        allow_toy=True,        # False: refuse the embedded stdlib corpus (source=text, path='')
         tfds_name="", tfds_split="train", tfds_data_dir="", tfds_text_key="text",
+        tokenizer="",          # text/tfds: bytes | SentencePiece .model | tokenizer.json ('' = sp_model or bytes)
         sp_model="",           # optional SentencePiece model file for text/tfds (default: bytes)
-        mode="fixed",          # fixed (one length) | decomposition (length buckets, text/tfds/synthetic)
+        mode="fixed",          # fixed (concat-and-chunk) | decomposition (length buckets) | packed (segment ids)
+        pack_bins=64,                   # packed: rows filled at a time by the first-fit packer
         min_log2=6, max_log2=8,         # decomposition buckets 2^min .. 2^max
         tokens_per_step=4096,           # decomposition: batch_k * 2^k
         curriculum="pow2",              # uniform | pow2 | cyclic | fixed

@@ -1,18 +1,13 @@
 """Grain pipelines: synthetic tasks, text files, TFDS (built locally and mocked), decomposition."""
 import numpy as np
 import pytest
+from data_testing import data_config as _data
+from data_testing import tfds_builder
 
-from zoo.config import make_config
 from zoo.data import synthetic
 from zoo.data.pipeline import FixedLengthBatches, make_batches
-from zoo.data.text import TextFiles, Tokenizer
-
-
-def _data(**kw):
-    data = make_config("transformer").data
-    for k, v in kw.items():
-        data[k] = v
-    return data
+from zoo.data.text import TextFiles
+from zoo.data.tokenizers import load_tokenizer
 
 
 def test_passkey_layout_and_depth():
@@ -98,7 +93,7 @@ def test_sentencepiece_tokenizer(tmp_path):
     spm.SentencePieceTrainer.train(input=",".join(str(p) for p in sorted(corpus.iterdir())),
                                    model_prefix=str(tmp_path / "sp"), vocab_size=40, model_type="bpe",
                                    num_threads=1, minloglevel=2)
-    tok = Tokenizer(str(tmp_path / "sp.model"))
+    tok = load_tokenizer(str(tmp_path / "sp.model"))
     ids = tok("gamma delta kappa")
     assert tok.vocab_size == 40 and ids.dtype == np.int32 and len(ids) < len("gamma delta kappa")
     assert tok.sp.decode(ids.tolist()) == "gamma delta kappa"
@@ -106,7 +101,7 @@ def test_sentencepiece_tokenizer(tmp_path):
                                     sp_model=str(tmp_path / "sp.model"))))
     assert batch["inputs"].max() < 40 and (batch["targets"][:, :-1] == batch["inputs"][:, 1:]).all()
     with pytest.raises(ValueError, match="does not exist"):
-        Tokenizer(str(tmp_path / "missing.model"))
+        load_tokenizer(str(tmp_path / "missing.model"))
 
 
 def test_default_corpus_is_python_stdlib():
@@ -145,32 +140,9 @@ def test_decomposition_synthetic_buckets():
     assert lengths <= {32, 64, 128} and len(lengths) > 1
 
 
-def _tfds_builder(tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
-
-    class TinyDocs(tfds.core.GeneratorBasedBuilder):
-        """Ten short text documents, written locally (no download)."""
-
-        VERSION = tfds.core.Version("1.0.0")
-
-        def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-                {"text": tfds.features.Text()}))
-
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples(0, 10), "validation": self._generate_examples(10, 13)}
-
-        def _generate_examples(self, lo, hi):
-            for i in range(lo, hi):
-                yield i, {"text": f"doc {i}: " + "lorem ipsum " * (20 + i)}
-
-    builder = TinyDocs(data_dir=str(tmp_path), file_format="array_record")
-    builder.download_and_prepare()
-    return builder
-
-
 def test_tfds_local_builder_through_grain(tmp_path):
-    builder = _tfds_builder(tmp_path)
+    pytest.importorskip("tensorflow_datasets")
+    builder = tfds_builder(tmp_path)
     data = _data(source="tfds", tfds_name=builder.name, tfds_data_dir=str(tmp_path), batch_size=2, seq_len=64)
     batch = next(make_batches(data))
     assert batch["inputs"].shape == (2, 64)

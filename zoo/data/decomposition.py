@@ -412,11 +412,15 @@ class BucketIndex:
             raise ValueError(f"i={i} is out of range for bucket k={k} with {n} pieces; use 0 <= i < {n}.")
         if self.source is None:
             raise ValueError("this index has no source; pass source= to BucketIndex.build/from_lengths to read tokens.")
-        start = int(self._starts[k][i])
-        piece = _as_tokens(self.source[int(self._doc_ids[k][i])])[start : start + (1 << k) + 1]
+        start, doc = int(self._starts[k][i]), int(self._doc_ids[k][i])
+        read = getattr(self.source, "read", None)  # shards read only the records that hold the piece
+        if read is not None:
+            piece = read(doc, start, start + (1 << k) + 1)
+        else:
+            piece = _as_tokens(self.source[doc])[start : start + (1 << k) + 1]
         if len(piece) != (1 << k) + 1:
             raise ValueError(
-                f"document {int(self._doc_ids[k][i])} is shorter than the index says; rebuild the index "
+                f"document {doc} is shorter than the index says; rebuild the index "
                 "from this source (lengths changed)."
             )
         return piece

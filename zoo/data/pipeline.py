@@ -1,9 +1,17 @@
 """Grain input pipelines: examples -> per-host batches -> global arrays, with checkpointable state.
 
-Two modes, chosen by `data.mode`:
+Sources (`data.source`): synthetic tasks; `text` and `tfds` (tokenized into memory; `text` with
+`data.path=''` is the embedded stdlib corpus, refused when `data.allow_toy` is False); `shards`, a
+directory written by `zoo data prepare` (`zoo.data.prepare`), read lazily.
+
+Three modes, chosen by `data.mode`:
 - "fixed": every step has `data.batch_size` sequences of `data.seq_len` tokens (plus the shifted
-  target), from a synthetic task or from text documents concatenated and chunked (the
-  concat-and-chunk baseline). Each host reads only its own shard (`process_index::process_count`).
+  target), from a synthetic task or from documents joined with the tokenizer's EOS token and
+  chunked (the concat-and-chunk baseline; lazy, rows are located from the length index). Each
+  host reads only its own shard of rows (`process_index::process_count`).
+- "packed": documents (+ EOS) cut into pieces of at most seq_len + 1 tokens and packed into rows
+  by Grain's first-fit packer; batches also carry `segment_ids` and `positions` [B, T]
+  (`zoo.data.packing`), and each host packs its own documents (`process_index::process_count`).
 - "decomposition" (Pouransari et al., 2024): documents are cut into power-of-two pieces that never
   cross a document boundary (`zoo.data.decomposition`); step s trains on one bucket 2^k with
   batch tokens_per_step / 2^k, the bucket drawn by the curriculum as a pure function of
@@ -20,32 +28,84 @@ import numpy as np
 
 from zoo.data import decomposition as dd
 from zoo.data import synthetic
-from zoo.data.text import TextFiles, TfdsDocuments, Tokenizer
+from zoo.data.offsets import BlockCumsum, document_lengths, read_tokens
+from zoo.data.packing import DocumentPieces, packed_inputs
+from zoo.data.shards import ShardDocuments
+from zoo.data.text import TextFiles, TfdsDocuments
+from zoo.data.tokenizers import load_tokenizer, tokenizer_for
 
-SOURCES = ("passkey", "recall", "selective_copy", "text", "tfds")
+SOURCES = ("passkey", "recall", "selective_copy", "text", "tfds", "shards")
+DOCUMENT_SOURCES = ("text", "tfds", "shards")
+MODES = ("fixed", "decomposition", "packed")
+PACKED_KEYS = ("inputs", "targets", "loss_mask", "answer_mask", "segment_ids", "positions")
 
 
 class ConcatChunks:
-    """Documents concatenated into one stream and cut into chunks of `length + 1` tokens."""
+    """Documents joined into one stream, each followed by the EOS token, cut into rows of `length + 1`.
 
-    def __init__(self, docs, length: int):
-        self.stream = np.concatenate([np.asarray(docs[i], np.int32) for i in range(len(docs))])
-        self.length = length
-        if len(self.stream) < length + 1:
-            raise ValueError(f"the text has {len(self.stream)} tokens, fewer than one sequence of {length + 1}")
+    Row i is stream[i * length: (i + 1) * length + 1] (consecutive rows share one token, so every
+    next-token pair is trained once). Nothing is concatenated in memory: the document and offset
+    of a row's first token come from block prefix sums of `lengths + 1` (`zoo.data.offsets`), and
+    only the documents (for shards: the records) the row covers are read.
+    """
+
+    def __init__(self, docs, length: int, eos_id: int):
+        self.docs, self.length, self.eos_id = docs, int(length), int(eos_id)
+        self.lengths = document_lengths(docs)  # [D]
+        self.stream = BlockCumsum(self.lengths, lambda n: n + 1)
+        if self.stream.total < self.length + 1:
+            raise ValueError(f"the text has {self.stream.total} tokens (with EOS), fewer than one sequence of "
+                             f"{self.length + 1}; lower data.seq_len or add documents")
 
     def __len__(self) -> int:
-        return (len(self.stream) - 1) // self.length
+        return (self.stream.total - 1) // self.length
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        tokens = self.stream[i * self.length: (i + 1) * self.length + 1]
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} is out of range [0, {len(self)})")
+        d, offset = self.stream.locate(int(i) * self.length)
+        parts, need = [], self.length + 1
+        while need > 0:
+            n = int(self.lengths[d])
+            if offset < n:
+                part = read_tokens(self.docs, d, offset, min(n, offset + need))
+                parts.append(part)
+                need -= len(part)
+            if need > 0:  # the row reaches this document's end: its EOS, then the next document
+                parts.append(np.array([self.eos_id], np.int32))
+                need -= 1
+                d, offset = d + 1, 0
+        tokens = np.concatenate(parts).astype(np.int32)  # [length + 1]
         ones = np.ones(self.length, np.float32)
         return {"tokens": tokens, "loss_mask": ones, "answer_mask": ones}
 
 
+def is_toy(data: Any) -> bool:
+    """Whether `data` reads the embedded stdlib corpus (source 'text' with no path)."""
+    return data.source == "text" and not data.path
+
+
+def check_toy(data: Any) -> None:
+    """Refuses the embedded stdlib corpus unless `data.allow_toy` (pod presets set it to False)."""
+    if is_toy(data) and not data.get("allow_toy", True):
+        raise ValueError("data.source='text' with data.path='' is the embedded stdlib corpus (toy data, ~11 MB); "
+                         "tokenize a real corpus with `zoo data prepare --output DIR ...` and set "
+                         "data.source=shards data.path=DIR, or set data.allow_toy=True to train on it anyway")
+
+
 def documents(data: Any, split: str):
-    """The document collection of a text or TFDS source."""
-    tok = Tokenizer(data.sp_model)
+    """The document collection of a text, TFDS or shards source (`len`, `[d]`, `lengths`, `eos_id`)."""
+    if data.source == "shards":
+        docs = ShardDocuments(data.path, split)
+        name = data.get("tokenizer", "")
+        if name:  # an explicit tokenizer must be the one the shards were prepared with
+            spec = load_tokenizer(name).spec()
+            if (spec["kind"], spec.get("sha256")) != (docs.tokenizer_spec["kind"], docs.tokenizer_spec.get("sha256")):
+                raise ValueError(f"data.tokenizer {name!r} is not the tokenizer {data.path!r} was prepared with "
+                                 f"({docs.tokenizer_spec.get('path', docs.tokenizer_spec['kind'])}); set "
+                                 "data.tokenizer='' to use the manifest's")
+        return docs
+    tok = tokenizer_for(data)
     if data.source == "text":
         return TextFiles(data.path, split, tok)
     return TfdsDocuments(data.tfds_name, data.tfds_split if split == "train" else "test" if split == "test"
@@ -62,8 +122,9 @@ def example_source(data: Any, split: str, length: int, depth: float | None = Non
         return synthetic.AssociativeRecall(length, data.num_pairs, data.num_queries, seed=seed)
     if data.source == "selective_copy":
         return synthetic.SelectiveCopy(length, data.num_data, seed=seed)
-    if data.source in ("text", "tfds"):
-        return ConcatChunks(documents(data, split), length)
+    if data.source in DOCUMENT_SOURCES:
+        docs = documents(data, split)
+        return ConcatChunks(docs, length, docs.eos_id)
     raise ValueError(f"unknown data.source {data.source!r}; choose one of {SOURCES}")
 
 
@@ -111,22 +172,57 @@ class FixedLengthBatches(_GrainBatches):
             raise ValueError(f"data.batch_size {batch_size} must be divisible by the {process_count} processes")
         source = example_source(data, split, length or data.seq_len)
         ds = grain.MapDataset.source(source)
-        if data.source in ("text", "tfds"):
+        if data.source in DOCUMENT_SOURCES:
             ds = ds.shuffle(seed=data.seed).repeat(None)
         ds = ds[process_index::process_count].map(to_model_inputs)
         self.dataset = ds.batch(batch_size // process_count, drop_remainder=True)
         self._iter = iter(self.dataset.to_iter_dataset())
 
 
+class PackedBatches(_GrainBatches):
+    """Per-host batches of packed rows [batch_size / process_count, seq_len] with segment ids.
+
+    Pieces of this host's documents (`zoo.data.packing.DocumentPieces`) are shuffled per epoch,
+    repeated, and packed first-fit into `data.pack_bins` open rows at a time by Grain's
+    `FirstFitPackIterDataset`; the iterator state (parent position + next row) is a small JSON dict.
+    Every batch has the keys `PACKED_KEYS`.
+    """
+
+    def __init__(self, data: Any, split: str = "train", *, process_index: int = 0, process_count: int = 1,
+                 length: int | None = None, batch_size: int | None = None):
+        from grain.experimental import FirstFitPackIterDataset
+        if data.source not in DOCUMENT_SOURCES:
+            raise ValueError(f"data.mode='packed' packs documents; data.source {data.source!r} is a synthetic task of "
+                             f"fixed-length examples: use one of {DOCUMENT_SOURCES} or data.mode='fixed'")
+        batch_size = batch_size or data.batch_size
+        if batch_size % process_count:
+            raise ValueError(f"data.batch_size {batch_size} must be divisible by the {process_count} processes")
+        length = length or data.seq_len
+        bins = int(data.get("pack_bins", 64))
+        if bins < 1:
+            raise ValueError(f"data.pack_bins {bins} must be >= 1 (rows packed at a time; 64 is a good default)")
+        docs = documents(data, split)
+        self.pieces = DocumentPieces(docs, length, docs.eos_id, process_index=process_index,
+                                     process_count=process_count)
+        ds = grain.MapDataset.source(self.pieces).shuffle(seed=data.seed).repeat(None).to_iter_dataset()
+        ds = FirstFitPackIterDataset(ds, length_struct={"tokens": length + 1}, num_packing_bins=bins,
+                                     shuffle_bins=False)
+        self.dataset = ds.map(packed_inputs).batch(batch_size // process_count, drop_remainder=True)
+        self._iter = iter(self.dataset)
+
+
 def make_batches(data: Any, split: str = "train", *, process_index: int = 0, process_count: int = 1):
-    """The training batch iterator for `data.mode` (fixed-length or decomposition buckets)."""
+    """The training batch iterator for `data.mode` (fixed-length, decomposition buckets or packed)."""
     if data.source not in SOURCES:
         raise ValueError(f"unknown data.source {data.source!r}; choose one of {SOURCES}")
+    check_toy(data)
     if data.mode == "fixed":
         return FixedLengthBatches(data, split, process_index=process_index, process_count=process_count)
     if data.mode == "decomposition":
         return DecompositionBatches(data, split, process_index=process_index, process_count=process_count)
-    raise ValueError(f"unknown data.mode {data.mode!r}; choose 'fixed' or 'decomposition'")
+    if data.mode == "packed":
+        return PackedBatches(data, split, process_index=process_index, process_count=process_count)
+    raise ValueError(f"unknown data.mode {data.mode!r}; choose one of {MODES}")
 
 
 class DecompositionBatches(_GrainBatches):
@@ -136,9 +232,10 @@ class DecompositionBatches(_GrainBatches):
         ks = list(range(data.min_log2, data.max_log2 + 1))
         self.process_index, self.process_count = process_index, process_count
         fixed_k = data.max_log2 if data.curriculum == "fixed" else None
-        if data.source in ("text", "tfds"):
-            self.index = dd.BucketIndex.build(documents(data, split), min_log2=data.min_log2,
-                                              max_log2=data.max_log2, seed=data.seed)
+        if data.source in DOCUMENT_SOURCES:  # the index needs only the length index, never the tokens
+            docs = documents(data, split)
+            self.index = dd.BucketIndex.from_lengths(document_lengths(docs), min_log2=data.min_log2,
+                                                     max_log2=data.max_log2, seed=data.seed, source=docs)
             self.schedule = dd.BucketSchedule(ks, data.tokens_per_step, data.curriculum, data.seed, fixed_k=fixed_k,
                                               availability=self.index.tokens_per_bucket())
             self.batcher = dd.BucketBatcher(self.index, self.schedule)

@@ -1,7 +1,10 @@
-"""Byte-level text sources: a directory of text files, and TFDS datasets by name.
+"""In-memory text sources: a directory of text files, and TFDS datasets by name.
 
-Both are random-access collections of documents (`len`, `[i]` -> int32 token array), which the
-pipeline turns into fixed-length sequences (concat-and-chunk) or dataset-decomposition buckets.
+Both are random-access collections of documents (`len`, `[i]` -> int32 token array, `lengths`,
+`eos_id`, `tokenizer_spec`), tokenized once into memory with a `zoo.data.tokenizers.Tokenizer`
+(bytes by default), which the pipeline turns into fixed-length sequences (concat-and-chunk with
+EOS), packed rows or dataset-decomposition buckets. They suit small corpora; a corpus that does
+not fit in memory is tokenized once by `zoo data prepare` into shards (`zoo.data.shards`).
 
 The embedded default corpus is the source code of the running Python's standard library
 (`*.py` outside test folders, ~11 MB): it exists on every machine with Python, needs no download,
@@ -16,6 +19,8 @@ import os
 import sysconfig
 
 import numpy as np
+
+from zoo.data.tokenizers import ByteTokenizer, Tokenizer
 
 SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "__pycache__", "lib2to3", "turtledemo"}
 
@@ -33,32 +38,6 @@ def _in_split(relpath: str, split: str) -> bool:
     raise ValueError(f"unknown split {split!r}; use 'train' or 'validation'")
 
 
-class Tokenizer:
-    """Bytes (vocab 256) by default, or a SentencePiece model file."""
-
-    def __init__(self, sp_model: str = ""):
-        self.sp = None
-        if sp_model:
-            if not os.path.isfile(sp_model):
-                raise ValueError(f"data.sp_model {sp_model!r} does not exist; give a SentencePiece .model file or ''")
-            try:
-                import sentencepiece
-            except ImportError as e:
-                raise ValueError("data.sp_model needs the sentencepiece package: pip install sentencepiece") from e
-            self.sp = sentencepiece.SentencePieceProcessor(model_file=sp_model)
-
-    @property
-    def vocab_size(self) -> int:
-        return 256 if self.sp is None else int(self.sp.get_piece_size())
-
-    def __call__(self, text: bytes | str) -> np.ndarray:
-        if self.sp is None:
-            data = text.encode() if isinstance(text, str) else text
-            return np.frombuffer(data, np.uint8).astype(np.int32)
-        s = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
-        return np.asarray(self.sp.encode(s), np.int32)
-
-
 class TextFiles:
     """Every regular text file under `path` (recursively; '' = the stdlib corpus) as one document."""
 
@@ -67,7 +46,7 @@ class TextFiles:
         if not os.path.isdir(root):
             raise ValueError(f"data.path {root!r} is not a directory; point it at a folder of text files "
                              "(or '' for the default stdlib corpus)")
-        self.tokenizer = tokenizer or Tokenizer()
+        self.tokenizer = tokenizer or ByteTokenizer()
         files = []
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if not (not path and d in SKIP_DIRS))
@@ -83,6 +62,9 @@ class TextFiles:
                 self.docs.append(self.tokenizer(data))
         if not self.docs:
             raise ValueError(f"no text files found under {root!r} for split {split!r}")
+        self.lengths = np.array([len(d) for d in self.docs], np.int64)  # [D]
+        self.eos_id = self.tokenizer.eos_id
+        self.tokenizer_spec = self.tokenizer.spec()
 
     def __len__(self) -> int:
         return len(self.docs)
@@ -92,7 +74,8 @@ class TextFiles:
 
 
 class TfdsDocuments:
-    """A TFDS dataset read through `tfds.data_source` (array_record; no TensorFlow needed)."""
+    """A TFDS dataset read through `tfds.data_source` (array_record; no TensorFlow needed), tokenized
+    into memory when opened."""
 
     def __init__(self, name: str, split: str = "train", data_dir: str = "", text_key: str = "text",
                  tokenizer: Tokenizer | None = None):
@@ -109,12 +92,19 @@ class TfdsDocuments:
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} — prepare it with "
                              "file_format='array_record' first") from e
         self.text_key = text_key
-        self.tokenizer = tokenizer or Tokenizer()
+        self.tokenizer = tokenizer or ByteTokenizer()
+        self.docs = [self._tokens(i) for i in range(len(self.source))]
+        self.lengths = np.array([len(d) for d in self.docs], np.int64)  # [D]
+        self.eos_id = self.tokenizer.eos_id
+        self.tokenizer_spec = self.tokenizer.spec()
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.docs)
 
     def __getitem__(self, i: int) -> np.ndarray:
+        return self.docs[i]
+
+    def _tokens(self, i: int) -> np.ndarray:
         record = self.source[i]
         if self.text_key not in record:
             raise ValueError(f"TFDS record has no field {self.text_key!r}; fields: {sorted(record)} "
