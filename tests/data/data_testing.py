@@ -57,28 +57,33 @@ def train_hf_tokenizer(path, texts, vocab_size: int = 300) -> str:
     return str(path)
 
 
-def tfds_builder(tmp_path, train: int = 10, validation: int = 3):
-    """A local TFDS dataset of short text documents, prepared as array_record (no TensorFlow)."""
+_TINY_DOCS: list = []  # TFDS registers builder classes by name: define the class once per process
+
+
+def tfds_builder(tmp_path):
+    """A local TFDS dataset `tiny_docs` (10 train, 3 validation short texts), prepared as array_record."""
     import tensorflow_datasets as tfds
 
-    class TinyDocs(tfds.core.GeneratorBasedBuilder):
-        """Short text documents, written locally (no download)."""
+    if not _TINY_DOCS:
 
-        VERSION = tfds.core.Version("1.0.0")
+        class TinyDocs(tfds.core.GeneratorBasedBuilder):
+            """Short text documents, written locally (no download)."""
 
-        def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-                {"text": tfds.features.Text()}))
+            VERSION = tfds.core.Version("1.0.0")
 
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples(0, train),
-                    "validation": self._generate_examples(train, train + validation)}
+            def _info(self):
+                return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+                    {"text": tfds.features.Text()}))
 
-        def _generate_examples(self, lo, hi):
-            for i in range(lo, hi):
-                yield i, {"text": f"doc {i}: " + "lorem ipsum " * (20 + i)}
+            def _split_generators(self, dl_manager):
+                return {"train": self._generate_examples(0, 10), "validation": self._generate_examples(10, 13)}
 
-    builder = TinyDocs(data_dir=str(tmp_path), file_format="array_record")
+            def _generate_examples(self, lo, hi):
+                for i in range(lo, hi):
+                    yield i, {"text": f"doc {i}: " + "lorem ipsum " * (20 + i)}
+
+        _TINY_DOCS.append(TinyDocs)
+    builder = _TINY_DOCS[0](data_dir=str(tmp_path), file_format="array_record")
     builder.download_and_prepare()
     return builder
 

@@ -30,7 +30,7 @@ from zoo.data import decomposition as dd
 from zoo.data import synthetic
 from zoo.data.offsets import BlockCumsum, document_lengths, read_tokens
 from zoo.data.packing import DocumentPieces, packed_inputs
-from zoo.data.shards import ShardDocuments
+from zoo.data.shards import ShardDocuments, read_manifest
 from zoo.data.text import TextFiles, TfdsDocuments
 from zoo.data.tokenizers import load_tokenizer, tokenizer_for
 
@@ -38,6 +38,9 @@ SOURCES = ("passkey", "recall", "selective_copy", "text", "tfds", "shards")
 DOCUMENT_SOURCES = ("text", "tfds", "shards")
 MODES = ("fixed", "decomposition", "packed")
 PACKED_KEYS = ("inputs", "targets", "loss_mask", "answer_mask", "segment_ids", "positions")
+# Background reading: a few threads and a short buffer (Grain's default buffers 500 elements, which
+# for batches of a large run is gigabytes). Neither changes the batches nor the iterator state.
+READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 
 class ConcatChunks:
@@ -176,7 +179,7 @@ class FixedLengthBatches(_GrainBatches):
             ds = ds.shuffle(seed=data.seed).repeat(None)
         ds = ds[process_index::process_count].map(to_model_inputs)
         self.dataset = ds.batch(batch_size // process_count, drop_remainder=True)
-        self._iter = iter(self.dataset.to_iter_dataset())
+        self._iter = iter(self.dataset.to_iter_dataset(READ_OPTIONS))
 
 
 class PackedBatches(_GrainBatches):
@@ -204,7 +207,8 @@ class PackedBatches(_GrainBatches):
         docs = documents(data, split)
         self.pieces = DocumentPieces(docs, length, docs.eos_id, process_index=process_index,
                                      process_count=process_count)
-        ds = grain.MapDataset.source(self.pieces).shuffle(seed=data.seed).repeat(None).to_iter_dataset()
+        ds = grain.MapDataset.source(self.pieces).shuffle(seed=data.seed).repeat(None).to_iter_dataset(
+            grain.ReadOptions(num_threads=2, prefetch_buffer_size=4 * bins))
         ds = FirstFitPackIterDataset(ds, length_struct={"tokens": length + 1}, num_packing_bins=bins,
                                      shuffle_bins=False)
         self.dataset = ds.map(packed_inputs).batch(batch_size // process_count, drop_remainder=True)
@@ -249,7 +253,7 @@ class DecompositionBatches(_GrainBatches):
                 raise ValueError(f"bucket 2^{k} has a global batch of {self.schedule.batch_size(k)}, not divisible "
                                  f"by {process_count} processes; raise data.tokens_per_step")
         ds = grain.MapDataset.range(2**62).map(self.batch)
-        self._iter = iter(ds.to_iter_dataset())
+        self._iter = iter(ds.to_iter_dataset(READ_OPTIONS))
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This host's shard of the global batch of `step` (a pure function of the step)."""
@@ -263,3 +267,56 @@ class DecompositionBatches(_GrainBatches):
         ids = dd.host_slice(j * b + np.arange(b), self.process_index, self.process_count)
         items = [to_model_inputs(self.tasks[k][int(i)]) for i in ids]
         return {key: np.stack([it[key] for it in items]) for key in items[0]}
+
+
+def tokens_per_step(data: Any) -> int:
+    """Input tokens of one global step: `tokens_per_step` in decomposition mode, else batch x length."""
+    return int(data.tokens_per_step) if data.mode == "decomposition" else int(data.batch_size) * int(data.seq_len)
+
+
+def describe(data: Any, steps: int = 0) -> str:
+    """A few lines for `zoo info`: the corpus, its tokenizer, documents and tokens per split, and the
+    tokens (and epochs of the training split) a run of `steps` steps will use.
+
+    Text and TFDS sources are tokenized to count (what training would do first); shards are read
+    from their manifest; synthetic tasks are generated without end.
+    """
+    from zoo.data.text import default_corpus_dir
+    from zoo.data.tokenizers import describe_spec
+
+    per_step = tokens_per_step(data)
+    run = f"run        {steps:,} steps x {per_step:,} tokens/step = {steps * per_step:,} tokens"
+    if data.source not in DOCUMENT_SOURCES:
+        return "\n".join([f"corpus     synthetic task {data.source!r}, generated on the fly (no epochs)",
+                          "tokenizer  bytes (vocab 256)", run])
+    if data.source == "shards":
+        manifest = read_manifest(data.path)
+        src = manifest["source"]
+        corpus = f"shards {data.path} (zoo data prepare of {src['kind']} {src.get('path') or src.get('name', '')})"
+        spec = manifest["tokenizer"]
+        counts = {k: (v["documents"], v["tokens"]) for k, v in manifest["splits"].items()}
+    else:
+        if is_toy(data):
+            corpus = f"embedded stdlib corpus ({default_corpus_dir()}, toy data; data.allow_toy={data.allow_toy})"
+        elif data.source == "text":
+            corpus = f"text files under {data.path} (tokenized into memory)"
+        else:
+            corpus = f"tfds {data.tfds_name} in {data.tfds_data_dir or 'the default data_dir'} (tokenized into memory)"
+        counts, spec = {}, None
+        for split in ("train", "validation"):
+            try:
+                docs = documents(data, split)
+            except ValueError:  # e.g. a corpus too small to have a validation document
+                counts[split] = (0, 0)
+                continue
+            counts[split] = (len(docs), int(np.sum(docs.lengths)))
+            spec = docs.tokenizer_spec
+        spec = spec or tokenizer_for(data).spec()
+    lines = [f"corpus     {corpus}", f"tokenizer  {describe_spec(spec)}"]
+    for split, (n_docs, n_tokens) in counts.items():
+        lines.append(f"{split:<10} {n_docs:,} documents, {n_tokens:,} tokens")
+    train_tokens = counts.get("train", (0, 0))[1]
+    if train_tokens:
+        run += f" = {steps * per_step / train_tokens:.2f} epochs of train (mode {data.mode})"
+    lines.append(run)
+    return "\n".join(lines)
