@@ -1,72 +1,134 @@
-"""Public entry point: `sparse_attention` (block-sparse + sliding window + sinks attention).
+"""Public entry point: `sparse_attention` (listed key blocks + sliding window + sinks attention).
 
-Implementations: "reference" (dense masked oracle), "xla" (gathered blocked online softmax),
-"pallas" (flash-style kernel that visits only the listed key blocks). None picks "pallas" on
-TPU/GPU and "xla" on CPU. The gradient of "xla" and "pallas" is one custom VJP whose backward is
-the blocked xla backward (xla.backward) run on the forward's saved log-sum-exp; see the README
-section for why the backward is not a Pallas kernel.
+Implementations (pallas_kernels.dispatch): "reference" (dense masked fp32 oracle), "xla" (gathered
+blocked online softmax, its backward the blocked XLA backward), "pallas" (the kernels of
+pallas_gpu.py on GPU and pallas_tpu.py on TPU, forward and backward), "auto" (pallas on TPU/GPU,
+xla on CPU). The gradient of "xla" and "pallas" is one custom VJP owned by this module: the
+forward saves the fp32 log-sum-exp and the backward recomputes the probabilities block by block
+(flash attention, Dao et al. 2022, Alg. 2), with the implementation's own backward kernels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Literal
 
 import jax
-import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels.sparse_attention import common, pallas_attention, reference, xla
+from pallas_kernels import dispatch
+from pallas_kernels.dispatch import Implementation
+from pallas_kernels.sparse_attention import (
+    common,
+    pallas_gpu,
+    pallas_tpu,
+    reference,
+    xla,
+)
 
-_IMPLEMENTATIONS = (None, "reference", "xla", "pallas")
-
-
-def _forward(impl, interpret, cfg, q, k, v, q_seg, k_seg, fetch, code, n_valid):
-    if impl == "xla":
-        return xla.forward(q, k, v, q_seg, k_seg, fetch, code, cfg)
-    return pallas_attention.forward(q, k, v, q_seg, k_seg, fetch, code, n_valid, cfg,
-                                    interpret=interpret)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _attend(impl, interpret, cfg, q, k, v, q_seg, k_seg, fetch, code, n_valid):
-    return _forward(impl, interpret, cfg, q, k, v, q_seg, k_seg, fetch, code, n_valid)[0]
+Backend = Literal["gpu", "tpu"]
 
 
-def _attend_fwd(impl, interpret, cfg, q, k, v, q_seg, k_seg, fetch, code, n_valid):
-    o, lse = _forward(impl, interpret, cfg, q, k, v, q_seg, k_seg, fetch, code, n_valid)
-    return o, (q, k, v, q_seg, k_seg, fetch, code, o, lse)
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything static about one call (a hashable custom_vjp argument)."""
+
+    impl: str  # "xla" or "pallas"
+    backend: str | None  # kernel lowering for "pallas": "gpu" or "tpu"
+    interpret: object  # False, True or a pltpu.InterpretParams
+    cfg: common.Config  # forward pattern and tiles
+    bwd_cfg: common.Config  # the same pattern with the backward tiles
+    tiles: common.Tiles | None
 
 
-def _attend_bwd(impl, interpret, cfg, res, do):
-    del impl, interpret
-    q, k, v, q_seg, k_seg, fetch, code, o, lse = res
-    dq, dk, dv = xla.backward(q, k, v, q_seg, k_seg, fetch, code, o, lse, do, cfg)
-    return dq, dk, dv, None, None, None, None, None
+def _forward(plan: _Plan, q, k, v, q_seg, k_seg, table):
+    if plan.impl == "xla":
+        return xla.forward(q, k, v, q_seg, k_seg, table, plan.cfg)
+    if plan.backend == "gpu":
+        return pallas_gpu.forward(q, k, v, q_seg, k_seg, table, plan.cfg,
+                                  num_warps=plan.tiles.num_warps,
+                                  num_stages=plan.tiles.num_stages, interpret=plan.interpret)
+    return pallas_tpu.forward(q, k, v, q_seg, k_seg, table, plan.cfg, interpret=plan.interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attend(plan, q, k, v, q_seg, k_seg, table):
+    return _forward(plan, q, k, v, q_seg, k_seg, table)[0]
+
+
+def _attend_fwd(plan, q, k, v, q_seg, k_seg, table):
+    o, lse = _forward(plan, q, k, v, q_seg, k_seg, table)
+    return o, (q, k, v, q_seg, k_seg, table, o, lse)
+
+
+def _attend_bwd(plan, res, do):
+    q, k, v, q_seg, k_seg, table, o, lse = res
+    if plan.impl == "xla":
+        dq, dk, dv = xla.backward(q, k, v, q_seg, k_seg, table, o, lse, do, plan.cfg)
+    elif plan.backend == "gpu":
+        dq, dk, dv = pallas_gpu.backward(q, k, v, q_seg, k_seg, table, o, lse, do, plan.bwd_cfg,
+                                         num_warps=plan.tiles.bwd_num_warps,
+                                         num_stages=plan.tiles.bwd_num_stages,
+                                         interpret=plan.interpret)
+    else:
+        dq, dk, dv = pallas_tpu.backward(q, k, v, q_seg, k_seg, table, o, lse, do, plan.bwd_cfg,
+                                         fwd_cfg=plan.cfg, interpret=plan.interpret)
+    return dq, dk, dv, None, None, None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def default_implementation() -> str:
-    return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
+def kernel_backend(interpret=None, backend: str | None = None) -> str:
+    """The Pallas lowering a call gets: `backend` if given, "tpu" under the TPU interpreter,
+    "gpu" on a GPU, else "tpu" (the TPU kernels, interpreted, on CPU)."""
+    if backend is not None:
+        if backend not in ("gpu", "tpu"):
+            raise ValueError(f"backend={backend!r} must be None, 'gpu' or 'tpu'.")
+        return backend
+    if isinstance(interpret, pltpu.InterpretParams):
+        return "tpu"
+    return "gpu" if jax.default_backend() == "gpu" else "tpu"
+
+
+def _clamp_tile(tile: int, length: int) -> int:
+    """A default tile no larger than the sequence needs (a power of two >= 16)."""
+    return min(tile, max(16, common.next_pow2(length)))
+
+
+def _check_tiles(backend: str, interpret, block_q: int, block_k: int):
+    """Tile constraints of the kernel lowerings (interpret mode takes any size)."""
+    if backend == "gpu":
+        for name, val in (("block_q", block_q), ("block_k", block_k)):
+            if val < 16 or val & (val - 1):
+                raise ValueError(f"{name}={val} must be a power of two >= 16 for the GPU (Triton) "
+                                 "kernels; change the pattern's block size.")
+    elif interpret is False:
+        for name, val in (("block_q", block_q), ("block_k", block_k)):
+            if val % 8:
+                raise ValueError(f"{name}={val} must be a multiple of 8 for the TPU (Mosaic) "
+                                 "kernels; change the pattern's block size.")
 
 
 def sparse_attention(
-    q: Float[Array, "B Tq H D"],
-    k: Float[Array, "B Tk Hk D"],
-    v: Float[Array, "B Tk Hk D"],
+    q: Float[Array, "B Tq H P"],
+    k: Float[Array, "B Tk K P"],
+    v: Float[Array, "B Tk K P"],
     *,
-    block_indices: Int[Array, "B H nq K"] | None = None,
+    block_indices: Int[Array, "B H nq k_blocks"] | None = None,
     causal: bool = True,
     window: int | None = None,
     sinks: int = 0,
-    block_q: int = 64,
-    block_k: int = 64,
+    block_q: int | None = None,
+    block_k: int | None = None,
     sm_scale: float | None = None,
     segment_ids=None,
-    implementation: str | None = None,
-    interpret=False,
-) -> Float[Array, "B Tq H D"]:
+    implementation: Implementation = "auto",
+    interpret=None,
+    backend: Backend | None = None,
+) -> Float[Array, "B Tq H P"]:
     """Attention restricted to listed key blocks, a causal sliding window and sink keys.
 
     Query i (absolute position p_i = i + Tk - Tq) attends to the union of the keys in the blocks
@@ -76,42 +138,64 @@ def sparse_attention(
     softmax(q k^T * sm_scale) v over the visible keys (Vaswani et al. 2017, eq. 1).
 
     Args:
-        q: [B, Tq, H, D] queries.
-        k, v: [B, Tk, Hk, D] keys / values; Hk must divide H (grouped-query attention).
-        block_indices: int [B, H, ceil(Tq/block_q), K] key block ids (block j = keys
+        q: [B, Tq, H, P] queries.
+        k, v: [B, Tk, K, P] keys / values; K must divide H (grouped-query attention).
+        block_indices: int [B, H, ceil(Tq/block_q), k_blocks] key block ids (block j = keys
             [j*block_k, (j+1)*block_k)) per query block; -1 (or any id outside
-            [0, ceil(Tk/block_k))) marks an unused slot. Duplicates are allowed and counted
-            once.
+            [0, ceil(Tk/block_k))) marks an unused slot. Duplicates are allowed and counted once.
         causal: intersect with j <= p_i.
         window: keep the last `window` keys up to and including the query itself (None: no window).
         sinks: always attend to the first `sinks` keys.
-        block_q, block_k: query / key block sizes (Pallas on TPU wants multiples of 8, GPU powers of
-            two >= 16).
-        sm_scale: score scale, default 1/sqrt(D).
+        block_q, block_k: the pattern's query / key block sizes, which are also the kernel tiles.
+            Required with `block_indices`; None (patterns without listed blocks) takes the tile
+            table's entry for the backend, head dim and dtype (`common.default_tiles`). The GPU
+            kernels need powers of two >= 16, the TPU kernels multiples of 8.
+        sm_scale: score scale, default 1/sqrt(P).
         segment_ids: [B, T] (self-attention) or a (q_ids [B, Tq], kv_ids [B, Tk]) pair: attend only
             where the ids are equal (document masking).
-        implementation: None, "reference", "xla" or "pallas".
-        interpret: run the Pallas kernel in interpret mode (True, or a pltpu.InterpretParams()).
+        implementation: "auto", "reference", "xla" or "pallas" (pallas_kernels.dispatch).
+        interpret: for "pallas": None interprets exactly on CPU; True / a
+            pltpu.InterpretParams() forces the interpreter; False compiles.
+        backend: the Pallas lowering, "gpu" (Triton) or "tpu" (Mosaic); None: the default
+            backend's (the TPU kernels when interpreting on CPU). Naming one with interpret=False
+            off that platform lowers for it (jax.export).
 
     Returns:
-        [B, Tq, H, D] in q.dtype.
+        [B, Tq, H, P] in q.dtype.
     """
-    if implementation not in _IMPLEMENTATIONS:
-        raise ValueError(f"implementation={implementation!r} must be one of {_IMPLEMENTATIONS}.")
+    impl = dispatch.resolve(implementation)
+    interpret = dispatch.resolve_interpret(impl, interpret)
+    if block_indices is not None and (block_q is None or block_k is None):
+        raise ValueError("block_indices needs block_q and block_k (the block sizes its ids refer "
+                         "to); pass both.")
     cfg, q_seg, k_seg = common.validate(q, k, v, block_indices, segment_ids, causal=causal,
-                                        window=window, sinks=sinks, block_q=block_q,
-                                        block_k=block_k, sm_scale=sm_scale)
-    impl = implementation or default_implementation()
-    if impl == "pallas" and jax.default_backend() == "cpu" and not interpret:
-        raise ValueError("implementation='pallas' on CPU needs interpret=True "
-                         "(or use implementation='xla').")
+                                        window=window, sinks=sinks,
+                                        block_q=1 if block_q is None else block_q,
+                                        block_k=1 if block_k is None else block_k,
+                                        sm_scale=sm_scale)
+    b, tq, h, p = q.shape
+    tk = k.shape[1]
+    kb = kernel_backend(interpret, backend) if impl == "pallas" else None
+    if impl == "pallas" and interpret is False and backend is None and not dispatch.accelerator():
+        raise ValueError("implementation='pallas' on CPU needs interpret=True (or None), or "
+                         "implementation='xla'.")
+    tiles = common.default_tiles(kb, p, q.dtype) if kb is not None else None
+    if block_q is None or block_k is None:
+        # Only patterns without listed blocks get here: the blocks are pure tiles.
+        default_q = _clamp_tile(tiles.block_q, tq) if tiles else 64
+        default_k = _clamp_tile(tiles.block_k, tk) if tiles else 64
+        cfg = cfg.with_blocks(default_q if block_q is None else block_q,
+                              default_k if block_k is None else block_k)
     if impl == "reference":
         return reference.sparse_attention_reference(q, k, v, block_indices, q_seg, k_seg, cfg)
-    b, h = q.shape[0], q.shape[2]
-    tq_pad, tk_pad = cfg.nq * cfg.block_q, cfg.nk * cfg.block_k
-    fetch, code, n_valid = common.slot_table(block_indices, cfg, b, h)
-    o = _attend(impl, interpret, cfg, common.to_head_major(q, tq_pad),
-                common.to_head_major(k, tk_pad),
-                common.to_head_major(v, tk_pad), common.pad_seg(q_seg, tq_pad),
-                common.pad_seg(k_seg, tk_pad), fetch, code, n_valid)
-    return jnp.swapaxes(o[:, :, :cfg.seq_q], 1, 2)
+    bwd_cfg = cfg
+    if impl == "pallas":
+        _check_tiles(kb, interpret, cfg.block_q, cfg.block_k)
+        if cfg.dense and block_q is None and block_k is None:
+            bwd_cfg = cfg.with_blocks(_clamp_tile(tiles.bwd_block_q, tq),
+                                      _clamp_tile(tiles.bwd_block_k, tk))
+    dense_kernel = impl == "pallas" and cfg.dense
+    table = None if dense_kernel else common.slot_table(block_indices, cfg, b, h)
+    plan = _Plan(impl=impl, backend=kb, interpret=interpret, cfg=cfg, bwd_cfg=bwd_cfg,
+                 tiles=tiles)
+    return _attend(plan, q, k, v, q_seg, k_seg, table)

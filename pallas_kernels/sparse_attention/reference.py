@@ -31,11 +31,11 @@ def dense_mask(block_indices, q_seg, k_seg, cfg: common.Config, heads: int):
 
 
 def sparse_attention_reference(q, k, v, block_indices, q_seg, k_seg, cfg: common.Config):
-    """Dense masked attention in fp32; returns [B, Tq, H, D] in q.dtype."""
-    h, hk = q.shape[2], k.shape[2]
+    """Dense masked attention in fp32; returns [B, Tq, H, P] in q.dtype."""
+    h, kv_heads = q.shape[2], k.shape[2]
     mask = dense_mask(block_indices, q_seg, k_seg, cfg, h)  # [B,H,Tq,Tk]
-    kh = jnp.repeat(k.astype(jnp.float32), h // hk, axis=2)  # [B,Tk,H,D]
-    vh = jnp.repeat(v.astype(jnp.float32), h // hk, axis=2)
+    kh = jnp.repeat(k.astype(jnp.float32), h // kv_heads, axis=2)  # [B,Tk,H,P]
+    vh = jnp.repeat(v.astype(jnp.float32), h // kv_heads, axis=2)
     s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), kh) * cfg.sm_scale
     s = jnp.where(mask, s, common.NEG_INF)
     m = jnp.max(s, axis=-1, keepdims=True)

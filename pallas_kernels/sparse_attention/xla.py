@@ -5,8 +5,10 @@ For every query block only the key blocks of its slot table (common.slot_table) 
 (max m, normaliser l, accumulator acc; Dao et al. 2022, Alg. 1). Memory per scan step is
 O(T * slot_chunk * bk); the whole pass touches O(T * S * bk) scores instead of O(T^2).
 
-All functions here work on head-major, padded tensors: q [B, H, nq*bq, D], k/v [B, Hk, nk*bk, D],
-segment ids [B, nq*bq] / [B, nk*bk]; tables [B, H, nq, S].
+`forward` / `backward` take the op's layout (q [B, Tq, H, P], k / v [B, Tk, K, P], segment ids
+[B, Tq] / [B, Tk], the SlotTable [B, H, nq, S]) and work internally on head-major tensors padded
+to whole blocks (q [B, H, nq*bq, P], k / v [B, K, nk*bk, P]). FULL and PARTIAL_LISTED slots count
+as listed (a FULL block is visible everywhere by construction).
 """
 
 from __future__ import annotations
@@ -29,13 +31,13 @@ def _chunked_tables(fetch, code, chunk: int):
 
 
 def _gather(kb, blk, hk_idx):
-    """kb [B, Hk, nk, bk, D], blk [B, H, nq, c] -> [B, H, nq, c, bk, D]."""
+    """kb [B, K, nk, bk, P], blk [B, H, nq, c] -> [B, H, nq, c, bk, P]."""
     b_idx = jnp.arange(kb.shape[0])[:, None, None, None]
     return kb[b_idx, hk_idx[None, :, None, None], blk]
 
 
 def _flat(x, kv=False):
-    """Merges the slot and key axes: [..., c, bk] -> [..., c*bk] (kv=True: [..., c, bk, D])."""
+    """Merges the slot and key axes: [..., c, bk] -> [..., c*bk] (kv=True: [..., c, bk, P])."""
     if kv:
         return x.reshape(x.shape[:-3] + (x.shape[-3] * x.shape[-2], x.shape[-1]))
     return x.reshape(x.shape[:-2] + (x.shape[-2] * x.shape[-1],))
@@ -44,11 +46,11 @@ def _flat(x, kv=False):
 def _chunk_scores(qb, kg, blk, code, q_seg_b, k_seg_b, cfg: common.Config):
     """Masked fp32 scores of one slot chunk and their visibility.
 
-    qb [B,H,nq,bq,D], kg [B,H,nq,c,bk,D], blk/code [B,H,nq,c] -> s, vis [B,H,nq,bq,c,bk].
+    qb [B,H,nq,bq,P], kg [B,H,nq,c,bk,P], blk/code [B,H,nq,c] -> s, vis [B,H,nq,bq,c,bk].
     """
     bq, bk = cfg.block_q, cfg.block_k
     nq = qb.shape[2]
-    b, h, _, c, _, d = kg.shape
+    b, h, _, c, _, _ = kg.shape
     # One [bq, c*bk] matmul per query block (faster on CPU than a 6-D contraction).
     s = jnp.einsum("bhqrd,bhqkd->bhqrk", qb, _flat(kg, kv=True),
                    preferred_element_type=jnp.float32)
@@ -56,7 +58,7 @@ def _chunk_scores(qb, kg, blk, code, q_seg_b, k_seg_b, cfg: common.Config):
     qpos = (jnp.arange(nq, dtype=jnp.int32)[:, None] * bq + jnp.arange(bq, dtype=jnp.int32)
             + cfg.offset)[:, :, None, None]  # [nq,bq,1,1]
     kpos = (blk[..., None] * bk + jnp.arange(bk, dtype=jnp.int32))[:, :, :, None]  # [B,H,nq,1,c,bk]
-    listed = (code == 1)[:, :, :, None, :, None]
+    listed = (code >= common.PARTIAL_LISTED)[:, :, :, None, :, None]
     vis = common.visible(qpos, kpos, listed, cfg) & (code >= 0)[:, :, :, None, :, None]
     b_idx = jnp.arange(blk.shape[0])[:, None, None, None]
     kseg = k_seg_b[b_idx, blk][:, :, :, None]  # [B,H,nq,1,c,bk]
@@ -65,26 +67,42 @@ def _chunk_scores(qb, kg, blk, code, q_seg_b, k_seg_b, cfg: common.Config):
     return jnp.where(vis, s, common.NEG_INF), vis
 
 
-def forward(q, k, v, q_seg, k_seg, fetch, code, cfg: common.Config, slot_chunk: int = 8):
-    """Sparse attention forward on padded head-major inputs.
+def _head_major(q, k, v, q_seg, k_seg, cfg: common.Config):
+    """The op's layout -> padded head-major tensors and segment ids."""
+    tq_pad, tk_pad = cfg.nq * cfg.block_q, cfg.nk * cfg.block_k
+    return (common.to_head_major(q, tq_pad), common.to_head_major(k, tk_pad),
+            common.to_head_major(v, tk_pad), common.pad_seg(q_seg, tq_pad),
+            common.pad_seg(k_seg, tk_pad))
+
+
+def forward(q, k, v, q_seg, k_seg, table: common.SlotTable, cfg: common.Config,
+            slot_chunk: int = 8):
+    """Sparse attention forward.
+
+    Args:
+        q: [B, Tq, H, P]; k, v: [B, Tk, K, P]; q_seg / k_seg: int32 [B, Tq] / [B, Tk].
+        table: the SlotTable (dense patterns list every block).
 
     Returns:
-        o: [B, H, nq*bq, D] in q.dtype (zeros for rows that see nothing).
+        o: [B, Tq, H, P] in q.dtype (zeros for rows that see nothing).
         lse: float32 [B, H, nq*bq], log-sum-exp of the visible scaled scores (LSE_EMPTY if none).
     """
-    b, h, tq, d = q.shape
-    hk = k.shape[1]
+    seq_q = q.shape[1]
+    q, k, v, q_seg, k_seg = _head_major(q, k, v, q_seg, k_seg, cfg)
+    fetch, code = table.fetch, table.code
+    b, h, tq, pdim = q.shape
+    kv_heads = k.shape[1]
     nq, bq, bk = tq // cfg.block_q, cfg.block_q, cfg.block_k
-    qb = q.reshape(b, h, nq, bq, d)
-    kb = k.reshape(b, hk, -1, bk, d)
-    vb = v.reshape(b, hk, -1, bk, d)
+    qb = q.reshape(b, h, nq, bq, pdim)
+    kb = k.reshape(b, kv_heads, -1, bk, pdim)
+    vb = v.reshape(b, kv_heads, -1, bk, pdim)
     q_seg_b = q_seg.reshape(b, nq, bq)
     k_seg_b = k_seg.reshape(b, -1, bk)
-    hk_idx = common.kv_head_index(h, hk)
+    hk_idx = common.kv_head_index(h, kv_heads)
     fetch_c, code_c = _chunked_tables(fetch, code, min(slot_chunk, fetch.shape[-1]))
 
     def step(carry, xs):
-        m, l, acc = carry  # [B,H,nq,bq], [B,H,nq,bq], [B,H,nq,bq,D]
+        m, l, acc = carry  # [B,H,nq,bq], [B,H,nq,bq], [B,H,nq,bq,P]
         blk, cd = xs  # [B,H,nq,c]
         s, vis = _chunk_scores(qb, _gather(kb, blk, hk_idx), blk, cd, q_seg_b, k_seg_b, cfg)
         # Online softmax update (running max, rescaled normaliser and accumulator).
@@ -99,15 +117,16 @@ def forward(q, k, v, q_seg, k_seg, fetch, code, cfg: common.Config, slot_chunk: 
 
     init = (jnp.full((b, h, nq, bq), common.NEG_INF, jnp.float32),
             jnp.zeros((b, h, nq, bq), jnp.float32),
-            jnp.zeros((b, h, nq, bq, d), jnp.float32))
+            jnp.zeros((b, h, nq, bq, pdim), jnp.float32))
     (m, l, acc), _ = jax.lax.scan(step, init, (fetch_c, code_c))
     # Normalise; rows with l == 0 saw nothing and return zeros.
     o = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
     lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), common.LSE_EMPTY)
-    return o.reshape(b, h, tq, d).astype(q.dtype), lse.reshape(b, h, tq)
+    o = jnp.swapaxes(o.reshape(b, h, tq, pdim)[:, :, :seq_q], 1, 2)
+    return o.astype(q.dtype), lse.reshape(b, h, tq)
 
 
-def backward(q, k, v, q_seg, k_seg, fetch, code, o, lse, do, cfg: common.Config,
+def backward(q, k, v, q_seg, k_seg, table: common.SlotTable, o, lse, do, cfg: common.Config,
              slot_chunk: int = 8):
     """Flash-attention backward (Dao et al. 2022, Alg. 2) over the same slot table.
 
@@ -115,21 +134,30 @@ def backward(q, k, v, q_seg, k_seg, fetch, code, o, lse, do, cfg: common.Config,
     with delta = rowsum(dO * O), dQ += dS K, dK += dS^T Q (times sm_scale). dK/dV are scatter-added
     into their key blocks (several query blocks and GQA heads may hit the same block).
 
+    Args: as `forward`, plus its outputs o [B, Tq, H, P] and lse [B, H, nq*bq] and the output
+    cotangent do [B, Tq, H, P].
+
     Returns:
-        dq [B, H, Tq_pad, D], dk, dv [B, Hk, Tk_pad, D], in the input dtypes.
+        dq [B, Tq, H, P], dk, dv [B, Tk, K, P], in the input dtypes.
     """
-    b, h, tq, d = q.shape
-    hk, tk = k.shape[1], k.shape[2]
+    seq_q, seq_k = q.shape[1], k.shape[1]
+    tq_pad = cfg.nq * cfg.block_q
+    o = common.to_head_major(o, tq_pad)
+    do = common.to_head_major(do, tq_pad)
+    q, k, v, q_seg, k_seg = _head_major(q, k, v, q_seg, k_seg, cfg)
+    fetch, code = table.fetch, table.code
+    b, h, tq, pdim = q.shape
+    kv_heads, tk = k.shape[1], k.shape[2]
     nq, bq, bk = tq // cfg.block_q, cfg.block_q, cfg.block_k
-    qb = q.reshape(b, h, nq, bq, d)
-    kb = k.reshape(b, hk, -1, bk, d)
-    vb = v.reshape(b, hk, -1, bk, d)
-    dob = do.reshape(b, h, nq, bq, d)
+    qb = q.reshape(b, h, nq, bq, pdim)
+    kb = k.reshape(b, kv_heads, -1, bk, pdim)
+    vb = v.reshape(b, kv_heads, -1, bk, pdim)
+    dob = do.reshape(b, h, nq, bq, pdim)
     lse_b = lse.reshape(b, h, nq, bq)
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1).reshape(b, h, nq, bq)
     q_seg_b = q_seg.reshape(b, nq, bq)
     k_seg_b = k_seg.reshape(b, -1, bk)
-    hk_idx = common.kv_head_index(h, hk)
+    hk_idx = common.kv_head_index(h, kv_heads)
     fetch_c, code_c = _chunked_tables(fetch, code, min(slot_chunk, fetch.shape[-1]))
     b_idx = jnp.arange(b)[:, None, None, None]
 
@@ -155,9 +183,9 @@ def backward(q, k, v, q_seg, k_seg, fetch, code, o, lse, do, cfg: common.Config,
         dv = dv.at[b_idx, hi, blk].add(dv_c)
         return (dq, dk, dv), None
 
-    init = (jnp.zeros((b, h, nq, bq, d), jnp.float32),
-            jnp.zeros((b, hk, tk // bk, bk, d), jnp.float32),
-            jnp.zeros((b, hk, tk // bk, bk, d), jnp.float32))
+    init = (jnp.zeros((b, h, nq, bq, pdim), jnp.float32),
+            jnp.zeros((b, kv_heads, tk // bk, bk, pdim), jnp.float32),
+            jnp.zeros((b, kv_heads, tk // bk, bk, pdim), jnp.float32))
     (dq, dk, dv), _ = jax.lax.scan(step, init, (fetch_c, code_c))
-    return (dq.reshape(q.shape).astype(q.dtype), dk.reshape(k.shape).astype(k.dtype),
-            dv.reshape(v.shape).astype(v.dtype))
+    back = lambda x, ref, t: jnp.swapaxes(x.reshape(ref.shape)[:, :, :t], 1, 2).astype(ref.dtype)
+    return back(dq, q, seq_q), back(dk, k, seq_k), back(dv, v, seq_k)
