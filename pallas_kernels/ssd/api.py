@@ -1,35 +1,41 @@
 """Public SSD op (Mamba-2): `ssd` (a whole sequence) and `ssd_step` (one decode step).
 
 `ssd` mirrors `mamba_chunk_scan_combined` of state-spaces/mamba so that ported code reads the same.
-Three implementations compute the same function:
+Three implementations compute the same function (`implementation`, spelled as in
+`pallas_kernels.dispatch`: "auto" = pallas on TPU/GPU, xla on CPU):
 
 - "reference": the sequential recurrence (`lax.scan` over time, float32), the oracle;
-- "xla": the chunked SSD algorithm in pure JAX (float32), every backend; the default on CPU;
-- "pallas": Pallas kernels for the chunk pipeline (chunk states; intra-chunk + state -> output),
-  one source for the GPU (Triton) and TPU (Mosaic) lowerings; the default on GPU/TPU.
-  `interpret=True` (or a `pltpu.InterpretParams()`) runs the kernels on CPU.
+- "xla": the chunked SSD algorithm in pure JAX (float32), every backend;
+- "pallas": Pallas kernels, one family per backend: `pallas_gpu.py` (Triton, native [B,T,H,P]
+  layout, 3 forward + 4 backward kernels) and `pallas_tpu.py` (Mosaic, one fused forward and one
+  fused backward kernel with the chunk axis sequential). `interpret=None` interprets on CPU; on CPU
+  the Triton family runs (`interpret=True`), and a `pltpu.InterpretParams()` runs the TPU family
+  under TPU semantics. `ssd_pallas(..., backend="gpu"|"tpu")` picks a family explicitly (tests,
+  `jax.export` for another platform).
 
-Backward of "pallas" (`jax.custom_vjp` below): the cotangents are computed by `jax.vjp` of the
-chunked XLA path, recomputed from the saved inputs. Why: the forward kernels save nothing the
-backward could reuse except the chunk states, the recomputation costs one chunked forward (small
-next to the backward's own matmuls), and the XLA backward is exact, already tested against the
-oracle, and lowers everywhere. Backward kernels (the five of the Triton implementation) would
-remove the [B,T/Q,H,Q,Q] intermediates that XLA materialises; they are not written yet.
-The "reference" and "xla" paths are differentiated by JAX directly.
+The "pallas" path is differentiated by the custom VJP below, itself Pallas kernels: it saves the
+inputs (and, with a gate z, the pre-gate output), recomputes C B^T and the chunk-entry states with
+the forward kernels, runs the backward kernels of the family, and finishes with a short XLA epilogue
+on [B,H,T]-sized arrays (`common.dt_backward`: reverse cumsum of d a over each chunk, then the
+softplus and dt_bias chain rule). The "reference" and "xla" paths are differentiated by JAX.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels.ssd import reference
-from pallas_kernels.ssd import xla
+from pallas_kernels import dispatch
+from pallas_kernels.dispatch import IMPLEMENTATIONS, Implementation
+from pallas_kernels.ssd import common, reference, xla
 
-IMPLEMENTATIONS = ("reference", "xla", "pallas")
+__all__ = ["IMPLEMENTATIONS", "Implementation", "kernel_backend", "ssd", "ssd_pallas", "ssd_step"]
 
 
 def _shape(a):
@@ -70,58 +76,8 @@ def _validate_common(x_shape, dt, A, B, C, D, z, dt_bias, time_dims):
     return num_heads, head_dim, num_groups, d_state
 
 
-def _default_implementation():
-    return "xla" if jax.default_backend() == "cpu" else "pallas"
-
-
-def ssd(
-    x: Float[Array, "b t h p"],
-    dt: Float[Array, "b t h"],
-    A: Float[Array, "h"],
-    B: Float[Array, "b t g n"],
-    C: Float[Array, "b t g n"],
-    *,
-    chunk_size: int = 256,
-    D: Float[Array, "h"] | Float[Array, "h p"] | None = None,
-    z: Float[Array, "b t h p"] | None = None,
-    dt_bias: Float[Array, "h"] | None = None,
-    dt_softplus: bool = False,
-    initial_states: Float[Array, "b h p n"] | None = None,
-    seq_idx: Int[Array, "b t"] | None = None,
-    return_final_states: bool = False,
-    implementation: str | None = None,
-    interpret=False,
-):
-    """The SSD scan of Mamba-2 over a whole sequence.
-
-    Per head (Mamba-2 paper eq. (1)-(2), scalar-identity A): h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,
-    y_t = h_t C_t + D x_t, out_t = y_t * silu(z_t); dt_t = softplus(dt_t + dt_bias) if dt_softplus.
-
-    Args:
-      x: [B,T,H,P] inputs.
-      dt: [B,T,H] step sizes (raw if dt_softplus, else already positive).
-      A: [H] per-head decay rates (negative).
-      B: [B,T,G,N] input projections; head h uses group h // (H // G).
-      C: [B,T,G,N] output projections.
-      chunk_size: chunk length Q of the chunked algorithm (any T works; the sequence is padded).
-        The pallas path needs a multiple of 8 (a power of two on GPU).
-      D: [H] or [H,P] skip weights.
-      z: [B,T,H,P] gate; the output is multiplied by silu(z).
-      dt_bias: [H] added to dt before the softplus.
-      dt_softplus: apply softplus to dt + dt_bias.
-      initial_states: [B,H,P,N] state before the first step (of the first sequence in a row).
-      seq_idx: [B,T] integer sequence index of each token for packed sequences; the state resets
-        wherever it changes along T.
-      return_final_states: also return the state after the last step.
-      implementation: None (pallas on GPU/TPU, xla on CPU), "reference", "xla" or "pallas".
-      interpret: run the Pallas kernels in interpret mode (True, or a `pltpu.InterpretParams()`).
-
-    Returns:
-      y [B,T,H,P] in x.dtype, and with return_final_states also the final states [B,H,P,N] float32.
-
-    Raises:
-      ValueError: on inconsistent shapes, a bad chunk_size or an unknown implementation.
-    """
+def _validate_sequence(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size):
+    """Checks the shapes and options of a whole-sequence call (raises ValueError naming the argument)."""
     if x.ndim != 4:
         raise ValueError(
             f"ssd: x has shape {_shape(x)}, expected 4 dims [batch, seqlen, nheads, headdim]; add the missing axes."
@@ -139,80 +95,252 @@ def ssd(
         raise ValueError(
             f"ssd: seq_idx has dtype {seq_idx.dtype}, expected an integer dtype; pass int32 sequence indices."
         )
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"ssd: chunk_size={chunk_size!r} must be a positive int (e.g. 64 or 256).")
-    if implementation is None:
-        implementation = _default_implementation()
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"ssd: implementation={implementation!r} is unknown; use one of {IMPLEMENTATIONS} or None.")
 
+
+def ssd(
+    x: Float[Array, "b t h p"],
+    dt: Float[Array, "b t h"],
+    A: Float[Array, "h"],
+    B: Float[Array, "b t g n"],
+    C: Float[Array, "b t g n"],
+    *,
+    chunk_size: int = 256,
+    D: Float[Array, "h"] | Float[Array, "h p"] | None = None,
+    z: Float[Array, "b t h p"] | None = None,
+    dt_bias: Float[Array, "h"] | None = None,
+    dt_softplus: bool = False,
+    initial_states: Float[Array, "b h p n"] | None = None,
+    seq_idx: Int[Array, "b t"] | None = None,
+    return_final_states: bool = False,
+    implementation: Implementation = "auto",
+    interpret: Any = None,
+):
+    """The SSD scan of Mamba-2 over a whole sequence.
+
+    Per head (Mamba-2 paper eq. (1)-(2), scalar-identity A): h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,
+    y_t = h_t C_t + D x_t, out_t = y_t * silu(z_t); dt_t = softplus(dt_t + dt_bias) if dt_softplus.
+
+    Args:
+      x: [B,T,H,P] inputs.
+      dt: [B,T,H] step sizes (raw if dt_softplus, else already positive).
+      A: [H] per-head decay rates (negative).
+      B: [B,T,G,N] input projections; head h uses group h // (H // G).
+      C: [B,T,G,N] output projections.
+      chunk_size: chunk length Q of the chunked algorithm (any T works). The pallas path needs a
+        power of two >= 16 for the Triton family (GPU, and the CPU interpreter) and a multiple of 8
+        for the TPU family.
+      D: [H] or [H,P] skip weights.
+      z: [B,T,H,P] gate; the output is multiplied by silu(z).
+      dt_bias: [H] added to dt before the softplus.
+      dt_softplus: apply softplus to dt + dt_bias.
+      initial_states: [B,H,P,N] state before the first step (of the first sequence in a row).
+      seq_idx: [B,T] integer sequence index of each token for packed sequences; the state resets
+        wherever it changes along T.
+      return_final_states: also return the state after the last step.
+      implementation: "auto" (pallas on GPU/TPU, xla on CPU), "reference", "xla" or "pallas".
+      interpret: for "pallas": None (interpret exactly on CPU), True/False, or a
+        `pltpu.InterpretParams()` (the TPU kernels under TPU semantics).
+
+    Returns:
+      y [B,T,H,P] in x.dtype, and with return_final_states also the final states [B,H,P,N] float32.
+
+    Raises:
+      ValueError: on inconsistent shapes, a bad chunk_size or an unknown implementation.
+    """
+    _validate_sequence(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size)
+    impl = dispatch.resolve(implementation)
     kwargs = dict(D=D, z=z, dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx)
-    if implementation == "reference":
+    if impl == "reference":
         y, final = reference.ssd_reference(x, dt, A, B, C, dt_softplus=dt_softplus, **kwargs)
-    elif implementation == "xla":
+    elif impl == "xla":
         y, final = xla.ssd_xla(x, dt, A, B, C, chunk_size=chunk_size, dt_softplus=dt_softplus, **kwargs)
     else:
-        from pallas_kernels.ssd import pallas_ssd  # pylint: disable=g-import-not-at-top
-
-        pallas_ssd.check_config(chunk_size, interpret)
-        y, final = _ssd_pallas_vjp(
-            chunk_size, dt_softplus, interpret, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx
-        )
-    return (y, final) if return_final_states else y
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _ssd_pallas_vjp(chunk_size, dt_softplus, interpret, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx):
-    from pallas_kernels.ssd import pallas_ssd  # pylint: disable=g-import-not-at-top
-
-    return pallas_ssd.ssd_pallas(
-        x,
-        dt,
-        A,
-        B,
-        C,
-        chunk_size=chunk_size,
-        D=D,
-        z=z,
-        dt_bias=dt_bias,
-        dt_softplus=dt_softplus,
-        initial_states=initial_states,
-        seq_idx=seq_idx,
-        interpret=interpret,
-    )
-
-
-def _ssd_pallas_fwd(chunk_size, dt_softplus, interpret, *args):
-    out = _ssd_pallas_vjp(chunk_size, dt_softplus, interpret, *args)
-    return out, args
-
-
-def _ssd_pallas_bwd(chunk_size, dt_softplus, interpret, args, cotangents):
-    del interpret
-    x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx = args
-
-    def xla_forward(x, dt, A, B, C, D, z, dt_bias, initial_states):
-        return xla.ssd_xla(
+        y, final = ssd_pallas(
             x,
             dt,
             A,
             B,
             C,
             chunk_size=chunk_size,
-            D=D,
-            z=z,
-            dt_bias=dt_bias,
             dt_softplus=dt_softplus,
-            initial_states=initial_states,
-            seq_idx=seq_idx,
+            interpret=dispatch.resolve_interpret(impl, interpret),
+            **kwargs,
+        )
+    return (y, final) if return_final_states else y
+
+
+def kernel_backend(interpret: Any = None) -> str:
+    """The kernel family `ssd(implementation="pallas")` runs: "tpu" or "gpu" (Triton).
+
+    TPU devices and a `pltpu.InterpretParams()` get the TPU family; GPUs and the CPU interpreter
+    (`interpret=True`) get the Triton family.
+    """
+    if isinstance(interpret, pltpu.InterpretParams) or jax.default_backend() == "tpu":
+        return "tpu"
+    return "gpu"
+
+
+def _family(backend):
+    if backend == "tpu":
+        from pallas_kernels.ssd import pallas_tpu  # pylint: disable=g-import-not-at-top
+
+        return pallas_tpu
+    from pallas_kernels.ssd import pallas_gpu  # pylint: disable=g-import-not-at-top
+
+    return pallas_gpu
+
+
+def check_pallas_config(chunk_size: int, backend: str, interpret: Any, explicit_backend: bool = False) -> None:
+    """Raises ValueError if the `backend` kernel family cannot run `chunk_size` with `interpret`.
+
+    An explicitly named backend with interpret=False on CPU is accepted: that is lowering for another
+    platform (`jax.export`), which needs no device.
+    """
+    if backend not in ("gpu", "tpu"):
+        raise ValueError(f"ssd: backend={backend!r} must be 'gpu' (Triton) or 'tpu' (Mosaic).")
+    if not dispatch.accelerator() and interpret is False and not explicit_backend:
+        raise ValueError(
+            "ssd: implementation='pallas' on CPU needs interpret=True (or None, or a "
+            "pltpu.InterpretParams()); or use implementation='xla'."
+        )
+    if backend == "tpu" and chunk_size % 8:
+        raise ValueError(
+            f"ssd: chunk_size={chunk_size} must be a multiple of 8 for the TPU kernels (sublane tiling); "
+            "use 64, 128 or 256."
+        )
+    if backend == "gpu" and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
+        raise ValueError(
+            f"ssd: chunk_size={chunk_size} must be a power of two >= 16 for the Triton kernels; use 64, 128 or 256."
         )
 
-    # Recompute the chunked XLA forward and pull the cotangents back through it.
-    _, vjp = jax.vjp(xla_forward, x, dt, A, B, C, D, z, dt_bias, initial_states)
-    return (*vjp(cotangents), None)
+
+@dataclasses.dataclass(frozen=True)
+class _PallasConfig:
+    """Static options of one pallas call (hashable: the nondiff argument of the custom VJP)."""
+
+    chunk_size: int
+    dt_softplus: bool
+    backend: str
+    interpret: Any
+    block_sizes: Any
 
 
-_ssd_pallas_vjp.defvjp(_ssd_pallas_fwd, _ssd_pallas_bwd)
+def ssd_pallas(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    *,
+    chunk_size: int = 256,
+    D=None,
+    z=None,
+    dt_bias=None,
+    dt_softplus: bool = False,
+    initial_states=None,
+    seq_idx=None,
+    backend: str | None = None,
+    interpret: Any = None,
+    block_sizes=None,
+):
+    """The "pallas" implementation of `ssd` with an explicit kernel family; differentiable.
+
+    Args: as `ssd` (returns (y, final states) always), plus
+      backend: "gpu" (Triton kernels) or "tpu" (Mosaic kernels); None: `kernel_backend(interpret)`.
+        Naming one lowers for that platform from any machine (`jax.export(..., platforms=...)`).
+      interpret: None (interpret exactly on CPU), True/False or a `pltpu.InterpretParams()`.
+      block_sizes: a `pallas_gpu.GpuBlockSizes` for the Triton family (None: chosen from the dtype
+        and the device's shared memory); the TPU family works on whole chunks and ignores it.
+
+    Returns:
+      (y [B,T,H,P] in x.dtype, final states [B,H,P,N] float32).
+    """
+    _validate_sequence(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size)
+    interpret = dispatch.resolve_interpret("pallas", interpret)
+    explicit_backend = backend is not None
+    backend = backend or kernel_backend(interpret)
+    check_pallas_config(chunk_size, backend, interpret, explicit_backend)
+    cfg = _PallasConfig(chunk_size, bool(dt_softplus), backend, interpret, block_sizes)
+    return _pallas_vjp(cfg, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
+
+
+def _pallas_forward(cfg: _PallasConfig, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, save_ypre):
+    dt_h, a_h = common.chunk_dt(dt, A, dt_bias, cfg.dt_softplus, cfg.chunk_size)  # [B,H,Tc] each
+    seg = common.chunk_segments(seq_idx, x.shape[1], cfg.chunk_size)
+    return _family(cfg.backend).forward(
+        x,
+        dt_h,
+        a_h,
+        B,
+        C,
+        chunk_size=cfg.chunk_size,
+        D=D,
+        z=z,
+        seg=seg,
+        initial_states=initial_states,
+        save_ypre=save_ypre,
+        interpret=cfg.interpret,
+        block_sizes=cfg.block_sizes,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _pallas_vjp(cfg, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx):
+    y, final, _ = _pallas_forward(cfg, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, save_ypre=False)
+    return y, final
+
+
+def _pallas_vjp_fwd(cfg, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx):
+    # With a gate, keep the pre-gate output y + D x for dz (one [B,T,H,P] residual in x.dtype).
+    y, final, ypre = _pallas_forward(
+        cfg, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, save_ypre=z is not None
+    )
+    return (y, final), ((x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx), ypre)
+
+
+def _pallas_vjp_bwd(cfg, residuals, cotangents):
+    (x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx), ypre = residuals
+    dout, dfinal = cotangents
+    dt_h, a_h = common.chunk_dt(dt, A, dt_bias, cfg.dt_softplus, cfg.chunk_size)
+    seg = common.chunk_segments(seq_idx, x.shape[1], cfg.chunk_size)
+    grads = _family(cfg.backend).backward(
+        x,
+        dt_h,
+        a_h,
+        B,
+        C,
+        dout.astype(x.dtype),
+        dfinal,
+        chunk_size=cfg.chunk_size,
+        D=D,
+        z=z,
+        ypre=ypre,
+        seg=seg,
+        initial_states=initial_states,
+        interpret=cfg.interpret,
+        block_sizes=cfg.block_sizes,
+    )
+    ddt, dA, d_bias = common.dt_backward(
+        grads["ddt_direct"], grads["da"], dt_h, dt, A, dt_bias, cfg.dt_softplus, cfg.chunk_size
+    )
+    d_init = None if initial_states is None else grads["dinit"].astype(initial_states.dtype)
+    return (
+        grads["dx"],
+        ddt,
+        dA,
+        grads["dB"],
+        grads["dC"],
+        common.d_skip(grads["dD_part"], D),
+        grads["dz"],
+        d_bias,
+        d_init,
+        None,
+    )
+
+
+_pallas_vjp.defvjp(_pallas_vjp_fwd, _pallas_vjp_bwd)
 
 
 def ssd_step(

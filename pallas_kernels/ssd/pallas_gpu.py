@@ -31,7 +31,8 @@ Backward (the custom VJP in `api.py`; CB and s_c are recomputed by kernels 1-2):
                       dx_j = dt_j u_j + exp(a_end - a_j) dt_j v_j + D dy_j,
                       dB_j = sum_h [sum_i dCB_h[i,j] C_i + exp(a_end - a_j) dt_j x_j^T ds_{c+1}]
                       with dCB_h[i,j] = (dy_i . x_j) dt_j L[i,j]; also dz, dD partial sums, the
-                      direct d dt_j = x_j . (u_j + exp(a_end - a_j) v_j) and the column side of d a.
+                      direct d dt_j = x_j . (u_j + exp(a_end - a_j) v_j) and the column side of d a:
+                      -sum_i dCB_h[i,j] CB[i,j] - exp(a_end - a_j) dt_j x_j . v_j.
   6. `ssd_chunk_bwd_dc` grid (B, c, G, Q/bm): rows i, looping over the heads of the group:
                       dC_i = sum_h [sum_j dCB_h[i,j] B_j + exp(a_i) dy_i s_c], and the row side of
                       d a_i = sum_j dCB_h[i,j] CB[i,j] + exp(a_i) dy_i . (s_c C_i).
@@ -408,7 +409,7 @@ def _chunk_bwd_dx_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_z, mm_
 
         # Intra-chunk, tiles i >= j: u_j = sum_i (L o CB)[i,j] dy_i and dCB_h[i,j] = (dy_i . x_j) dt_j L[i,j].
         def tile(it, carry):
-            u, db = carry
+            u, ecol, db = carry
             i0 = it * bm
             rows_i = _valid(ci * q + i0, bm, d.seqlen, exact_t)
             dy_i = _load(dout_ref, (pl.ds(i0, bm), r, slice(None)), rows_i, cols_p, (bm, pb)).astype(f32)
@@ -418,12 +419,17 @@ def _chunk_bwd_dx_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_z, mm_
             if has_seg:
                 keep = keep & (seg_ref[pl.ds(ci * q + i0, bm)][:, None] == seg_j[None, :])
             lmat = decay_matrix(a_ref[r, pl.ds(i0, bm)][:, None], a_j[None, :], keep)  # [bm_i,bm_j]
-            u = u + dot(cb_ref[pl.ds(i0, bm), pl.ds(j0, bm)] * lmat, dy_i, (0, 0), mm_dtype)  # [bm_j,Pb]
+            cb = cb_ref[pl.ds(i0, bm), pl.ds(j0, bm)]  # [bm_i,bm_j]
+            u = u + dot(cb * lmat, dy_i, (0, 0), mm_dtype)  # [bm_j,Pb]
             dcb = dot(dy_i, x_j, (1, 1), mm_dtype) * dt_j[None, :] * lmat  # [bm_i,bm_j]
+            # Column sums of dCB o CB (the same fp32 tile as the row sums of kernel 6, so that the
+            # two sides of d a cancel exactly where they should).
+            ecol = ecol + jnp.sum(dcb * cb, axis=0)  # [bm_j]
             c_i = _load(c_ref, (pl.ds(i0, bm), slice(None)), rows_i, cols_n, (bm, nb))
-            return u, db + dot(dcb, c_i, (0, 0), mm_dtype)  # [bm_j,Nb]
+            return u, ecol, db + dot(dcb, c_i, (0, 0), mm_dtype)  # [bm_j,Nb]
 
-        u, db = jax.lax.fori_loop(jt, q // bm, tile, (jnp.zeros((bm, pb), f32), db))
+        zero = (jnp.zeros((bm, pb), f32), jnp.zeros((bm,), f32))
+        u, ecol, db = jax.lax.fori_loop(jt, q // bm, tile, (*zero, db))
         # Inputs to the chunk state: v_j = ds B_j and the weight exp(a_end - a_j) dt_j.
         v = dot(b_j, ds, (1, 1), mm_dtype)  # [bm,Pb]
         e_j = jnp.exp(a_ref[r, q - 1] - a_j)  # [bm]
@@ -440,7 +446,7 @@ def _chunk_bwd_dx_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_z, mm_
         _store(dx_ref, (slice(None), r, slice(None)), dx, rows_j, cols_p)
         xu, xv = jnp.sum(x_j * u, axis=1), jnp.sum(x_j * v, axis=1)  # [bm]
         ddt_ref[r, :] = xu + e_j * xv  # d loss / d dt_j through dt_j x_j
-        da_ref[r, :] = -(dt_j * xu + w_j * xv)  # d loss / d a_j (column side)
+        da_ref[r, :] = -(ecol + w_j * xv)  # d loss / d a_j (column side)
         daend_ref[r] = jnp.sum(w_j * xv)  # d loss / d a_end through the chunk state
         dd_ref[r, :] = jnp.sum(dy_j * x_j, axis=0)  # dD partial [Pb]
         return db + dot(x_j * w_j[:, None], ds, (1, 0), mm_dtype)  # [bm,Nb]

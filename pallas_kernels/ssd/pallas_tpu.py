@@ -3,12 +3,14 @@
 Notation and equations as in `pallas_gpu.py` (Mamba-2 paper, Dao & Gu 2024, Sec. 6, Listing 1):
 a_t the within-chunk cumulative log-decay, L[i,j] = exp(a_i - a_j) for i >= j in one sequence.
 
-A TPU core runs the grid in order, so the chunk axis can be sequential and carry the state in VMEM
-scratch: no state round trip through HBM and no separate state-passing step.
+A TPU core runs the grid in order, so the chunk axis can be sequential and carry the state in VMEM:
+no state round trip through HBM and no separate state-passing step. The carry of the R heads of a
+group lives in the group's output block of the final states ([R,P,N], resident while the grid walks
+that group's chunks and heads, written back once), so no block is ever revisited.
 
   * `ssd_tpu_fwd`, grid (B, G, c, R) ("parallel", "parallel", "arbitrary", "arbitrary"):
     at r == 0, CB = C B^T for the (group, chunk) into scratch (once per group);
-    for head h = g R + r, with s = the carried state [P,N] of that head (scratch [R,P,N]):
+    for head h = g R + r, with s = the carried state [P,N] of that head:
         y = (L o CB)(dt x) + exp(a) C s^T + D x, times silu(z)          (steps 1 + 4)
         s <- exp(a_end) s + (exp(a_end - a) dt x)^T B                     (steps 2 + 3)
     With `emit_states` it also writes s_c (the state entering each chunk, [B,H,c,P,N] fp32) for the
@@ -17,7 +19,8 @@ scratch: no state round trip through HBM and no separate state-passing step.
     state leaving the chunk) per head in scratch [R,P,N]. For each (chunk, head), dy = dout silu(z):
         u = (L o CB)^T dy, dCB_h = (dy x^T) o dt_j o L, v = B ds^T,
         dx = dt u + exp(a_end - a) dt v + D dy,   dz = dout (y + D x) silu'(z),
-        d a = rowsum(dCB_h o CB) - dt x.u - exp(a_end - a) dt x.v + exp(a) dy.(s_c C) (+ d a_end),
+        d a = rowsum(dCB_h o CB) - colsum(dCB_h o CB) - exp(a_end - a) dt x.v + exp(a) dy.(s_c C)
+              (+ d a_end at the last position),
         ds <- exp(a_end) ds + (exp(a) dy)^T C;
     dCB, the state part of dB and the output part of dC are summed over the R heads in scratch;
     at r == R-1: dB = sum_h dB_h + dCB^T C, dC = sum_h dC_h + dCB B (once per group).
@@ -75,7 +78,8 @@ def vmem_estimate(d: _Dims, itemsize: int, backward: bool) -> int:
     col = q * 128 * 4
     blocks = (4 if backward else 3) * q * lane(p) * itemsize + 2 * q * lane(n) * itemsize + 6 * col
     blocks += 2 * p * lane(n) * 4 + (2 if backward else 0) * q * lane(n) * itemsize
-    scratch = r * p * lane(n) * 4 + q * lane(q) * 4 + (q * lane(q) * 4 + 2 * q * lane(n) * 4 if backward else 0)
+    blocks += r * p * lane(n) * 4  # the group's state carry block
+    scratch = q * lane(q) * 4 + (q * lane(q) * 4 + 2 * q * lane(n) * 4 if backward else 0)
     temps = (6 if backward else 3) * q * lane(q) * 4
     return 2 * blocks + scratch + temps
 
@@ -121,18 +125,17 @@ def _fwd_kernel(*refs, d: _Dims, has_seg, has_init, has_z, emit_y, save_ypre, em
     z_ref = next(it) if has_z else None
     y_ref = next(it) if emit_y else None
     ypre_ref = next(it) if save_ypre else None
-    final_ref = next(it)
+    final_ref = next(it)  # [R,P,N] the group's block of the final states: the carry of each head
     states_ref = next(it) if emit_states else None
-    s_scr = next(it)  # [R,P,N] the carried state of each head of the group
     cb_scr = next(it) if emit_y else None  # [Q,Q]
     q = d.chunk
     c, r = pl.program_id(2), pl.program_id(3)
 
     @pl.when(c == 0)
     def _():
-        s_scr[r] = init_ref[...].astype(f32) if has_init else jnp.zeros((d.head_dim, d.d_state), f32)
+        final_ref[r] = init_ref[r].astype(f32) if has_init else jnp.zeros((d.head_dim, d.d_state), f32)
 
-    s = s_scr[r]  # [P,N] state entering the chunk
+    s = final_ref[r]  # [P,N] state entering the chunk
     if emit_states:
         states_ref[...] = s
     a_col = a_ref[...]  # [Q,1]
@@ -172,9 +175,7 @@ def _fwd_kernel(*refs, d: _Dims, has_seg, has_init, has_z, emit_y, save_ypre, em
         y_ref[...] = y.astype(y_ref.dtype)
 
     # Chunk state and state passing (steps 2 + 3).
-    s = s * decay + dot(x * w_state, b_ref[...], (0, 0), mm_dtype)  # [P,N]
-    s_scr[r] = s
-    final_ref[...] = s  # the last write of each head is the state after its last chunk
+    final_ref[r] = s * decay + dot(x * w_state, b_ref[...], (0, 0), mm_dtype)  # [P,N]
 
 
 def _bwd_kernel(*refs, d: _Dims, has_seg, has_z, mm_dtype):
@@ -187,14 +188,15 @@ def _bwd_kernel(*refs, d: _Dims, has_seg, has_z, mm_dtype):
     z_ref, ypre_ref = (next(it), next(it)) if has_z else (None, None)
     dx_ref = next(it)
     dz_ref = next(it) if has_z else None
-    db_ref, dc_ref, ddt_ref, da_ref, dd_ref, dinit_ref = (next(it) for _ in range(6))
-    ds_scr, cb_scr, dcb_acc, db_acc, dc_acc = (next(it) for _ in range(5))
+    db_ref, dc_ref, ddt_ref, da_ref, dd_ref = (next(it) for _ in range(5))
+    dinit_ref = next(it)  # [R,P,N] the group's block of d initial states: the carry ds of each head
+    cb_scr, dcb_acc, db_acc, dc_acc = (next(it) for _ in range(4))
     q = d.chunk
     c, r = pl.program_id(2), pl.program_id(3)
 
     @pl.when(c == 0)
     def _():
-        ds_scr[r] = dfinal_ref[...]
+        dinit_ref[r] = dfinal_ref[r]
 
     @pl.when(r == 0)
     def _():
@@ -203,7 +205,7 @@ def _bwd_kernel(*refs, d: _Dims, has_seg, has_z, mm_dtype):
         db_acc[...] = jnp.zeros_like(db_acc)
         dc_acc[...] = jnp.zeros_like(dc_acc)
 
-    ds = ds_scr[r]  # [P,N] cotangent of the state leaving the chunk
+    ds = dinit_ref[r]  # [P,N] cotangent of the state leaving the chunk
     s_c = s_ref[...]  # [P,N] state entering the chunk
     x = x_ref[...].astype(f32)  # [Q,P]
     bmat, cmat = b_ref[...], c_ref[...]  # [Q,N]
@@ -236,7 +238,7 @@ def _bwd_kernel(*refs, d: _Dims, has_seg, has_z, mm_dtype):
     # State -> output: dC_h = exp(a) dy s_c, and its share of d a.
     dc_off = dot(dy * e_off, s_c, (1, 0), mm_dtype)  # [Q,N]
     dc_acc[...] += dc_off
-    # Chunk state: v = B ds^T feeds dx and d dt; dB_h = (exp(a_end - a) dt x)^T... as rows: x w ds.
+    # Chunk state: v = B ds^T feeds dx and d dt; dB_h = (exp(a_end - a) dt x) ds.
     v = dot(bmat, ds, (1, 1), mm_dtype)  # [Q,P]
     db_acc[...] += dot(x * w_state, ds, (1, 0), mm_dtype)  # [Q,N]
     dx_ref[...] = (dt_col * u + w_state * v + d_ref[...] * dy).astype(dx_ref.dtype)
@@ -246,19 +248,21 @@ def _bwd_kernel(*refs, d: _Dims, has_seg, has_z, mm_dtype):
     # d a_t: rows and columns of the decay matrix, the state readout, the chunk-state inputs and
     # (at the chunk's last position) a_end through the chunk decay and the state weights.
     a_end_grad = jnp.sum(w_state * xv, keepdims=True) + decay * jnp.sum(ds * s_c, keepdims=True)  # [1,1]
+    # Row sums minus column sums of dCB o CB (the column sums as a matmul with ones: a column
+    # vector without a transpose), both from the same fp32 tile so that they cancel exactly.
+    e = dcb * cb  # [Q,Q]
+    ecol = dot(e, jnp.ones((q, 1), f32), (0, 0), f32)  # [Q,1]
     da = (
-        jnp.sum(dcb * cb, axis=1, keepdims=True)
+        jnp.sum(e, axis=1, keepdims=True)
+        - ecol
         + jnp.sum(dc_off * cmat.astype(f32), axis=1, keepdims=True)
-        - dt_col * xu
         - w_state * xv
     )
     last = jax.lax.broadcasted_iota(jnp.int32, (q, 1), 0) == q - 1
     da_ref[...] = da + jnp.where(last, a_end_grad, 0.0)
     dd_ref[...] = jnp.sum(dy * x, axis=0, keepdims=True)  # dD partial [1,P]
     # Reverse state passing: ds_c = exp(a_end) ds_{c+1} + (exp(a) dy)^T C.
-    ds = ds * decay + dot(dy * e_off, cmat, (0, 0), mm_dtype)  # [P,N]
-    ds_scr[r] = ds
-    dinit_ref[...] = ds  # the last write of each head is d initial state
+    dinit_ref[r] = ds * decay + dot(dy * e_off, cmat, (0, 0), mm_dtype)  # [P,N]
 
     # Once per (group, chunk): dB = sum_h dB_h + dCB^T C, dC = sum_h dC_h + dCB B.
     @pl.when(r == d.rep - 1)
@@ -321,7 +325,7 @@ def _specs(d: _Dims, reverse: bool):
         seg_col=pl.BlockSpec((None, q, 1), lambda b, g, c, r: (b, cc(c), 0)),
         seg_row=pl.BlockSpec((None, None, 1, q), lambda b, g, c, r: (b, cc(c), 0, 0)),
         seg_one=pl.BlockSpec((None, None, 1, 1), lambda b, g, c, r: (b, cc(c), 0, 0)),
-        state=pl.BlockSpec((None, None, p, n), lambda b, g, c, r: (b, head(g, r), 0, 0)),
+        state=pl.BlockSpec((None, rep, p, n), lambda b, g, c, r: (b, g, 0, 0)),  # all heads of the group
         chunk_state=pl.BlockSpec((None, None, None, p, n), lambda b, g, c, r: (b, head(g, r), cc(c), 0, 0)),
         chunk_row=pl.BlockSpec((None, None, None, 1, p), lambda b, g, c, r: (b, head(g, r), cc(c), 0, 0)),
     )
@@ -357,9 +361,7 @@ def _fwd_call(d, x_h, b_g, c_g, vec, D, z_h, init, *, emit_y, save_ypre, emit_st
     if emit_states:
         out_shape.append(jax.ShapeDtypeStruct((d.batch, d.heads, d.nc, d.head_dim, d.d_state), f32))
         out_specs.append(sp["chunk_state"])
-    scratch = [pltpu.VMEM((d.rep, d.head_dim, d.d_state), f32)]
-    if emit_y:
-        scratch.append(pltpu.VMEM((d.chunk, d.chunk), f32))
+    scratch = [pltpu.VMEM((d.chunk, d.chunk), f32)] if emit_y else []
     itemsize = jnp.dtype(mm_dtype).itemsize
     name = "ssd_tpu_fwd" if emit_y else "ssd_tpu_fwd_states"
     return pl.pallas_call(
@@ -466,7 +468,6 @@ def backward(
     out_specs += [sp["bc"], sp["bc"], sp["col"], sp["col"], sp["chunk_row"], sp["state"]]
     q, n = d.chunk, d.d_state
     scratch = [
-        pltpu.VMEM((d.rep, d.head_dim, n), f32),  # ds per head
         pltpu.VMEM((q, q), f32),  # CB
         pltpu.VMEM((q, q), f32),  # sum over heads of dCB
         pltpu.VMEM((q, n), f32),  # dB accumulator
@@ -496,6 +497,6 @@ def backward(
         dC=_time_major(dc, d),
         ddt_direct=ddt[..., 0],
         da=da[..., 0],
-        dD_part=dD_part,
+        dD_part=jnp.transpose(dD_part[:, :, :, 0, :], (0, 2, 1, 3)),  # [B,c,H,P]
         dinit=dinit,
     )
