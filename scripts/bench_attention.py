@@ -1,171 +1,362 @@
-"""Benchmark sparse attention and HiP against dense attention as the length grows.
+"""Benchmark the zoo's sparse attention op (dense causal and HiP) against the peers, on the current
+backend, in one run.
 
-    .venv/bin/python scripts/bench_attention.py [--lengths 512 1024 2048 4096 8192] \
-        [--out bench.png]
+    .venv/bin/python scripts/bench_attention.py [--lengths 8192 32768 131072] [--heads 16]
+        [--head-dim 128] [--dtype bfloat16] [--implementation auto] [--json out.jsonl]
 
-Section 1 (pattern): forward time of `sparse_attention` with a fixed pattern (K listed blocks +
-window + sinks) against dense causal `jax.nn.dot_product_attention` measured in the same run, with
-their ratio. Section 2 (HiP): forward time of the HiP search (`hip_block_indices`) plus
-`sparse_attention` on its blocks against dense, fitted log-log slopes (dense ~2, HiP ~1 plus the
-log factor) and the crossover length where HiP becomes faster on this machine. `--out` saves a
-log-log plot of both sections. On CPU the default implementation is "xla" (Pallas kernels only run
-in interpret mode there and say nothing about accelerator speed).
+Rows printed (and returned by `run(...)` as dicts, for scripts/bench_kernels.py):
+  * time, forward and forward+backward, of the sparse op in dense-causal mode ("zoo-dense"),
+    JAX's `jax.nn.dot_product_attention` (cuDNN on GPU, XLA elsewhere), splash attention on TPU,
+    torch SDPA's flash kernel when torch with CUDA is importable;
+  * HiP at K=32 blocks of 64, window 256, sinks 64: the search, the attention on its blocks, both
+    ("zoo-hip"), and the speedup of HiP over the fastest dense peer, with the analytic FLOP ratio
+    (visited blocks + the search's block scores vs dense causal) beside it;
+  * block recall of the HiP search vs the exact top-k (exact block max over the searchable range)
+    on inputs with attention locality (hip.locality_inputs, length scales 0 = none, 256, 1024);
+  * correctness of every timed path: relative L2 error of the output (and of the gradients at the
+    shortest length) against the fp32 oracle on the last `--check-rows` query rows.
+
+Defaults: on GPU/TPU the issue's setting (B=1, H=16, P=128, bf16, T in 8K/32K/128K; a length or
+peer that runs out of memory is reported as an error row); on CPU a small setting (H=2, P=64, fp32,
+T in 4K/8K), where the numbers say nothing about accelerators (the zoo's default path is "xla"
+there; the Pallas kernels only run interpreted).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import statistics
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.sparse_attention import common, hip_block_indices, sparse_attention
+from pallas_kernels.sparse_attention import (
+    common,
+    hip,
+    hip_block_indices,
+    sparse_attention,
+)
+
+HIP = {"k_blocks": 32, "block_q": 64, "block_k": 64, "window": 256, "sinks": 64}
 
 
 def _time(fn, args, repeats):
-    """Best wall time of `repeats` calls after one compile/warm-up call."""
+    """Median wall time (s) of `repeats` synchronised calls after two warm-up calls."""
     jax.block_until_ready(fn(*args))
-    best = float("inf")
+    jax.block_until_ready(fn(*args))
+    times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
-def _slope(lengths, times):
-    """Least-squares slope and intercept of log(time) against log(length)."""
-    return np.polyfit(np.log(lengths), np.log(times), 1)
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not np.all(np.isfinite(a)):
+        return float("nan")
+    return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
 
 
-def _crossover(lengths, dense, other):
-    """First measured length where `other` beats dense, else the length where the fits cross."""
-    for t, d, o in zip(lengths, dense, other):
-        if o < d:
-            return float(t), "measured"
-    (sd, cd), (so, co) = _slope(lengths, dense), _slope(lengths, other)
-    if sd <= so:
-        return float("nan"), "fits do not cross"
-    return float(np.exp((co - cd) / (sd - so))), "extrapolated from the fits"
+def _fwd_bwd(fn):
+    """jit of the gradient of sum(fn(q, k, v)) (cotangent ones, as the GPU harness)."""
+    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)),
+                            argnums=(0, 1, 2)))
 
 
-def _splash(q, k, v, repeats):
-    """JAX's splash attention with a causal mask (TPU kernel; interpreted off TPU): (time, max error)."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-    b, t, h, d = q.shape
-    g = h // k.shape[2]
-    mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(h)])
-    kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1,
-                                interpret=jax.default_backend() != "tpu")
-    kv = lambda x: jnp.repeat(x, g, axis=2).transpose(0, 2, 1, 3)  # noqa: E731  [B, H, T, D]
-    fn = jax.jit(lambda q, k, v: jax.vmap(kernel)(q.transpose(0, 2, 1, 3) * d ** -0.5, kv(k), kv(v))
-                 .transpose(0, 2, 1, 3))
-    dense = jax.nn.dot_product_attention(q, jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2), is_causal=True)
-    return _time(fn, (q, k, v), repeats), float(jnp.abs(fn(q, k, v) - dense).max())
+def _peers(backend, heads, head_dim):
+    """(name, fn(q, k, v)) of the dense causal peers available on this backend."""
+    peers = []
+    if backend == "gpu":
+        peers.append(("jax-cudnn", lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="cudnn")))
+    else:
+        peers.append(("jax-xla", lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="xla")))
+    if backend == "tpu":
+        peers.append(("jax-splash", _splash_fn(heads, head_dim)))
+    return peers
+
+
+def _splash_fn(heads, head_dim):
+    """JAX's splash attention (TPU) with a causal mask, in the op's [B, T, H, P] layout."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
+        splash_attention_kernel as sk,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
+        splash_attention_mask as sm,
+    )
+    kernels = {}
+
+    def fn(q, k, v):
+        t = q.shape[1]
+        if t not in kernels:
+            mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(heads)])
+            kernels[t] = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1)
+        hm = lambda x: x.transpose(0, 2, 1, 3)
+        out = jax.vmap(kernels[t])(hm(q) * head_dim ** -0.5, hm(k), hm(v))
+        return out.transpose(0, 2, 1, 3)
+
+    return fn
+
+
+def _torch_rows(t, heads, head_dim, repeats, q, k, v, ref_rows, check_rows):
+    """torch SDPA (flash) on the same inputs: time rows and a correctness row, or []."""
+    try:
+        import torch  # pylint: disable=g-import-not-at-top
+        from torch.nn.attention import SDPBackend, sdpa_kernel  # pylint: disable=g-import-not-at-top
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
+    def to_torch(x):
+        return torch.tensor(np.asarray(x, np.float32)).to("cuda", torch.bfloat16).transpose(1, 2)
+
+    tq, tk, tv = (to_torch(x) for x in (q, k, v))
+
+    def timed(fn):
+        for _ in range(2):
+            fn()
+        torch.cuda.synchronize()
+        out = []
+        for _ in range(repeats):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            out.append(s.elapsed_time(e))
+        return statistics.median(out)
+
+    rows = []
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        o = F.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
+        got = o.transpose(1, 2)[:, -check_rows:].float().cpu().numpy()
+        rows.append({"kind": "correct", "impl": "torch-sdpa-flash", "T": t, "rel_out": _rel(got, ref_rows)})
+        rows.append({"kind": "time", "impl": "torch-sdpa-flash", "mode": "fwd", "T": t, "ms": timed(
+            lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=True))})
+        qs, ks, vs = (x.detach().requires_grad_() for x in (tq, tk, tv))
+
+        def fb():
+            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+            torch.autograd.grad(out.float().sum(), (qs, ks, vs))
+
+        rows.append({"kind": "time", "impl": "torch-sdpa-flash", "mode": "fwd+bwd", "T": t, "ms": timed(fb)})
+    return rows
+
+
+def analytic_flop_ratio(t, hip_cfg=None):
+    """Dense-causal matmul FLOPs / HiP's: a visited block costs two bq x bk x P matmuls (QK^T, PV),
+    a search score one (QK^T), and the search scores (rounds + 1) * k_blocks blocks per query
+    block. From the window / sink slots of the pattern at length t plus min(k_blocks, searchable)
+    listed blocks (assumed disjoint from them: an upper bound on HiP's work)."""
+    s = dict(HIP, **(hip_cfg or {}))
+    bq, bk, kk = s["block_q"], s["block_k"], s["k_blocks"]
+    cfg = common.Config(seq_q=t, seq_k=t, block_q=bq, block_k=bk, causal=True, window=s["window"],
+                        sinks=s["sinks"], sm_scale=1.0, dense=False)
+    _, p_last = common.query_block_positions(cfg)
+    lo, hi = hip.search_range(p_last, num_blocks=cfg.nk, seq_k=t, block_k=bk, window=s["window"],
+                              sinks=s["sinks"], causal=True)
+    listed = jnp.minimum(hi - lo, kk)
+    pattern = common.slot_table(None, cfg, 1, 1).n_valid[0, 0]  # window + sink blocks
+    rounds = hip.search_rounds(cfg.nk, kk)
+    hip_units = float(jnp.sum((listed + pattern) * 2 + (rounds + 1) * kk))
+    dense = dataclasses.replace(cfg, window=None, sinks=0, dense=True)
+    return 2.0 * common.visited_pairs(dense, None) / hip_units
+
+
+def run(lengths=None, *, batch=1, heads=None, head_dim=None, dtype=None, implementation="auto",
+        repeats=10, check_rows=512, recall_scales=(0.0, 256.0, 1024.0), recall_heads=2,
+        recall_max_len=32768, torch_peer=True, verbose=True):
+    """Runs the benchmark; returns one dict per measurement (kind: time, speedup, recall, correct,
+    error). Arguments default to the issue's GPU/TPU setting or a small CPU setting."""
+    backend = jax.default_backend()
+    accel = backend in ("gpu", "tpu")
+    lengths = lengths or ([8192, 32768, 131072] if accel else [4096, 8192])
+    heads = heads or (16 if accel else 2)
+    head_dim = head_dim or (128 if accel else 64)
+    dtype = jnp.dtype(dtype or (jnp.bfloat16 if accel else jnp.float32))
+    rows = []
+
+    def emit(**row):
+        row.update(backend=backend, heads=heads, head_dim=head_dim, dtype=str(dtype))
+        rows.append(row)
+        if verbose:
+            print(json.dumps(row, default=str), flush=True)
+
+    def guarded(label, fn):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 -- an OOM or a failed peer is a finding
+            emit(kind="error", what=label, error=f"{type(e).__name__}: {str(e)[:400]}",
+                 tb=traceback.format_exc()[-800:])
+
+    zoo = {"implementation": implementation}
+    dense_zoo = lambda q, k, v: sparse_attention(q, k, v, causal=True, **zoo)
+    search = lambda q, k: hip_block_indices(q, k, causal=True, **HIP, **zoo)
+    kw_att = {n: HIP[n] for n in ("block_q", "block_k", "window", "sinks")}
+    attend = lambda q, k, v, bi: sparse_attention(q, k, v, block_indices=bi, causal=True,
+                                                  **kw_att, **zoo)
+    hip_total = lambda q, k, v: attend(q, k, v, search(q, k))
+    peers = _peers(backend, heads, head_dim)
+
+    def one_length(t):
+        flops = 4 * t * t * heads * head_dim / 2 * batch  # causal
+        key = jax.random.key(t)
+        q, k = hip.locality_inputs(key, batch=batch, seq=t, heads=heads, kv_heads=heads,
+                                   head_dim=head_dim, length_scale=1024.0, dtype=dtype)
+        v = jax.random.normal(jax.random.fold_in(key, 1), k.shape, jnp.float32).astype(dtype)
+        times = {}
+
+        def timed(name, mode, fn, args):
+            sec = _time(fn, args, repeats)
+            times[(name, mode)] = sec
+            factor = 3.5 if mode == "fwd+bwd" else 1.0
+            emit(kind="time", impl=name, mode=mode, T=t, ms=sec * 1e3,
+                 tflops_dense_equiv=factor * flops / sec / 1e12)
+
+        # The fp32 oracle on the last rows (queries aligned to the end of the keys).
+        rq = q[:, -check_rows:]
+        f32 = lambda x: x.astype(jnp.float32)
+        ref_dense = jax.jit(lambda q, k, v: sparse_attention(
+            f32(q), f32(k), f32(v), causal=True, implementation="reference"))
+
+        def check(name, out, ref):
+            emit(kind="correct", impl=name, T=t, rel_out=_rel(out[:, -check_rows:], ref))
+
+        guarded(f"zoo-dense {t}", lambda: (
+            timed("zoo-dense", "fwd", jax.jit(dense_zoo), (q, k, v)),
+            timed("zoo-dense", "fwd+bwd", _fwd_bwd(dense_zoo), (q, k, v)),
+            check("zoo-dense", jax.jit(dense_zoo)(q, k, v), ref_dense(rq, k, v))))
+        for name, fn in peers:
+            guarded(f"{name} {t}", lambda name=name, fn=fn: (
+                timed(name, "fwd", jax.jit(fn), (q, k, v)),
+                timed(name, "fwd+bwd", _fwd_bwd(fn), (q, k, v)),
+                check(name, jax.jit(fn)(q, k, v), ref_dense(rq, k, v))))
+        if torch_peer and backend == "gpu":
+            guarded(f"torch {t}", lambda: [emit(**r) for r in _torch_rows(
+                t, heads, head_dim, repeats, q, k, v, ref_dense(rq, k, v), check_rows)])
+
+        def hip_rows():
+            bi = jax.jit(search)(q, k)
+            timed("zoo-hip-search", "fwd", jax.jit(search), (q, k))
+            timed("zoo-hip-attention", "fwd", jax.jit(attend), (q, k, v, bi))
+            timed("zoo-hip", "fwd", jax.jit(hip_total), (q, k, v))
+            timed("zoo-hip", "fwd+bwd", _fwd_bwd(hip_total), (q, k, v))
+            nq_rows = check_rows // HIP["block_q"]
+            ref = jax.jit(lambda q, k, v, bi: sparse_attention(
+                f32(q), f32(k), f32(v), block_indices=bi, causal=True,
+                implementation="reference", **kw_att))(rq, k, v, bi[:, :, -nq_rows:])
+            check("zoo-hip", jax.jit(attend)(q, k, v, bi), ref)
+
+        guarded(f"zoo-hip {t}", hip_rows)
+        # HiP (search + attention) against the fastest dense peer of this run.
+        for mode in ("fwd", "fwd+bwd"):
+            dense_t = {n: s for (n, m), s in times.items() if m == mode and not n.startswith("zoo")}
+            if ("zoo-hip", mode) in times and dense_t:
+                best = min(dense_t, key=dense_t.get)
+                emit(kind="speedup", T=t, mode=mode, vs=best,
+                     hip_over_dense=dense_t[best] / times[("zoo-hip", mode)],
+                     zoo_dense_over_peer=times.get(("zoo-dense", mode), float("nan"))
+                     / dense_t[best],
+                     analytic_flop_ratio=analytic_flop_ratio(t))
+
+        # Recall of the search on locality data (exact block max over a few heads).
+        if t <= recall_max_len:
+            for scale in recall_scales:
+                guarded(f"recall {t} {scale}", lambda scale=scale: _recall_row(
+                    emit, t, scale, recall_heads, head_dim, dtype, implementation))
+
+    for t in lengths:
+        one_length(t)
+
+    # Gradient correctness at the shortest length (the dense oracle's T^2 memory allows it).
+    t = min(lengths)
+    guarded(f"grads {t}", lambda: _grad_rows(emit, t, batch, heads, head_dim, dtype,
+                                             implementation, dense_zoo, attend, search, peers))
+    return rows
+
+
+def _recall_row(emit, t, scale, heads, head_dim, dtype, implementation):
+    q, k = hip.locality_inputs(jax.random.key(int(scale) + 7), batch=1, seq=t, heads=heads,
+                               kv_heads=heads, head_dim=head_dim, length_scale=scale, dtype=dtype)
+    found = jax.jit(lambda q, k: hip_block_indices(q, k, causal=True, implementation=implementation,
+                                                   **HIP))(q, k)
+    scores = jax.jit(lambda q, k: hip.exact_block_scores(q, k, block_q=HIP["block_q"],
+                                                         block_k=HIP["block_k"]))(q, k)
+    exact, n_search = hip.exact_top_blocks(scores, seq_q=t, seq_k=t, **HIP)
+    emit(kind="recall", T=t, length_scale=scale, recall_heads=heads,
+         recall=hip.block_recall(found, exact, n_search, HIP["k_blocks"]))
+
+
+def _grad_rows(emit, t, batch, heads, head_dim, dtype, implementation, dense_zoo, attend, search,
+               peers):
+    key = jax.random.key(3)
+    q, k = hip.locality_inputs(key, batch=batch, seq=t, heads=heads, kv_heads=heads,
+                               head_dim=head_dim, length_scale=1024.0, dtype=dtype)
+    v = jax.random.normal(jax.random.fold_in(key, 1), k.shape, jnp.float32).astype(dtype)
+    f32 = lambda x: x.astype(jnp.float32)
+    bi = jax.jit(lambda q, k: search(q, k))(q, k)
+    kw_att = {n: HIP[n] for n in ("block_q", "block_k", "window", "sinks")}
+    ref_dense = lambda q, k, v: sparse_attention(q, k, v, causal=True,
+                                                 implementation="reference")
+    ref_hip = lambda q, k, v: sparse_attention(q, k, v, block_indices=bi, causal=True,
+                                               implementation="reference", **kw_att)
+    cases = [("zoo-dense", dense_zoo, ref_dense), ("zoo-hip", lambda q, k, v: attend(q, k, v, bi),
+                                                   ref_hip)]
+    cases += [(name, fn, ref_dense) for name, fn in peers]
+    for name, fn, ref in cases:
+        got = _fwd_bwd(fn)(q, k, v)
+        want = _fwd_bwd(ref)(f32(q), f32(k), f32(v))
+        emit(kind="correct", impl=name, T=t, rel_grad=max(_rel(a, b) for a, b in zip(got, want)))
+    del implementation
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--lengths", type=int, nargs="+", default=None)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--block", type=int, default=64)
-    parser.add_argument("--k-blocks", type=int, default=8, help="listed / searched blocks K")
-    parser.add_argument("--window", type=int, default=128)
-    parser.add_argument("--sinks", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--implementation", default=None, help="sparse path (default per backend)")
-    parser.add_argument("--out", default=None, help="save a log-log plot (png) here")
-    parser.add_argument("--splash", action="store_true",
-                        help="also time JAX's splash attention (default on TPU; elsewhere it runs "
-                             "interpreted, which checks the code path but times the interpreter)")
+    parser.add_argument("--heads", type=int, default=None)
+    parser.add_argument("--head-dim", type=int, default=None)
+    parser.add_argument("--dtype", default=None, help="default bfloat16 on GPU/TPU, float32 on CPU")
+    parser.add_argument("--implementation", default="auto", help="the zoo op's implementation")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--check-rows", type=int, default=512)
+    parser.add_argument("--recall-max-len", type=int, default=32768)
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--json", default=None, help="also append the rows to this JSONL file")
     args = parser.parse_args()
-
-    bq = bk = args.block
-    kw = dict(block_q=bq, block_k=bk, window=args.window, sinks=args.sinks)
-    impl = args.implementation
-    print(f"backend={jax.default_backend()} batch={args.batch} heads={args.heads}/{args.kv_heads} "
-          f"head_dim={args.head_dim} block={bq} K={args.k_blocks} window={args.window} "
-          f"sinks={args.sinks} sparse implementation={impl or 'default'}")
-
-    g = args.heads // args.kv_heads
-    dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-        q, jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2), is_causal=True))
-    pattern = jax.jit(lambda q, k, v, bi: sparse_attention(q, k, v, block_indices=bi,
-                                                           implementation=impl, **kw))
-    hip = jax.jit(lambda q, k, v: sparse_attention(
-        q, k, v, block_indices=hip_block_indices(q, k, k_blocks=args.k_blocks, **kw),
-        implementation=impl, **kw))
-    search = jax.jit(lambda q, k: hip_block_indices(q, k, k_blocks=args.k_blocks, **kw))
-
-    use_splash = args.splash or jax.default_backend() == "tpu"
-    rows = []
-    print(f"\n{'T':>6} {'dense ms':>9} {'pattern ms':>11} {'dense/pattern':>14} {'search ms':>10} "
-          f"{'HiP ms':>8} {'dense/HiP':>10}")
-    for t in args.lengths:
-        rng = np.random.default_rng(t)
-        shape_q = (args.batch, t, args.heads, args.head_dim)
-        shape_k = (args.batch, t, args.kv_heads, args.head_dim)
-        q = jnp.asarray(rng.normal(size=shape_q), jnp.float32)
-        k = jnp.asarray(rng.normal(size=shape_k), jnp.float32)
-        v = jnp.asarray(rng.normal(size=shape_k), jnp.float32)
-        nq = common.cdiv(t, bq)
-        # Causal random pattern: K blocks drawn from each query block's past.
-        hi = np.arange(nq)[:, None] + 1
-        bi = jnp.asarray(np.floor(rng.random((args.batch, args.heads, nq, args.k_blocks)) * hi)
-                         .astype(np.int32))
-        td = _time(dense, (q, k, v), args.repeats)
-        tp = _time(pattern, (q, k, v, bi), args.repeats)
-        ts = _time(search, (q, k), args.repeats)
-        th = _time(hip, (q, k, v), args.repeats)
-        rows.append((t, td, tp, ts, th))
-        print(f"{t:>6} {td*1e3:>9.1f} {tp*1e3:>11.1f} {td/tp:>14.2f} {ts*1e3:>10.1f} "
-              f"{th*1e3:>8.1f} {td/th:>10.2f}", flush=True)
-        if use_splash:
-            tsp, err = _splash(q, k, v, args.repeats)
-            print(f"{'':>6} splash (causal) {tsp*1e3:.1f} ms, dense/splash {td/tsp:.2f}, "
-                  f"max |splash - dense| {err:.1e}", flush=True)
-
-    lengths = np.array([r[0] for r in rows], float)
-    td, tp, ts, th = (np.array([r[i] for r in rows]) for i in (1, 2, 3, 4))
-    if len(rows) >= 2:
-        # Slopes over every length and over the longer half (fixed overheads dominate short T).
-        upper = lengths >= np.median(lengths)
-        print("\nlog-log slopes of time vs T (2 = quadratic, 1 = linear): all T | T >= "
-              f"{lengths[upper][0]:.0f}")
-        tlogt = lengths * np.log(lengths)
-        for name, tt in (("dense", td), ("pattern", tp), ("HiP search", ts), ("HiP total", th),
-                         ("(T log T)", tlogt)):
-            print(f"  {name:<11} {_slope(lengths, tt)[0]:5.2f} | "
-                  f"{_slope(lengths[upper], tt[upper])[0]:5.2f}")
-        cross, how = _crossover(lengths, td, th)
-        print(f"HiP (search + sparse attention) faster than dense from T = {cross:.0f} ({how})")
-        cross_p, how_p = _crossover(lengths, td, tp)
-        print(f"fixed pattern faster than dense from T = {cross_p:.0f} ({how_p})")
-
-    if args.out:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, tt, style in (("dense (jax.nn.dot_product_attention)", td, "o-"),
-                                ("sparse pattern", tp, "s-"), ("HiP search", ts, "^--"),
-                                ("HiP search + sparse attention", th, "d-")):
-            ax.loglog(lengths, tt * 1e3, style, label=name)
-        ax.set_xlabel("sequence length T")
-        ax.set_ylabel("forward time (ms)")
-        ax.set_title(f"{jax.default_backend()}: K={args.k_blocks} blocks of {bk}, window "
-                     f"{args.window}, sinks {args.sinks}")
-        ax.legend(fontsize=8)
-        ax.grid(True, which="both", alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(args.out, dpi=120)
-        print(f"plot saved to {args.out}")
+    rows = run(args.lengths, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
+               dtype=args.dtype, implementation=args.implementation, repeats=args.repeats,
+               check_rows=args.check_rows, recall_max_len=args.recall_max_len,
+               torch_peer=not args.no_torch)
+    print("\nsummary")
+    for r in rows:
+        if r["kind"] == "time":
+            print(f"  T={r['T']:>6} {r['impl']:<20} {r['mode']:<8} {r['ms']:10.2f} ms")
+        elif r["kind"] == "speedup":
+            print(f"  T={r['T']:>6} {r['mode']:<8} HiP / {r['vs']}: {r['hip_over_dense']:.2f}x "
+                  f"(analytic FLOP ratio {r['analytic_flop_ratio']:.2f}x); zoo dense / "
+                  f"{r['vs']}: {r['zoo_dense_over_peer']:.2f}x the time")
+        elif r["kind"] == "recall":
+            print(f"  T={r['T']:>6} recall {r['recall']:.3f} (length scale {r['length_scale']:.0f})")
+        elif r["kind"] == "correct":
+            errs = ", ".join(f"{n} {r[n]:.1e}" for n in ("rel_out", "rel_grad") if n in r)
+            print(f"  T={r['T']:>6} {r['impl']:<20} {errs}")
+        elif r["kind"] == "error":
+            print(f"  error: {r['what']}: {r['error'][:200]}")
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r, default=str) + "\n")
 
 
 if __name__ == "__main__":
