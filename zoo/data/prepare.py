@@ -156,7 +156,7 @@ def plan_tfds(name: str, data_dir: str, text_key: str, splits: str, docs_per_sha
         raise ValueError("--source tfds needs tensorflow-datasets: pip install tensorflow-datasets") from e
     try:
         info_splits = tfds.builder(name, data_dir=data_dir or None).info.splits
-        counts = {s: int(info_splits[s].num_examples) for s in info_splits.keys()}
+        counts = {s: int(info_splits[s].num_examples) for s in info_splits}
     except Exception as e:  # TFDS raises many types; one clear line for the user
         raise ValueError(f"cannot open TFDS dataset {name!r} in {data_dir or 'the default data_dir'}: "
                          f"{type(e).__name__}; prepare it with file_format='array_record' first") from e
