@@ -264,7 +264,7 @@ def _state_fwd_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_init, mm_
     s0 = init_ref[...].astype(f32) if has_init else jnp.zeros((bp, bn), f32)
 
     def chunk(ci, s):
-        s_ref[ci] = s  # the state entering chunk ci
+        s_ref[ci] = s.astype(s_ref.dtype)  # the state entering chunk ci (matmul dtype: only read by dots)
         a_end = a_ref[ci * q + q - 1]
         decay = jnp.exp(a_end)
         if has_seg:
@@ -352,13 +352,13 @@ def _state_bwd_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_z, mm_dty
 
     def chunk(k, ds):
         ci = d.nc - 1 - k
-        ds_ref[ci] = ds  # cotangent of the state leaving chunk ci
+        ds_ref[ci] = ds.astype(ds_ref.dtype)  # cotangent of the state leaving chunk ci (matmul dtype)
         decay = jnp.exp(a_ref[ci * q + q - 1])
         if has_seg:
             seg_end, seg_prev = _chunk_seg(seg_ref, ci, q)
             decay = jnp.where(seg_end == seg_prev, decay, 0.0)
         # d a_end through the chunk decay: exp(a_end) <ds_{c+1}, s_c> (this tile's share).
-        ddec_ref[ci] = decay * jnp.sum(jnp.sum(ds * s_ref[ci], axis=1))
+        ddec_ref[ci] = decay * jnp.sum(jnp.sum(ds * s_ref[ci].astype(f32), axis=1))
 
         def tile(kk, acc):
             t0 = ci * q + kk * bq
@@ -511,40 +511,43 @@ def _chunk_bwd_dc_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_z, mm_
 
 
 # ------------------------------------------------------------------------------------ cost model
-def kernel_costs(d: _Dims, itemsize: int, has_z: bool = True) -> dict[str, pl.CostEstimate]:
-    """FLOPs (matmuls; elementwise ignored), exps and HBM bytes of each kernel for one call.
+def kernel_costs(d: _Dims, itemsize: int, has_z: bool = False) -> dict[str, pl.CostEstimate]:
+    """FLOPs (matmuls only), exps and HBM bytes of each kernel for one call.
 
-    Bytes count each operand block once per program that loads it (L2 reuse not assumed).
+    FLOPs count the tiles the kernels compute (the causal half of each [Q,Q] block, C B^T once per
+    group). Bytes are the distinct bytes each kernel reads and writes (every tensor once: the
+    roofline lower bound; re-reads of B/C by the heads of a group and of the chunk by its row tiles
+    are assumed to hit L2).
     """
     b, t, h, p, g, n, q, nc = d.batch, d.seqlen, d.heads, d.head_dim, d.groups, d.d_state, d.chunk, d.nc
-    x_bytes = b * t * h * p * itemsize
-    bc_bytes = b * t * g * n * itemsize
-    states = b * nc * h * p * n * 4
+    x = b * t * h * p * itemsize  # one [B,T,H,P] tensor
+    bc = b * t * g * n * itemsize  # one of B, C
+    vec = b * h * nc * q * 4  # one [B,H,Tc] fp32 vector (dt or a)
+    states = b * nc * h * p * n * itemsize  # s_c or ds, stored in the matmul dtype
     causal = q * (q + 1) / 2  # token pairs (i >= j) per chunk
+    cb = b * nc * g * causal * 4  # the causal tiles of C B^T, fp32
     tri = b * nc * h * causal
-    zf = 2 if has_z else 1
+    xz = 2 if has_z else 1  # x-sized inputs that come with the gate
 
     def est(flops, trans, nbytes):
         return pl.CostEstimate(flops=int(flops), transcendentals=int(trans), bytes_accessed=int(nbytes))
 
     return {
-        "ssd_bmm": est(2 * b * nc * g * causal * n, 0, 2 * bc_bytes + b * nc * g * causal * 4),
-        "ssd_state_fwd": est(2 * b * t * h * p * n, b * t * h, x_bytes + h * bc_bytes + states),
+        "ssd_bmm": est(2 * b * nc * g * causal * n, 0, 2 * bc + cb),
+        "ssd_state_fwd": est(2 * b * t * h * p * n, b * t * h, x + bc + 2 * vec + states),
         "ssd_chunk_fwd": est(
-            2 * tri * p + 2 * b * t * h * n * p,
-            tri + b * t * h,
-            (zf + 2) * x_bytes + h * bc_bytes + b * nc * h * causal * 4 + states,
+            2 * tri * p + 2 * b * t * h * n * p, tri + b * t * h, xz * x + bc + cb + 2 * vec + states + xz * x
         ),
-        "ssd_state_bwd": est(2 * b * t * h * p * n, b * t * h, zf * x_bytes + h * bc_bytes + 2 * states),
+        "ssd_state_bwd": est(2 * b * t * h * p * n, b * t * h, xz * x + bc + vec + 2 * states),
         "ssd_chunk_bwd_dx": est(
             2 * tri * (2 * p + n) + 4 * b * t * h * p * n,
             tri + b * t * h,
-            (2 * zf + 1) * x_bytes + 3 * bc_bytes + b * nc * g * causal * 4 + states,
+            (2 * xz + (1 if has_z else 0)) * x + 2 * bc + cb + 2 * vec + states + xz * x + bc + 3 * vec,
         ),
         "ssd_chunk_bwd_dc": est(
             2 * tri * (p + n) + 2 * b * t * h * p * n,
             tri + b * t * h,
-            (zf + 1) * x_bytes + 3 * bc_bytes + b * nc * g * causal * 4 + states,
+            (1 + xz) * x + 2 * bc + cb + 2 * vec + states + bc + vec,
         ),
     }
 
@@ -604,7 +607,7 @@ def _state_fwd(d, bs, x, B, dt_h, a_h, seg, init, mm_dtype, interpret):
             _state_fwd_kernel, d=d, bs=bs, has_seg=seg is not None, has_init=init is not None, mm_dtype=mm_dtype
         ),
         out_shape=(
-            jax.ShapeDtypeStruct((d.batch, d.nc, d.heads, d.pb, d.nb), f32),
+            jax.ShapeDtypeStruct((d.batch, d.nc, d.heads, d.pb, d.nb), mm_dtype),
             jax.ShapeDtypeStruct((d.batch, d.heads, d.pb, d.nb), f32),
         ),
         grid=(d.batch, d.heads, d.pb // bp, d.nb // bn),
@@ -712,7 +715,7 @@ def backward(
     ds_out, dinit, ddec = pl.pallas_call(
         functools.partial(_state_bwd_kernel, d=d, bs=bs, has_seg=has_seg, has_z=has_z, mm_dtype=mm_dtype),
         out_shape=(
-            jax.ShapeDtypeStruct((d.batch, d.nc, d.heads, d.pb, d.nb), f32),
+            jax.ShapeDtypeStruct((d.batch, d.nc, d.heads, d.pb, d.nb), mm_dtype),
             jax.ShapeDtypeStruct((d.batch, d.heads, d.pb, d.nb), f32),
             jax.ShapeDtypeStruct((d.batch, d.heads, ntile, d.nc), f32),
         ),

@@ -91,26 +91,28 @@ def _params(d: _Dims, itemsize: int, backward: bool):
     )
 
 
-def kernel_costs(d: _Dims, itemsize: int, has_z: bool = True) -> dict[str, pl.CostEstimate]:
-    """FLOPs (full [Q,Q] tiles: the MXU does not skip the upper triangle), exps and HBM bytes."""
+def kernel_costs(d: _Dims, itemsize: int, has_z: bool = False) -> dict[str, pl.CostEstimate]:
+    """FLOPs (matmuls only, full [Q,Q] tiles: the MXU does not skip the upper triangle), exps and
+    HBM bytes (every block the grid reads or writes once; C/B re-read by the R heads of a group)."""
     b, t, h, p, g, n, q, nc = d.batch, d.tc, d.heads, d.head_dim, d.groups, d.d_state, d.chunk, d.nc
-    x_bytes = b * t * h * p * itemsize
-    bc_bytes = b * t * g * n * itemsize
-    states = b * nc * h * p * n * 4
-    zf = 2 if has_z else 1
+    x = b * t * h * p * itemsize
+    bc = b * t * g * n * itemsize
+    col = b * h * t * 4 * 2  # [.., Tc, 1] column + [.., c, 1, Q] row of one fp32 vector
+    states = b * nc * h * p * n * itemsize  # s_c, stored in the matmul dtype
+    xz = 2 if has_z else 1
     qq = b * nc * q * q
-    est = lambda fl, tr, by: pl.CostEstimate(flops=int(fl), transcendentals=int(tr), bytes_accessed=int(by))
+    est = lambda fl, tr, by: pl.CostEstimate(flops=int(fl), transcendentals=int(tr), bytes_accessed=int(by))  # noqa: E731
     return {
         "ssd_tpu_fwd": est(
             2 * qq * g * n + 2 * qq * h * p + 4 * b * t * h * p * n,
             qq * h + 2 * b * t * h,
-            (zf + 1) * x_bytes + 2 * bc_bytes + states,
+            xz * x + 2 * d.rep * bc + 2 * col + xz * x,
         ),
-        "ssd_tpu_fwd_states": est(2 * b * t * h * p * n, b * t * h, x_bytes + bc_bytes + states),
+        "ssd_tpu_fwd_states": est(2 * b * t * h * p * n, b * t * h, x + d.rep * bc + 2 * col + states),
         "ssd_tpu_bwd": est(
             2 * qq * g * n * 3 + 4 * qq * h * p + 10 * b * t * h * p * n,
             qq * h + 3 * b * t * h,
-            (3 * zf + 1) * x_bytes + 4 * bc_bytes + states,
+            (2 * xz + (1 if has_z else 0)) * x + 2 * d.rep * bc + 3 * col + states + xz * x + 2 * bc + col,
         ),
     }
 
@@ -137,7 +139,7 @@ def _fwd_kernel(*refs, d: _Dims, has_seg, has_init, has_z, emit_y, save_ypre, em
 
     s = final_ref[r]  # [P,N] state entering the chunk
     if emit_states:
-        states_ref[...] = s
+        states_ref[...] = s.astype(states_ref.dtype)  # only read by the backward's dots
     a_col = a_ref[...]  # [Q,1]
     a_end = a_col[q - 1 :, :]  # [1,1]
     dt_col = dt_ref[...]  # [Q,1]
@@ -206,7 +208,7 @@ def _bwd_kernel(*refs, d: _Dims, has_seg, has_z, mm_dtype):
         dc_acc[...] = jnp.zeros_like(dc_acc)
 
     ds = dinit_ref[r]  # [P,N] cotangent of the state leaving the chunk
-    s_c = s_ref[...]  # [P,N] state entering the chunk
+    s_c = s_ref[...].astype(f32)  # [P,N] state entering the chunk
     x = x_ref[...].astype(f32)  # [Q,P]
     bmat, cmat = b_ref[...], c_ref[...]  # [Q,N]
     a_col, a_row, dt_col = a_ref[...], arow_ref[...], dt_ref[...]
@@ -359,7 +361,7 @@ def _fwd_call(d, x_h, b_g, c_g, vec, D, z_h, init, *, emit_y, save_ypre, emit_st
     out_shape.append(jax.ShapeDtypeStruct((d.batch, d.heads, d.head_dim, d.d_state), f32))
     out_specs.append(sp["state"])
     if emit_states:
-        out_shape.append(jax.ShapeDtypeStruct((d.batch, d.heads, d.nc, d.head_dim, d.d_state), f32))
+        out_shape.append(jax.ShapeDtypeStruct((d.batch, d.heads, d.nc, d.head_dim, d.d_state), mm_dtype))
         out_specs.append(sp["chunk_state"])
     scratch = [pltpu.VMEM((d.chunk, d.chunk), f32)] if emit_y else []
     itemsize = jnp.dtype(mm_dtype).itemsize
