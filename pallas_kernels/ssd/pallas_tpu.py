@@ -190,7 +190,7 @@ def _bwd_kernel(*refs, d: _Dims, has_seg, has_z, mm_dtype):
     z_ref, ypre_ref = (next(it), next(it)) if has_z else (None, None)
     dx_ref = next(it)
     dz_ref = next(it) if has_z else None
-    db_ref, dc_ref, ddt_ref, da_ref, dd_ref = (next(it) for _ in range(5))
+    db_ref, dc_ref, ddt_ref, da_ref, darow_ref, dd_ref = (next(it) for _ in range(6))
     dinit_ref = next(it)  # [R,P,N] the group's block of d initial states: the carry ds of each head
     cb_scr, dcb_acc, db_acc, dc_acc = (next(it) for _ in range(4))
     q = d.chunk
@@ -250,18 +250,13 @@ def _bwd_kernel(*refs, d: _Dims, has_seg, has_z, mm_dtype):
     # d a_t: rows and columns of the decay matrix, the state readout, the chunk-state inputs and
     # (at the chunk's last position) a_end through the chunk decay and the state weights.
     a_end_grad = jnp.sum(w_state * xv, keepdims=True) + decay * jnp.sum(ds * s_c, keepdims=True)  # [1,1]
-    # Row sums minus column sums of dCB o CB (the column sums as a matmul with ones: a column
-    # vector without a transpose), both from the same fp32 tile so that they cancel exactly.
+    # Row sums minus column sums of dCB o CB, both from the same fp32 tile so that they cancel
+    # exactly; the column sums leave as a row [1,Q] (no transpose in the kernel; XLA adds the two).
     e = dcb * cb  # [Q,Q]
-    ecol = dot(e, jnp.ones((q, 1), f32), (0, 0), f32)  # [Q,1]
-    da = (
-        jnp.sum(e, axis=1, keepdims=True)
-        - ecol
-        + jnp.sum(dc_off * cmat.astype(f32), axis=1, keepdims=True)
-        - w_state * xv
-    )
+    da = jnp.sum(e, axis=1, keepdims=True) + jnp.sum(dc_off * cmat.astype(f32), axis=1, keepdims=True) - w_state * xv
     last = jax.lax.broadcasted_iota(jnp.int32, (q, 1), 0) == q - 1
-    da_ref[...] = da + jnp.where(last, a_end_grad, 0.0)
+    da_ref[...] = da + jnp.where(last, a_end_grad, 0.0)  # [Q,1]
+    darow_ref[...] = -jnp.sum(e, axis=0, keepdims=True)  # [1,Q]
     dd_ref[...] = jnp.sum(dy * x, axis=0, keepdims=True)  # dD partial [1,P]
     # Reverse state passing: ds_c = exp(a_end) ds_{c+1} + (exp(a) dy)^T C.
     dinit_ref[r] = ds * decay + dot(dy * e_off, cmat, (0, 0), mm_dtype)  # [P,N]
@@ -464,10 +459,11 @@ def backward(
         jax.ShapeDtypeStruct((d.batch, d.groups, d.tc, d.d_state), C.dtype),
         col_struct,
         col_struct,
+        jax.ShapeDtypeStruct((d.batch, d.heads, d.nc, 1, d.chunk), f32),
         jax.ShapeDtypeStruct((d.batch, d.heads, d.nc, 1, d.head_dim), f32),
         jax.ShapeDtypeStruct((d.batch, d.heads, d.head_dim, d.d_state), f32),
     ]
-    out_specs += [sp["bc"], sp["bc"], sp["col"], sp["col"], sp["chunk_row"], sp["state"]]
+    out_specs += [sp["bc"], sp["bc"], sp["col"], sp["col"], sp["row"], sp["chunk_row"], sp["state"]]
     q, n = d.chunk, d.d_state
     scratch = [
         pltpu.VMEM((q, q), f32),  # CB
@@ -491,14 +487,14 @@ def backward(
     )
     dx = _time_major(outs.pop(0), d)
     dz = _time_major(outs.pop(0), d) if has_z else None
-    db, dc, ddt, da, dD_part, dinit = outs
+    db, dc, ddt, da, da_row, dD_part, dinit = outs
     return dict(
         dx=dx,
         dz=dz,
         dB=_time_major(db, d),
         dC=_time_major(dc, d),
         ddt_direct=ddt[..., 0],
-        da=da[..., 0],
+        da=da[..., 0] + da_row.reshape(d.batch, d.heads, d.tc),
         dD_part=jnp.transpose(dD_part[:, :, :, 0, :], (0, 2, 1, 3)),  # [B,c,H,P]
         dinit=dinit,
     )
