@@ -111,19 +111,20 @@ class GpuBlockSizes:
         """The largest tiles whose estimated shared memory fits `smem_bytes` (device's if None).
 
         The estimate (`smem_estimate`) gets a 25% margin; the candidates shrink the pipeline depth,
-        then the time tiles, down to 16-token tiles with one stage, which fit any GPU since Volta.
+        then the time tiles, then the state-dim slice, down to 16-token tiles with one stage and
+        16-wide slices of N, which fit any GPU since Volta for head dims up to 256.
         """
         smem = device_smem_bytes() if smem_bytes is None else smem_bytes
         pb, nb = pow2_at_least_16(head_dim), pow2_at_least_16(d_state)
         item = jnp.dtype(dtype).itemsize
         prefs = [(64, 3), (64, 2), (32, 2), (32, 1), (16, 1)] if item <= 2 else [(64, 2), (32, 2), (32, 1), (16, 1)]
         chunk_kernels = ("ssd_bmm", "ssd_chunk_fwd", "ssd_chunk_bwd_dx", "ssd_chunk_bwd_dc")
-        fits = lambda bs, names: 1.25 * max(bs.smem_estimate(pb, nb, item, has_z)[k] for k in names) <= smem
-        for tile, stages in prefs:
+        fits = lambda bs, names: 1.25 * max(bs.smem_estimate(pb, nb, item, has_z)[k] for k in names) <= smem  # noqa: E731
+        # Shrink the pipeline depth and the time tile first, then the state-dim slice.
+        cands = [(tile, stages, min(64, nb)) for tile, stages in prefs] + [(16, 1, min(bn, nb)) for bn in (32, 16)]
+        for tile, stages, bn in cands:
             tile = min(tile, chunk_size)
-            chosen = cls(
-                bq=tile, bp=min(64, pb), bn=min(64, nb), bm=tile, num_warps=8 if tile >= 64 else 4, num_stages=stages
-            )
+            chosen = cls(bq=tile, bp=min(64, pb), bn=bn, bm=tile, num_warps=8 if tile >= 64 else 4, num_stages=stages)
             if fits(chosen, chunk_kernels):
                 break
         # The state kernels hold no [bm,bm] tiles: give them the longest time tile that fits.
@@ -145,14 +146,14 @@ class GpuBlockSizes:
         s, bq, bp, bn, bm = self.num_stages, self.bq, self.bp, self.bn, self.bm
         nz = 2 if has_z else 1
         return {
-            "ssd_bmm": 2 * bm * nb * item,
+            "ssd_bmm": 2 * bm * bn * item,
             "ssd_state_fwd": s * (bq * bp + bq * bn) * item,
             "ssd_state_bwd": s * (bq * bp * nz + bq * bn) * item + bp * bn * 4,
-            "ssd_chunk_fwd": s * (bm * bm * 4 + bm * pb * item) + (bm * bm + bm * nb + pb * nb) * item,
-            "ssd_chunk_bwd_dx": s * (bm * pb * nz * item + bm * nb * item + bm * bm * 4)
-            + (2 * bm * bm + bm * pb + bm * nb + pb * nb) * item,
-            "ssd_chunk_bwd_dc": s * (bm * pb * item + bm * nb * item + bm * bm * 4)
-            + (bm * bm + bm * pb * nz + pb * nb) * item,
+            "ssd_chunk_fwd": s * (bm * bm * 4 + bm * pb * item) + (bm * bm + bm * bn + pb * bn) * item,
+            "ssd_chunk_bwd_dx": s * (bm * pb * nz * item + bm * bn * item + bm * bm * 4)
+            + (2 * bm * bm + bm * pb + bm * bn + pb * bn) * item,
+            "ssd_chunk_bwd_dc": s * (bm * pb * item + bm * bn * item + bm * bm * 4)
+            + (bm * bm + bm * pb * nz + pb * bn) * item,
         }
 
 
@@ -226,6 +227,13 @@ def _store(ref, idx, val, rows, cols):
     plgpu.store(ref.at[idx], val.astype(ref.dtype), mask=_mask(rows, cols, val.shape))
 
 
+def _n_slices(d: _Dims, bs: GpuBlockSizes):
+    """Static [bn]-wide slices of the state dim with their column validity: no dot stages more
+    than bn columns of C, B or a state at once."""
+    exact = d.nb == d.d_state
+    return [(pl.ds(k * bs.bn, bs.bn), _valid(k * bs.bn, bs.bn, d.d_state, exact)) for k in range(d.nb // bs.bn)]
+
+
 def _chunk_seg(seg_ref, ci, q):
     """(segment of the chunk's last token, segment of the token before the chunk; 0 for chunk 0)."""
     seg_end = seg_ref[ci * q + q - 1]
@@ -237,16 +245,20 @@ def _chunk_seg(seg_ref, ci, q):
 def _bmm_kernel(c_ref, b_ref, cb_ref, *, d: _Dims, bs: GpuBlockSizes, mm_dtype):
     """CB tile [bm, bm] = C_i B_j^T for one (batch, chunk, group, i tile, j tile), j <= i."""
     ci, it, jt = pl.program_id(1), pl.program_id(3), pl.program_id(4)
-    bm, q = bs.bm, d.chunk
+    bm, bn, q = bs.bm, bs.bn, d.chunk
     exact_t = d.seqlen % q == 0
-    cols_n = _valid(0, d.nb, d.d_state, d.nb == d.d_state)
 
     @pl.when(jt <= it)
     def _():
         i0, j0 = it * bm, jt * bm
-        c = _load(c_ref, (pl.ds(i0, bm), slice(None)), _valid(ci * q + i0, bm, d.seqlen, exact_t), cols_n, (bm, d.nb))
-        b = _load(b_ref, (pl.ds(j0, bm), slice(None)), _valid(ci * q + j0, bm, d.seqlen, exact_t), cols_n, (bm, d.nb))
-        cb_ref[...] = dot(c, b, (1, 1), mm_dtype)  # [bm,bm]
+        rows_i = _valid(ci * q + i0, bm, d.seqlen, exact_t)
+        rows_j = _valid(ci * q + j0, bm, d.seqlen, exact_t)
+        cb = jnp.zeros((bm, bm), f32)
+        for ns, cols in _n_slices(d, bs):  # contract over N in [bn] slices
+            c = _load(c_ref, (pl.ds(i0, bm), ns), rows_i, cols, (bm, bn))
+            b = _load(b_ref, (pl.ds(j0, bm), ns), rows_j, cols, (bm, bn))
+            cb = cb + dot(c, b, (1, 1), mm_dtype)
+        cb_ref[...] = cb  # [bm,bm]
 
 
 def _state_fwd_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_init, mm_dtype):
@@ -296,11 +308,10 @@ def _chunk_fwd_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_z, save_y
     y_ref = rest.pop(0)
     ypre_ref = rest.pop(0) if save_ypre else None
     ci, it = pl.program_id(1), pl.program_id(3)
-    q, bm, pb, nb = d.chunk, bs.bm, d.pb, d.nb
+    q, bm, pb = d.chunk, bs.bm, d.pb
     i0 = it * bm
     exact_t = d.seqlen % q == 0
     cols_p = _valid(0, pb, d.head_dim, pb == d.head_dim)
-    cols_n = _valid(0, nb, d.d_state, nb == d.d_state)
     rows_i = _valid(ci * q + i0, bm, d.seqlen, exact_t)
     a_i = a_ref[pl.ds(i0, bm)]  # [bm]
     idx_i = i0 + _iota(bm)
@@ -309,11 +320,14 @@ def _chunk_fwd_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_z, save_y
         _, seg_prev = _chunk_seg(seg_ref, ci, q)
 
     # State -> output (step 4): the carried state read out by C_i, decayed from the chunk start.
-    c_i = _load(c_ref, (pl.ds(i0, bm), slice(None)), rows_i, cols_n, (bm, nb))  # [bm,Nb]
     w_off = jnp.exp(a_i)
     if has_seg:
         w_off = jnp.where(seg_i == seg_prev, w_off, 0.0)
-    y = dot(c_i, s_ref[...], (1, 1), mm_dtype) * w_off[:, None]  # [bm,Pb]
+    y = jnp.zeros((bm, pb), f32)
+    for ns, cols in _n_slices(d, bs):
+        c_i = _load(c_ref, (pl.ds(i0, bm), ns), rows_i, cols, (bm, bs.bn))  # [bm,bn]
+        y = y + dot(c_i, s_ref[:, ns], (1, 1), mm_dtype)  # [bm,Pb]
+    y = y * w_off[:, None]
 
     # Intra-chunk (step 1): causal tiles j <= i of (L o CB) times dt x.
     def tile(jt, y):
@@ -388,14 +402,14 @@ def _chunk_bwd_dx_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_z, mm_
     dz_ref = rest.pop(0) if has_z else None
     db_ref, ddt_ref, da_ref, daend_ref, dd_ref = rest
     ci, jt = pl.program_id(1), pl.program_id(3)
-    q, bm, pb, nb = d.chunk, bs.bm, d.pb, d.nb
+    q, bm, bn, pb = d.chunk, bs.bm, bs.bn, d.pb
     j0 = jt * bm
     exact_t = d.seqlen % q == 0
     cols_p = _valid(0, pb, d.head_dim, pb == d.head_dim)
-    cols_n = _valid(0, nb, d.d_state, nb == d.d_state)
     rows_j = _valid(ci * q + j0, bm, d.seqlen, exact_t)
     idx_j = j0 + _iota(bm)
-    b_j = _load(b_ref, (pl.ds(j0, bm), slice(None)), rows_j, cols_n, (bm, nb))  # [bm,Nb]
+    slices = _n_slices(d, bs)
+    b_j = [_load(b_ref, (pl.ds(j0, bm), ns), rows_j, cols, (bm, bn)) for ns, cols in slices]  # [bm,bn] each
     if has_seg:
         seg_j = seg_ref[pl.ds(ci * q + j0, bm)]
         seg_end, _ = _chunk_seg(seg_ref, ci, q)
@@ -405,7 +419,6 @@ def _chunk_bwd_dx_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_z, mm_
         x_j = _load(x_ref, (*sl_j, r, slice(None)), rows_j, cols_p, (bm, pb)).astype(f32)  # [bm,Pb]
         dt_j = dt_ref[r, pl.ds(j0, bm)]  # [bm]
         a_j = a_ref[r, pl.ds(j0, bm)]
-        ds = ds_ref[r]  # [Pb,Nb] cotangent of the state leaving the chunk
 
         # Intra-chunk, tiles i >= j: u_j = sum_i (L o CB)[i,j] dy_i and dCB_h[i,j] = (dy_i . x_j) dt_j L[i,j].
         def tile(it, carry):
@@ -425,13 +438,18 @@ def _chunk_bwd_dx_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_z, mm_
             # Column sums of dCB o CB (the same fp32 tile as the row sums of kernel 6, so that the
             # two sides of d a cancel exactly where they should).
             ecol = ecol + jnp.sum(dcb * cb, axis=0)  # [bm_j]
-            c_i = _load(c_ref, (pl.ds(i0, bm), slice(None)), rows_i, cols_n, (bm, nb))
-            return u, ecol, db + dot(dcb, c_i, (0, 0), mm_dtype)  # [bm_j,Nb]
+            db = tuple(
+                db_k + dot(dcb, _load(c_ref, (pl.ds(i0, bm), ns), rows_i, cols, (bm, bn)), (0, 0), mm_dtype)
+                for db_k, (ns, cols) in zip(db, slices)
+            )  # [bm_j,bn] each
+            return u, ecol, db
 
         zero = (jnp.zeros((bm, pb), f32), jnp.zeros((bm,), f32))
         u, ecol, db = jax.lax.fori_loop(jt, q // bm, tile, (*zero, db))
         # Inputs to the chunk state: v_j = ds B_j and the weight exp(a_end - a_j) dt_j.
-        v = dot(b_j, ds, (1, 1), mm_dtype)  # [bm,Pb]
+        v = jnp.zeros((bm, pb), f32)
+        for (ns, _), b_k in zip(slices, b_j):
+            v = v + dot(b_k, ds_ref[r, :, ns], (1, 1), mm_dtype)  # [bm,Pb]
         e_j = jnp.exp(a_ref[r, q - 1] - a_j)  # [bm]
         if has_seg:
             e_j = jnp.where(seg_j == seg_end, e_j, 0.0)
@@ -449,10 +467,12 @@ def _chunk_bwd_dx_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_z, mm_
         da_ref[r, :] = -(ecol + w_j * xv)  # d loss / d a_j (column side)
         daend_ref[r] = jnp.sum(w_j * xv)  # d loss / d a_end through the chunk state
         dd_ref[r, :] = jnp.sum(dy_j * x_j, axis=0)  # dD partial [Pb]
-        return db + dot(x_j * w_j[:, None], ds, (1, 0), mm_dtype)  # [bm,Nb]
+        xw = x_j * w_j[:, None]
+        return tuple(db_k + dot(xw, ds_ref[r, :, ns], (1, 0), mm_dtype) for db_k, (ns, _) in zip(db, slices))
 
-    db = jax.lax.fori_loop(0, d.rep, head, jnp.zeros((bm, nb), f32))
-    _store(db_ref, (slice(None), slice(None)), db, rows_j, cols_n)
+    db = jax.lax.fori_loop(0, d.rep, head, tuple(jnp.zeros((bm, bn), f32) for _ in slices))
+    for db_k, (ns, cols) in zip(db, slices):
+        _store(db_ref, (slice(None), ns), db_k, rows_j, cols)
 
 
 def _chunk_bwd_dc_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_z, mm_dtype):
@@ -463,14 +483,14 @@ def _chunk_bwd_dc_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_z, mm_
     z_ref = rest.pop(0) if has_z else None
     dc_ref, da_ref = rest
     ci, it = pl.program_id(1), pl.program_id(3)
-    q, bm, pb, nb = d.chunk, bs.bm, d.pb, d.nb
+    q, bm, bn, pb = d.chunk, bs.bm, bs.bn, d.pb
     i0 = it * bm
     exact_t = d.seqlen % q == 0
     cols_p = _valid(0, pb, d.head_dim, pb == d.head_dim)
-    cols_n = _valid(0, nb, d.d_state, nb == d.d_state)
     rows_i = _valid(ci * q + i0, bm, d.seqlen, exact_t)
     idx_i = i0 + _iota(bm)
-    c_i = _load(c_ref, (pl.ds(i0, bm), slice(None)), rows_i, cols_n, (bm, nb)).astype(f32)  # [bm,Nb]
+    slices = _n_slices(d, bs)
+    c_i = [_load(c_ref, (pl.ds(i0, bm), ns), rows_i, cols, (bm, bn)).astype(f32) for ns, cols in slices]
     if has_seg:
         seg_i = seg_ref[pl.ds(ci * q + i0, bm)]
         _, seg_prev = _chunk_seg(seg_ref, ci, q)
@@ -484,8 +504,13 @@ def _chunk_bwd_dc_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_z, mm_
         e_i = jnp.exp(a_i)
         if has_seg:
             e_i = jnp.where(seg_i == seg_prev, e_i, 0.0)
-        dc_off = dot(dy_i * e_i[:, None], s_ref[r], (1, 0), mm_dtype)  # [bm,Nb]
-        da = jnp.sum(dc_off * c_i, axis=1)  # [bm]
+        dy_e = dy_i * e_i[:, None]
+        da = jnp.zeros((bm,), f32)
+        new_dc = []
+        for dc_k, c_k, (ns, _) in zip(dc, c_i, slices):
+            dc_off = dot(dy_e, s_ref[r, :, ns], (1, 0), mm_dtype)  # [bm,bn]
+            da = da + jnp.sum(dc_off * c_k, axis=1)
+            new_dc.append(dc_k + dc_off)
 
         # Intra-chunk tiles j <= i: dC_i += dCB_h[i,j] B_j; d a_i += sum_j dCB_h[i,j] CB[i,j].
         def tile(jt, carry):
@@ -498,16 +523,20 @@ def _chunk_bwd_dc_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_z, mm_
             lmat = decay_matrix(a_i[:, None], a_ref[r, pl.ds(j0, bm)][None, :], keep)  # [bm_i,bm_j]
             x_j = _load(x_ref, (pl.ds(j0, bm), r, slice(None)), rows_j, cols_p, (bm, pb))
             dcb = dot(dy_i, x_j, (1, 1), mm_dtype) * dt_ref[r, pl.ds(j0, bm)][None, :] * lmat
-            b_j = _load(b_ref, (pl.ds(j0, bm), slice(None)), rows_j, cols_n, (bm, nb))
             da = da + jnp.sum(dcb * cb_ref[pl.ds(i0, bm), pl.ds(j0, bm)], axis=1)
-            return dc + dot(dcb, b_j, (1, 0), mm_dtype), da
+            dc = tuple(
+                dc_k + dot(dcb, _load(b_ref, (pl.ds(j0, bm), ns), rows_j, cols, (bm, bn)), (1, 0), mm_dtype)
+                for dc_k, (ns, cols) in zip(dc, slices)
+            )  # [bm_i,bn] each
+            return dc, da
 
-        dc, da = jax.lax.fori_loop(0, it + 1, tile, (dc + dc_off, da))
+        dc, da = jax.lax.fori_loop(0, it + 1, tile, (tuple(new_dc), da))
         da_ref[r, :] = da  # d loss / d a_i (row side)
         return dc
 
-    dc = jax.lax.fori_loop(0, d.rep, head, jnp.zeros((bm, nb), f32))
-    _store(dc_ref, (slice(None), slice(None)), dc, rows_i, cols_n)
+    dc = jax.lax.fori_loop(0, d.rep, head, tuple(jnp.zeros((bm, bn), f32) for _ in slices))
+    for dc_k, (ns, cols) in zip(dc, slices):
+        _store(dc_ref, (slice(None), ns), dc_k, rows_i, cols)
 
 
 # ------------------------------------------------------------------------------------ cost model

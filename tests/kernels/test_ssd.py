@@ -32,12 +32,17 @@ GRAD_TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 
 
-def ssd_impl(impl):
+# 16-wide tiles for the Triton family: several row tiles per chunk, several [bp,bn] state tiles and
+# several N slices (with P = 24, N = 40 padded to 32, 64), the loops that 64-wide tiles skip.
+SMALL_TILES = pallas_gpu.GpuBlockSizes(bq=16, bp=16, bn=16, bm=16, num_warps=4, num_stages=1)
+
+
+def ssd_impl(impl, block_sizes=None):
     """`ssd`-like callable (returns (y, final)) for an implementation name of this file."""
     if impl == "pallas_tpu":
         return functools.partial(ssd_pallas, backend="tpu", interpret=True)
     if impl == "pallas":
-        return functools.partial(ssd_pallas, backend="gpu", interpret=True)
+        return functools.partial(ssd_pallas, backend="gpu", interpret=True, block_sizes=block_sizes)
     return functools.partial(ssd, implementation=impl, return_final_states=True)
 
 
@@ -248,13 +253,15 @@ class TestSSDParity:
 
 
 # ------------------------------------------------------------------------------------- gradients
-def _vjp_case(impl, chunk, args, kw, seq_idx, with_final, cot_seed=7):
-    """(outputs, cotangents, gradients of GRAD_NAMES present) of ssd under jax.vjp, jitted."""
+def _vjp_case(impl, chunk, args, kw, seq_idx, with_final, cot_seed=7, block_sizes=None):
+    """Gradients (by name) of ssd under jax.vjp with seeded random cotangents, jitted."""
     names = tuple(n for n in GRAD_NAMES if n in args or n in kw)
     values = [args.get(n, kw.get(n)) for n in names]
 
     def f(*vals):
-        y, h = ssd_impl(impl)(**dict(zip(names, vals)), chunk_size=chunk, dt_softplus=True, seq_idx=seq_idx)
+        y, h = ssd_impl(impl, block_sizes)(
+            **dict(zip(names, vals)), chunk_size=chunk, dt_softplus=True, seq_idx=seq_idx
+        )
         return (y, h) if with_final else (y,)
 
     @jax.jit
@@ -293,9 +300,9 @@ def _reference_grads(case):
 
 
 def _grad_case(case):
-    if case == "fp32-Q16-every-option":  # seq_idx, initial state, gate, D, dt_bias; T = 45; G = 2
-        args, kw = make_inputs(6, seqlen=45, groups=2)
-        return args, kw, seq_idx_for(2, (20, 5, 10, 10), (0, 1, 1, 2)), 16, True, jnp.float32
+    if case == "fp32-Q32-every-option":  # seq_idx, initial state, gate, D, dt_bias; T = 45; G = 2; odd P, N
+        args, kw = make_inputs(6, seqlen=45, groups=2, head_dim=24, d_state=40)
+        return args, kw, seq_idx_for(2, (20, 5, 10, 10), (0, 1, 1, 2)), 32, True, jnp.float32
     if case == "bf16-Q256-T300-y-only":  # the presets' chunk in bf16; D per (h, p); only y returned
         args, kw = make_inputs(8, batch=1, seqlen=300, heads=2, groups=1, d_per_p=True, gate=False, init=False)
         args = {k: v.astype(jnp.bfloat16) if k in ("x", "B", "C") else v for k, v in args.items()}
@@ -303,7 +310,7 @@ def _grad_case(case):
     raise KeyError(case)
 
 
-GRAD_CASES = ["fp32-Q16-every-option", "bf16-Q256-T300-y-only"]
+GRAD_CASES = ["fp32-Q32-every-option", "bf16-Q256-T300-y-only"]
 
 
 @pytest.mark.parametrize("case", GRAD_CASES)
@@ -313,7 +320,9 @@ def test_gradients(impl, case):
     if impl == "xla" and case != GRAD_CASES[0]:
         pytest.skip("the XLA path is plain JAX autodiff; one case covers it")
     args, kw, seq_idx, chunk, with_final, dtype = _grad_case(case)
-    grads = _vjp_case(impl, chunk, args, kw, seq_idx, with_final)
+    # The every-option case runs the Triton family with 16-wide tiles (the bf16 case with the chosen ones).
+    tiles = SMALL_TILES if case == GRAD_CASES[0] else None
+    grads = _vjp_case(impl, chunk, args, kw, seq_idx, with_final, block_sizes=tiles)
     assert_grads_close(grads, _reference_grads(case), dtype)
 
 
