@@ -8,10 +8,10 @@ Three implementations compute the same function (`implementation`, spelled as in
 - "xla": the chunked SSD algorithm in pure JAX (float32), every backend;
 - "pallas": Pallas kernels, one family per backend: `pallas_gpu.py` (Triton, native [B,T,H,P]
   layout, 3 forward + 4 backward kernels) and `pallas_tpu.py` (Mosaic, one fused forward and one
-  fused backward kernel with the chunk axis sequential). `interpret=None` interprets on CPU; on CPU
-  the Triton family runs (`interpret=True`), and a `pltpu.InterpretParams()` runs the TPU family
-  under TPU semantics. `ssd_pallas(..., backend="gpu"|"tpu")` picks a family explicitly (tests,
-  `jax.export` for another platform).
+  fused backward kernel with the chunk axis sequential). `interpret=None` interprets on CPU, where
+  the TPU family runs (as for `sparse_attention`; `pltpu.InterpretParams()` adds TPU semantics
+  checks). `ssd_pallas(..., backend="gpu"|"tpu")` picks a family explicitly (tests of the Triton
+  family on CPU, `jax.export` for another platform).
 
 The "pallas" path is differentiated by the custom VJP below, itself Pallas kernels: it saves the
 inputs (and, with a gate z, the pre-gate output), recomputes C B^T and the chunk-entry states with
@@ -129,8 +129,8 @@ def ssd(
       B: [B,T,G,N] input projections; head h uses group h // (H // G).
       C: [B,T,G,N] output projections.
       chunk_size: chunk length Q of the chunked algorithm (any T works). The pallas path needs a
-        power of two >= 16 for the Triton family (GPU, and the CPU interpreter) and a multiple of 8
-        for the TPU family.
+        power of two >= 16 for the Triton family (GPU) and a multiple of 8 for the TPU family (TPU,
+        and the CPU interpreter).
       D: [H] or [H,P] skip weights.
       z: [B,T,H,P] gate; the output is multiplied by silu(z).
       dt_bias: [H] added to dt before the softplus.
@@ -174,12 +174,12 @@ def ssd(
 def kernel_backend(interpret: Any = None) -> str:
     """The kernel family `ssd(implementation="pallas")` runs: "tpu" or "gpu" (Triton).
 
-    TPU devices and a `pltpu.InterpretParams()` get the TPU family; GPUs and the CPU interpreter
-    (`interpret=True`) get the Triton family.
+    GPUs get the Triton family; TPUs, a `pltpu.InterpretParams()` and the CPU interpreter get the TPU
+    family (as `sparse_attention` does).
     """
-    if isinstance(interpret, pltpu.InterpretParams) or jax.default_backend() == "tpu":
-        return "tpu"
-    return "gpu"
+    if jax.default_backend() == "gpu" and not isinstance(interpret, pltpu.InterpretParams):
+        return "gpu"
+    return "tpu"
 
 
 def _family(backend):

@@ -544,8 +544,9 @@ def test_auto_implementation():
     f = jax.jit(functools.partial(ssd, chunk_size=16, dt_softplus=True))
     y_x = jax.jit(functools.partial(ssd, chunk_size=16, dt_softplus=True, implementation="xla"))(**args, **kw)
     np.testing.assert_array_equal(np.asarray(f(**args, **kw)), np.asarray(y_x))
-    y_p = jax.jit(functools.partial(ssd, chunk_size=16, dt_softplus=True, implementation="pallas"))(**args, **kw)
-    assert_close(y_p, y_x, jnp.float32)
+    pallas = functools.partial(ssd, chunk_size=16, dt_softplus=True, implementation="pallas")
+    assert "ssd_tpu_fwd" in str(jax.make_jaxpr(pallas)(**args, **kw))
+    assert_close(jax.jit(pallas)(**args, **kw), y_x, jnp.float32)
 
 
 @pytest.mark.slow
@@ -619,7 +620,7 @@ class TestErrors:
             ({"implementation": "triton"}, "implementation='triton' is not one of"),
             ({"implementation": None}, "implementation=None is not one of"),
             ({"implementation": "pallas", "interpret": False}, "needs interpret=True"),
-            ({"implementation": "pallas", "chunk_size": 24}, "power of two"),
+            ({"implementation": "pallas", "chunk_size": 12}, "multiple of 8"),
             ({"implementation": "pallas", "interpret": pltpu.InterpretParams(), "chunk_size": 12}, "multiple of 8"),
         ],
     )
@@ -627,6 +628,19 @@ class TestErrors:
         args, _ = self._args()
         with pytest.raises(ValueError, match=match):
             ssd(**args, **kw)
+
+    @pytest.mark.parametrize(
+        "kw,match",
+        [
+            ({"backend": "gpu", "chunk_size": 24}, "power of two >= 16"),
+            ({"backend": "gpu", "chunk_size": 8}, "power of two >= 16"),
+            ({"backend": "cuda"}, "backend='cuda' must be 'gpu'"),
+        ],
+    )
+    def test_bad_pallas_config(self, kw, match):
+        args, _ = self._args()
+        with pytest.raises(ValueError, match=match):
+            ssd_pallas(**args, **kw)
 
     def test_step_shapes(self):
         args, kw = self._args()
