@@ -257,7 +257,8 @@ def test_transposed_tables_list_the_same_visits():
         kw["block_indices"], cfg, 2, 4))
     want = _visits(table, 2)
     nq, nk = cfg.nq, cfg.nk
-    kt = jax.tree.map(np.asarray, common.transpose_table(table, cfg, 2))
+    kt = jax.tree.map(np.asarray, jax.jit(common.transpose_table, static_argnums=(1, 2))(
+        table, cfg, 2))
     got = set()
     for bi, ki, j in np.ndindex(2, 2, nk):
         start, mid, end, _ = kt.bounds[bi, ki, j]
@@ -266,7 +267,8 @@ def test_transposed_tables_list_the_same_visits():
             assert (code == common.FULL) == (r < mid)
             got.add((bi, ki, src // nq, src % nq, j, code))
     assert got == want
-    ft = jax.tree.map(np.asarray, common.flat_key_table(table, cfg, 2))
+    ft = jax.tree.map(np.asarray, jax.jit(common.flat_key_table, static_argnums=(1, 2))(
+        table, cfg, 2))
     got, placeholders = set(), set()
     for bi, ki in np.ndindex(2, 2):
         for e in range(ft.blk.shape[-1]):
@@ -306,7 +308,7 @@ def test_cost_model_counts_the_visited_blocks():
     for causal in (True, False):
         cfg = common.Config(seq_q=100, seq_k=130, block_q=16, block_k=32, causal=causal,
                             window=None, sinks=0, sm_scale=1.0, dense=True)
-        table = common.slot_table(None, cfg, 1, 1)
+        table = jax.jit(common.slot_table, static_argnums=(1, 2, 3))(None, cfg, 1, 1)
         assert common.visited_pairs(cfg, None) == int(table.n_valid.sum())
 
 
