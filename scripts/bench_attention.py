@@ -175,9 +175,10 @@ def analytic_flop_ratio(t, hip_cfg=None):
 
 def run(lengths=None, *, batch=1, heads=None, head_dim=None, dtype=None, implementation="auto",
         repeats=10, check_rows=512, recall_scales=(0.0, 256.0, 1024.0), recall_heads=2,
-        recall_max_len=32768, torch_peer=True, verbose=True):
+        recall_max_len=32768, torch_peer=True, recall_only=False, verbose=True):
     """Runs the benchmark; returns one dict per measurement (kind: time, speedup, recall, correct,
-    error). Arguments default to the issue's GPU/TPU setting or a small CPU setting."""
+    error). Arguments default to the issue's GPU/TPU setting or a small CPU setting;
+    `recall_only` measures only the search's recall (no timing, no dense peers)."""
     backend = jax.default_backend()
     accel = backend in ("gpu", "tpu")
     lengths = lengths or ([8192, 32768, 131072] if accel else [4096, 8192])
@@ -209,6 +210,11 @@ def run(lengths=None, *, batch=1, heads=None, head_dim=None, dtype=None, impleme
     peers = _peers(backend, heads, head_dim)
 
     def one_length(t):
+        if recall_only:
+            for scale in recall_scales:
+                guarded(f"recall {t} {scale}", lambda scale=scale: _recall_row(
+                    emit, t, scale, recall_heads, head_dim, dtype, implementation))
+            return
         flops = 4 * t * t * heads * head_dim / 2 * batch  # causal
         key = jax.random.key(t)
         q, k = hip.locality_inputs(key, batch=batch, seq=t, heads=heads, kv_heads=heads,
@@ -278,6 +284,8 @@ def run(lengths=None, *, batch=1, heads=None, head_dim=None, dtype=None, impleme
     for t in lengths:
         one_length(t)
 
+    if recall_only:
+        return rows
     # Gradient correctness at the shortest length (the dense oracle's T^2 memory allows it).
     t = min(lengths)
     guarded(f"grads {t}", lambda: _grad_rows(emit, t, batch, heads, head_dim, dtype,
@@ -332,12 +340,19 @@ def main() -> None:
     parser.add_argument("--check-rows", type=int, default=512)
     parser.add_argument("--recall-max-len", type=int, default=32768)
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--recall-only", action="store_true",
+                        help="only the search's block recall (e.g. long T on CPU)")
+    parser.add_argument("--recall-heads", type=int, default=2)
+    parser.add_argument("--recall-scales", type=float, nargs="+", default=[0.0, 256.0, 1024.0],
+                        help="length scales (tokens) of the locality inputs; 0 = white noise")
     parser.add_argument("--json", default=None, help="also append the rows to this JSONL file")
     args = parser.parse_args()
     rows = run(args.lengths, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
                dtype=args.dtype, implementation=args.implementation, repeats=args.repeats,
                check_rows=args.check_rows, recall_max_len=args.recall_max_len,
-               torch_peer=not args.no_torch)
+               recall_heads=args.recall_heads, recall_scales=tuple(args.recall_scales),
+               torch_peer=not args.no_torch,
+               recall_only=args.recall_only)
     print("\nsummary")
     for r in rows:
         if r["kind"] == "time":
