@@ -14,18 +14,20 @@ Forward (after the XLA prologue `common.chunk_dt`, which makes dt_t and a_t [B,H
                       walks the whole sequence for a [bp,bn] tile of the state:
                       s_{c+1} = exp(a_end,c) s_c + sum_j exp(a_end,c - a_j) dt_j x_j B_j^T
                       (steps 2+3 of Listing 1), storing s_c, the state entering chunk c, to
-                      [B,c,H,Pb,Nb] f32 and the final state. x and B are read in [bq,.] time tiles
-                      straight from [B,T,H,P] / [B,T,G,N]: no transposes, no padding copies.
+                      [B,c,H,Pb,Nb] (in the matmul dtype: only dots read it) and the final state
+                      (fp32). x and B are read in [bq,.] time tiles straight from [B,T,H,P] /
+                      [B,T,G,N]: no transposes, no padding copies.
   3. `ssd_chunk_fwd`  grid (B, c, H, Q/bm): a [bm] row block of outputs,
                       y_i = sum_{j<=i} CB[i,j] L[i,j] dt_j x_j + exp(a_i) C_i s_c^T   (steps 1+4)
-                      + D x_i, times silu(z_i); the j loop runs over [bk] tiles up to the diagonal.
+                      + D x_i, times silu(z_i); the j loop runs over [bm] tiles up to the diagonal.
 
 Backward (the custom VJP in `api.py`; CB and s_c are recomputed by kernels 1-2):
 
   4. `ssd_state_bwd`  grid (B, H, Pb/bp, Nb/bn): the reverse state pass. With dy = dout * silu(z),
                       ds_c = exp(a_end,c) ds_{c+1} + sum_i exp(a_i) dy_i^T C_i, from ds_{c+1} =
                       d final state; stores ds_{c+1} (the cotangent of the state leaving chunk c)
-                      [B,c,H,Pb,Nb], d initial state, and exp(a_end,c) <ds_{c+1}, s_c> per tile.
+                      [B,c,H,Pb,Nb] (matmul dtype), d initial state, and exp(a_end,c) <ds_{c+1}, s_c>
+                      per tile (d a_end through the chunk decay).
   5. `ssd_chunk_bwd_dx` grid (B, c, G, Q/bm): rows j of a chunk, looping over the R heads of the
                       group: u_j = sum_{i>=j} CB[i,j] L[i,j] dy_i, v_j = ds_{c+1} B_j,
                       dx_j = dt_j u_j + exp(a_end - a_j) dt_j v_j + D dy_j,
@@ -39,8 +41,9 @@ Backward (the custom VJP in `api.py`; CB and s_c are recomputed by kernels 1-2):
 
 The XLA epilogue `common.dt_backward` turns d a into d dt, dA, d dt_bias (a reverse cumsum over Q).
 Matmul operands are in the input dtype (fp32: HIGHEST precision) with fp32 accumulation; decays,
-masks, states and every accumulator are fp32. Block sizes come from `GpuBlockSizes.choose` (dtype and
-the device's shared memory).
+masks and every accumulator are fp32. Contractions over N run in [bn]-wide slices of N, so no dot
+stages a whole [Pb,Nb] state. Block sizes come from `GpuBlockSizes.choose` (dtype and the device's
+shared memory).
 """
 
 from __future__ import annotations
@@ -134,6 +137,20 @@ class GpuBlockSizes:
             if fits(cand, ("ssd_state_fwd", "ssd_state_bwd")):
                 return cand
         return chosen
+
+    def check(self, chunk_size, pb, nb):
+        """Raises ValueError unless the tiles are powers of two >= 16 that divide Q, Pb and Nb."""
+        for name, size, whole in (
+            ("bq", self.bq, chunk_size),
+            ("bm", self.bm, chunk_size),
+            ("bp", self.bp, pb),
+            ("bn", self.bn, nb),
+        ):
+            if size < 16 or size & (size - 1) or whole % size:
+                raise ValueError(
+                    f"ssd: GpuBlockSizes.{name}={size} must be a power of two >= 16 dividing {whole} "
+                    "(the chunk size, or P / N rounded up to a power of two); or pass block_sizes=None."
+                )
 
     def smem_estimate(self, pb, nb, item, has_z=True):
         """Estimated shared memory (bytes) per kernel.
@@ -657,6 +674,7 @@ def forward(x, dt_h, a_h, B, C, *, chunk_size, D, z, seg, initial_states, save_y
     d = _dims(x, B, chunk_size)
     mm_dtype = jnp.promote_types(x.dtype, B.dtype)
     bs = block_sizes or GpuBlockSizes.choose(d.chunk, d.head_dim, d.d_state, mm_dtype, has_z=z is not None)
+    bs.check(d.chunk, d.pb, d.nb)
     cb = _bmm(d, bs, B, C, mm_dtype, interpret)  # [B,c,G,Q,Q]
     states, final = _state_fwd(d, bs, x, B, dt_h, a_h, seg, initial_states, mm_dtype, interpret)
     rep, q, bm, nm = d.rep, d.chunk, bs.bm, d.chunk // bs.bm
@@ -717,6 +735,7 @@ def backward(
     itemsize = jnp.dtype(mm_dtype).itemsize
     has_z, has_seg = z is not None, seg is not None
     bs = block_sizes or GpuBlockSizes.choose(d.chunk, d.head_dim, d.d_state, mm_dtype, has_z=has_z)
+    bs.check(d.chunk, d.pb, d.nb)
     cb = _bmm(d, bs, B, C, mm_dtype, interpret)
     states, _ = _state_fwd(d, bs, x, B, dt_h, a_h, seg, initial_states, mm_dtype, interpret)
     rep, q, tc, bp, bn, bm = d.rep, d.chunk, d.tc, bs.bp, bs.bn, bs.bm

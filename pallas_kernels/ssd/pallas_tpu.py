@@ -13,10 +13,12 @@ that group's chunks and heads, written back once), so no block is ever revisited
     for head h = g R + r, with s = the carried state [P,N] of that head:
         y = (L o CB)(dt x) + exp(a) C s^T + D x, times silu(z)          (steps 1 + 4)
         s <- exp(a_end) s + (exp(a_end - a) dt x)^T B                     (steps 2 + 3)
-    With `emit_states` it also writes s_c (the state entering each chunk, [B,H,c,P,N] fp32) for the
-    backward; with `emit_y=False` it only runs the state recurrence.
+    With `emit_states` it also writes s_c (the state entering each chunk, [B,H,c,P,N] in the matmul
+    dtype: only the backward's dots read it); with `emit_y=False` (`ssd_tpu_fwd_states`) it only
+    runs the state recurrence.
   * `ssd_tpu_bwd`, grid (B, G, c, R) with the chunks in reverse, carrying ds (the cotangent of the
-    state leaving the chunk) per head in scratch [R,P,N]. For each (chunk, head), dy = dout silu(z):
+    state leaving the chunk) per head in the group's [R,P,N] block of d initial states. For each
+    (chunk, head), with dy = dout silu(z):
         u = (L o CB)^T dy, dCB_h = (dy x^T) o dt_j o L, v = B ds^T,
         dx = dt u + exp(a_end - a) dt v + D dy,   dz = dout (y + D x) silu'(z),
         d a = rowsum(dCB_h o CB) - colsum(dCB_h o CB) - exp(a_end - a) dt x.v + exp(a) dy.(s_c C)

@@ -635,6 +635,14 @@ class TestErrors:
             ({"backend": "gpu", "chunk_size": 24}, "power of two >= 16"),
             ({"backend": "gpu", "chunk_size": 8}, "power of two >= 16"),
             ({"backend": "cuda"}, "backend='cuda' must be 'gpu'"),
+            (
+                {
+                    "backend": "gpu",
+                    "chunk_size": 32,
+                    "block_sizes": pallas_gpu.GpuBlockSizes(bq=32, bp=16, bn=16, bm=24),
+                },
+                "GpuBlockSizes.bm=24 must be a power of two >= 16 dividing 32",
+            ),
         ],
     )
     def test_bad_pallas_config(self, kw, match):
