@@ -29,6 +29,7 @@ from pallas_kernels.sparse_attention import (
 )
 
 Backend = Literal["gpu", "tpu"]
+LISTED_BLOCK = 64  # block_q / block_k of a listed pattern when not given (= hip_block_indices')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,9 +148,10 @@ def sparse_attention(
         window: keep the last `window` keys up to and including the query itself (None: no window).
         sinks: always attend to the first `sinks` keys.
         block_q, block_k: the pattern's query / key block sizes, which are also the kernel tiles.
-            Required with `block_indices`; None (patterns without listed blocks) takes the tile
-            table's entry for the backend, head dim and dtype (`common.default_tiles`). The GPU
-            kernels need powers of two >= 16, the TPU kernels multiples of 8.
+            None: 64 with `block_indices` (the defaults of `hip_block_indices`); without listed
+            blocks (dense, window, sinks) the tile table's entry for the backend, head dim and
+            dtype (`common.default_tiles`). The GPU kernels need powers of two >= 16, the TPU
+            kernels multiples of 8.
         sm_scale: score scale, default 1/sqrt(P).
         segment_ids: [B, T] (self-attention) or a (q_ids [B, Tq], kv_ids [B, Tk]) pair: attend only
             where the ids are equal (document masking).
@@ -165,9 +167,10 @@ def sparse_attention(
     """
     impl = dispatch.resolve(implementation)
     interpret = dispatch.resolve_interpret(impl, interpret)
-    if block_indices is not None and (block_q is None or block_k is None):
-        raise ValueError("block_indices needs block_q and block_k (the block sizes its ids refer "
-                         "to); pass both.")
+    if block_indices is not None:
+        # Listed ids refer to the pattern's blocks: hip_block_indices' defaults unless given.
+        block_q = LISTED_BLOCK if block_q is None else block_q
+        block_k = LISTED_BLOCK if block_k is None else block_k
     cfg, q_seg, k_seg = common.validate(q, k, v, block_indices, segment_ids, causal=causal,
                                         window=window, sinks=sinks,
                                         block_q=1 if block_q is None else block_q,

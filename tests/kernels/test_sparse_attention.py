@@ -401,7 +401,7 @@ def test_pallas_lowers_for_gpu_and_tpu(platform, monkeypatch):
     ({"block_q": 0, "block_k": 16}, "block_q"),
     ({"implementation": "cuda"}, "implementation"),
     ({"implementation": None}, "implementation"),
-    ({"block_indices": jnp.zeros((1, 4, 3, 3), jnp.int32)}, "block_q and block_k"),
+    ({"block_indices": jnp.zeros((1, 4, 3, 3), jnp.int32)}, "block_indices"),  # 64-blocks: nq=1
     ({"block_indices": jnp.zeros((1, 4, 2, 3), jnp.int32), "block_q": 16, "block_k": 16},
      "block_indices"),
     ({"segment_ids": jnp.zeros((1, 7), jnp.int32)}, "segment_ids"),
