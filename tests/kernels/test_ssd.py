@@ -484,7 +484,12 @@ def _export_fwd_bwd(platform, backend, dtype, chunk, monkeypatch, **shape):
 
 @pytest.mark.parametrize(
     "platform,backend,dtype,chunk",
-    [("cuda", "gpu", jnp.bfloat16, 64), ("cuda", "gpu", jnp.float32, 256), ("tpu", "tpu", jnp.bfloat16, 64)],
+    [
+        ("cuda", "gpu", jnp.bfloat16, 64),
+        ("cuda", "gpu", jnp.float32, 256),
+        ("tpu", "tpu", jnp.bfloat16, 64),
+        ("tpu", "tpu", jnp.float32, 256),
+    ],
 )
 def test_pallas_lowers_for_tpu_and_gpu(platform, backend, dtype, chunk, monkeypatch):
     """Every kernel lowers to Triton IR / Mosaic, forward and backward (jax.export; not compiled here).
