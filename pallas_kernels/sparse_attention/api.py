@@ -151,7 +151,8 @@ def sparse_attention(
             None: 64 with `block_indices` (the defaults of `hip_block_indices`); without listed
             blocks (dense, window, sinks) the tile table's entry for the backend, head dim and
             dtype (`common.default_tiles`). The GPU kernels need powers of two >= 16, the TPU
-            kernels multiples of 8.
+            kernels multiples of 8. Dense patterns run their backward on the tile table's
+            backward tiles whatever the forward's.
         sm_scale: score scale, default 1/sqrt(P).
         segment_ids: [B, T] (self-attention) or a (q_ids [B, Tq], kv_ids [B, Tk]) pair: attend only
             where the ids are equal (document masking).
@@ -194,7 +195,8 @@ def sparse_attention(
     bwd_cfg = cfg
     if impl == "pallas":
         _check_tiles(kb, interpret, cfg.block_q, cfg.block_k)
-        if cfg.dense and block_q is None and block_k is None:
+        if cfg.dense:
+            # Dense blocks are pure tiles: the backward takes its own from the tile table.
             bwd_cfg = cfg.with_blocks(_clamp_tile(tiles.bwd_block_q, tq),
                                       _clamp_tile(tiles.bwd_block_k, tk))
     dense_kernel = impl == "pallas" and cfg.dense
