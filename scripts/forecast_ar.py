@@ -43,13 +43,12 @@ from flax import nnx
 from zoo.data.timeseries import ARTask
 from zoo.layers import Linear, RMSNorm
 from zoo.models import registry
+from zoo.models.base import Forecaster, make_context
 from zoo.models.s4 import S4Block, S4Config
 
 
-class S4DForecaster(nnx.Module):
+class S4DForecaster(Forecaster):
     """x [B, lag, C] -> [B, horizon, C] with causal S4D blocks over lag + horizon steps (masked future)."""
-
-    task = "forecasting"
 
     def __init__(self, lag: int, horizon: int, d_model: int, n_layers: int, d_state: int, *,
                  input_transform: str = "mean", rngs: nnx.Rngs):
@@ -67,8 +66,9 @@ class S4DForecaster(nnx.Module):
         u = jnp.moveaxis(x - offset, 2, 1).reshape(b * c, self.lag, 1)           # channel-independent
         u = jnp.concatenate([u, jnp.zeros((b * c, self.horizon, 1), u.dtype)], axis=1)
         z = self.embed(u)
+        ctx = make_context(jnp.zeros(z.shape[:2], jnp.int32))
         for block in self.blocks:
-            z = block(z)
+            z = block(z, ctx)
         out = self.head(self.norm(z))[:, self.lag:, 0]                            # [B*C, H]
         return jnp.moveaxis(out.reshape(b, c, self.horizon), 1, 2) + offset
 

@@ -7,7 +7,7 @@ associative recall (`zoo.data.synthetic.AssociativeRecall`: 4 key-value pairs at
 `seq_len`-token sequence, noise, then the 4 keys queried at the end), where every answer lies
 ~seq_len tokens back: far outside a `window`-token sliding window, and outside the 4 * window
 receptive field of four stacked window layers. Reports the answer accuracy on held-out sequences
-and the attention FLOPs of each schedule relative to all-full (`masformer.attention_flops`), and
+and the attention FLOPs of each schedule relative to all-full (`transformer.attention_flops`), and
 writes results.json and recall.png to --out. About 4 CPU-minutes per schedule (0.45 s/step);
 schedules can run as parallel processes (one --schedules each) and be reported together with --merge.
 """
@@ -25,7 +25,8 @@ from flax import nnx
 
 from zoo.data.synthetic import AssociativeRecall
 from zoo.models import registry
-from zoo.models.masformer import attention_flops, parse_schedule
+from zoo.models.masformer import parse_schedule
+from zoo.models.transformer import attention_flops
 
 SCHEDULES = {
     "all-full": "full*4",

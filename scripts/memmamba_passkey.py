@@ -27,8 +27,8 @@ from zoo.config import make_config
 from zoo.data.pipeline import example_source
 from zoo.eval import longcontext
 from zoo.eval.memory_fidelity import memory_fidelity
-from zoo.train.checkpoint import load_model
-from zoo.train.params import ParamView
+from zoo.checkpoint import load_model
+from zoo.models.params import ParamView
 from zoo.train.trainer import train
 
 MODELS = {
@@ -50,7 +50,7 @@ def run(name: str, args) -> dict:
     config.optim.warmup_steps = max(1, args.steps // 10)
     workdir = os.path.join(args.out, name)
     t0 = time.perf_counter()
-    result = train(config, workdir, progress=False, evaluate=False)
+    result = train(config, workdir, progress=False)
     train_s = time.perf_counter() - t0
     model, config = load_model(workdir)
     n_params = sum(math.prod(s.shape) for s in ParamView(model).shapes.values())

@@ -3,7 +3,7 @@
     python scripts/stuffed_mamba.py --workdir runs/stuffed_mamba [--steps 3000 --train_len 128 --loss answer]
     python scripts/stuffed_mamba.py --workdir runs/stuffed_mamba --run runs/mamba2   # a `zoo train` run
 
-1. Trains the tiny Mamba-2 (`configs/mamba2.py:tiny`) on passkey retrieval at a short length with
+1. Trains the tiny Mamba-2 (`mamba2:tiny`) on passkey retrieval at a short length with
    the zoo's trainer (reuses the checkpoint when the work directory already has one). `--loss answer`
    (default) puts the loss on the 5 answer digits only: this is what makes the tiny model learn
    retrieval (with the loss on every token it stays at chance). `--loss full` trains on every token,
@@ -37,7 +37,7 @@ from zoo.config import apply_overrides, load_config  # noqa: E402
 from zoo.data.pipeline import example_source  # noqa: E402
 from zoo.eval import longcontext  # noqa: E402
 from zoo.models.mamba2 import calibrate_state_norm, state_norm_trace  # noqa: E402
-from zoo.train.checkpoint import load_model  # noqa: E402
+from zoo.checkpoint import load_model  # noqa: E402
 from zoo.train.trainer import train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +50,7 @@ def run_config(args):
                  f"--config.train.steps={args.steps}", "--config.train.log_every=50",
                  f"--config.train.checkpoint_every={args.steps}", "--config.optim.warmup_steps=50",
                  f"--config.data.answer_only={args.loss == 'answer'}"]
-    return apply_overrides(load_config(os.path.join(ROOT, "configs/mamba2.py:tiny")), overrides)
+    return apply_overrides(load_config("mamba2:tiny"), overrides)
 
 
 def mitigations(model, data, train_len: int, chunk: int) -> dict[str, dict]:
@@ -92,7 +92,7 @@ def main():
                              f"{config.data.source!r}; give a mamba2 run trained on passkey")
     else:
         ckpt_dir = os.path.join(args.workdir, "run")
-        result = train(run_config(args), ckpt_dir, progress=False, evaluate=False)
+        result = train(run_config(args), ckpt_dir, progress=False)
         print(f"trained {result['step']} steps at length {args.train_len} in {time.perf_counter() - t0:.0f}s: "
               f"{result.get('train', {})}", flush=True)
         model, config = load_model(ckpt_dir)

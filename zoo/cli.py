@@ -1,23 +1,29 @@
-"""The `zoo` command line: train, eval and info for every model in the zoo.
+"""The `zoo` command line: train, eval, info and convert for every model in the zoo.
 
-    zoo train --config configs/transformer.py:tiny --workdir runs/default [--config.a.b=value ...]
+    zoo train --config transformer:tiny --workdir runs/default [--config.a.b=value ...]
     zoo eval  --workdir runs/default [--step N]
-    zoo info  --config configs/mamba2.py:130m [--seq-len 2048] [--config.a.b=value ...]
+    zoo info  --config mamba2:130m [--seq-len 2048] [--config.a.b=value ...]
+    zoo models
+    zoo convert masformer --src runs/base --out runs/mas-init [--schedule window,full]
 
-Any user error (unknown key, model, preset, missing path, bad token ids, ...) prints one line
-`zoo: error: ...` and exits with status 2; nothing in an existing work directory is changed.
+The CLI orchestrates: `zoo train` trains (zoo.train), then evaluates the final checkpoint
+(zoo.eval); neither package imports the other. Any user error (unknown key, model, preset, missing
+path, bad token ids, ...) prints one line `zoo: error: ...` and exits with status 2; nothing in an
+existing work directory is changed.
 """
+
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo", description="JAX/Flax long-context model zoo")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train (or resume) a model")
-    t.add_argument("--config", required=True, help="configs/<model>.py[:preset]")
+    t = sub.add_parser("train", help="train (or resume) a model, then evaluate it")
+    t.add_argument("--config", required=True, help="<model>[:preset] or path/to/config.py[:preset]")
     t.add_argument("--workdir", required=True)
     t.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     e = sub.add_parser("eval", help="evaluate the checkpoint in a work directory")
@@ -27,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--config", required=True)
     i.add_argument("--seq-len", type=int, default=None, help="length for FLOPs (default: data.seq_len)")
     sub.add_parser("models", help="list the registered models and their presets")
+    c = sub.add_parser("convert", help="convert checkpoints between zoo models and other formats")
+    csub = c.add_subparsers(dest="what", required=True)
+    m = csub.add_parser("masformer", help="a trained full-attention transformer run -> a MASFormer model directory")
+    m.add_argument("--src", required=True, help="work directory of a transformer run")
+    m.add_argument("--out", required=True, help="new model directory (train from it with train.init_from)")
+    m.add_argument("--schedule", default="", help="e.g. window,full or full@5,11:block (default: the tiny preset's)")
     return p
 
 
@@ -35,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [a for a in argv if a.startswith("--config.")]
     args = _parser().parse_args([a for a in argv if not a.startswith("--config.")])
     from absl import flags
+
     flags.FLAGS.mark_as_parsed()  # Grain reads absl flags; the zoo CLI has none of its own
     try:
         return _run(args, overrides)
@@ -44,30 +57,62 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, overrides) -> int:
-    import json
-
     from zoo.config import load_config
+
+    if overrides and args.command not in ("train", "info"):
+        raise ValueError(f"--config.* overrides only apply to train and info, got {overrides}")
     if args.command == "train":
         from zoo.train.trainer import train
-        result = train(load_config(args.config, overrides), args.workdir, evaluate=not args.no_eval)
+
+        result = train(load_config(args.config, overrides), args.workdir)
         print(json.dumps({"step": result["step"], **result["train"]}, indent=None))
-        if "eval" in result:
+        if not args.no_eval:
+            _evaluate(args.workdir, None)
             print(f"evaluation written to {args.workdir}/eval.json and eval.png")
-            _print_eval(result["eval"])
         return 0
-    if overrides and args.command != "info":
-        raise ValueError(f"--config.* overrides only apply to train and info, got {overrides}")
     if args.command == "eval":
-        from zoo.eval.evaluate import evaluate_workdir
-        _print_eval(evaluate_workdir(args.workdir, step=args.step))
+        _evaluate(args.workdir, args.step)
         return 0
     if args.command == "models":
         from zoo.models import registry
+
         for name in registry.list_models():
-            print(f"{name:14s} presets: {', '.join(registry.list_presets(name))}")
+            kind = registry.model_kind(name)
+            print(f"{name:14s} {kind:10s} presets: {', '.join(registry.list_presets(name))}")
         return 0
+    if args.command == "convert":
+        return _convert(args)
     from zoo.info import describe
+
     print(describe(load_config(args.config, overrides), args.seq_len))
+    return 0
+
+
+def _evaluate(workdir: str, step: int | None) -> None:
+    import jax
+
+    from zoo.eval.evaluate import evaluate_workdir
+
+    if jax.process_index() == 0:
+        _print_eval(evaluate_workdir(workdir, step=step))
+
+
+def _convert(args) -> int:
+    from zoo.checkpoint import load_model, save_pretrained
+    from zoo.convert import convert_model
+    from zoo.models.masformer import PRESETS, parse_schedule
+
+    model, config = load_model(args.src)
+    if config.model_name != "transformer" or any(s.kind != "full" for s in model.config.layer_specs()):
+        raise ValueError(f"{args.src!r} is not a full-attention transformer run (model {config.model_name})")
+    n = model.config.n_layers
+    schedule = parse_schedule(args.schedule, n) if args.schedule else PRESETS["tiny"].layer_attention
+    if len(schedule) != n:
+        raise ValueError(f"the schedule has {len(schedule)} layers but the source has {n}; pass --schedule")
+    mas = convert_model(model, "masformer", layer_attention=tuple(schedule), attention="full")
+    save_pretrained(mas, args.out, source={"converted_from": args.src, "model_name": "transformer"})
+    print(f"wrote {args.out}: masformer with schedule {','.join(schedule)}; train it with "
+          f"--config.train.init_from={args.out}")
     return 0
 
 

@@ -1,13 +1,21 @@
-"""Run configurations (ml_collections) shared by every model's config file.
+"""Run configurations (ml_collections): one run = model + data + train + optim + mesh + eval.
 
-A config file `configs/<model>.py` defines `get_config(preset)` that calls `make_config` and adjusts
-what its model needs; `load_config("configs/x.py:preset", ["--config.a.b=1", ...])` reads it and
-applies absl-style overrides, rejecting unknown keys and wrong types with a clear message.
+A run config file (`zoo/configs/<model>.py`, also reachable as `configs/<model>.py`) defines
+`get_config(preset)`; it calls `make_config(model_name, preset, runs=RUNS)`, where `RUNS` maps a
+preset of the model to the few settings that differ from the defaults below (recipes shared by
+several models, like `pod_pretraining`, are defined here once). `load_config(spec, overrides)`
+reads `name[:preset]` (a packaged config, e.g. `mamba2:130m`) or `path/to/config.py[:preset]` and
+applies absl-style `--config.a.b=value` overrides, rejecting unknown keys and wrong types.
+
+Layering: run configs sit beside the trainer (they name models through `zoo.models.registry`);
+models, layers, kernels and data never import this module.
 """
+
 from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
 import importlib.util
 import os
 from typing import Any, Sequence
@@ -17,9 +25,21 @@ import ml_collections
 from zoo.models import registry
 
 
-def make_config(model_name: str, preset: str = "tiny", **model_overrides) -> ml_collections.ConfigDict:
-    """The default run config: model fields from the preset, then data, train, optim, mesh, eval."""
+def make_config(model_name: str, preset: str = "tiny", *, runs: dict[str, dict] | None = None,
+                **model_overrides) -> ml_collections.ConfigDict:
+    """The run config of a model preset: the defaults below, then `runs[preset]` (nested overrides).
+
+    Args:
+      model_name, preset: a registered model and one of its presets.
+      runs: {preset: {"data": {...}, "train": {...}, ...}} run settings per preset; every key must
+        be a preset of the model.
+      **model_overrides: model config fields to change.
+    """
     model_cfg = registry.get_model_config(model_name, preset, **model_overrides)
+    unknown = sorted(set(runs or {}) - set(registry.list_presets(model_name)))
+    if unknown:
+        raise ValueError(f"run settings for unknown preset(s) {unknown} of model {model_name!r}; "
+                         f"presets: {registry.list_presets(model_name)}")
     c = ml_collections.ConfigDict()
     c.model_name = model_name
     c.preset = preset
@@ -48,6 +68,7 @@ def make_config(model_name: str, preset: str = "tiny", **model_overrides) -> ml_
     c.train = ml_collections.ConfigDict(dict(
         steps=2000, seed=0, log_every=25, checkpoint_every=250, keep_checkpoints=2,
         grad_accum=1, eval_batches=4,
+        init_from="",          # start from these parameters: a model directory (zoo convert) or a work dir
     ))
     c.optim = ml_collections.ConfigDict(dict(
         lr=3e-3, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
@@ -57,19 +78,43 @@ def make_config(model_name: str, preset: str = "tiny", **model_overrides) -> ml_
     c.eval = ml_collections.ConfigDict(dict(
         lengths=[160, 320, 640], depths=[0.0, 0.25, 0.5, 0.75, 1.0], samples=32, batch_size=16,
     ))
-    return c
+    return update(c, (runs or {}).get(preset, {}))
 
 
-def answer_only_passkey(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The tiny SSM presets' passkey recipe (configs/mamba2.py, configs/memmamba.py): 128-token
-    sequences, 3000 steps, and the loss on the 5 answer digits only. With the loss on every token the
-    tiny SSM spends its capacity on the filler and stayed at chance on the key for 1,400 steps, where
-    answer-only training reached 0.8 digit accuracy (README, Mamba-2)."""
-    config.data.seq_len = 128
-    config.data.answer_only = True
-    config.train.steps = 3000
-    config.eval.lengths = [128, 512, 2048]
+def update(config: ml_collections.ConfigDict, overrides: dict, where: str = "") -> ml_collections.ConfigDict:
+    """Applies nested overrides {"section": {"key": value}} with the same checks as the command line."""
+    for key, value in overrides.items():
+        path = f"{where}.{key}" if where else key
+        if isinstance(value, dict):
+            if key not in config or not isinstance(config[key], ml_collections.ConfigDict):
+                raise ValueError(f"unknown config section {path!r}")
+            update(config[key], value, path)
+        else:
+            _set(config, path, key, value, f"run settings {path}={value!r}")
     return config
+
+
+def pod_pretraining(*, seq_len: int, batch_size: int, lr: float, steps: int = 100_000, warmup_steps: int = 2000,
+                    eval_lengths: Sequence[int] = (), **optim) -> dict:
+    """Run settings of a paper-scale pretraining run: prepared token shards (`zoo data prepare`), no
+    silent fallback to the embedded toy corpus, checkpoints every 1000 steps."""
+    return {
+        "data": {"source": "text", "seq_len": seq_len, "batch_size": batch_size, "allow_toy": False},
+        "optim": {"lr": lr, "warmup_steps": warmup_steps, **optim},
+        "train": {"steps": steps, "checkpoint_every": 1000},
+        **({"eval": {"lengths": list(eval_lengths)}} if eval_lengths else {}),
+    }
+
+
+# The tiny SSM presets' passkey recipe (mamba2, memmamba): 128-token sequences, 3000 steps, and the
+# loss on the 5 answer digits only. With the loss on every token the tiny SSM spends its capacity on
+# the filler and stayed at chance on the key for 1,400 steps, where answer-only training reached 0.8
+# digit accuracy (Mamba-2 model card).
+ANSWER_ONLY_PASSKEY = {
+    "data": {"seq_len": 128, "answer_only": True},
+    "train": {"steps": 3000},
+    "eval": {"lengths": [128, 512, 2048]},
+}
 
 
 def _parse_value(text: str) -> Any:
@@ -77,6 +122,20 @@ def _parse_value(text: str) -> Any:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text  # a bare string
+
+
+def _set(node: ml_collections.ConfigDict, path: str, leaf: str, value: Any, source: str) -> None:
+    """Sets node[leaf] = value if the key exists and the type matches (ints widen to floats)."""
+    if leaf not in node:
+        raise ValueError(f"unknown config key {path!r} in {source}; keys there: {', '.join(sorted(node.keys()))}")
+    old = node[leaf]
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(old, list) and isinstance(value, tuple):
+        value = list(value)
+    if old is not None and type(value) is not type(old):
+        raise ValueError(f"config key {path!r} expects {type(old).__name__} (now {old!r}), got {value!r} from {source}")
+    node[leaf] = value
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
@@ -91,31 +150,39 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             if name not in node or not isinstance(node[name], ml_collections.ConfigDict):
                 raise ValueError(f"unknown config key {'.'.join(parents[:i + 1])!r} in {item!r}")
             node = node[name]
-        if leaf not in node:
-            hint = ", ".join(sorted(node.keys()))
-            raise ValueError(f"unknown config key {path!r} in {item!r}; keys there: {hint}")
-        value, old = _parse_value(text), node[leaf]
-        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(old, list) and isinstance(value, tuple):
-            value = list(value)
-        if old is not None and type(value) is not type(old):
-            raise ValueError(f"config key {path!r} expects {type(old).__name__} (now {old!r}), "
-                             f"got {value!r} from {item!r}")
-        node[leaf] = value
+        _set(node, path, leaf, _parse_value(text), repr(item))
     return config
 
 
+def _config_module(path: str):
+    """The config module a spec names: a file path, or the name of a packaged config."""
+    if path.endswith(".py") or os.sep in path:
+        if not os.path.isfile(path):
+            raise ValueError(f"config file {path!r} does not exist; pass --config <model>[:preset] (e.g. "
+                             f"transformer:tiny) or a path to a config file")
+        module_spec = importlib.util.spec_from_file_location("zoo_run_config", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module
+    available = packaged_configs()
+    if path not in available:
+        raise ValueError(f"no packaged config {path!r}; available: {', '.join(available)} (or give a path)")
+    return importlib.import_module(f"zoo.configs.{path}")
+
+
+def packaged_configs() -> list[str]:
+    """Names of the run configs shipped in the `zoo.configs` package (loaded by name, like plugins)."""
+    (here,) = importlib.util.find_spec("zoo.configs").submodule_search_locations
+    return sorted(f[:-3] for f in os.listdir(here) if f.endswith(".py") and not f.startswith("_"))
+
+
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Loads `path/to/config.py[:preset]` and applies overrides, then validates the model part."""
+    """Loads `name[:preset]` or `path/to/config.py[:preset]` and applies overrides, then validates the
+    model part."""
     path, _, preset = spec.partition(":")
-    if not os.path.isfile(path):
-        raise ValueError(f"config file {path!r} does not exist; pass --config configs/<model>.py:<preset>")
-    module_spec = importlib.util.spec_from_file_location("zoo_run_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = _config_module(path)
     if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {path!r} has no get_config(preset) function")
+        raise ValueError(f"config {path!r} has no get_config(preset) function")
     config = module.get_config(preset) if preset else module.get_config()
     config = apply_overrides(config, overrides)
     model_config(config)  # validates the model fields early
@@ -124,4 +191,4 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 
 def model_config(config: ml_collections.ConfigDict) -> Any:
     """The model's frozen dataclass config from a run config."""
-    return registry.config_from_dict(config.model_name, config.model.to_dict())
+    return registry.config_from_run(config)

@@ -10,19 +10,16 @@ import math
 
 import jax
 import ml_collections
-from flax import nnx
 
+from zoo import checkpoint
 from zoo.config import model_config
 from zoo.models import registry
-from zoo.models.transformer import TransformerConfig
+from zoo.models.params import ParamView
 from zoo.train import sharding
-from zoo.train.params import ParamView
 
 
 def abstract_model(config: ml_collections.ConfigDict):
-    cfg = model_config(config)
-    cls = registry.model_class(config.model_name)
-    return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
+    return checkpoint.abstract_model(config.model_name, model_config(config))
 
 
 def count_params(config: ml_collections.ConfigDict) -> int:
@@ -49,10 +46,7 @@ def describe(config: ml_collections.ConfigDict, seq_len: int | None = None) -> s
     if flops is not None:
         lines.append(f"FLOPs/tok  {flops / 1e6:,.2f} MFLOP forward, ~{3 * flops / 1e6:,.2f} MFLOP train "
                      f"at length {seq_len} (XLA cost analysis; 6N = {6 * n / 1e6:,.2f} MFLOP)")
-    cfg = model_config(config)
-    if isinstance(cfg, TransformerConfig):  # the attention cost of the layer schedule (MASFormer)
-        from zoo.models.masformer import describe_attention_flops
-        lines.append(describe_attention_flops(cfg, seq_len))
+    lines += registry.model_class(config.model_name).describe(model_config(config), seq_len)
     try:
         shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, jax.device_count())
         lines.append(f"mesh       data={shape[0]} fsdp={shape[1]} tensor={shape[2]} over {jax.device_count()} "

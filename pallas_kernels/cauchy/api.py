@@ -25,21 +25,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Complex, Float
 
+from pallas_kernels import dispatch
+
 from . import reference, xla
 from . import pallas_cauchy as pallas_impl
 
-IMPLEMENTATIONS = ("reference", "xla", "pallas")
-
-
-def _resolve(implementation: str | None) -> str:
-    if implementation is None:
-        return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"implementation={implementation!r} is not one of {IMPLEMENTATIONS} or None; "
-            "pass None to pick pallas on TPU/GPU and xla on CPU."
-        )
-    return implementation
+IMPLEMENTATIONS = dispatch.IMPLEMENTATIONS
 
 
 def _as_complex(name: str, x) -> jax.Array:
@@ -108,8 +99,8 @@ def cauchy(
     w: Complex[Array, "*batch N"],
     *,
     conj: bool = True,
-    implementation: str | None = None,
-    interpret=False,
+    implementation: dispatch.Implementation = "auto",
+    interpret=None,
 ) -> Complex[Array, "*batch L"]:
     """Cauchy product out[..., l] = sum_n v_n/(z_l - w_n) (+ conjugate-pair terms).
 
@@ -118,8 +109,8 @@ def cauchy(
       z: nodes [L] complex64 (for S4: z_k = 2(1 - w_k)/(1 + w_k) at the roots of unity w_k).
       w: poles [..., N] complex64; batch dims broadcast against v.
       conj: add conj(v_n)/(z_l - conj(w_n)) (S4's conjugate-symmetric half storage).
-      implementation: None (pallas on TPU/GPU, xla on CPU), "reference", "xla" or "pallas".
-      interpret: Pallas interpret mode (True, or a `pltpu.InterpretParams()` on CPU).
+      implementation: "auto" (pallas on TPU/GPU, xla on CPU), "reference", "xla" or "pallas".
+      interpret: Pallas interpret mode (True, or a `pltpu.InterpretParams()`); None = on CPU only.
 
     Returns:
       [..., L] complex64. Differentiable wrt v, z and w.
@@ -127,7 +118,8 @@ def cauchy(
     Raises:
       ValueError: on mismatched shapes, bad dtypes or an unknown implementation.
     """
-    impl = _resolve(implementation)
+    impl = dispatch.resolve(implementation)
+    interpret = dispatch.resolve_interpret(impl, interpret)
     v, z, w = _as_complex("v", v), _as_complex("z", z), _as_complex("w", w)
     if z.ndim != 1:
         raise ValueError(f"z must be 1-D [L]; got shape {z.shape}. Flatten or loop over extra node sets.")
@@ -180,8 +172,8 @@ def vandermonde(
     length: int,
     *,
     conj: bool = True,
-    implementation: str | None = None,
-    interpret=False,
+    implementation: dispatch.Implementation = "auto",
+    interpret=None,
 ) -> Float[Array, "*batch L"] | Complex[Array, "*batch L"]:
     """Log-Vandermonde product out[..., l] = sum_n v_n exp(x_n l), l = 0..L-1.
 
@@ -193,8 +185,8 @@ def vandermonde(
       x: log-nodes [..., N] complex64; batch dims broadcast against v.
       length: L >= 0, static.
       conj: return 2 Re(...) as float32 instead of the complex sum.
-      implementation: None (pallas on TPU/GPU, xla on CPU), "reference", "xla" or "pallas".
-      interpret: Pallas interpret mode on CPU.
+      implementation: "auto" (pallas on TPU/GPU, xla on CPU), "reference", "xla" or "pallas".
+      interpret: Pallas interpret mode; None = on CPU only.
 
     Returns:
       [..., L] float32 (conj) or complex64. Differentiable wrt v and x.
@@ -202,7 +194,8 @@ def vandermonde(
     Raises:
       ValueError: on mismatched shapes, a bad length or an unknown implementation.
     """
-    impl = _resolve(implementation)
+    impl = dispatch.resolve(implementation)
+    interpret = dispatch.resolve_interpret(impl, interpret)
     v, x = _as_complex("v", v), _as_complex("x", x)
     if not isinstance(length, int) or length < 0:
         raise ValueError(f"length={length!r} must be a non-negative Python int (static).")

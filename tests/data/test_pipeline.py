@@ -141,7 +141,7 @@ def test_decomposition_synthetic_buckets():
 
 
 def test_tfds_local_builder_through_grain(tmp_path):
-    pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets  # noqa: F401  (a dependency; a missing one must fail, not skip)
     builder = tfds_builder(tmp_path)
     data = _data(source="tfds", tfds_name=builder.name, tfds_data_dir=str(tmp_path), batch_size=2, seq_len=64)
     batch = next(make_batches(data))
@@ -156,7 +156,7 @@ def test_tfds_local_builder_through_grain(tmp_path):
 
 
 def test_tfds_mock_data_pg19():
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
     with tfds.testing.mock_data(num_examples=6):
         data = _data(source="tfds", tfds_name="pg19", tfds_text_key="book_text", batch_size=1, seq_len=8)
         batch = next(make_batches(data))

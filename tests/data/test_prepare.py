@@ -139,7 +139,7 @@ def test_jsonl_byte_ranges(tmp_path):
 
 
 def test_tfds_dataset(tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
     builder = tfds_builder(tmp_path / "tfds")
     m = pp.prepare("tfds", str(tmp_path / "tfds"), str(tmp_path / "out"), tfds_name=builder.name,
                    docs_per_shard=4, workers=2)
@@ -159,7 +159,7 @@ def test_tfds_dataset(tmp_path):
 
 
 def test_hugging_face_datasets_directory(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     rows = {"train": [f"train row {i} " + "word " * i for i in range(30)],
             "test": [f"test row {i}" for i in range(7)]}
     dd = datasets.DatasetDict({k: datasets.Dataset.from_dict({"body": v, "n": list(range(len(v)))})

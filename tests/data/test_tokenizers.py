@@ -47,7 +47,7 @@ def test_hf_tokenizer_json(tmp_path):
 
 
 def test_sentencepiece_tokenizer(tmp_path):
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
     corpus = tmp_path / "c.txt"
     rng = np.random.default_rng(0)
     corpus.write_text("\n".join(" ".join(rng.choice(WORDS, 30)) for _ in range(50)))

@@ -26,3 +26,16 @@ def decode_all(model, tokens, step=decode_step, max_length=None):
         logits, cache = step(model, tokens[:, t], cache)
         outs.append(logits)
     return jnp.stack(outs, 1), cache
+
+
+def assert_trees_close(a, b, tol=2e-5):
+    """Every leaf of two pytrees (e.g. two caches) equal within tol relative to the larger magnitude."""
+    import jax
+    import numpy as np
+
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b) and len(la) == len(lb)
+    for x, y in zip(la, lb):
+        x, y = np.asarray(x), np.asarray(y)
+        scale = max(1.0, float(np.abs(y).max())) if y.size else 1.0
+        np.testing.assert_allclose(x, y, atol=tol * scale, rtol=0)

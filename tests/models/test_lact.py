@@ -12,6 +12,7 @@ from flax import nnx
 from zoo.layers import AttentionSpec, attend
 from zoo.models import lact as L
 from zoo.models import registry
+from zoo.models.base import make_context
 
 TOL = {"float32": dict(rtol=2e-4, atol=2e-5)}
 
@@ -296,7 +297,7 @@ def test_layer_matches_float64_oracle():
     cfg = registry.get_model_config("lact", "tiny", **SMALL)
     layer = L.LaCTLayer(cfg, rngs=nnx.Rngs(0))
     x = np.random.default_rng(0).standard_normal((2, 40, cfg.d_model)).astype(np.float32)
-    got = nnx.jit(lambda m, x: m(x))(layer, jnp.asarray(x))
+    got = nnx.jit(lambda m, x: m(x, make_context(x[..., 0].astype(jnp.int32))))(layer, jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(got), _np_layer(layer, x.astype(np.float64)),
                                rtol=1e-3, atol=1e-4)
 
@@ -310,13 +311,21 @@ def test_low_rank_init_is_identity_plus_low_rank():
     assert np.linalg.matrix_rank(rest[0], tol=1e-5) == cfg.w0_w2_low_rank
 
 
-@pytest.mark.parametrize("t", [50, 5])
-def test_window_attention_blocked_equals_dense(t):
+@pytest.mark.parametrize("t,packed", [(50, False), (5, False), (50, True)])
+def test_window_attention_blocked_equals_dense(t, packed):
+    """The blocked O(T w) window equals the dense masked window, also on a packed row (3 documents:
+    positions restart and keys of another document are invisible)."""
     r = np.random.default_rng(1)
     q, k, v = (jnp.asarray(r.standard_normal((2, t, 3, 8)), jnp.float32) for _ in range(3))
-    pos = jnp.arange(t)
-    dense = attend(q, k, v, q_pos=pos, k_pos=pos, spec=AttentionSpec("window", window=8))
-    np.testing.assert_allclose(np.asarray(L.window_attention(q, k, v, 8)), np.asarray(dense), atol=1e-5)
+    if packed:
+        lengths = [13, 20, t - 33]
+        seg = jnp.asarray(np.repeat(np.arange(1, 4), lengths)[None].repeat(2, 0), jnp.int32)
+        pos = jnp.asarray(np.concatenate([np.arange(n) for n in lengths])[None].repeat(2, 0), jnp.int32)
+    else:
+        seg, pos = None, jnp.broadcast_to(jnp.arange(t), (2, t))
+    dense = attend(q, k, v, q_pos=pos, k_pos=pos, spec=AttentionSpec("window", window=8), q_seg=seg, k_seg=seg)
+    got = L.window_attention(q, k, v, 8, pos, seg, implementation="xla")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(dense), atol=1e-5)
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(use_muon=False, use_momentum=False, w0_w2_low_rank=-1,

@@ -7,27 +7,38 @@ import pytest
 from flax import nnx
 
 import zoo
+from conftest import TINY_OVERRIDES
 from zoo.config import load_config
+from pallas_kernels.sparse_attention import sparse_attention
 from zoo.layers import AttentionSpec, attend, attention_mask
+from zoo.layers.attention import sparse_pattern_kwargs
 from zoo.models import registry
-from zoo.models.masformer import (LocalAttention, MASFormerConfig, attention_flops, convert_checkpoint,
-                                  local_sparse_attention, make_schedule, pairs_per_layer, parse_schedule)
+from zoo.models.masformer import LocalAttention, MASFormerConfig, make_schedule, parse_schedule
+from zoo.models.transformer import attention_flops, pairs_per_layer
 
 TINY = dict(d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64, window=8, block=16,
             layer_attention=("window", "full", "block"))
 forward = nnx.jit(lambda m, x: m(x))
 
 
-@pytest.mark.parametrize("spec", [AttentionSpec("window", window=11), AttentionSpec("block", block=8)])
-def test_local_sparse_attention_equals_dense_mask(spec):
-    """The block-sparse op with a window / own-block list == the dense masked path, values and grads."""
+@pytest.mark.parametrize("spec,packed", [(AttentionSpec("window", window=11), False),
+                                         (AttentionSpec("block", block=8), False),
+                                         (AttentionSpec("window", window=11), True)])
+def test_local_sparse_attention_equals_dense_mask(spec, packed):
+    """The block-sparse op with a window / own-block list == the dense masked path, values and grads
+    (packed: two documents in a row, positions restarting, no attention across them)."""
     kq, kk, kv, kg = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(kq, (2, 37, 4, 16))
     k = jax.random.normal(kk, (2, 37, 2, 16))
     v = jax.random.normal(kv, (2, 37, 2, 16))
-    pos = jnp.arange(37)
-    dense = lambda q, k, v: attend(q, k, v, q_pos=pos, k_pos=pos, spec=spec)  # noqa: E731
-    sparse = lambda q, k, v: local_sparse_attention(q, k, v, spec, tile=8)  # noqa: E731
+    if packed:
+        seg = jnp.broadcast_to(jnp.repeat(jnp.array([1, 2]), jnp.array([20, 17]), total_repeat_length=37), (2, 37))
+        pos = jnp.broadcast_to(jnp.concatenate([jnp.arange(20), jnp.arange(17)]), (2, 37))
+    else:
+        seg, pos = None, jnp.broadcast_to(jnp.arange(37), (2, 37))
+    dense = lambda q, k, v: attend(q, k, v, q_pos=pos, k_pos=pos, spec=spec, q_seg=seg, k_seg=seg)  # noqa: E731
+    sparse = lambda q, k, v: sparse_attention(q, k, v, causal=True, segment_ids=seg, implementation="xla",  # noqa: E731
+                                              **sparse_pattern_kwargs(spec, 37, 2, 4, 8))
     want, vjp_d = jax.vjp(dense, q, k, v)
     got, vjp_s = jax.vjp(sparse, q, k, v)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
@@ -77,7 +88,7 @@ def test_schedules_parse_and_validate():
     with pytest.raises(ValueError, match="implementation"):
         MASFormerConfig(implementation="triton")
     cfg = registry.get_model_config("masformer", "1.3b")
-    assert (cfg.n_layers, cfg.d_model) == (24, 2048) and cfg.schedule().count("full") == 4
+    assert (cfg.n_layers, cfg.d_model) == (24, 2048) and cfg.layer_attention.count("full") == 4
 
 
 def test_attention_flops():
@@ -96,23 +107,42 @@ def test_attention_flops():
 
 
 def test_convert_baseline_checkpoint_and_fine_tune(tmp_path, tiny):
-    """Baseline run -> MASFormer work dir (same weights, new masks) -> `zoo train` resumes it."""
-    from zoo.train.checkpoint import load_model
+    """Baseline run -> `zoo convert masformer` (same weights, new masks) -> `zoo train` starts from it."""
+    from zoo import cli
+    from zoo.checkpoint import load_model, load_pretrained
     from zoo.train.trainer import train
-    src, dst = str(tmp_path / "base"), str(tmp_path / "mas")
-    train(tiny(steps=2, checkpoint_every=2), src, progress=False, evaluate=False)
-    run = ["--config.data.seq_len=112", "--config.data.batch_size=8", "--config.train.steps=2",
-           "--config.train.log_every=1", "--config.eval.lengths=[112]"]
-    out = convert_checkpoint(src, dst, "window", "configs/masformer.py:tiny", tuple(run))
-    assert out["config"]["model"]["layer_attention"] == ["window"] and out["config"]["model_name"] == "masformer"
+
+    src, init, dst = str(tmp_path / "base"), str(tmp_path / "mas-init"), str(tmp_path / "mas")
+    train(tiny(steps=2, checkpoint_every=2), src, progress=False)
+    assert cli.main(["convert", "masformer", "--src", src, "--out", init, "--schedule", "window"]) == 0
     base, _ = load_model(src)
-    converted, config = load_model(dst, step=0)
+    converted, meta = load_pretrained(init)
+    assert meta["model_name"] == "masformer" and meta["model"]["layer_attention"] == ["window"]
     assert isinstance(converted.blocks[0].attn, LocalAttention)
     for x, y in zip(jax.tree.leaves(nnx.state(base, nnx.Param)), jax.tree.leaves(nnx.state(converted, nnx.Param))):
         np.testing.assert_array_equal(x, y)
-    # The printed train command (config + overrides) matches the saved run, so training resumes at 0.
-    result = train(load_config("configs/masformer.py:tiny", run + out["train_overrides"]), dst,
-                   progress=False, evaluate=False)
-    assert result["step"] == 2 and np.isfinite(result["train"]["loss"])
-    with pytest.raises(ValueError, match="already holds a run"):
-        convert_checkpoint(src, dst, "window", "configs/masformer.py:tiny", tuple(run))
+    # Fine-tune: the same shape, the new schedule, the converted parameters as the starting point.
+    shape = [o for o in TINY_OVERRIDES if o.startswith("--config.model.")]
+    run = [*shape, "--config.model.layer_attention=['window']", "--config.data.seq_len=112",
+           "--config.data.batch_size=8", "--config.train.steps=2", "--config.train.log_every=1",
+           f"--config.train.init_from={init}"]
+    config = load_config("masformer:tiny", run)
+    result = train(config, dst, progress=False, stop_after=1)
+    assert result["step"] == 1 and np.isfinite(result["train"]["loss"])
+    # The run's first loss is the converted parameters' loss (under the run's own model config).
+    assert abs(result["train"]["loss"] - _first_loss(converted, config)) < 1e-4
+    with pytest.raises(ValueError, match="missing"):
+        train(load_config("masformer:tiny", [f"--config.train.init_from={init}"]), str(tmp_path / "x"),
+              progress=False)
+
+
+def _first_loss(converted, config) -> float:
+    from zoo.checkpoint import bind
+    from zoo.config import model_config
+    from zoo.data.pipeline import make_batches
+    from zoo.models.params import ParamView
+    from zoo.train.trainer import lm_loss
+
+    model = bind("masformer", model_config(config), ParamView(converted).flat(converted))
+    batch = next(make_batches(config.data, "train"))
+    return float(lm_loss(model(jnp.asarray(batch["inputs"])), {k: jnp.asarray(v) for k, v in batch.items()})[0])

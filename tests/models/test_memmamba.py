@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm_testing import decode_all, forward, prefill
+from lm_testing import assert_trees_close, decode_all, forward, prefill
 
 from zoo.config import make_config
 from zoo.models import registry
 from zoo.models.mamba2 import Mamba2, Mamba2Config
 from zoo.models.memmamba import (PRESETS, MemMamba, MemMambaConfig, NoteBlock, init_pool, pool_read,
                                  pool_scan)
-from zoo.train.params import ParamView
+from zoo.models.base import make_context
+from zoo.models.params import ParamView
 
 # 2 layers (layer 1 a cross layer), a 4-note pool so that it fills and replacement happens.
 SMALL = dict(vocab_size=64, d_model=16, n_layers=2, d_state=8, headdim=8, chunk_size=8, pool_size=4,
@@ -87,7 +88,7 @@ def test_pool_read_masks_empty_slots():
 def test_note_block_reads_only_earlier_notes():
     """d fused_t / d src_s == 0 for s >= t: a token's own note (and later ones) never reach it."""
     cfg = MemMambaConfig(**{**SMALL, "tau1": 0.0, "trigger": "always", "pool_size": 16})  # room for all
-    block = NoteBlock(cfg, 1, rngs=nnx.Rngs(3))        # a cross layer: both pools
+    block = NoteBlock(cfg, True, rngs=nnx.Rngs(3))     # a cross layer: both pools
     t, b, d = 9, 1, cfg.d_model
     y = jax.random.normal(jax.random.key(0), (b, t, d))
     src = jax.random.normal(jax.random.key(1), (b, t, d))
@@ -98,7 +99,8 @@ def test_note_block_reads_only_earlier_notes():
 
     @jax.jit
     def grads(src, prev_n):  # d fused[t_out] . w / d (src, prev_n) for every t_out, one compile
-        f = lambda a, c: block(a, y, init_pool(b, cfg), init_pool(b, cfg), prev_s, c)[0][0, jnp.array(outs)]
+        state = {"pool": init_pool(b, cfg), "xpool": init_pool(b, cfg)}
+        f = lambda a, c: block(a, y, state, prev_s, c, None)[0][0, jnp.array(outs)]
         _, vjp = jax.vjp(f, src, prev_n)
         cot = jnp.eye(len(outs))[:, :, None] * jnp.arange(1.0, d + 1)   # [len(outs), len(outs), D]
         return jax.vmap(vjp)(cot)
@@ -115,7 +117,7 @@ def test_note_block_reads_only_earlier_notes():
 
 def test_model_is_causal():
     model = _model(tau1=0.0, trigger="always", pool_size=16)
-    x0 = model._embed(_tokens(1, 12))
+    x0 = model.residual(model.embed_tokens(_tokens(1, 12)))
     outs = (0, 6, 11)
 
     @jax.jit
@@ -140,12 +142,10 @@ def test_decode_matches_parallel(opts):
     decoded, cache = decode_all(model, toks)
     _close(decoded, full)
     _, pre = prefill(model, toks, model.init_cache(2, T))
-    assert set(cache) == set(pre)
-    for k in cache:
-        _close(cache[k], pre[k])
-    prio = np.asarray(pre["note_prio"])
+    assert_trees_close(cache, pre)
+    prio = np.stack([s["pool"]["prio"] for s in pre["layers"]])
     assert (prio > 0).all()                        # the 4-note pools filled up over 21 tokens
-    assert pre["xnote_prio"].shape == (1, 2, 4)
+    assert [("xpool" in s) for s in pre["layers"]] == [False, True]  # layer 1 is the cross layer
 
 
 def test_prefill_in_two_chunks_equals_one():
@@ -154,8 +154,7 @@ def test_prefill_in_two_chunks_equals_one():
     a, c = prefill(model, toks[:, :12], model.init_cache(2, T))
     b, c_two = prefill(model, toks[:, 12:], c)
     _close(jnp.concatenate([a, b], 1), one)
-    for k in c_one:
-        _close(c_two[k], c_one[k])
+    assert_trees_close(c_two, c_one)
 
 
 def test_cross_layer_pool_is_top_of_earlier_pools():
@@ -164,8 +163,8 @@ def test_cross_layer_pool_is_top_of_earlier_pools():
     model = _model(n_layers=3, cross_layer_interval=3, tau1=0.45)
     assert model.config.cross_layers == (2,) and model.config.cross_sources(2) == (0, 1)
     _, cache = prefill(model, _tokens(), model.init_cache(2, T))
-    local = np.asarray(cache["note_prio"])           # [3,B,M]
-    cross = np.asarray(cache["xnote_prio"])[0]       # [B,M]
+    local = np.stack([s["pool"]["prio"] for s in cache["layers"]])   # [3,B,M]
+    cross = np.asarray(cache["layers"][2]["xpool"]["prio"])          # [B,M]
     for bi in range(2):
         union = np.concatenate([local[0, bi], local[1, bi]])
         np.testing.assert_allclose(np.sort(cross[bi]), np.sort(union)[-4:], rtol=1e-6)
@@ -177,13 +176,14 @@ def test_no_cross_layers_and_trigger_off():
     model = _model(cross_layer_interval=0)
     assert model.config.cross_layers == () and model.blocks[1].note.cross is None
     logits, cache = prefill(model, _tokens(), model.init_cache(2, T))
-    assert cache["xnote_prio"].shape == (0, 2, 4) and np.isfinite(np.asarray(logits)).all()
+    assert not any("xpool" in s for s in cache["layers"]) and np.isfinite(np.asarray(logits)).all()
     # tau2 = 1: retrieval never triggers, so each block adds exactly its mixer output
     quiet = _model(tau2=1.0)
-    x0 = quiet._embed(_tokens(1, 9))
+    tokens = _tokens(1, 9)
+    x0 = quiet.residual(quiet.embed_tokens(tokens))
     stream = quiet.residual_stream(x0)
     block = quiet.blocks[0]
-    y, _ = block.mixer.forward(block.norm(x0), block.mixer.init_state(1))
+    y, _ = block.mixer.forward(block.norm(x0), block.mixer.init_state(1), make_context(tokens))
     _close(stream[0], x0 + y)
 
 

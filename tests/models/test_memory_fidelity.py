@@ -68,8 +68,10 @@ def test_on_zoo_models(cls, cfg_cls):
     model = cls(cfg, rngs=nnx.Rngs(0))
     toks = jax.random.randint(jax.random.key(0), (1, 12), 0, 32)
     # the adapter reproduces the model's own forward
-    stream = residual_stream_fn(model)(model._embed(toks))
-    np.testing.assert_allclose(np.asarray(model._logits(stream[-1])), np.asarray(model(toks)), atol=1e-5)
+    x0 = model.residual(model.embed_tokens(toks))
+    stream = residual_stream_fn(model)(x0)
+    logits = model.logits(model.carry_from_embeddings(stream[-1]))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(model(toks)), atol=1e-5)
     r = memory_fidelity(model, toks, [0, 1, 4], sources=[0, 3, 6], probes=2)
     assert r["etmf"].shape == r["eclmf"].shape == (2, 3)
     np.testing.assert_allclose(r["etmf"][:, 0], 1.0, rtol=1e-6)

@@ -9,6 +9,7 @@ from flax import nnx
 
 from zoo.data import timeseries as ts
 from zoo.models import registry
+from zoo.layers import direct_conv
 from zoo.models import spacetime as st
 
 TOL = {"float32": dict(rtol=2e-5, atol=2e-5)}
@@ -83,6 +84,11 @@ def test_kernel_gradients_agree():
             np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-4, atol=1e-4)
 
 
+def _direct_conv(u, k):
+    """The O(T^2) oracle in SpaceTime's layout: u [B, T, D], k [D, L] -> [B, T, D]."""
+    return jnp.moveaxis(direct_conv(jnp.moveaxis(jnp.asarray(u), 1, -1), jnp.asarray(k)), -1, 1)
+
+
 @pytest.mark.parametrize("t,klen", [(1, 1), (7, 3), (12, 12), (13, 40)])
 def test_fft_conv_equals_direct_conv(t, klen):
     rng = np.random.default_rng(t)
@@ -92,7 +98,7 @@ def test_fft_conv_equals_direct_conv(t, klen):
     for s in range(t):
         for l in range(min(s + 1, klen)):
             want[:, s] += k[:, l] * u[:, s - l]
-    np.testing.assert_allclose(np.asarray(st.direct_conv(u, k)), want, **TOL["float32"])
+    np.testing.assert_allclose(np.asarray(_direct_conv(u, k)), want, **TOL["float32"])
     np.testing.assert_allclose(np.asarray(st.fft_conv(u, k)), want, rtol=1e-5, atol=1e-5)
 
 
@@ -144,7 +150,7 @@ def test_open_loop_equals_step_recurrence_and_shift_ssm_is_fir():
     a0, b0, c0 = shift.abc()
     np.testing.assert_allclose(np.asarray(shift.kernel(9)), np.asarray(st.companion_kernel(9, a0, b0, c0, "sequential")),
                                atol=1e-6)
-    np.testing.assert_allclose(np.asarray(shift(u)), np.asarray(st.direct_conv(u, c0)), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(shift(u)), np.asarray(_direct_conv(u, c0)), atol=2e-5)
 
 
 @pytest.mark.parametrize("normalize_bck", [True, False])
@@ -227,7 +233,7 @@ def test_preprocessing_kernels_compute_differences_and_ma_residuals():
     padded = np.concatenate([np.zeros(8), u])
     for order in range(4):
         k = st.differencing_kernel(order)
-        y = st.direct_conv(jnp.asarray(u, jnp.float32)[None, :, None], jnp.asarray(k)[None])[0, :, 0]
+        y = _direct_conv(jnp.asarray(u, jnp.float32)[None, :, None], jnp.asarray(k)[None])[0, :, 0]
         want = np.diff(padded, n=order)[-t:]                           # zero history before t = 0
         np.testing.assert_allclose(np.asarray(y), want, atol=1e-5)
     w = 5
@@ -248,7 +254,7 @@ def test_residual_preprocess_layout_applies_its_kernels():
         np.testing.assert_allclose(kern[ch, :len(want)], want)
         assert not kern[ch, len(want):].any()
     u = jnp.asarray(np.random.default_rng(1).standard_normal((2, 10, d)), jnp.float32)
-    np.testing.assert_allclose(np.asarray(pre(u)), np.asarray(st.direct_conv(u, jnp.asarray(kern))), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(pre(u)), np.asarray(_direct_conv(u, jnp.asarray(kern))), atol=2e-5)
     for kind in ("differencing", "ma_residual"):
         assert st.PreprocessSSM(kind, d, nk, max_diff_order=4, min_window=3, max_window=9,
                                 rngs=nnx.Rngs(0)).kernel().shape[0] == d

@@ -10,7 +10,7 @@ import jax
 sys.path.insert(0, __file__.rsplit("/tests/", 1)[0] + "/tests")
 from conftest import tiny_config  # noqa: E402
 
-from zoo.train.metrics import read_metrics  # noqa: E402
+from zoo.io import read_metrics  # noqa: E402
 from zoo.train.trainer import make_setup, train  # noqa: E402
 
 
@@ -20,7 +20,7 @@ def main():
     config.model.d_model, config.model.n_heads, config.model.n_kv_heads = 64, 4, 2
     config.model.d_ff = 128
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
-    train(config, workdir, progress=False, evaluate=False)
+    train(config, workdir, progress=False)
     setup = make_setup(config)
     params = setup.init_params()
     shards = {n: [list(p.sharding.spec), list(p.addressable_shards[0].data.shape), list(p.shape)]

@@ -1,21 +1,34 @@
-"""Every run config in configs/ loads for every preset of its model and yields a valid model config."""
-import glob
+"""Every packaged run config loads for every preset of its model (by name and by path) and yields a
+valid model config; every language model has a run config."""
+
 import os
 
 import pytest
 
 from conftest import ROOT
-from zoo.config import load_config, model_config
+from zoo.config import load_config, model_config, packaged_configs
 from zoo.models import registry
 
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
-
-@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
-def test_config_loads_for_every_preset(path):
-    name = load_config(f"{path}:tiny").model_name
-    assert os.path.basename(path) == f"{name}.py"
+@pytest.mark.parametrize("name", packaged_configs())
+def test_config_loads_for_every_preset(name):
+    assert load_config(f"{name}:tiny").model_name == name
     for preset in registry.list_presets(name):
-        config = load_config(f"{path}:{preset}")
+        config = load_config(f"{name}:{preset}")
         assert config.preset == preset and config.data.seq_len > 0 and config.train.steps > 0
         model_config(config)  # the model dataclass validates its fields
+    by_path = load_config(os.path.join(ROOT, "configs", f"{name}.py") + ":tiny")
+    assert by_path.to_dict() == load_config(f"{name}:tiny").to_dict()
+
+
+def test_every_language_model_has_a_run_config():
+    assert set(registry.list_models("lm")) == set(packaged_configs())
+
+
+def test_run_settings_for_unknown_presets_are_refused():
+    from zoo.config import make_config
+
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_config("transformer", "tiny", runs={"huge": {"train": {"steps": 1}}})
+    with pytest.raises(ValueError, match="unknown config key"):
+        make_config("transformer", "tiny", runs={"tiny": {"train": {"stepz": 1}}})

@@ -27,11 +27,11 @@ def test_8_device_mesh_matches_single_device(tmp_path):
     assert len(one["losses"]) == len(eight["losses"]) == 20
     for a, b in zip(one["losses"], eight["losses"]):
         assert abs(a - b) <= 1e-4 * abs(a), (a, b)
-    spec, shard, full = eight["shards"]["blocks/0/mlp/gate/kernel"]  # axes (embed, mlp)
+    spec, shard, full = eight["shards"]["blocks/layers/0/mlp/gate/kernel"]  # axes (embed, mlp)
     assert spec == ["fsdp", "tensor"] and shard == [full[0] // 2, full[1] // 2]
-    spec, shard, full = eight["shards"]["blocks/0/attn/wq/kernel"]  # axes (embed, heads)
+    spec, shard, full = eight["shards"]["blocks/layers/0/attn/wq/kernel"]  # axes (embed, heads)
     assert spec == ["fsdp", "tensor"] and shard == [32, 32]
-    spec, shard, _ = eight["shards"]["blocks/0/attn_norm/scale"]  # norms stay replicated
+    spec, shard, _ = eight["shards"]["blocks/layers/0/attn_norm/scale"]  # norms stay replicated
     assert spec == [None]
 
 

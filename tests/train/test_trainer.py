@@ -9,7 +9,7 @@ import pytest
 
 import zoo
 from zoo.train import optim
-from zoo.train.metrics import read_metrics
+from zoo.io import read_metrics
 from zoo.train.trainer import train
 
 
@@ -18,9 +18,14 @@ def _losses(workdir):
 
 
 def test_train_writes_everything_and_loads(tmp_path, tiny):
-    config = tiny(steps=6, checkpoint_every=3)
-    result = train(config, str(tmp_path), progress=False)
-    assert result["step"] == 6 and np.isfinite(result["train"]["loss"])
+    """`zoo train` (the CLI: train, then evaluate) writes the run and the model loads in one line."""
+    from conftest import TINY_OVERRIDES
+
+    from zoo import cli
+
+    args = ["train", "--config", "transformer:tiny", "--workdir", str(tmp_path), *TINY_OVERRIDES,
+            "--config.train.steps=6", "--config.train.checkpoint_every=3"]
+    assert cli.main(args) == 0
     for name in ("config.json", "metrics.jsonl", "eval.json", "eval.png", "training.png"):
         assert (tmp_path / name).is_file(), name
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
@@ -39,11 +44,11 @@ def test_train_writes_everything_and_loads(tmp_path, tiny):
 def test_resume_equals_uninterrupted(tmp_path, tiny):
     """Stop after 7 steps (checkpoint at 5), rerun: steps 6.. equal an uninterrupted run exactly."""
     full = tmp_path / "full"
-    train(tiny(steps=12, checkpoint_every=5), str(full), progress=False, evaluate=False)
+    train(tiny(steps=12, checkpoint_every=5), str(full), progress=False)
     part = tmp_path / "part"
-    train(tiny(steps=12, checkpoint_every=5), str(part), progress=False, evaluate=False, stop_after=7)
+    train(tiny(steps=12, checkpoint_every=5), str(part), progress=False, stop_after=7)
     assert sorted(os.listdir(part / "checkpoints")) == ["5"]
-    train(tiny(steps=12, checkpoint_every=5), str(part), progress=False, evaluate=False)
+    train(tiny(steps=12, checkpoint_every=5), str(part), progress=False)
     a, b = _losses(str(full)), _losses(str(part))
     assert sorted(a) == sorted(b) == list(range(1, 13))
     for step in range(1, 13):
@@ -51,9 +56,9 @@ def test_resume_equals_uninterrupted(tmp_path, tiny):
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny):
-    one = train(tiny(steps=3), str(tmp_path / "one"), progress=False, evaluate=False)
+    one = train(tiny(steps=3), str(tmp_path / "one"), progress=False)
     acc_cfg = tiny(steps=3, grad_accum=2)
-    two = train(acc_cfg, str(tmp_path / "two"), progress=False, evaluate=False)
+    two = train(acc_cfg, str(tmp_path / "two"), progress=False)
     for step in (1, 2, 3):
         np.testing.assert_allclose(_losses(str(tmp_path / "one"))[step], _losses(str(tmp_path / "two"))[step],
                                    rtol=2e-5)
@@ -102,9 +107,9 @@ def test_decomposition_training_resumes_exactly(tmp_path, tiny):
         c.data.min_log2, c.data.max_log2, c.data.tokens_per_step, c.data.curriculum = 4, 6, 128, "uniform"
         return c
 
-    train(config(), str(tmp_path / "full"), progress=False, evaluate=False)
-    train(config(), str(tmp_path / "part"), progress=False, evaluate=False, stop_after=6)
-    train(config(), str(tmp_path / "part"), progress=False, evaluate=False)
+    train(config(), str(tmp_path / "full"), progress=False)
+    train(config(), str(tmp_path / "part"), progress=False, stop_after=6)
+    train(config(), str(tmp_path / "part"), progress=False)
     full, part = read_metrics(str(tmp_path / "full")), read_metrics(str(tmp_path / "part"))
     assert len({r["seq_len"] for r in full}) > 1
     assert [r["loss"] for r in full] == [r["loss"] for r in part]

@@ -1,13 +1,11 @@
 """`zoo eval`: the task's long-context evaluation of a trained run, written to eval.json + plots."""
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
+from zoo import io
+from zoo.checkpoint import load_model
 from zoo.eval import longcontext, plots
-from zoo.train.checkpoint import write_json_atomic
-from zoo.train.metrics import read_metrics
 
 
 def evaluate(model, config: ml_collections.ConfigDict) -> dict:
@@ -26,13 +24,13 @@ def evaluate(model, config: ml_collections.ConfigDict) -> dict:
 def evaluate_workdir(workdir: str, model=None, config=None, step: int | None = None) -> dict:
     """Evaluates the run in `workdir` (loading its checkpoint unless a model is given)."""
     if model is None:
-        from zoo.train.checkpoint import load_model
         model, config = load_model(workdir, step)
     result = evaluate(model, config)
-    write_json_atomic(os.path.join(workdir, "eval.json"), result)
+    out = io.path(workdir)
+    io.write_json_atomic(out / "eval.json", result)
     title = f"{config.model_name} ({config.preset}) on {config.data.source}"
-    plots.eval_figure(result, os.path.join(workdir, "eval.png"), config.data.seq_len, title)
-    records = read_metrics(workdir)
+    plots.eval_figure(result, out / "eval.png", config.data.seq_len, title)
+    records = io.read_metrics(workdir)
     if records:
-        plots.training_curves(records, os.path.join(workdir, "training.png"), title)
+        plots.training_curves(records, out / "training.png", title)
     return result

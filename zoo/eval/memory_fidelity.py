@@ -25,8 +25,8 @@ Known answers (tested): one linear layer x^1_t = a x^1_{t-1} + x^0_t gives ETMF^
 such layers give ETMF^2(k) = (k+1) a^k and ECLMF^2(k) = k+1; identity layers give ETMF(k>0) = 0
 and ECLMF = 1. With J a multiple of the identity the probe estimate is exact.
 
-Models: anything with `residual_stream(embeddings [B,T,D]) -> [L,B,T,D]` (MemMamba) or a Mamba-2
-LM (adapted here); `fidelity_from_fn` takes any function of that signature.
+Models: every zoo language model (`LanguageModel.residual_stream(embeddings [B,T,D]) -> [L,B,T,D]`);
+`fidelity_from_fn` takes any function of that signature.
 """
 from __future__ import annotations
 
@@ -40,21 +40,10 @@ StreamFn = Callable[[jax.Array], jax.Array]  # x0 [B,T,D] -> residual stream [L,
 
 
 def residual_stream_fn(model) -> StreamFn:
-    """The map from embeddings to the residual stream after every block, for a zoo SSM LM."""
-    if hasattr(model, "residual_stream"):
-        return model.residual_stream
-    from zoo.models.mamba2 import Mamba2
-    if isinstance(model, Mamba2):
-        def stream(x):
-            xs = []
-            for block in model.blocks:
-                h, _ = block.mixer.forward(block.norm(x), block.mixer.init_state(x.shape[0]))
-                x = x + h.astype(jnp.float32)
-                xs.append(x)
-            return jnp.stack(xs)
-        return stream
-    raise ValueError(f"memory fidelity needs a model with residual_stream(embeddings) or a Mamba2 LM, "
-                     f"got {type(model).__name__}")
+    """The map from embeddings to the residual stream after every block, for a zoo language model."""
+    if not hasattr(model, "residual_stream"):
+        raise ValueError(f"memory fidelity needs a zoo language model (residual_stream), got {type(model).__name__}")
+    return model.residual_stream
 
 
 def influence(fn: StreamFn, x0: jax.Array, sources: Sequence[int], probes: int = 4,
@@ -112,11 +101,11 @@ def fidelity_from_fn(fn: StreamFn, x0: jax.Array, lags: Sequence[int], sources: 
 
 def memory_fidelity(model, tokens: jax.Array, lags: Sequence[int], sources: Sequence[int] | None = None,
                     probes: int = 4, seed: int = 0) -> dict:
-    """ETMF^l(k) and ECLMF^l(k) of a Mamba-2 or MemMamba LM on `tokens` int32 [B, T].
+    """ETMF^l(k) and ECLMF^l(k) of a zoo language model on `tokens` int32 [B, T].
 
     Returns {"lags", "sources", "etmf" [L, K], "eclmf" [L, K]} (layer l+1 in row l)."""
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
         raise ValueError(f"tokens has shape {tokens.shape}; expected [B, T] int32")
     fn = residual_stream_fn(model)
-    return fidelity_from_fn(fn, model._embed(tokens), lags, sources, probes, seed)
+    return fidelity_from_fn(fn, model.residual(model.embed_tokens(tokens)), lags, sources, probes, seed)

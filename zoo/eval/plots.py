@@ -1,11 +1,15 @@
 """Matplotlib figures (Agg backend) for training curves and long-context evaluations."""
 from __future__ import annotations
 
+from io import BytesIO
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from zoo import io  # noqa: E402
 
 
 def training_curves(records: list[dict], path: str, title: str = "") -> None:
@@ -16,8 +20,7 @@ def training_curves(records: list[dict], path: str, title: str = "") -> None:
     axes[1].plot(steps, [r["accuracy"] for r in records])
     axes[1].set(xlabel="step", ylabel="answer accuracy", ylim=(0, 1.02), title="accuracy")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def eval_figure(result: dict, path: str, train_length: int, title: str = "") -> None:
@@ -49,5 +52,12 @@ def eval_figure(result: dict, path: str, train_length: int, title: str = "") -> 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
+
+
+def _save(fig, path) -> None:
+    """Saves a figure to any epath-compatible path (local or remote)."""
+    buf = BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    io.path(path).write_bytes(buf.getvalue())

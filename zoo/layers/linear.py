@@ -53,3 +53,11 @@ class Embed(nnx.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits x E^T in fp32: [..., D] -> [..., V]."""
         return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T).astype(jnp.float32)
+
+
+def lm_logits(x: jax.Array, embed: Embed, unembed: Linear | None, scale: float = 1.0) -> jax.Array:
+    """The output head of a language model on normalised x [..., D]: scale * x E^T with tied
+    embeddings (`unembed` None), else x W_out; fp32 logits [..., V]."""
+    if unembed is None:
+        return embed.attend(x) * scale
+    return unembed(x).astype(jnp.float32)

@@ -1,12 +1,9 @@
-"""Model files register themselves on import; add one line per model here."""
+"""The models: one file per model, each registering itself (`zoo.models.registry`).
+
+Adding a model means adding `zoo/models/<name>.py` with a `@registry.register(name, PRESETS)`
+class; the registry imports every module of this package, so nothing else needs editing.
+"""
+
 from zoo.models import registry
-from zoo.models import transformer  # noqa: F401
-from zoo.models import lact  # noqa: F401
-from zoo.models import mamba2  # noqa: F401
-from zoo.models import memmamba  # noqa: F401
-from zoo.models import hip  # noqa: F401
-from zoo.models import masformer  # noqa: F401
-from zoo.models import s4  # noqa: F401
-from zoo.models import spacetime  # noqa: F401
 
 __all__ = ["registry"]

@@ -12,39 +12,39 @@ Prefill (`HiPAttention.__call__`, T >= `dense_below`):
     o   = sparse_attention(q, k, v, block_indices=idx, window, sinks, causal)     # [B,T,H,P]
 Below `dense_below` tokens the layer computes exact dense causal attention (the baseline's path).
 
-Decoding with a KV cache (`HiPAttention.decode`): the single query at position t runs the same
-hierarchical search over the *valid prefix* of the cache (keys 0..t), with the query block of
-size 1; the search range is computed from the traced position t, so shapes stay static and the
-step is jittable. The key-block summaries (element-wise min/max of the keys of each block, the
-representative scores of HiP's key groups) are computed from the cache, or, in the registered
-`hip` model, kept in the cache and updated in O(D) per token. Only the selected K blocks, the
-window and the sinks are gathered from the cache and attended. Semantics: decoding token t gives
+Decoding with a KV cache (`HiPAttention.cached_attention`): the single query at position t runs the
+same hierarchical search (`hip_decode_block_indices`, the op's search core) over the *valid prefix*
+of the cache (keys 0..t), with the query block of size 1; the search range is computed from the
+traced position t, so shapes stay static and the step is jittable. Each branch is scored by the
+exact maximum of q.k over its representative key block, as in the paper. Only the selected K
+blocks, the window and the sinks are gathered from the cache and attended. Semantics: decoding token t gives
 exactly what prefill gives for query t with `block_q = 1` (per-query search; tested); with a
 larger `block_q` prefill shares one search per query block, so prefill and decoding then differ
 by the search granularity, as in the paper's serving setup. While the context is shorter than
 `dense_below` (t + 1 < dense_below) decoding is dense, matching prefill of a short prompt.
 
 `use_hip(model, settings)` swaps the full-attention layers of any zoo model built from
-`zoo.models.transformer.Block`s (the baseline, MASFormer, ...) for HiP, keeping its parameters;
-the registered model `hip` is the baseline transformer with HiP in every full-attention layer,
-with the same parameter names and shapes, so a trained transformer's checkpoint loads unchanged.
+`zoo.models.transformer.TransformerBlock`s (the baseline, MASFormer, ...) for HiP, keeping its
+parameters; the registered model `hip` is the baseline transformer with HiP in every full-attention
+layer, with the same parameter names and shapes, so a trained transformer's checkpoint loads
+unchanged (`zoo.convert.convert_model(model, "hip", ...)`). A multi-token prefill into an empty
+cache runs the parallel (prefill) search; continuing a filled cache decodes token by token.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels.sparse_attention import hip_block_indices, sparse_attention
+from pallas_kernels import dispatch
+from pallas_kernels.sparse_attention import hip_block_indices, hip_decode_block_indices, sparse_attention
 from zoo.layers import AttentionSpec, attend
 from zoo.models import registry
+from zoo.models.base import Context, scan_over_time
 from zoo.models.transformer import PRESETS as TRANSFORMER_PRESETS
 from zoo.models.transformer import Attention, Transformer, TransformerConfig
-
-IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +58,6 @@ class HiPSettings:
         that every searched key block lies in the causal past of the query.
       sinks: the first `sinks` keys are always attended (attention sinks).
       dense_below: sequences (contexts, when decoding) shorter than this use dense attention.
-      implementation: the sparse op's implementation; "auto" = Pallas on TPU/GPU, XLA on CPU.
     """
 
     k_blocks: int = 4
@@ -67,7 +66,6 @@ class HiPSettings:
     window: int = 64
     sinks: int = 16
     dense_below: int = 0
-    implementation: str = "auto"
 
     def __post_init__(self):
         for name in ("k_blocks", "block_q", "block_k", "window"):
@@ -78,89 +76,11 @@ class HiPSettings:
         if self.window < self.block_k:
             raise ValueError(f"HiP window={self.window} must be >= block_k={self.block_k}, so that searched "
                              "key blocks never reach past the query; raise window or lower block_k")
-        if self.implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"HiP implementation={self.implementation!r} must be one of {IMPLEMENTATIONS}")
 
-    def op_kwargs(self) -> dict:
-        """Keyword arguments of `sparse_attention` for this pattern (without block_indices)."""
-        impl = None if self.implementation == "auto" else self.implementation
-        interpret = impl == "pallas" and jax.default_backend() == "cpu"
-        return dict(causal=True, window=self.window, sinks=self.sinks, block_q=self.block_q,
-                    block_k=self.block_k, implementation=impl, interpret=interpret)
-
-
-def block_summaries(k_cache: jax.Array, pos: jax.Array, block_k: int) -> tuple[jax.Array, jax.Array]:
-    """Element-wise min / max of the filled keys (slots <= pos) of every key block.
-
-    Args:
-      k_cache: [B, S, K, P] keys; pos: the current position (int32 scalar).
-    Returns:
-      kmin, kmax: fp32 [B, ceil(S / block_k), K, P]; +inf / -inf for blocks with no filled key.
-    """
-    b, s, kh, p = k_cache.shape
-    nkc = math.ceil(s / block_k)
-    pad = nkc * block_k - s
-    k = jnp.pad(k_cache.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
-    filled = (jnp.arange(nkc * block_k) <= pos)[None, :, None, None]
-    k = k.reshape(b, nkc, block_k, kh, p)
-    filled = filled.reshape(1, nkc, block_k, 1, 1)
-    return (jnp.min(jnp.where(filled, k, jnp.inf), axis=2), jnp.max(jnp.where(filled, k, -jnp.inf), axis=2))
-
-
-def decode_block_search(q: jax.Array, kmin: jax.Array, kmax: jax.Array, pos: jax.Array,
-                        s: HiPSettings) -> jax.Array:
-    """HiP's hierarchical top-K search for one query per head over the valid prefix 0..pos.
-
-    The same algorithm as `hip_block_indices` with a query block of one token (HiP Sec. 3.1): K
-    spans evenly tile the searchable key blocks [sinks // bk, ceil((pos - window + 1) / bk)); each
-    round splits every span in two, scores a half by its first key block,
-    max(q . kmin_j, q . kmax_j), and keeps the best K halves, until spans are single blocks.
-
-    Args:
-      q: [B, H, P] the query of each head; kmin, kmax: [B, nkc, K, P] block summaries.
-      pos: int32 scalar, the query position.
-    Returns:
-      int32 [B, H, K] selected key block ids in ascending order, -1 for unused slots.
-    """
-    b, h, _ = q.shape
-    nkc, kh = kmin.shape[1], kmin.shape[2]
-    kk, bk = s.k_blocks, s.block_k
-    q = q.astype(jnp.float32)
-    # Summaries per query head (grouped-query attention: head h reads kv head h // G).
-    kv_of_head = jnp.arange(h) // (h // kh)
-    kmin_h = jnp.swapaxes(kmin[:, :, kv_of_head], 1, 2)  # [B,H,nkc,P]
-    kmax_h = jnp.swapaxes(kmax[:, :, kv_of_head], 1, 2)
-    kmin_h = jnp.where(jnp.isfinite(kmin_h), kmin_h, 0.0)  # empty blocks are never scored
-    kmax_h = jnp.where(jnp.isfinite(kmax_h), kmax_h, 0.0)
-    # Search range [lo, hi): no sink-only blocks, nothing the window covers.
-    lo = jnp.int32(s.sinks // bk)
-    key_end = jnp.clip(pos - s.window + 1, 0, nkc * bk)
-    hi = jnp.maximum((key_end + bk - 1) // bk, lo)
-    n = hi - lo
-    # Initial spans: K spans evenly tiling [lo, hi).
-    i = jnp.arange(kk + 1, dtype=jnp.int32)
-    edges = lo + (i * n) // kk  # [K+1]
-    start = jnp.broadcast_to(edges[:-1], (b, h, kk))
-    end = jnp.broadcast_to(edges[1:], (b, h, kk))
-    rounds = math.ceil(math.log2(max(1, math.ceil(nkc / kk))))
-    for _ in range(rounds):
-        # Split every span in two halves (left gets the extra block).
-        mid = start + (end - start + 1) // 2
-        c_start = jnp.concatenate([start, mid], axis=-1)  # [B,H,2K]
-        c_end = jnp.concatenate([mid, end], axis=-1)
-        # Representative score of each half: its first key block.
-        rep = jnp.clip(c_start, 0, nkc - 1)
-        lo_k = jnp.take_along_axis(kmin_h, rep[..., None], axis=2)  # [B,H,2K,P]
-        hi_k = jnp.take_along_axis(kmax_h, rep[..., None], axis=2)
-        score = jnp.maximum(jnp.einsum("bhp,bhcp->bhc", q, lo_k), jnp.einsum("bhp,bhcp->bhc", q, hi_k))
-        score = jnp.where(c_end > c_start, score, -jnp.inf)
-        # Keep the best K halves.
-        _, top = jax.lax.top_k(score, kk)
-        start = jnp.take_along_axis(c_start, top, axis=-1)
-        end = jnp.take_along_axis(c_end, top, axis=-1)
-    big = jnp.int32(nkc + 1)
-    blocks = jnp.sort(jnp.where(end > start, start, big), axis=-1)
-    return jnp.where(blocks < big, blocks, -1).astype(jnp.int32)
+    @classmethod
+    def of(cls, cfg) -> HiPSettings:
+        """The settings held by a config that has the HiP fields."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
 def decode_sparse_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos: jax.Array,
@@ -213,104 +133,88 @@ def decode_sparse_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array
 class HiPAttention(Attention):
     """The transformer's attention (same projections and parameters) with HiP's sparse pattern."""
 
-    def __init__(self, cfg: TransformerConfig, spec: AttentionSpec, settings: HiPSettings, *,
-                 rngs: nnx.Rngs | None = None, base: Attention | None = None):
-        """New projections from `rngs`, or the projections (and parameters) of `base`."""
+    def __init__(self, cfg: TransformerConfig, spec: AttentionSpec, *, rngs: nnx.Rngs | None = None,
+                 settings: HiPSettings | None = None, base: Attention | None = None):
+        """New projections from `rngs`, or the projections (and parameters) of `base`; the HiP
+        pattern from `settings` or, by default, from the config's HiP fields."""
         if base is None:
             super().__init__(cfg, spec, rngs=rngs)
         else:
             self.cfg, self.spec = cfg, spec
             self.wq, self.wk, self.wv, self.wo = base.wq, base.wk, base.wv, base.wo
-        self.settings = settings
+        self.settings = settings if settings is not None else HiPSettings.of(cfg)
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D]
+    def attention(self, q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context) -> jax.Array:
         s = self.settings
-        b, t, _ = x.shape
-        if t < s.dense_below:
-            return super().__call__(x)
-        pos = jnp.arange(t)
-        q, k, v = self.qkv(x, pos)  # [B,T,H,P], [B,T,K,P]
+        if q.shape[1] < s.dense_below:
+            return super().attention(q, k, v, ctx)
         # HiP mask estimation: top-K key blocks per query block (sinks and window excluded).
         idx = hip_block_indices(q, k, k_blocks=s.k_blocks, block_q=s.block_q, block_k=s.block_k,
                                 window=s.window, sinks=s.sinks, causal=True)  # [B,H,nq,K]
         # Block-sparse attention over the listed blocks + window + sinks.
-        o = sparse_attention(q, k, v, block_indices=idx, **s.op_kwargs())
-        return self.wo(o.reshape(b, t, -1))
+        impl = dispatch.resolve(self.cfg.implementation)
+        return sparse_attention(q, k, v, block_indices=idx, causal=True, window=s.window, sinks=s.sinks,
+                                block_q=s.block_q, block_k=s.block_k, segment_ids=ctx.segment_ids,
+                                implementation=impl, interpret=dispatch.resolve_interpret(impl))
 
-    def _decode(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos: jax.Array, summarize):
-        """One token x [B, 1, D] at `pos`; `summarize(k_new [B,K,P], k_cache)` returns the block
-        summaries (kmin, kmax) [B, nkc, K, P] of the cache including this token's key."""
-        s = self.settings
-        b = x.shape[0]
-        q, k, v = self.qkv(x, jnp.full((1,), pos))
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, pos, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, pos, 0, 0))
-        kmin, kmax = summarize(k[:, 0].astype(jnp.float32), k_cache)
+    def cached_attention(self, q: jax.Array, state: dict, ctx: Context) -> jax.Array:
+        """One query per head (T = 1) at slot ctx.index: HiP's search over the filled prefix."""
+        s, pos = self.settings, ctx.index
+        k_cache, v_cache = state["k"], state["v"]
+        if q.shape[1] != 1:
+            raise ValueError("HiP's cached attention takes one token; multi-token prefill goes through prefill()")
 
         def dense(_):
-            slots = jnp.arange(k_cache.shape[1])
-            o = attend(q, k_cache, v_cache, q_pos=jnp.full((b, 1), pos), k_pos=slots, spec=AttentionSpec("full"),
-                       k_valid=jnp.broadcast_to(slots <= pos, (b, slots.shape[0])))
-            return o[:, 0]
+            return super(HiPAttention, self).cached_attention(q, state, ctx)[:, 0]
 
         def sparse(_):
-            # Search the valid prefix for this query, then attend to the selected blocks only.
-            blocks = decode_block_search(q[:, 0], kmin, kmax, pos, s)  # [B,H,K]
+            # Search the valid prefix for this query (the op's search, block_q = 1), then attend
+            # to the selected blocks, the window and the sinks only.
+            blocks = hip_decode_block_indices(q[:, 0], k_cache, pos, k_blocks=s.k_blocks, block_k=s.block_k,
+                                              window=s.window, sinks=s.sinks)  # [B,H,K]
             return decode_sparse_attention(q[:, 0], k_cache, v_cache, pos, blocks, s)
 
-        o = jax.lax.cond(pos + 1 < s.dense_below, dense, sparse, None)  # [B,H,P]
-        return self.wo(o.reshape(b, 1, -1)), k_cache, v_cache, kmin, kmax
+        return jax.lax.cond(pos + 1 < s.dense_below, dense, sparse, None)[:, None]  # [B,1,H,P]
 
-    def decode_with_summaries(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos: jax.Array,
-                              kmin: jax.Array, kmax: jax.Array):
-        """Decoding with incrementally kept block summaries kmin/kmax [B, nkc, K, P] (+inf/-inf when
-        empty): the new key is folded into its block in O(D).
-        Returns (out [B, 1, D], k_cache, v_cache, kmin, kmax)."""
-        blk = pos // self.settings.block_k
+    def prefill(self, x: jax.Array, state: dict, ctx: Context) -> tuple[jax.Array, dict]:
+        """One token: the decode search. Several: the parallel pattern into an empty cache
+        (ctx.index == 0, a prompt), else token by token (exactly what decoding them would give)."""
+        if x.shape[1] == 1:
+            return super().prefill(x, state, ctx)
 
-        def summarize(k_new, _):
-            return kmin.at[:, blk].min(k_new), kmax.at[:, blk].max(k_new)
+        def parallel(state):
+            b, t, _ = x.shape
+            q, k, v = self.qkv(x, ctx.positions)
+            state = {n: jax.lax.dynamic_update_slice_in_dim(state[n], a.astype(state[n].dtype), 0, 1)
+                     for n, a in (("k", k), ("v", v))}
+            return self.wo(self.attention(q, k, v, ctx).reshape(b, t, -1)), state
 
-        return self._decode(x, k_cache, v_cache, pos, summarize)
+        def sequential(state):
+            return scan_over_time(super(HiPAttention, self).prefill, x, state, ctx)
 
-    def decode(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos: jax.Array):
-        """The transformer's decode signature: block summaries recomputed from the cache (O(S D)
-        min/max, no matmul), so HiP works inside any model's unchanged `decode_step`."""
-        out, k_cache, v_cache, _, _ = self._decode(
-            x, k_cache, v_cache, pos, lambda _, kc: block_summaries(kc, pos, self.settings.block_k))
-        return out, k_cache, v_cache
+        return jax.lax.cond(ctx.index == 0, parallel, sequential, state)
 
 
 def use_hip(model: nnx.Module, settings: HiPSettings) -> nnx.Module:
-    """Swaps every full-attention layer of `model` (a model of transformer `Block`s) for HiP, in
+    """Swaps every full-attention layer of `model` (a model of `TransformerBlock`s) for HiP, in
     place, keeping its parameters; window / block-local layers are already sparse and stay."""
-    for block in model.blocks:
+    for block in model.blocks.modules():
         attn = block.attn
         if type(attn) is Attention and attn.spec.kind == "full":
-            block.attn = HiPAttention(attn.cfg, attn.spec, settings, base=attn)
+            block.attn = HiPAttention(attn.cfg, attn.spec, settings=settings, base=attn)
     return model
 
 
 @dataclasses.dataclass(frozen=True)
-class HiPConfig(TransformerConfig):
+class HiPConfig(TransformerConfig, HiPSettings):
     """The baseline transformer's fields plus HiP's (see `HiPSettings`). `window` is HiP's sliding
     window (and the window of any "window" layer in `layer_attention`)."""
 
     window: int = 64
-    k_blocks: int = 4
-    block_q: int = 32
-    block_k: int = 32
-    sinks: int = 16
-    dense_below: int = 0
-    implementation: str = "auto"
 
     def __post_init__(self):
         super().__post_init__()
-        self.hip_settings()  # validates the HiP fields
-
-    def hip_settings(self) -> HiPSettings:
-        return HiPSettings(self.k_blocks, self.block_q, self.block_k, self.window, self.sinks,
-                           self.dense_below, self.implementation)
+        HiPSettings.__post_init__(self)
 
 
 def _from_transformer(cfg: TransformerConfig, **hip) -> HiPConfig:
@@ -332,55 +236,8 @@ PRESETS = {
 
 @registry.register("hip", PRESETS)
 class HiP(Transformer):
-    """The baseline transformer with HiP attention in every full-attention layer (training-free).
+    """The baseline transformer with HiP attention in every full-attention layer (training-free);
+    the same parameter tree and cache as `Transformer`."""
 
-    Same parameter tree as `Transformer`; the cache also keeps the key-block min/max summaries so a
-    decoded token costs O(D) to summarise and O(K log(S/K)) representative scores to search.
-    """
-
-    def __init__(self, cfg: HiPConfig, *, rngs: nnx.Rngs):
-        super().__init__(cfg, rngs=rngs)
-        use_hip(self, cfg.hip_settings())
-
-    def init_cache(self, batch_size: int, max_length: int) -> dict:
-        """The transformer's KV cache plus kmin / kmax [L, B, ceil(S / block_k), K, P] (fp32)."""
-        cfg = self.config
-        cache = super().init_cache(batch_size, max_length)
-        shape = (cfg.n_layers, batch_size, math.ceil(max_length / cfg.block_k), cfg.n_kv_heads, cfg.head_dim)
-        cache["kmin"] = jnp.full(shape, jnp.inf, jnp.float32)
-        cache["kmax"] = jnp.full(shape, -jnp.inf, jnp.float32)
-        return cache
-
-    def decode_step(self, tokens_t: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-        """tokens_t int32 [B] -> (logits [B, V], updated cache)."""
-        pos = cache["pos"]
-        x = self.embed(tokens_t[:, None]).astype(jnp.float32)
-        out = {"k": [], "v": [], "kmin": [], "kmax": []}
-        for i, block in enumerate(self.blocks):
-            h_in = block.attn_norm(x)
-            kmin, kmax = cache["kmin"][i], cache["kmax"][i]
-            if isinstance(block.attn, HiPAttention):
-                h, k_i, v_i, kmin, kmax = block.attn.decode_with_summaries(
-                    h_in, cache["k"][i], cache["v"][i], pos, kmin, kmax)
-            else:
-                h, k_i, v_i = block.attn.decode(h_in, cache["k"][i], cache["v"][i], pos)
-            x = x + h.astype(jnp.float32)
-            x = x + block.mlp(block.mlp_norm(x)).astype(jnp.float32)
-            for name, val in (("k", k_i), ("v", v_i), ("kmin", kmin), ("kmax", kmax)):
-                out[name].append(val)
-        cache = {name: jnp.stack(vals) for name, vals in out.items()}
-        cache["pos"] = pos + 1
-        return self.logits(x)[:, 0], cache
-
-
-def from_transformer(model: Transformer, **hip_fields) -> HiP:
-    """A `hip` model holding `model`'s parameters (a trained baseline; training-free conversion).
-
-    Args:
-      model: a `Transformer` (e.g. from `zoo.train.checkpoint.load_model`).
-      **hip_fields: HiPConfig fields (k_blocks, block_q, block_k, window, sinks, dense_below, ...).
-    """
-    cfg = _from_transformer(model.config, **hip_fields)
-    hip = nnx.eval_shape(lambda: HiP(cfg, rngs=nnx.Rngs(0)))
-    nnx.update(hip, nnx.state(model, nnx.Param))
-    return hip
+    def attention_module(self, spec: AttentionSpec) -> type[Attention]:
+        return HiPAttention if spec.kind == "full" else Attention

@@ -44,9 +44,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from zoo.layers import AttentionSpec, Embed, Linear, RMSNorm, SwiGLU, apply_rope, attend, param, rms_norm
+from pallas_kernels import dispatch
+from zoo.layers import (AttentionSpec, Embed, Linear, RMSNorm, SwiGLU, apply_rope, attend, lm_logits, param, rms_norm,
+                        self_attention)
 from zoo.models import registry
-from zoo.models.transformer import Transformer
+from zoo.models.base import Block, Context, LanguageModel, LMConfig, make_stack, scan_over_time
 
 # Per-step (a, b, c) of the quintic Newton-Schulz iteration X <- a X + (b A + c A^2) X, A = X X^T,
 # as published with the LaCT code (ttt_operation.py::zeropower_via_newtonschulz5).
@@ -60,10 +62,7 @@ NS_COEFFS = (
 
 
 @dataclasses.dataclass(frozen=True)
-class LaCTConfig:
-    vocab_size: int = 256
-    d_model: int = 128
-    n_layers: int = 2
+class LaCTConfig(LMConfig):
     n_heads: int = 4                 # attention heads of the window branch
     n_lact_heads: int = 2            # fast-weight heads
     inter_multi: float = 1.0         # fast-weight hidden width Dh = inter_multi * Dk
@@ -85,9 +84,9 @@ class LaCTConfig:
     norm_eps: float = 1e-6
     ttt_norm_eps: float = 1e-5       # per-head output RMSNorm (fla's RMSNorm default)
     scan_unroll: bool = False        # unroll the chunk scan (XLA's cost analysis counts a rolled body once)
-    dtype: str = "float32"           # compute dtype; params and fast weights stay fp32
 
     def __post_init__(self):
+        super().__post_init__()
         d = self.d_model
         if d % self.n_heads:
             raise ValueError(f"d_model ({d}) must be divisible by n_heads ({self.n_heads})")
@@ -297,35 +296,38 @@ def block_causal_lact(weights, q, k, v, lr, m=None, *, chunk_size: int, use_muon
     return out[:, :, :t]
 
 
-def window_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int) -> jax.Array:
+def window_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int, positions: jax.Array,
+                     segment_ids: jax.Array | None = None, implementation: str = "auto") -> jax.Array:
     """Causal sliding-window attention of q [B, T, A, P] over k, v [B, T, A, P] in O(T * window).
 
-    Queries are cut into blocks of `window`; each block attends to its own and the previous block
+    On TPU/GPU through the attention dispatch (a cuDNN / splash sliding window). On the XLA path,
+    queries are cut into blocks of `window`; each block attends to its own and the previous block
     through `zoo.layers.attend` with the "window" pattern, so the result equals the dense masked one.
+    positions, segment_ids: [B, T] positions within each document and document ids.
     """
     b, t, a, p = q.shape
     spec = AttentionSpec("window", window=window)
-    if t <= window:
-        pos = jnp.arange(t)
-        return attend(q, k, v, q_pos=pos, k_pos=pos, spec=spec)
+    if dispatch.resolve(implementation) != "xla" or t <= window:
+        return self_attention(q, k, v, spec=spec, positions=positions, segment_ids=segment_ids,
+                              implementation=implementation)
     w = window
     n = -(-t // w)
     pad = n * w - t
+    seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
 
-    def blocks(x):  # [B, T, A, P] -> [B, N, W, A, P]
-        return jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]).reshape(b, n, w, a, p)
+    def blocks(x, fill=0):  # [B, T, ...] -> [B, N, W, ...], padded with `fill`
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        return x.reshape(b, n, w, *x.shape[2:])
 
-    qb, kb, vb = blocks(q), blocks(k), blocks(v)
+    def with_previous(x, fill=0):  # [B, N, W, ...] -> [B*N, 2W, ...]: the block before the first is `fill`
+        prev = jnp.concatenate([jnp.full_like(x[:, :1], fill), x[:, :-1]], axis=1)
+        return jnp.concatenate([prev, x], axis=2).reshape(b * n, 2 * w, *x.shape[3:])
 
-    def with_previous(x):  # [B, N, W, A, P] -> [B*N, 2W, A, P]
-        prev = jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
-        return jnp.concatenate([prev, x], axis=2).reshape(b * n, 2 * w, a, p)
-
-    q_pos = jnp.arange(n)[:, None] * w + jnp.arange(w)  # [N, W]
-    k_pos = jnp.arange(n)[:, None] * w - w + jnp.arange(2 * w)  # [N, 2W]
-    q_pos, k_pos = jnp.tile(q_pos, (b, 1)), jnp.tile(k_pos, (b, 1))
-    o = attend(qb.reshape(b * n, w, a, p), with_previous(kb), with_previous(vb), q_pos=q_pos, k_pos=k_pos,
-               spec=spec, k_valid=k_pos >= 0)
+    # Padding keys get position -1 and are never visible.
+    kpos = with_previous(blocks(positions, -1), -1)
+    o = attend(blocks(q).reshape(b * n, w, a, p), with_previous(blocks(k)), with_previous(blocks(v)),
+               q_pos=blocks(positions).reshape(b * n, w), k_pos=kpos, spec=spec, k_valid=kpos >= 0,
+               q_seg=blocks(seg).reshape(b * n, w), k_seg=with_previous(blocks(seg)))
     return o.reshape(b, n * w, a, p)[:, :t]
 
 
@@ -426,11 +428,17 @@ class LaCTLayer(nnx.Module):
         o = o_attn.reshape(b, t, -1).astype(jnp.float32) + o_ttt.reshape(b, t, -1)
         return self.wo(o.astype(jnp.dtype(self.cfg.dtype)))
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D]
+    def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:  # [B, T, D]
+        """The parallel form. Packed rows (segment ids) run the exact token-by-token form instead:
+        every document restarts the fast weights and its own chunk grid, which the chunk-parallel
+        form cannot express (train LaCT at scale with decomposition buckets, which never pack)."""
         cfg = self.cfg
         b, t, _ = x.shape
-        z = self.project(x, jnp.arange(t))
-        o_attn = window_attention(z["q"], z["k"], z["v"], cfg.window)
+        if ctx.segment_ids is not None:
+            return scan_over_time(self.decode, x, self.init_state(b, t), ctx)[0]
+        z = self.project(x, ctx.positions)
+        o_attn = window_attention(z["q"], z["k"], z["v"], cfg.window, ctx.positions,
+                                  implementation=cfg.implementation)
         weights = tuple(jnp.broadcast_to(w, (b,) + w.shape) for w in self.initial_fast_weights())
         o_ttt = block_causal_lact(weights, z["fq"], z["fk"], z["fv"], z["lr"], z["mom"],
                                   chunk_size=cfg.chunk_size, use_muon=cfg.use_muon, dtype=jnp.dtype(cfg.dtype),
@@ -447,6 +455,7 @@ class LaCTLayer(nnx.Module):
         state = {
             "k": jnp.zeros((b, s, cfg.n_heads, cfg.head_dim), dt),
             "v": jnp.zeros((b, s, cfg.n_heads, cfg.head_dim), dt),
+            "kpos": jnp.full((b, s), -1, jnp.int32),  # position held by each ring-buffer slot (-1: empty)
             "w0": jnp.broadcast_to(ws[0], (b,) + ws[0].shape), "w1": jnp.broadcast_to(ws[1], (b,) + ws[1].shape),
             "w2": jnp.broadcast_to(ws[2], (b,) + ws[2].shape),
             "kbuf": jnp.zeros((b, h, c, dk), dt), "vbuf": jnp.zeros((b, h, c, dk), dt),
@@ -457,49 +466,61 @@ class LaCTLayer(nnx.Module):
             state["mbuf"] = jnp.zeros((b, h, c), jnp.float32)
         return state
 
-    def decode(self, x: jax.Array, state: dict[str, jax.Array], pos: jax.Array):
-        """One token x [B, 1, D] at position `pos` -> (output [B, 1, D], new state)."""
+    def decode(self, x: jax.Array, state: dict[str, jax.Array], ctx: Context):
+        """One token x [B, 1, D] at positions ctx.positions [B, 1] -> (output [B, 1, D], new state).
+
+        Each row has its own position within its document; position 0 starts a document and resets
+        that row's state (a no-op on a fresh state), so packed rows decode document by document.
+        """
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
-        z = self.project(x, jnp.full((1,), pos))
-        state = dict(state)
-        # Window branch: ring buffer of the last S keys; slot i holds position pos - ((pos - i) mod S).
+        b = x.shape[0]
+        pos = ctx.positions[:, 0]  # [B]
+        fresh = self.init_state(b, state["k"].shape[1])
+        state = jax.tree.map(lambda f, s: jnp.where((pos == 0).reshape((-1,) + (1,) * (s.ndim - 1)), f, s),
+                             fresh, state)
+        z = self.project(x, ctx.positions)
+
+        def put(buf, val, idx, axis):  # write val [B, ..., 1, ...] at index idx [B] of `axis`, per row
+            hit = jax.nn.one_hot(idx, buf.shape[axis], dtype=bool).reshape(
+                (b,) + (1,) * (axis - 1) + (buf.shape[axis],) + (1,) * (buf.ndim - axis - 1))
+            return jnp.where(hit, val.astype(buf.dtype), buf)
+
+        # Window branch: ring buffer of the last S keys, slot pos mod S, with the positions they hold.
         s = state["k"].shape[1]
         slot = pos % s
-        state["k"] = jax.lax.dynamic_update_slice(state["k"], z["k"].astype(dt), (0, slot, 0, 0))
-        state["v"] = jax.lax.dynamic_update_slice(state["v"], z["v"].astype(dt), (0, slot, 0, 0))
-        slots = jnp.arange(s)
-        k_pos = pos - jnp.mod(pos - slots, s)
-        b = x.shape[0]
-        o_attn = attend(z["q"], state["k"], state["v"], q_pos=jnp.full((b, 1), pos), k_pos=k_pos,
-                        spec=AttentionSpec("window", window=cfg.window),
-                        k_valid=jnp.broadcast_to(k_pos >= 0, (b, s)))
+        state["k"], state["v"] = put(state["k"], z["k"], slot, 1), put(state["v"], z["v"], slot, 1)
+        state["kpos"] = put(state["kpos"], pos[:, None], slot, 1)
+        o_attn = attend(z["q"], state["k"], state["v"], q_pos=ctx.positions, k_pos=state["kpos"],
+                        spec=AttentionSpec("window", window=cfg.window), k_valid=state["kpos"] >= 0)
         # TTT branch: answer with the current fast weights, then buffer k, v, lr (and momentum).
         weights = (state["w0"], state["w1"], state["w2"])
         o_ttt = fast_weight_apply(*weights, z["fq"], dt)  # [B, H, 1, Dv]
         idx = pos % cfg.chunk_size
-        put = lambda buf, val: jax.lax.dynamic_update_slice_in_dim(buf, val.astype(buf.dtype), idx, axis=2)  # noqa: E731
-        state["kbuf"], state["vbuf"] = put(state["kbuf"], z["fk"]), put(state["vbuf"], z["fv"])
-        state["lrbuf"] = put(state["lrbuf"], z["lr"])
+        state["kbuf"], state["vbuf"] = put(state["kbuf"], z["fk"], idx, 2), put(state["vbuf"], z["fv"], idx, 2)
+        state["lrbuf"] = put(state["lrbuf"], z["lr"], idx, 2)
         if cfg.use_momentum:
-            state["mbuf"] = put(state["mbuf"], z["mom"])
+            state["mbuf"] = put(state["mbuf"], z["mom"], idx, 2)
         momentum = tuple(state[f"m{j}"] for j in range(3)) if cfg.use_momentum else None
         norms = tuple(row_norms(w) for w in self.initial_fast_weights())
+        full = idx == cfg.chunk_size - 1  # [B]: this row's chunk is complete
 
         def update(operand):
             ws, mom = operand
-            return fast_weight_update(ws, mom, norms, state["kbuf"], state["vbuf"], state["lrbuf"],
-                                      state.get("mbuf"), use_muon=cfg.use_muon, dtype=dt)
+            new_ws, new_mom = fast_weight_update(ws, mom, norms, state["kbuf"], state["vbuf"], state["lrbuf"],
+                                                 state.get("mbuf"), use_muon=cfg.use_muon, dtype=dt)
+            keep = lambda new, old: jnp.where(full.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)  # noqa: E731
+            return jax.tree.map(keep, (new_ws, new_mom), (ws, mom))
 
-        # The chunk is full: update the fast weights for the next chunk.
-        weights, momentum = jax.lax.cond(idx == cfg.chunk_size - 1, update, lambda o: o, (weights, momentum))
+        # A full chunk updates the fast weights for the next chunk (only the rows whose chunk is full).
+        weights, momentum = jax.lax.cond(jnp.any(full), update, lambda o: o, (weights, momentum))
         state["w0"], state["w1"], state["w2"] = weights
         if cfg.use_momentum:
             state["m0"], state["m1"], state["m2"] = momentum
         return self.combine(x, o_attn, o_ttt), state
 
 
-class LaCTBlock(nnx.Module):
+class LaCTBlock(Block):
     def __init__(self, cfg: LaCTConfig, *, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
         self.attn = LaCTLayer(cfg, rngs=rngs)
@@ -507,49 +528,33 @@ class LaCTBlock(nnx.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, rngs=rngs, dtype=cfg.dtype,
                           out_init_std=cfg.d_ff ** -0.5 / (2 * cfg.n_layers) ** 0.5)
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # x [B, T, D] fp32 residual stream
-        x = x + self.attn(self.attn_norm(x)).astype(jnp.float32)
+    def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:  # x [B, T, D] fp32 residual stream
+        x = x + self.attn(self.attn_norm(x), ctx).astype(jnp.float32)
         return x + self.mlp(self.mlp_norm(x)).astype(jnp.float32)
 
-    def decode(self, x: jax.Array, state: dict, pos: jax.Array):
-        h, state = self.attn.decode(self.attn_norm(x), state, pos)
+    def init_state(self, batch_size: int, max_length: int) -> dict:
+        return self.attn.init_state(batch_size, max_length)
+
+    def decode(self, x: jax.Array, state: dict, ctx: Context):
+        h, state = self.attn.decode(self.attn_norm(x), state, ctx)
         x = x + h.astype(jnp.float32)
         return x + self.mlp(self.mlp_norm(x)).astype(jnp.float32), state
 
 
 @registry.register("lact", PRESETS)
-class LaCT(nnx.Module):
-    """Decoder-only LaCT LM following the zoo's model protocol (`__call__`, `init_cache`, `decode_step`)."""
+class LaCT(LanguageModel):
+    """Decoder-only LaCT LM following the zoo's model protocol."""
 
     def __init__(self, cfg: LaCTConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=cfg.dtype)
-        self.blocks = nnx.List([LaCTBlock(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.blocks = make_stack(cfg, lambda i: LaCTBlock(cfg, rngs=rngs))
         self.final_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
         self.unembed = None if cfg.tie_embeddings else Linear(
             cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), rngs=rngs, dtype=cfg.dtype)
 
-    # The output head and the parallel forward are the baseline transformer's (same attributes).
-    logits = Transformer.logits
-    __call__ = Transformer.__call__
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        return self.embed(tokens).astype(jnp.float32)
 
-    def init_cache(self, batch_size: int, max_length: int) -> dict:
-        """Per-layer decoding states stacked on a leading layer axis, plus the next position."""
-        states = [block.attn.init_state(batch_size, max_length) for block in self.blocks]
-        cache = {name: jnp.stack([s[name] for s in states]) for name in states[0]}
-        cache["pos"] = jnp.zeros((), jnp.int32)
-        return cache
-
-    def decode_step(self, tokens_t: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-        """tokens_t int32 [B] -> (logits [B, V], updated cache)."""
-        pos = cache["pos"]
-        x = self.embed(tokens_t[:, None]).astype(jnp.float32)
-        names = [n for n in cache if n != "pos"]
-        new = {n: [] for n in names}
-        for i, block in enumerate(self.blocks):
-            x, state = block.decode(x, {n: cache[n][i] for n in names}, pos)
-            for n in names:
-                new[n].append(state[n])
-        cache = {n: jnp.stack(v) for n, v in new.items()}
-        cache["pos"] = pos + 1
-        return self.logits(x)[:, 0], cache
+    def logits(self, x: jax.Array) -> jax.Array:
+        return lm_logits(self.final_norm(x), self.embed, self.unembed, self.config.d_model ** -0.5)

@@ -25,9 +25,11 @@ without weight decay; Linear weights U(+-1/sqrt(fan_in)) (torch's default), out_
 sqrt(n_layers) (GPT-2 rescaling of `_init_weights`); conv weight and bias U(+-1/sqrt(K)); the
 embedding N(0, 0.02).
 
-Inference protocol: `model(tokens)`; `cache = model.init_cache(B, max_length)` (conv state
-[L,B,K-1,C] + SSM state [L,B,H,P,N] per layer); `logits, cache = model.prefill(tokens, cache)`
-continues from the cache (chunked prefill of a long prompt); `model.decode_step(tokens_t, cache)`.
+Inference protocol (`zoo.models.base.LanguageModel`): `model(tokens, segment_ids=...)`;
+`cache = model.init_cache(B, max_length)` (per layer: conv state [B,K-1,C] + SSM state [B,H,P,N]);
+`logits, cache = model.prefill(tokens, cache)` continues from the cache (chunked prefill of a long
+prompt); `model.decode_step(tokens_t, cache)`. Packed documents (`segment_ids`) reset the conv
+window and the SSD state (`seq_idx`) at every document start.
 
 Stuffed-Mamba mitigations (training-free; fields of `Mamba2Config`, off by default; change them on a
 trained model with `model.set_inference_options(...)`):
@@ -64,18 +66,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels import dispatch
 from pallas_kernels.ssd import ssd, ssd_step
 from zoo.layers import Linear, RMSNorm, param
 from zoo.models import registry
+from zoo.models.base import Block, Context, LanguageModel, LMConfig, make_stack
 
 _DT_FLOOR = 1e-20  # the windowed parallel form divides by dt_t (see the module docstring)
 
 
 @dataclasses.dataclass(frozen=True)
-class Mamba2Config:
-    vocab_size: int = 256
+class Mamba2Config(LMConfig):
     d_model: int = 64
-    n_layers: int = 2
     d_state: int = 32
     d_conv: int = 4
     expand: int = 2
@@ -89,8 +91,6 @@ class Mamba2Config:
     dt_init_floor: float = 1e-4
     conv_bias: bool = True
     norm_eps: float = 1e-5
-    ssd_implementation: str = ""              # "" = the SSD op's default (pallas on TPU/GPU, xla on CPU)
-    dtype: str = "float32"                    # compute dtype; params stay fp32
     # Stuffed-Mamba inference options (see the module docstring); defaults leave the model unchanged.
     b_scale: float = 1.0
     b_clip: float = 0.0                       # 0 = off
@@ -103,6 +103,7 @@ class Mamba2Config:
     window: int = 0                           # 0 = off; R > 0 keeps only the last R tokens in the state
 
     def __post_init__(self):
+        super().__post_init__()
         if self.d_inner % self.headdim:
             raise ValueError(f"d_inner = expand * d_model = {self.d_inner} must be a multiple of headdim "
                              f"({self.headdim}); change headdim or d_model")
@@ -194,7 +195,7 @@ def cap_state_norm(h: jax.Array, thr: jax.Array) -> jax.Array:
 
 
 def windowed_ssd(x, dt, A, B, C, D, *, window: int, h0, hist_x, hist_B, hist_dt, chunk_size: int = 64,
-                 implementation: str | None = None):
+                 implementation: str = "xla"):
     """SSD whose state holds only the last `window` tokens (Stuffed-Mamba Method 3), in parallel form.
 
     h^R_t = sum_{s=t-R+1..t} (prod_{k=s+1..t} alpha_k) dt_s x_s B_s^T (+ the decayed part of h0 that
@@ -227,10 +228,10 @@ def windowed_ssd(x, dt, A, B, C, D, *, window: int, h0, hist_x, hist_B, hist_dt,
 
 
 class Mamba2Mixer(nnx.Module):
-    """The Mamba-2 mixer (SSD layer). `forward(u, state)` maps [B,T,D] and a layer state to both."""
+    """The Mamba-2 mixer (SSD layer). `forward(u, state, ctx)` maps [B,T,D] and a layer state to both."""
 
-    def __init__(self, cfg: Mamba2Config, layer: int, *, rngs: nnx.Rngs):
-        self.cfg, self.layer = cfg, layer
+    def __init__(self, cfg: Mamba2Config, *, rngs: nnx.Rngs):
+        self.cfg = cfg
         e, h, gn = cfg.d_inner, cfg.n_heads, cfg.ngroups * cfg.d_state
         d_in_proj = 2 * e + 2 * gn + h
         self.in_proj = Linear(cfg.d_model, d_in_proj, axes=("embed", "mlp"), rngs=rngs, dtype=cfg.dtype)
@@ -249,17 +250,15 @@ class Mamba2Mixer(nnx.Module):
             rngs.params(), (e, cfg.d_model), jnp.float32)
 
     # ---- pieces shared by the parallel and the recurrent forms
-    def _impl(self):
-        return self.cfg.ssd_implementation or None
-
-    def _thresholds(self) -> jax.Array | None:
+    def _thresholds(self, layer) -> jax.Array | None:
+        """The state-norm caps [H] of layer `layer` (a traced index when the layers are scanned)."""
         cfg = self.cfg
         if not cfg.state_norm_thresholds:
             return None
         thr = jnp.asarray(cfg.state_norm_thresholds, jnp.float32)
         if thr.shape[0] == 1:
             return jnp.broadcast_to(thr, (cfg.n_heads,))
-        return thr.reshape(cfg.n_layers, cfg.n_heads)[self.layer]
+        return thr.reshape(cfg.n_layers, cfg.n_heads)[layer]
 
     def _discretise(self, dt_raw, B):
         """dt = softplus(dt_raw + dt_bias), A = -exp(A_log), then the Method-1 adjustments (fp32)."""
@@ -293,7 +292,7 @@ class Mamba2Mixer(nnx.Module):
         y = gated_rms_norm(y, z, self.norm_weight[...], cfg.d_inner // cfg.ngroups, cfg.norm_eps)
         return self.out_proj(y)
 
-    def _scan(self, x, dt, A, B, C, state):
+    def _scan(self, x, dt, A, B, C, state, seq_idx=None):
         """SSD over one stretch with the carried state; returns y [B,T,H,P] and the new state."""
         cfg = self.cfg
         D = self.D[...]
@@ -301,31 +300,44 @@ class Mamba2Mixer(nnx.Module):
             y, h, (hx, hb, hdt) = windowed_ssd(x, dt, A, B, C, D, window=cfg.window, h0=state["ssm"],
                                                hist_x=state["hist_x"], hist_B=state["hist_B"],
                                                hist_dt=state["hist_dt"], chunk_size=cfg.chunk_size,
-                                               implementation=self._impl())
+                                               implementation=dispatch.resolve(cfg.implementation))
             return y, {"ssm": h, "hist_x": hx, "hist_B": hb, "hist_dt": hdt}
         y, h = ssd(x, dt, A, B.astype(x.dtype), C, chunk_size=cfg.chunk_size, D=D, initial_states=state["ssm"],
-                   return_final_states=True, implementation=self._impl())
+                   seq_idx=seq_idx, return_final_states=True, implementation=dispatch.resolve(cfg.implementation))
         return y, {"ssm": h}
 
     # ---- parallel form over a stretch of tokens, continuing from `state`
-    def forward(self, u: jax.Array, state: dict) -> tuple[jax.Array, dict]:
-        """u [B,T,D] and the layer state {conv [B,K-1,C], ssm [B,H,P,N], (hist_*)} -> (out [B,T,D], state)."""
+    def forward(self, u: jax.Array, state: dict, ctx: Context) -> tuple[jax.Array, dict]:
+        """u [B,T,D] and the layer state {conv [B,K-1,C], ssm [B,H,P,N], (hist_*)} -> (out [B,T,D], state).
+
+        With `ctx.segment_ids` (packed documents) neither the convolution nor the SSD state crosses
+        a document boundary (the SSD's `seq_idx`)."""
         cfg = self.cfg
         t = u.shape[1]
+        seg = ctx.segment_ids
+        if seg is not None and (cfg.window or cfg.state_norm_thresholds):
+            raise ValueError("the Stuffed-Mamba window / state-norm options are inference options and do not "
+                             "take packed documents (segment_ids); run them on unpacked sequences")
         z, xbc, dt_raw = self._split_in(u)
-        # Depthwise causal conv over x, B, C, continuing from the last K-1 inputs.
+        # Depthwise causal conv over x, B, C, continuing from the last K-1 inputs; tap k reads the
+        # token K-1-k steps back, masked when it lies in another document.
         xpad = jnp.concatenate([state["conv"].astype(xbc.dtype), xbc], 1)       # [B,K-1+T,C]
         w = self.conv_weight[...].astype(xbc.dtype)
-        conv = sum(xpad[:, k:k + t] * w[k] for k in range(cfg.d_conv))
+        if seg is None:
+            conv = sum(xpad[:, k:k + t] * w[k] for k in range(cfg.d_conv))
+        else:
+            segpad = jnp.concatenate([jnp.repeat(seg[:, :1], cfg.d_conv - 1, 1), seg], 1)  # [B,K-1+T]
+            conv = sum(jnp.where((segpad[:, k:k + t] == seg)[..., None], xpad[:, k:k + t] * w[k], 0)
+                       for k in range(cfg.d_conv))
         if self.conv_bias is not None:
             conv = conv + self.conv_bias[...].astype(xbc.dtype)
         new_conv = xpad[:, xpad.shape[1] - (cfg.d_conv - 1):]
         x, B, C = self._split_xbc(jax.nn.silu(conv))
         dt, A, B = self._discretise(dt_raw, B)
         ssm_state = {k: v for k, v in state.items() if k != "conv"}
-        thr = self._thresholds()
+        thr = self._thresholds(ctx.layer)
         if thr is None:
-            y, ssm_state = self._scan(x, dt, A, B, C, ssm_state)
+            y, ssm_state = self._scan(x, dt, A, B, C, ssm_state, seq_idx=seg)
         else:
             # Method 2: cap the state norm after every chunk of `state_norm_chunk` tokens
             # (a scan over the full chunks, then the remainder).
@@ -353,7 +365,7 @@ class Mamba2Mixer(nnx.Module):
         return self._out(y, z), {"conv": new_conv, **ssm_state}
 
     # ---- recurrent form: one token
-    def step(self, u: jax.Array, state: dict) -> tuple[jax.Array, dict]:
+    def step(self, u: jax.Array, state: dict, ctx: Context) -> tuple[jax.Array, dict]:
         """u [B,D] -> (out [B,D], state); the same function as `forward` on one token."""
         cfg = self.cfg
         z, xbc, dt_raw = self._split_in(u)
@@ -379,7 +391,7 @@ class Mamba2Mixer(nnx.Module):
                        hist_dt=jnp.concatenate([state["hist_dt"][:, 1:], dt[:, None]], 1))
         else:
             y, h = ssd_step(state["ssm"], x, dt, A, B.astype(x.dtype), C, D=self.D[...])
-        thr = self._thresholds()
+        thr = self._thresholds(ctx.layer)
         new["ssm"] = h if thr is None else cap_state_norm(h, thr)
         return self._out(y, z), new
 
@@ -395,97 +407,73 @@ class Mamba2Mixer(nnx.Module):
         return state
 
 
-class Mamba2Block(nnx.Module):
-    def __init__(self, cfg: Mamba2Config, layer: int, *, rngs: nnx.Rngs):
+class Mamba2Block(Block):
+    """Pre-norm residual block x + Mixer(RMSNorm(x)) (no MLP, as the released models)."""
+
+    def __init__(self, cfg: Mamba2Config, *, rngs: nnx.Rngs):
         self.norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
-        self.mixer = Mamba2Mixer(cfg, layer, rngs=rngs)
+        self.mixer = Mamba2Mixer(cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:
+        return self.prefill(x, self.init_state(x.shape[0], x.shape[1]), ctx)[0]
+
+    def init_state(self, batch_size: int, max_length: int) -> dict:
+        """conv [B,K-1,C], ssm [B,H,P,N] fp32 (and the window history); the size is fixed."""
+        return self.mixer.init_state(batch_size)
+
+    def prefill(self, x: jax.Array, state: dict, ctx: Context) -> tuple[jax.Array, dict]:
+        h, state = self.mixer.forward(self.norm(x), state, ctx)
+        return x + h.astype(jnp.float32), state
+
+    def decode(self, x: jax.Array, state: dict, ctx: Context) -> tuple[jax.Array, dict]:
+        h, state = self.mixer.step(self.norm(x)[:, 0], state, ctx)
+        return x + h[:, None].astype(jnp.float32), state
 
 
 @registry.register("mamba2", PRESETS)
-class Mamba2(nnx.Module):
-    """Mamba-2 LM following the zoo's model protocol, plus `prefill` and the Stuffed-Mamba options."""
+class Mamba2(LanguageModel):
+    """Mamba-2 LM following the zoo's model protocol, plus the Stuffed-Mamba options."""
 
     def __init__(self, cfg: Mamba2Config, *, rngs: nnx.Rngs):
         self.config = cfg
         self.embedding = param(rngs, nnx.initializers.normal(0.02), (cfg.padded_vocab, cfg.d_model),
                                ("vocab", "embed"))
-        self.blocks = nnx.List([Mamba2Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+        self.blocks = make_stack(cfg, lambda i: self.make_block(cfg, i, rngs))
         self.final_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
+
+    def make_block(self, cfg: Mamba2Config, layer: int, rngs: nnx.Rngs) -> Block:
+        """Layer `layer`'s block (MemMamba builds its own)."""
+        del layer
+        return Mamba2Block(cfg, rngs=rngs)
 
     def set_inference_options(self, **options) -> Mamba2Config:
         """Replaces config fields (e.g. the mitigations) on this model and its layers; returns the config."""
         cfg = registry.config_with_overrides(self.config, options)
         self.config = cfg
-        for block in self.blocks:
-            block.mixer.cfg = cfg
+        for _, module in nnx.iter_modules(self):
+            if hasattr(module, "cfg"):  # the mixers (and MemMamba's note blocks) read the config
+                module.cfg = cfg
         return cfg
 
-    def _embed(self, tokens):
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], tokens, axis=0).astype(jnp.float32)   # fp32 residual stream
 
-    def _logits(self, x):
+    def logits(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         x = self.final_norm(x).astype(jnp.dtype(cfg.dtype))
         logits = jnp.dot(x, self.embedding[...].astype(x.dtype).T).astype(jnp.float32)
         return logits[..., :cfg.vocab_size]
 
-    def _check_tokens(self, tokens, ndim, name):
-        if tokens.ndim != ndim:
-            raise ValueError(f"{name} has shape {tokens.shape}; expected {ndim} dims "
-                             f"({'[B, T]' if ndim == 2 else '[B]'}) of int32 token ids")
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """tokens int32 [B, T] -> logits float32 [B, T, V] (from an empty state)."""
-        self._check_tokens(tokens, 2, "tokens")
-        return self.prefill(tokens, self.init_cache(tokens.shape[0], tokens.shape[1]))[0]
-
-    def init_cache(self, batch_size: int, max_length: int) -> dict:
-        """Per-layer states stacked over layers: conv [L,B,K-1,C], ssm [L,B,H,P,N] fp32, (hist_*), pos.
-
-        The state has a fixed size: `max_length` is only checked.
-        """
-        if max_length < 1:
-            raise ValueError(f"max_length={max_length} must be >= 1")
-        states = [b.mixer.init_state(batch_size) for b in self.blocks]
-        cache = {k: jnp.stack([s[k] for s in states]) for k in states[0]}
-        cache["pos"] = jnp.zeros((), jnp.int32)
-        return cache
-
-    def _layer_state(self, cache, i):
-        return {k: v[i] for k, v in cache.items() if k != "pos"}
-
-    def _stack(self, states, pos):
-        cache = {k: jnp.stack([s[k] for s in states]) for k in states[0]}
-        cache["pos"] = pos
-        return cache
-
-    def _layers(self, tokens: jax.Array, cache: dict, recurrent: bool) -> tuple[jax.Array, dict]:
-        """The residual stack from `cache`, each mixer in parallel (`forward`) or one-token (`step`) form."""
-        x = self._embed(tokens)
-        states = []
-        for i, block in enumerate(self.blocks):
-            mix = block.mixer.step if recurrent else block.mixer.forward
-            h, s = mix(block.norm(x), self._layer_state(cache, i))
-            x = x + h.astype(jnp.float32)
-            states.append(s)
-        n_new = 1 if recurrent else tokens.shape[1]
-        return self._logits(x), self._stack(states, cache["pos"] + n_new)
-
-    def prefill(self, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-        """tokens int32 [B, T] continuing from `cache` -> (logits [B, T, V], cache after the last token)."""
-        self._check_tokens(tokens, 2, "tokens")
-        return self._layers(tokens, cache, recurrent=False)
-
-    def decode_step(self, tokens_t: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-        """tokens_t int32 [B] -> (logits [B, V], updated cache)."""
-        self._check_tokens(tokens_t, 1, "tokens_t")
-        return self._layers(tokens_t, cache, recurrent=True)
+def ssm_states(model: Mamba2, cache: dict) -> jax.Array:
+    """The SSM state of every layer in a cache: [L, B, H, P, N]."""
+    return jnp.stack([model.blocks.layer_state(cache["layers"], i)["ssm"] for i in range(model.config.n_layers)])
 
 
 @nnx.jit
 def _prefill_norms(model, tokens, cache):
     _, cache = model.prefill(tokens, cache)
-    return cache, jnp.sqrt(jnp.sum(jnp.square(cache["ssm"]), axis=(-2, -1)))   # [L,B,H]
+    return cache, jnp.sqrt(jnp.sum(jnp.square(ssm_states(model, cache)), axis=(-2, -1)))   # [L,B,H]
 
 
 def state_norm_trace(model: Mamba2, tokens: jax.Array, every: int = 16) -> tuple[np.ndarray, np.ndarray]:

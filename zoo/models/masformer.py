@@ -10,30 +10,30 @@ A few full layers carry the long-range dependencies; the others stay local (pape
 
 The model is the baseline transformer (`zoo.models.transformer`) with the same parameter tree, so
 a baseline checkpoint converts into a MASFormer schedule by keeping the weights and changing the
-masks (`convert_checkpoint`, the paper's continual-training setting). From `sparse_from` tokens on,
-local layers run the block-sparse op (`pallas_kernels.sparse_attention`): "window" layers as a pure
-sliding window with `tile`-sized blocks, "block" layers with block_q = block_k = `block` and each
-query block listing its own key block; shorter sequences use the dense masked path.
+masks (`zoo.convert.convert_model`, the paper's continual-training setting). Local layers go through
+the attention dispatch (cuDNN sliding window on GPU, splash on TPU); on the XLA path they switch to
+the block-sparse op (`pallas_kernels.sparse_attention`, O(T w) / O(T b) pairs) from `sparse_from`
+tokens on: "window" layers as a pure sliding window with `tile`-sized blocks, "block" layers with
+block_q = block_k = `block` and each query block listing its own key block.
 
 Schedules of the paper's 1.3B model: where the full layers sit and the block size are not verified
-from the paper (see the README); the `1.3b` preset is our choice, documented there.
+from the paper (see the model card); the `1.3b` preset is our choice, documented there.
 """
+
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 
+from pallas_kernels import dispatch
 from pallas_kernels.sparse_attention import sparse_attention
 from zoo.layers import ATTENTION_KINDS, AttentionSpec
+from zoo.layers.attention import sparse_pattern_kwargs
 from zoo.models import registry
+from zoo.models.base import Context
 from zoo.models.transformer import PRESETS as TRANSFORMER_PRESETS
 from zoo.models.transformer import Attention, Transformer, TransformerConfig
-
-IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas")
 
 
 def make_schedule(n_layers: int, full_layers: tuple[int, ...] | list[int], local: str = "window") -> tuple[str, ...]:
@@ -73,24 +73,17 @@ class MASFormerConfig(TransformerConfig):
     """The transformer's fields (the schedule is `layer_attention`) plus the sparse-op settings.
 
     Attributes:
-      sparse_from: from this sequence length on, local layers use the block-sparse op.
+      sparse_from: on the XLA path, local layers use the block-sparse op from this length on.
       tile: block_q = block_k of the op for "window" layers.
-      implementation: the op's implementation; "auto" = Pallas on TPU/GPU, XLA on CPU.
     """
 
     sparse_from: int = 1024
     tile: int = 64
-    implementation: str = "auto"
 
     def __post_init__(self):
         super().__post_init__()
         if self.sparse_from < 1 or self.tile < 1:
             raise ValueError(f"sparse_from ({self.sparse_from}) and tile ({self.tile}) must be >= 1")
-        if self.implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"implementation={self.implementation!r} must be one of {IMPLEMENTATIONS}")
-
-    def schedule(self) -> tuple[str, ...]:
-        return self.layer_attention or (self.attention,) * self.n_layers
 
 
 def _masformer(base: TransformerConfig, schedule: tuple[str, ...], **fields) -> MASFormerConfig:
@@ -114,158 +107,22 @@ PRESETS = {
 
 
 class LocalAttention(Attention):
-    """A window / block-local layer: the transformer's attention (same parameters) that switches to
-    the block-sparse op for long sequences; decoding uses the transformer's masked cache path."""
+    """A window / block-local layer: the transformer's attention (same parameters) that runs the
+    block-sparse op on the XLA path for long sequences; decoding uses the transformer's cache path."""
 
-    def __init__(self, cfg: MASFormerConfig, spec: AttentionSpec, *, base: Attention):
-        self.cfg, self.spec = cfg, spec
-        self.wq, self.wk, self.wv, self.wo = base.wq, base.wk, base.wv, base.wo
-
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D]
+    def attention(self, q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context) -> jax.Array:
         cfg, spec = self.cfg, self.spec
-        b, t, _ = x.shape
-        if t < cfg.sparse_from:
-            return super().__call__(x)
-        q, k, v = self.qkv(x, jnp.arange(t))
-        o = local_sparse_attention(q, k, v, spec, tile=cfg.tile, implementation=cfg.implementation)
-        return self.wo(o.reshape(b, t, -1))
-
-
-def local_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, *, tile: int = 64,
-                           implementation: str = "auto") -> jax.Array:
-    """Causal window / block-local attention with the block-sparse op (touches O(T w) / O(T b) pairs).
-
-    Args:
-      q: [B, T, H, P]; k, v: [B, T, K, P]; spec: kind "window" (spec.window) or "block" (spec.block).
-    Returns:
-      [B, T, H, P], equal to `zoo.layers.attend(..., spec=spec)`.
-    """
-    impl = None if implementation == "auto" else implementation
-    interpret = impl == "pallas" and jax.default_backend() == "cpu"
-    common = dict(causal=True, implementation=impl, interpret=interpret)
-    if spec.kind == "window":
-        return sparse_attention(q, k, v, window=spec.window, block_q=tile, block_k=tile, **common)
-    if spec.kind == "block":
         b, t, h, _ = q.shape
-        nq = -(-t // spec.block)
-        # Query block i lists key block i: block-local (paper Fig. 1), causal within the block.
-        own = jnp.broadcast_to(jnp.arange(nq, dtype=jnp.int32)[:, None], (b, h, nq, 1))
-        return sparse_attention(q, k, v, block_indices=own, block_q=spec.block, block_k=spec.block, **common)
-    raise ValueError(f"local_sparse_attention takes a 'window' or 'block' spec, got {spec.kind!r}")
+        position_grid = spec.kind == "block" and ctx.segment_ids is not None  # see zoo.layers.attention
+        if dispatch.resolve(cfg.implementation) != "xla" or t < cfg.sparse_from or position_grid:
+            return super().attention(q, k, v, ctx)
+        return sparse_attention(q, k, v, causal=True, segment_ids=ctx.segment_ids, implementation="xla",
+                                **sparse_pattern_kwargs(spec, t, b, h, cfg.tile))
 
 
 @registry.register("masformer", PRESETS)
 class MASFormer(Transformer):
     """The baseline transformer with a per-layer attention schedule (same parameter tree)."""
 
-    def __init__(self, cfg: MASFormerConfig, *, rngs: nnx.Rngs):
-        super().__init__(cfg, rngs=rngs)
-        for block in self.blocks:
-            if block.attn.spec.kind != "full":
-                block.attn = LocalAttention(cfg, block.attn.spec, base=block.attn)
-
-
-def pairs_per_layer(kind: str, seq_len: int, window: int, block: int) -> int:
-    """Causal (query, key) pairs a layer of this kind computes at length T (query sees itself)."""
-    t = seq_len
-    if kind == "full":
-        return t * (t + 1) // 2
-    if kind == "window":
-        w = min(window, t)
-        return w * (w + 1) // 2 + (t - w) * w
-    if kind == "block":
-        n_full, rest = divmod(t, block)
-        return n_full * block * (block + 1) // 2 + rest * (rest + 1) // 2
-    raise ValueError(f"unknown attention kind {kind!r}; choose one of {ATTENTION_KINDS}")
-
-
-def attention_flops(cfg: TransformerConfig, seq_len: int) -> dict:
-    """Attention FLOPs of one forward pass over `seq_len` tokens: the schedule vs all-full.
-
-    Counts the score and value matmuls only (2 * 2 * P FLOPs per visible (query, key) pair and
-    head: q.k and p.v), i.e. what an exact block-sparse kernel needs; projections and MLPs are the
-    same for every schedule and are left out.
-
-    Returns:
-      {"seq_len", "per_layer": [FLOPs], "kinds", "total", "all_full", "ratio"} (ratio = total / all_full).
-    """
-    kinds = cfg.layer_attention or (cfg.attention,) * cfg.n_layers
-    per_pair = 4 * cfg.n_heads * cfg.head_dim
-    per_layer = [per_pair * pairs_per_layer(k, seq_len, cfg.window, cfg.block) for k in kinds]
-    full = per_pair * pairs_per_layer("full", seq_len, cfg.window, cfg.block) * cfg.n_layers
-    total = sum(per_layer)
-    return {"seq_len": int(seq_len), "kinds": list(kinds), "per_layer": per_layer, "total": total,
-            "all_full": full, "ratio": total / full}
-
-
-def describe_attention_flops(cfg: TransformerConfig, seq_len: int) -> str:
-    """One line for `zoo info`: schedule attention FLOPs vs all-full attention at this length."""
-    f = attention_flops(cfg, seq_len)
-    n_full = sum(k == "full" for k in f["kinds"])
-    return (f"attention  {f['total'] / 1e9:,.3f} GFLOP forward at length {seq_len} with {n_full}/{len(f['kinds'])} "
-            f"full layers vs {f['all_full'] / 1e9:,.3f} GFLOP all-full ({100 * f['ratio']:.1f}%)")
-
-
-def convert_checkpoint(src: str, dst: str, schedule: str | None = None,
-                       config_spec: str = "configs/masformer.py:tiny", overrides: tuple[str, ...] = ()) -> dict:
-    """Continual training: a baseline work dir -> a MASFormer work dir with the same weights.
-
-    The destination gets `config.json` (the MASFormer run config of `config_spec` + `overrides`,
-    with the model shape taken from the source run and the attention schedule from `schedule`)
-    and a step-0 checkpoint: the source parameters, a fresh optimizer state and a fresh data
-    iterator. `zoo train --config <config_spec> --workdir dst [same overrides]` then fine-tunes it
-    (the trainer resumes from step 0). Returns {"config": run config dict, "train_overrides": [...]}.
-    """
-    from zoo.config import load_config, model_config
-    from zoo.data.pipeline import make_batches
-    from zoo.train import checkpoint as ckpt_lib
-    from zoo.train.params import ParamView
-    from zoo.train.trainer import make_setup
-
-    if os.path.exists(os.path.join(dst, "checkpoints")) or os.path.exists(os.path.join(dst, ckpt_lib.CONFIG_FILE)):
-        raise ValueError(f"destination {dst!r} already holds a run; pass a new --dst")
-    src_model, src_config = ckpt_lib.load_model(src)
-    src_cfg = src_model.config
-    if any(k != "full" for k in (src_cfg.layer_attention or (src_cfg.attention,))):
-        raise ValueError(f"source run {src!r} is not a full-attention baseline (attention={src_cfg.attention}, "
-                         f"layer_attention={src_cfg.layer_attention})")
-    config = load_config(config_spec, overrides)
-    if config.model_name != "masformer":
-        raise ValueError(f"config {config_spec!r} builds {config.model_name!r}, not masformer")
-    # Model shape from the source run; schedule from `schedule` (else the preset's).
-    shape_fields = [f.name for f in dataclasses.fields(TransformerConfig)
-                    if f.name not in ("attention", "layer_attention", "window", "block")]
-    extra = []
-    for name in shape_fields:
-        value = getattr(src_cfg, name)
-        if config.model[name] != value:
-            extra.append(f"--config.model.{name}={value!r}" if not isinstance(value, str) else
-                         f"--config.model.{name}={value}")
-            config.model[name] = value
-    n_layers = src_cfg.n_layers
-    kinds = parse_schedule(schedule, n_layers) if schedule else tuple(config.model.layer_attention)
-    if len(kinds) != n_layers:
-        raise ValueError(f"the preset schedule has {len(kinds)} layers but the source has {n_layers}; pass --schedule")
-    if list(kinds) != list(config.model.layer_attention):
-        extra.append("--config.model.layer_attention=" + repr(list(kinds)).replace(" ", ""))
-        config.model.layer_attention = list(kinds)
-    config.model.attention = "full"
-    model_config(config)  # validate
-    # Same parameter tree: names and shapes must match one to one.
-    setup = make_setup(config)
-    src_params = ParamView(src_model).flat(src_model)
-    if set(src_params) != set(setup.view.shapes) or any(
-            src_params[n].shape != setup.view.shapes[n].shape for n in src_params):
-        raise ValueError("source and MASFormer parameter trees differ; the source must be a zoo transformer")
-    params = {n: jax.device_put(src_params[n].astype(setup.view.shapes[n].dtype), setup.param_shardings[n])
-              for n in setup.view.shapes}
-    opt_state = jax.jit(setup.tx.init)(params)
-    data_state = make_batches(config.data, "train").get_state()
-    os.makedirs(dst, exist_ok=True)
-    ckpt_lib.write_json_atomic(os.path.join(dst, ckpt_lib.CONFIG_FILE), config.to_dict())
-    ckpt = ckpt_lib.Checkpointer(dst, keep=config.train.keep_checkpoints)
-    ckpt.save(0, params, opt_state, data_state, {"step": 0, "model_name": "masformer", "converted_from": src,
-                                                  "source_model": src_config.model_name})
-    ckpt.wait()
-    ckpt.close()
-    return {"config": config.to_dict(), "train_overrides": extra}
+    def attention_module(self, spec: AttentionSpec) -> type[Attention]:
+        return Attention if spec.kind == "full" else LocalAttention

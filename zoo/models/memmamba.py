@@ -47,9 +47,11 @@ Static shapes throughout (argmin + one-hot `where`, no data-dependent Python con
 
 Shapes: B batch, T time, D d_model, S summary_dim, M pool_size, Hn note_heads, Pn = S / Hn,
 J number of earlier layers feeding a cross layer, L layers, X cross layers.
-Inference protocol: `model(tokens)`; `cache = model.init_cache(B, max_length)` (the Mamba-2 cache
-plus the pools: note_prio [L,B,M], note_k/note_v [L,B,M,Hn,Pn], xnote_* [X,...]);
-`model.prefill(tokens, cache)`; `model.decode_step(tokens_t, cache)`.
+Inference protocol (`zoo.models.base.LanguageModel`): `model(tokens, segment_ids=...)`;
+`cache = model.init_cache(B, max_length)` (per layer: the Mamba-2 state plus the pool prio [B,M],
+k/v [B,M,Hn,Pn], and on cross layers the cross pool); `model.prefill(tokens, cache)`;
+`model.decode_step(tokens_t, cache)`. Packed documents (`segment_ids`) empty both pools at every
+document start, besides the Mamba-2 resets.
 """
 from __future__ import annotations
 
@@ -59,9 +61,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from zoo.layers import Linear, RMSNorm, param
+from zoo.layers import Linear, RMSNorm
 from zoo.models import registry
-from zoo.models.mamba2 import Mamba2, Mamba2Block, Mamba2Config
+from zoo.models.base import Block, Context, segment_starts
+from zoo.models.mamba2 import Mamba2, Mamba2Config, Mamba2Mixer
 
 _EMPTY = -1.0  # priority of an empty slot (scores lie in (0, 1))
 
@@ -183,18 +186,26 @@ def decay_pool(pool: dict, decay: float) -> dict:
     return {**pool, "prio": jnp.where(prio > _EMPTY / 2, prio * decay, prio)}
 
 
-def pool_scan(pool: dict, q, score, k, v, *, tau1: float, decay: float, unroll: int = 1):
+def pool_scan(pool: dict, q, score, k, v, *, tau1: float, decay: float, unroll: int = 1, reset=None):
     """Read-then-write over time: q [B,T,Hn,Pn]; candidates score [B,T,C], k, v [B,T,C,Hn,Pn], written
-    in the order c = 0..C-1 after the read. Returns (reads [B,T,Hn,Pn], final pool)."""
+    in the order c = 0..C-1 after the read (a candidate scored below 0 is never written). With
+    `reset` [B,T] bool, the pool is emptied before the read of every token that starts a new
+    document. Returns (reads [B,T,Hn,Pn], final pool)."""
+    empty = {"prio": jnp.full_like(pool["prio"], _EMPTY), "k": jnp.zeros_like(pool["k"]),
+             "v": jnp.zeros_like(pool["v"])}
+    if reset is None:
+        reset = jnp.zeros(q.shape[:2], bool)
+
     def body(pool, xs):
-        q_t, s_t, k_t, v_t = xs
+        q_t, s_t, k_t, v_t, reset_t = xs
+        pool = jax.tree.map(lambda e, p: jnp.where(reset_t.reshape((-1,) + (1,) * (p.ndim - 1)), e, p), empty, pool)
         r_t = pool_read(q_t, pool)
         pool = decay_pool(pool, decay)
         for c in range(s_t.shape[-1]):
             pool = pool_insert(pool, s_t[:, c], k_t[:, c], v_t[:, c], tau1)
         return pool, r_t
 
-    xs = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), (q, score, k, v))
+    xs = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), (q, score, k, v, reset))
     pool, reads = jax.lax.scan(body, pool, xs, unroll=min(unroll, q.shape[1]))
     return jnp.moveaxis(reads, 0, 1), pool
 
@@ -226,14 +237,14 @@ class PoolAttention(nnx.Module):
 class NoteBlock(nnx.Module):
     """Scorer, summariser, the in-layer pool attention and (on cross layers) the cross-layer one."""
 
-    def __init__(self, cfg: MemMambaConfig, layer: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: MemMambaConfig, cross: bool, *, rngs: nnx.Rngs):
         d, dt = cfg.d_model, cfg.dtype
-        self.cfg, self.layer = cfg, layer
+        self.cfg = cfg
         self.score1 = Linear(d, cfg.hidden, axes=("embed", "mlp"), rngs=rngs, dtype=dt, use_bias=True)
         self.score2 = Linear(cfg.hidden, 1, axes=("mlp", None), rngs=rngs, dtype=dt, use_bias=True)
         self.summarise = Linear(d, cfg.summary_dim, axes=("embed", None), rngs=rngs, dtype=dt)
         self.local = PoolAttention(cfg, rngs=rngs)
-        self.cross = PoolAttention(cfg, rngs=rngs) if cfg.is_cross_layer(layer) else None
+        self.cross = PoolAttention(cfg, rngs=rngs) if cross else None
 
     def notes(self, src: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Importance scores s [B,T] (fp32) and notes [B,T,S] (fp32) of the tokens."""
@@ -243,39 +254,90 @@ class NoteBlock(nnx.Module):
             n = n * s[..., None]
         return s, n
 
-    def __call__(self, src, y, pool, xpool, prev_scores, prev_notes):
-        """src, y [B,T,D]; pool (and xpool on a cross layer) the pools before the first token;
-        prev_scores [B,T,J], prev_notes [B,T,J,S] the notes of the earlier layers feeding a cross layer.
+    def __call__(self, src, y, state, prev_scores, prev_notes, reset):
+        """src, y [B,T,D]; state {"pool", ("xpool" on a cross layer)} before the first token;
+        prev_scores [B,T,J], prev_notes [B,T,J,S] the notes of the earlier layers feeding a cross
+        layer (a score below 0 marks a layer that does not feed it); reset [B,T] document starts.
 
-        Returns (fused [B,T,D] fp32, pool, xpool, scores [B,T], notes [B,T,S]).
+        Returns (fused [B,T,D] fp32, new state, scores [B,T], notes [B,T,S]).
         """
         cfg = self.cfg
         s, n = self.notes(src)
         loc = self.local
-        reads, pool = pool_scan(pool, loc.heads(loc.wq(y)), s[..., None], loc.heads(loc.wk(n))[:, :, None],
-                                loc.heads(loc.wv(n))[:, :, None], tau1=cfg.tau1, decay=cfg.priority_decay,
-                                unroll=cfg.scan_unroll)
+        scan = dict(tau1=cfg.tau1, decay=cfg.priority_decay, unroll=cfg.scan_unroll, reset=reset)
+        reads, pool = pool_scan(state["pool"], loc.heads(loc.wq(y)), s[..., None], loc.heads(loc.wk(n))[:, :, None],
+                                loc.heads(loc.wv(n))[:, :, None], **scan)
         extra = loc.fuse(y, reads)
+        new = {"pool": pool}
         if self.cross is not None:
             xa = self.cross
-            xreads, xpool = pool_scan(xpool, xa.heads(xa.wq(y)), prev_scores, xa.heads(xa.wk(prev_notes)),
-                                      xa.heads(xa.wv(prev_notes)), tau1=cfg.tau1, decay=cfg.priority_decay,
-                                      unroll=cfg.scan_unroll)
+            xreads, new["xpool"] = pool_scan(state["xpool"], xa.heads(xa.wq(y)), prev_scores,
+                                             xa.heads(xa.wk(prev_notes)), xa.heads(xa.wv(prev_notes)), **scan)
             extra = extra + xa.fuse(y, xreads)
         trig = jnp.ones_like(s) if cfg.trigger == "always" else (s > cfg.tau2).astype(jnp.float32)
         fused = y.astype(jnp.float32) + trig[..., None] * extra
-        return fused, pool, xpool, s, n
+        return fused, new, s, n
 
 
-class MemMambaBlock(Mamba2Block):
-    """The Mamba-2 block (RMSNorm + mixer) plus its Note Block."""
+class MemMambaBlock(Block):
+    """The Mamba-2 block (RMSNorm + mixer) plus its Note Block. The residual carry holds, beside the
+    stream x [B,T,D], the scores [L,B,T] and notes [L,B,T,S] every layer wrote for the cross layers."""
 
-    def __init__(self, cfg: MemMambaConfig, layer: int, *, rngs: nnx.Rngs):
-        super().__init__(cfg, layer, rngs=rngs)
-        self.note = NoteBlock(cfg, layer, rngs=rngs)
+    def __init__(self, cfg: MemMambaConfig, cross: bool, *, rngs: nnx.Rngs):
+        self.norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
+        self.mixer = Mamba2Mixer(cfg, rngs=rngs)
+        self.note = NoteBlock(cfg, cross, rngs=rngs)
+
+    def __call__(self, h: dict, ctx: Context) -> dict:
+        return self.prefill(h, self.init_state(h["x"].shape[0], h["x"].shape[1]), ctx)[0]
+
+    def init_state(self, batch_size: int, max_length: int) -> dict:
+        state = {"mixer": self.mixer.init_state(batch_size), "pool": init_pool(batch_size, self.mixer.cfg)}
+        if self.note.cross is not None:
+            state["xpool"] = init_pool(batch_size, self.mixer.cfg)
+        return state
+
+    def prefill(self, h: dict, state: dict, ctx: Context) -> tuple[dict, dict]:
+        u = self.norm(h["x"])
+        y, mixer_state = self.mixer.forward(u, state["mixer"], ctx)
+        return self._notes(h, u, y, state, mixer_state, ctx)
+
+    def decode(self, h: dict, state: dict, ctx: Context) -> tuple[dict, dict]:
+        u = self.norm(h["x"])
+        y, mixer_state = self.mixer.step(u[:, 0], state["mixer"], ctx)
+        return self._notes(h, u, y[:, None], state, mixer_state, ctx)
+
+    def _notes(self, h, u, y, state, mixer_state, ctx: Context):
+        """The Note Block on the mixer output y, then the residual update and this layer's notes."""
+        cfg, layer = self.mixer.cfg, ctx.layer
+        src = y if cfg.note_source == "mixer_out" else u
+        prev_scores = prev_notes = None
+        if self.note.cross is not None:
+            # The earlier layers feeding this cross layer: their notes in layer order. Looped, the
+            # layer index is static and the sources are sliced; scanned, the other layers' scores
+            # are set below 0, so they are never written (same pool, same order).
+            lo = 0 if cfg.cross_layer_window == 0 else jnp.maximum(0, layer - cfg.cross_layer_window)
+            if isinstance(layer, int):
+                lo = 0 if cfg.cross_layer_window == 0 else max(0, layer - cfg.cross_layer_window)
+                sources, scores = slice(lo, layer), h["scores"][lo:layer]
+            else:
+                sources = slice(None)
+                j = jnp.arange(cfg.n_layers)[:, None, None]
+                scores = jnp.where((j >= lo) & (j < layer), h["scores"], -1.0)
+            prev_scores = jnp.moveaxis(scores, 0, -1)                            # [B,T,J]
+            prev_notes = jnp.moveaxis(h["notes"][sources], 0, -2)                # [B,T,J,S]
+        fused, new, s, n = self.note(src, y, state, prev_scores, prev_notes, segment_starts_of(ctx, u))
+        new["mixer"] = mixer_state
+        return {"x": h["x"] + fused, "scores": h["scores"].at[layer].set(s),
+                "notes": h["notes"].at[layer].set(n)}, new
 
 
-_POOL_KEYS = ("prio", "k", "v")
+def segment_starts_of(ctx: Context, u: jax.Array) -> jax.Array | None:
+    """bool [B,T] document starts inside a packed row (None without segment ids: no reset)."""
+    if ctx.segment_ids is None:
+        return None
+    starts = segment_starts(ctx.segment_ids, u.shape[:2])
+    return starts.at[:, 0].set(False)  # the state before the row is the layer's (empty) initial state
 
 
 @registry.register("memmamba", PRESETS)
@@ -285,96 +347,22 @@ class MemMamba(Mamba2):
     def __init__(self, cfg: MemMambaConfig, *, rngs: nnx.Rngs):
         if not isinstance(cfg, MemMambaConfig):
             raise ValueError(f"MemMamba needs a MemMambaConfig, got {type(cfg).__name__}")
-        self.config = cfg
-        self.embedding = param(rngs, nnx.initializers.normal(0.02), (cfg.padded_vocab, cfg.d_model),
-                               ("vocab", "embed"))
-        self.blocks = nnx.List([MemMambaBlock(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
-        self.final_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
+        super().__init__(cfg, rngs=rngs)
 
-    def set_inference_options(self, **options) -> MemMambaConfig:
-        cfg = super().set_inference_options(**options)
-        for block in self.blocks:
-            block.note.cfg = cfg
-            for att in (block.note.local, block.note.cross):
-                if att is not None:
-                    att.cfg = cfg
-        return cfg
+    def make_block(self, cfg: MemMambaConfig, layer: int, rngs: nnx.Rngs) -> Block:
+        return MemMambaBlock(cfg, cfg.is_cross_layer(layer), rngs=rngs)
 
-    # ---- cache
-    def init_cache(self, batch_size: int, max_length: int) -> dict:
-        """The Mamba-2 cache plus the pools: note_* [L,...] per layer, xnote_* [X,...] per cross layer."""
-        cache = super().init_cache(batch_size, max_length)
+    def embed_tokens(self, tokens: jax.Array) -> dict:
+        return self.carry_from_embeddings(super().embed_tokens(tokens))
+
+    def carry_from_embeddings(self, x: jax.Array) -> dict:
         cfg = self.config
-        empty = init_pool(batch_size, cfg)
-        for key in _POOL_KEYS:
-            cache["note_" + key] = jnp.stack([empty[key]] * cfg.n_layers)
-            cache["xnote_" + key] = jnp.broadcast_to(empty[key], (len(cfg.cross_layers),) + empty[key].shape)
-        return cache
+        b, t = x.shape[:2]
+        return {"x": x.astype(jnp.float32), "scores": jnp.zeros((cfg.n_layers, b, t), jnp.float32),
+                "notes": jnp.zeros((cfg.n_layers, b, t, cfg.summary_dim), jnp.float32)}
 
-    def _mixer_state(self, cache, i):
-        return {k: v[i] for k, v in cache.items() if k != "pos" and not k.startswith(("note_", "xnote_"))}
+    def residual(self, h: dict) -> jax.Array:
+        return h["x"]
 
-    # ---- shared layer loop: `mix(block, u, state)` is the mixer's parallel form or its step
-    def _run(self, x, cache, mix):
-        """x [B,T,D] fp32 embeddings -> (final residual [B,T,D], new cache without pos, residuals per layer)."""
-        cfg = self.config
-        xl = list(cfg.cross_layers)
-        states, pools, xpools, scores, notes, stream = [], [], [], [], [], []
-        for i, block in enumerate(self.blocks):
-            u = block.norm(x)
-            y, st = mix(block, u, self._mixer_state(cache, i))
-            src = y if cfg.note_source == "mixer_out" else u
-            pool = {k: cache["note_" + k][i] for k in _POOL_KEYS}
-            xpool, ps, pn = None, None, None
-            if cfg.is_cross_layer(i):
-                xpool = {k: cache["xnote_" + k][xl.index(i)] for k in _POOL_KEYS}
-                srcs = cfg.cross_sources(i)
-                ps = jnp.stack([scores[j] for j in srcs], -1)                  # [B,T,J]
-                pn = jnp.stack([notes[j] for j in srcs], -2)                   # [B,T,J,S]
-            fused, pool, xpool, s, n = block.note(src, y, pool, xpool, ps, pn)
-            x = x + fused
-            states.append(st)
-            pools.append(pool)
-            if xpool is not None:
-                xpools.append(xpool)
-            scores.append(s)
-            notes.append(n)
-            stream.append(x)
-        new = {k: jnp.stack([s[k] for s in states]) for k in states[0]}
-        for key in _POOL_KEYS:
-            new["note_" + key] = jnp.stack([p[key] for p in pools])
-            new["xnote_" + key] = (jnp.stack([p[key] for p in xpools]) if xpools
-                                   else cache["xnote_" + key])
-        return x, new, stream
-
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """tokens int32 [B, T] -> logits float32 [B, T, V] (from an empty cache)."""
-        self._check_tokens(tokens, 2, "tokens")
-        return self.prefill(tokens, self.init_cache(tokens.shape[0], tokens.shape[1]))[0]
-
-    def prefill(self, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-        """tokens int32 [B, T] continuing from `cache` -> (logits [B, T, V], cache after the last token)."""
-        self._check_tokens(tokens, 2, "tokens")
-        x, new, _ = self._run(self._embed(tokens), cache,
-                              lambda block, u, st: block.mixer.forward(u, st))
-        new["pos"] = cache["pos"] + tokens.shape[1]
-        return self._logits(x), new
-
-    def decode_step(self, tokens_t: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-        """tokens_t int32 [B] -> (logits [B, V], updated cache); the mixers use their recurrent step."""
-        self._check_tokens(tokens_t, 1, "tokens_t")
-
-        def mix(block, u, st):
-            y, st = block.mixer.step(u[:, 0], st)
-            return y[:, None], st
-
-        x, new, _ = self._run(self._embed(tokens_t[:, None]), cache, mix)
-        new["pos"] = cache["pos"] + 1
-        return self._logits(x)[:, 0], new
-
-    def residual_stream(self, embeddings: jax.Array) -> jax.Array:
-        """Analysis hook (zoo.eval.memory_fidelity): embeddings [B,T,D] -> residual after each block [L,B,T,D]."""
-        cache = self.init_cache(embeddings.shape[0], embeddings.shape[1])
-        _, _, stream = self._run(embeddings.astype(jnp.float32), cache,
-                                 lambda block, u, st: block.mixer.forward(u, st))
-        return jnp.stack(stream)
+    def logits(self, h: dict) -> jax.Array:
+        return super().logits(h["x"])

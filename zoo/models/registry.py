@@ -1,20 +1,30 @@
 """The model registry: `list_models()`, `get_model_config()`, `create_model()`.
 
-Each model file registers its class with its presets:
+Each model file registers its class with its presets, and is found without being listed anywhere:
+every module of the `zoo.models` package is imported the first time the registry is asked.
 
     @registry.register("transformer", PRESETS)
-    class Transformer(nnx.Module): ...
+    class Transformer(LanguageModel): ...
 
-A preset is a frozen dataclass config; overrides are checked against its fields.
+A preset is a frozen dataclass config; overrides are checked against its fields. A model's kind
+follows from its class: a `LanguageModel` ("lm", trained by `zoo train`), a `Forecaster` or a
+`Classifier`.
 """
+
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 from typing import Any
 
 from flax import nnx
 
+from zoo.models.base import kind_of
+
 _MODELS: dict[str, tuple[type, dict[str, Any]]] = {}
+_NOT_MODELS = {"base", "registry"}
+_loaded = False
 
 
 def register(name: str, presets: dict[str, Any]):
@@ -23,7 +33,8 @@ def register(name: str, presets: dict[str, Any]):
         raise ValueError(f"model {name!r} must define a 'tiny' preset for tests")
 
     def wrap(cls):
-        if name in _MODELS and _MODELS[name][0] is not cls:
+        kind_of(cls)  # one of the model base classes
+        if name in _MODELS and _MODELS[name][0].__qualname__ != cls.__qualname__:
             raise ValueError(f"model name {name!r} is already registered by {_MODELS[name][0].__name__}")
         _MODELS[name] = (cls, presets)
         cls.model_name = name
@@ -32,15 +43,35 @@ def register(name: str, presets: dict[str, Any]):
     return wrap
 
 
-def list_models() -> list[str]:
-    """Names of all registered models, sorted."""
-    return sorted(_MODELS)
+def _load_all() -> None:
+    """Imports every model module of this package once (each registers itself)."""
+    global _loaded
+    if _loaded:
+        return
+    import zoo.models as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name not in _NOT_MODELS and not info.name.startswith("_"):
+            importlib.import_module(f"zoo.models.{info.name}")
+    _loaded = True
+
+
+def list_models(kind: str | None = None) -> list[str]:
+    """Names of the registered models (of one kind: "lm", "forecaster", "classifier"), sorted."""
+    _load_all()
+    return sorted(n for n in _MODELS if kind is None or model_kind(n) == kind)
 
 
 def _entry(name: str) -> tuple[type, dict[str, Any]]:
+    _load_all()
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; available models: {', '.join(list_models())}")
     return _MODELS[name]
+
+
+def model_kind(name: str) -> str:
+    """"lm", "forecaster" or "classifier" (`zoo.models.base.kind_of`)."""
+    return kind_of(_entry(name)[0])
 
 
 def list_presets(name: str) -> list[str]:
@@ -74,10 +105,18 @@ def create_model(name: str, preset: str = "tiny", *, seed: int = 0, **overrides)
 
 
 def config_from_dict(name: str, values: dict[str, Any]) -> Any:
-    """Rebuilds a model config from a plain dict (e.g. a saved run config); lists become tuples."""
+    """Rebuilds a model config from a plain dict (e.g. a saved run config); lists become tuples.
+
+    Fields missing from `values` (a run saved before the field existed) take the preset defaults.
+    """
     cls = type(_entry(name)[1]["tiny"])
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
     if unknown:
         raise ValueError(f"unknown field(s) {unknown} for {cls.__name__}; valid fields: {sorted(fields)}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def config_from_run(config) -> Any:
+    """The model's frozen dataclass config from a run config (`config.model_name`, `config.model`)."""
+    return config_from_dict(config.model_name, config.model.to_dict())

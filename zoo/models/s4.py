@@ -27,9 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels import dispatch
 from pallas_kernels.cauchy import cauchy, vandermonde
-from zoo.layers import Embed, Linear, RMSNorm
+from zoo.layers import Embed, Linear, RMSNorm, fft_conv, lm_logits
 from zoo.models import registry
+from zoo.models.base import (Block, Classifier, Context, LanguageModel, LMConfig, check_tokens, make_context,
+                             make_stack, scan_over_time)
 
 MODES = ("dplr", "diag")
 INITS = {"dplr": ("legs",), "diag": ("lin", "inv", "real", "legs")}
@@ -37,10 +40,8 @@ DISCS = ("zoh", "bilinear")
 
 
 @dataclasses.dataclass(frozen=True)
-class S4Config:
-    vocab_size: int = 256
+class S4Config(LMConfig):
     d_model: int = 64
-    n_layers: int = 2
     d_state: int = 64             # N: N/2 complex modes are stored (conjugate-symmetric)
     mode: str = "dplr"            # dplr (S4, HiPPO-LegS NPLR) | diag (S4D)
     init: str = "legs"            # dplr: legs; diag: lin | inv | real | legs
@@ -53,10 +54,9 @@ class S4Config:
     bidirectional: bool = False   # classifier only: a second kernel channel runs backwards in time
     n_classes: int = 10           # classifier head size
     norm_eps: float = 1e-6
-    kernel_impl: str | None = None  # pallas_kernels.cauchy implementation (None = per backend)
-    dtype: str = "float32"        # compute dtype of the linear layers; SSM math stays fp32/complex64
 
     def __post_init__(self):
+        super().__post_init__()
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} must be one of {MODES}")
         if self.init not in INITS[self.mode]:
@@ -78,6 +78,11 @@ PRESETS = {
     # ~60K parameters: S4 (DPLR) LM for CPU tests.
     "tiny": S4Config(d_model=64, n_layers=2, d_state=16, l_max=256),
     "tiny-s4d": S4Config(d_model=64, n_layers=2, d_state=16, mode="diag", init="lin", disc="zoh"),
+}
+
+CLASSIFIER_PRESETS = {
+    # A small bidirectional classifier for CPU tests.
+    "tiny": S4Config(vocab_size=20, d_model=32, n_layers=2, d_state=8, l_max=256, bidirectional=True, n_classes=10),
     # LRA ListOps as upstream's experiment config: 6 x 256, d_state 4, bidirectional, L = 2048.
     "lra-listops": S4Config(vocab_size=20, d_model=256, n_layers=6, d_state=4, l_max=2048,
                             bidirectional=True, n_classes=10),
@@ -155,13 +160,6 @@ def _matrix_power(m: jax.Array, e: int) -> jax.Array:
     return result
 
 
-def _fft_conv(u: jax.Array, k: jax.Array) -> jax.Array:
-    """Causal convolution y_t = sum_{s<=t} k_{t-s} u_s by FFT of length 2T; u [..., T], k [..., T]."""
-    t = u.shape[-1]
-    y = jnp.fft.irfft(jnp.fft.rfft(u, n=2 * t) * jnp.fft.rfft(k, n=2 * t), n=2 * t)
-    return y[..., :t]
-
-
 # --------------------------------------------------------------------------------------------------
 # The SSM kernel
 # --------------------------------------------------------------------------------------------------
@@ -199,6 +197,11 @@ class SSMKernel(nnx.Module):
         # C (C~ for dplr) ~ complex normal with unit variance
         self.C = nnx.Param(jax.random.normal(rngs.params(), (channels, h, n2, 2), jnp.float32) * 0.5 ** 0.5,
                            axes=(None, "embed", "state", None))
+
+    def _op_kwargs(self) -> dict:
+        """The Cauchy / Vandermonde op's implementation for this config."""
+        impl = dispatch.resolve(self.cfg.implementation)
+        return {"implementation": impl, "interpret": dispatch.resolve_interpret(impl)}
 
     # -- parameters in complex form, expanded to the H channels ---------------------------------
     def _expand(self, x: jax.Array) -> jax.Array:  # [n_ssm, ...] -> [H, ...]
@@ -259,7 +262,7 @@ class SSMKernel(nnx.Module):
         # Cauchy weights for the four Woodbury blocks: C~B, C~P, P^*B, P^*P, scaled by dt
         v = jnp.concatenate([c_t * b, c_t * p, (jnp.conj(p) * b)[None], (jnp.conj(p) * p)[None]], 0)
         v = v * dt[:, None]  # [2C+2,H,N2]
-        r = cauchy(v, z, w, conj=True, implementation=self.cfg.kernel_impl)  # [2C+2,H,K]
+        r = cauchy(v, z, w, conj=True, **self._op_kwargs())  # [2C+2,H,K]
         r00, r01, r10, r11 = r[:n_c], r[n_c:2 * n_c], r[2 * n_c], r[2 * n_c + 1]
         # Woodbury (rank 1): k = r00 - r01 r10 / (1 + r11); bilinear factor 2/(1 + w)
         k_f = (r00 - r01 * r10 / (1 + r11)) * jnp.asarray(2 / (1 + omega), jnp.complex64)  # [C,H,K]
@@ -288,7 +291,7 @@ class SSMKernel(nnx.Module):
             return self._dplr_kernel(prm, length)[..., :length]
         _, d_b, log_a = self._diag_discrete(prm)
         # K_l = 2 Re sum_n C_n dB_n exp(l log dA_n) (S4D Eq. 6)
-        return vandermonde(prm["C"] * d_b, log_a, length, conj=True, implementation=self.cfg.kernel_impl)
+        return vandermonde(prm["C"] * d_b, log_a, length, conj=True, **self._op_kwargs())
 
     # -- recurrent mode ---------------------------------------------------------------------------
     def setup_step(self) -> dict:
@@ -345,11 +348,11 @@ class S4Layer(nnx.Module):
         t = u.shape[1]
         u32 = jnp.swapaxes(u.astype(jnp.float32), 1, 2)  # [B,H,T]
         k = self.kernel.kernel(t)  # [C,H,T]
-        y = _fft_conv(u32, k[0])  # [B,H,T]
+        y = fft_conv(u32, k[0])  # [B,H,T]
         if self.bidirectional:
             # anti-causal part y_t += sum_{s>t} k1_{s-t-1} u_s (as upstream: lag 0 only once)
             k1 = jnp.pad(k[1], ((0, 0), (1, 0)))[:, :t]
-            y = y + _fft_conv(u32[..., ::-1], k1)[..., ::-1]
+            y = y + fft_conv(u32[..., ::-1], k1)[..., ::-1]
         y = y + self.D[...][:, None] * u32
         return self._head(jnp.swapaxes(y, 1, 2), u.dtype)
 
@@ -365,23 +368,38 @@ class S4Layer(nnx.Module):
         return self._head(y[:, None], u.dtype)[:, 0], state
 
 
-class S4Block(nnx.Module):
-    """Pre-norm residual block: x + S4Layer(RMSNorm(x)), residual stream in fp32."""
+class S4Block(Block):
+    """Pre-norm residual block: x + S4Layer(RMSNorm(x)), residual stream in fp32.
+
+    Decoding state: the SSM state [B,H,N*] complex64 and the discrete step matrices (computed once
+    from the parameters by `init_state`). Packed rows (segment ids) run the recurrent form with the
+    state reset at each document start (the convolution would mix documents).
+    """
 
     def __init__(self, cfg: S4Config, *, bidirectional: bool, rngs: nnx.Rngs):
         self.norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
         self.layer = S4Layer(cfg, bidirectional=bidirectional, rngs=rngs)
         self.dtype = jnp.dtype(cfg.dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B,T,H]
+    def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:  # [B,T,H]
+        if ctx.segment_ids is not None:
+            return scan_over_time(self.decode, x, self.init_state(x.shape[0], x.shape[1]), ctx)[0]
         return x + self.layer(self.norm(x).astype(self.dtype)).astype(jnp.float32)
 
-    def step(self, x: jax.Array, state: jax.Array, mats: dict) -> tuple[jax.Array, jax.Array]:  # x [B,H]
-        y, state = self.layer.step(self.norm(x).astype(self.dtype), state, mats)
-        return x + y.astype(jnp.float32), state
+    def init_state(self, batch_size: int, max_length: int) -> dict:
+        """The empty recurrent state and the step matrices; `max_length` does not change its size."""
+        return {"ssm": self.layer.kernel.init_state(batch_size), "step": self.layer.setup_step()}
+
+    def decode(self, x: jax.Array, state: dict, ctx: Context) -> tuple[jax.Array, dict]:  # x [B,1,H]
+        """One token; a row at position 0 starts a document from the empty state."""
+        start = (ctx.positions[:, 0] == 0)[:, None, None]
+        ssm = jnp.where(start, jnp.zeros_like(state["ssm"]), state["ssm"])
+        y, ssm = self.layer.step(self.norm(x[:, 0]).astype(self.dtype), ssm, state["step"])
+        return x + y[:, None].astype(jnp.float32), {"ssm": ssm, "step": state["step"]}
 
 
-class S4Classifier(nnx.Module):
+@registry.register("s4_classifier", CLASSIFIER_PRESETS)
+class S4Classifier(Classifier):
     """Sequence classifier: embedding -> S4 blocks -> RMSNorm -> masked mean pool -> Linear."""
 
     def __init__(self, cfg: S4Config, *, rngs: nnx.Rngs):
@@ -395,61 +413,40 @@ class S4Classifier(nnx.Module):
 
     def __call__(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """tokens int32 [B,T], mask bool [B,T] (True = real token; None = all) -> logits [B, n_classes]."""
+        tokens = check_tokens(tokens, 2)
         if mask is None:
             mask = jnp.ones(tokens.shape, bool)
         m = mask[..., None].astype(jnp.float32)  # [B,T,1]
         x = self.embed(tokens).astype(jnp.float32) * m
+        ctx = make_context(tokens)
         for block in self.blocks:
             # re-zero padding so it never feeds the (bidirectional) convolutions
-            x = block(x) * m
+            x = block(x, ctx) * m
         x = self.final_norm(x)
         pooled = jnp.sum(x * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)  # [B,H]
         return self.head(pooled).astype(jnp.float32)
 
 
 @registry.register("s4", PRESETS)
-class S4LM(nnx.Module):
+class S4LM(LanguageModel):
     """Causal S4 / S4D language model following the zoo's model protocol.
 
-    `__call__` runs the convolutional (parallel) mode; `decode_step` the recurrent mode, with the step
-    matrices from `setup_step` computed once by `init_cache`.
+    The parallel form is the convolution with the SSM kernel; decoding is the recurrence, O(H N^2)
+    (dplr) / O(H N) (diag) per layer and token, with the step matrices computed once by `init_cache`
+    (build the cache after the parameters are final: it holds their discretisation).
     """
 
     def __init__(self, cfg: S4Config, *, rngs: nnx.Rngs):
         if cfg.bidirectional:
-            raise ValueError("the S4 LM is causal; set bidirectional=False (bidirectional is for S4Classifier)")
+            raise ValueError("the S4 LM is causal; set bidirectional=False (bidirectional is for the "
+                             "s4_classifier model)")
         self.config = cfg
         self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=cfg.dtype)
-        self.blocks = nnx.List([S4Block(cfg, bidirectional=False, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.blocks = make_stack(cfg, lambda i: S4Block(cfg, bidirectional=False, rngs=rngs))
         self.final_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
 
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        return self.embed(tokens).astype(jnp.float32)
+
     def logits(self, x: jax.Array) -> jax.Array:
-        return self.embed.attend(self.final_norm(x)) * self.config.d_model ** -0.5
-
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """tokens int32 [B,T] -> logits float32 [B,T,V]."""
-        x = self.embed(tokens).astype(jnp.float32)
-        for block in self.blocks:
-            x = block(x)
-        return self.logits(x)
-
-    def init_cache(self, batch_size: int, max_length: int) -> dict:
-        """Recurrent state per layer plus the discrete step matrices (computed once, here).
-
-        Returns {"state": [layers,B,H,N*] complex64, "step": {dA, dB, C} stacked over layers,
-        "pos": int32}. `max_length` is accepted for the protocol; the state does not grow with it.
-        Build the cache after the parameters are final (it holds their discretisation).
-        """
-        states = [blk.layer.kernel.init_state(batch_size) for blk in self.blocks]
-        mats = [blk.layer.setup_step() for blk in self.blocks]
-        return {"state": jnp.stack(states), "step": jax.tree.map(lambda *m: jnp.stack(m), *mats),
-                "pos": jnp.zeros((), jnp.int32)}
-
-    def decode_step(self, tokens_t: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-        """tokens_t int32 [B] -> (logits [B,V], cache); O(H N^2) (dplr) / O(H N) (diag) per layer."""
-        x = self.embed(tokens_t).astype(jnp.float32)  # [B,H]
-        new = []
-        for i, block in enumerate(self.blocks):
-            x, s = block.step(x, cache["state"][i], jax.tree.map(lambda m: m[i], cache["step"]))
-            new.append(s)
-        return self.logits(x), {**cache, "state": jnp.stack(new), "pos": cache["pos"] + 1}
+        return lm_logits(self.final_norm(x), self.embed, None, self.config.d_model ** -0.5)

@@ -72,7 +72,9 @@ import numpy as np
 from flax import nnx
 
 from zoo.layers import Linear, param
+from zoo.layers import fft_conv as layers_fft_conv
 from zoo.models import registry
+from zoo.models.base import Forecaster
 
 KERNEL_METHODS = ("fft", "squaring", "sequential")
 PREPROCESS_KINDS = ("none", "residual", "differencing", "ma_residual")
@@ -224,25 +226,8 @@ def companion_kernel(length: int, a: jax.Array, b: jax.Array, c: jax.Array, meth
 
 
 def fft_conv(u: jax.Array, k: jax.Array) -> jax.Array:
-    """Causal convolution y_t = sum_{l<=t} k_l u_{t-l} by FFT (zero-padded to 2T).
-
-    u [B, T, D], k [D, L] (L >= T uses the first T taps; L < T is zero-padded) -> y [B, T, D], fp32.
-    """
-    t = u.shape[1]
-    k = k[:, :t] if k.shape[1] >= t else jnp.pad(k, ((0, 0), (0, t - k.shape[1])))
-    n = _next_pow2(2 * t)
-    u_f = jnp.fft.rfft(u.astype(jnp.float32), n, axis=1)           # [B, F, D]
-    k_f = jnp.fft.rfft(k.astype(jnp.float32), n, axis=1).T         # [F, D]
-    return jnp.fft.irfft(u_f * k_f, n, axis=1)[:, :t]
-
-
-def direct_conv(u: jax.Array, k: jax.Array) -> jax.Array:
-    """The O(T^2) oracle for `fft_conv`: y_t = sum_{l<=t} k_l u_{t-l}."""
-    t = u.shape[1]
-    k = k[:, :t] if k.shape[1] >= t else jnp.pad(k, ((0, 0), (0, t - k.shape[1])))
-    idx = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]          # [T, T] = t - s
-    toeplitz = jnp.where(idx >= 0, k[:, jnp.clip(idx, 0, t - 1)], 0.0)  # [D, T, T]
-    return jnp.einsum("dts,bsd->btd", toeplitz, u.astype(jnp.float32))
+    """Causal convolution y_t = sum_{l<=t} k_l u_{t-l} over time: u [B, T, D], k [D, L] -> [B, T, D] fp32."""
+    return jnp.moveaxis(layers_fft_conv(jnp.moveaxis(u, 1, -1), k), -1, 1)
 
 
 def normalize(x: jax.Array, order: int) -> jax.Array:
@@ -569,14 +554,12 @@ class SpaceTimeOutput(NamedTuple):
 
 
 @registry.register("spacetime", PRESETS)
-class SpaceTime(nnx.Module):
+class SpaceTime(Forecaster):
     """The SpaceTime forecaster: `model(x)` x [B, lag, C] -> forecast [B, horizon, C].
 
-    Not a language model: `task = "forecasting"`, no `vocab_size`, no token decode step; its
-    recurrent (decode) form is the closed-loop decoder, tested equal to an explicit rollout.
+    A `Forecaster`, not a language model: no `vocab_size`, no token decode step; its recurrent
+    (decode) form is the closed-loop decoder, tested equal to an explicit rollout.
     """
-
-    task = "forecasting"
 
     def __init__(self, cfg: SpaceTimeConfig, *, rngs: nnx.Rngs):
         self.config = cfg

@@ -7,7 +7,11 @@ Block (pre-norm, residual stream in fp32):
     x = x + Attn(RMSNorm(x))       # causal, RoPE on q and k, pattern from the config
     x = x + SwiGLU(RMSNorm(x))
 logits = RMSNorm(x) E^T / sqrt(D) when the embeddings are tied, else RMSNorm(x) W_out.
+
+Training attention goes through `zoo.layers.self_attention` (cuDNN on GPU, splash on TPU, the XLA
+oracle on CPU); decoding and prefill attend over a KV cache [B, S, K, P] per layer.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,15 +20,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from zoo.layers import AttentionSpec, Embed, Linear, RMSNorm, SwiGLU, apply_rope, attend
+from zoo.layers import AttentionSpec, Embed, Linear, RMSNorm, SwiGLU, apply_rope, attend, lm_logits, self_attention
 from zoo.models import registry
+from zoo.models.base import Block, Context, LanguageModel, LMConfig, make_stack
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerConfig:
-    vocab_size: int = 256
-    d_model: int = 128
-    n_layers: int = 2
+class TransformerConfig(LMConfig):
     n_heads: int = 4
     n_kv_heads: int = 4
     d_ff: int = 384
@@ -35,9 +37,9 @@ class TransformerConfig:
     window: int = 256                      # sliding-window size for "window" layers
     block: int = 256                       # block size for "block" layers
     norm_eps: float = 1e-6
-    dtype: str = "float32"                 # compute dtype; params stay fp32
 
     def __post_init__(self):
+        super().__post_init__()
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
@@ -45,6 +47,7 @@ class TransformerConfig:
         if self.layer_attention and len(self.layer_attention) != self.n_layers:
             raise ValueError(f"layer_attention has {len(self.layer_attention)} entries but n_layers is "
                              f"{self.n_layers}; give one pattern per layer or leave it empty")
+        self.layer_specs()  # validates the kinds, window and block
 
     @property
     def head_dim(self) -> int:
@@ -67,7 +70,11 @@ PRESETS = {
 
 
 class Attention(nnx.Module):
-    """Multi-head (grouped-query) causal self-attention with RoPE and a configurable pattern."""
+    """Multi-head (grouped-query) causal self-attention with RoPE and a configurable pattern.
+
+    Subclasses change the pattern by overriding `attention` (parallel) and `cached_attention`
+    (against the KV cache); the projections and the cache layout stay the same.
+    """
 
     def __init__(self, cfg: TransformerConfig, spec: AttentionSpec, *, rngs: nnx.Rngs):
         d, h, kh, p = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -79,6 +86,7 @@ class Attention(nnx.Module):
                          init_std=(h * p) ** -0.5 / (2 * cfg.n_layers) ** 0.5)
 
     def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, T, D] at positions [B, T] -> q [B, T, H, P], k, v [B, T, K, P] (RoPE on q, k)."""
         b, t, _ = x.shape
         cfg = self.cfg
         q = self.wq(x).reshape(b, t, cfg.n_heads, cfg.head_dim)
@@ -86,80 +94,123 @@ class Attention(nnx.Module):
         v = self.wv(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
         return apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta), v
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D]
+    def attention(self, q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context) -> jax.Array:
+        """The parallel pattern: q [B, T, H, P], k, v [B, T, K, P] -> [B, T, H, P]."""
+        return self_attention(q, k, v, spec=self.spec, positions=ctx.positions, segment_ids=ctx.segment_ids,
+                              implementation=self.cfg.implementation)
+
+    def cached_attention(self, q: jax.Array, state: dict, ctx: Context) -> jax.Array:
+        """q [B, T, H, P] of the tokens at cache slots index .. index+T-1 against the filled cache."""
+        slots = jnp.arange(state["k"].shape[1])
+        valid = jnp.broadcast_to(slots < ctx.index + q.shape[1], (q.shape[0], slots.shape[0]))
+        return attend(q, state["k"], state["v"], q_pos=ctx.positions, k_pos=slots, spec=self.spec, k_valid=valid)
+
+    def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:  # [B, T, D]
         b, t, _ = x.shape
-        pos = jnp.arange(t)
-        q, k, v = self.qkv(x, pos)
-        o = attend(q, k, v, q_pos=pos, k_pos=pos, spec=self.spec)
-        return self.wo(o.reshape(b, t, -1))
+        q, k, v = self.qkv(x, ctx.positions)
+        return self.wo(self.attention(q, k, v, ctx).reshape(b, t, -1))
 
-    def decode(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos: jax.Array):
-        """One token x [B, 1, D] at position `pos` against the cache [B, S, K, P]."""
-        b = x.shape[0]
-        q, k, v = self.qkv(x, jnp.full((1,), pos))
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, pos, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, pos, 0, 0))
-        slots = jnp.arange(k_cache.shape[1])
-        o = attend(q, k_cache, v_cache, q_pos=jnp.full((b, 1), pos), k_pos=slots, spec=self.spec,
-                   k_valid=jnp.broadcast_to(slots <= pos, (b, slots.shape[0])))
-        return self.wo(o.reshape(b, 1, -1)), k_cache, v_cache
+    def init_state(self, batch_size: int, max_length: int) -> dict:
+        """The KV cache [B, S, K, P] in the compute dtype."""
+        cfg = self.cfg
+        zeros = jnp.zeros((batch_size, max_length, cfg.n_kv_heads, cfg.head_dim), jnp.dtype(cfg.dtype))
+        return {"k": zeros, "v": zeros}
+
+    def prefill(self, x: jax.Array, state: dict, ctx: Context) -> tuple[jax.Array, dict]:
+        """x [B, T, D] at cache slots ctx.index.. -> (out [B, T, D], cache with their keys and values)."""
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x, ctx.positions)
+        state = {name: jax.lax.dynamic_update_slice_in_dim(state[name], new.astype(state[name].dtype), ctx.index, 1)
+                 for name, new in (("k", k), ("v", v))}
+        return self.wo(self.cached_attention(q, state, ctx).reshape(b, t, -1)), state
 
 
-class Block(nnx.Module):
-    def __init__(self, cfg: TransformerConfig, spec: AttentionSpec, *, rngs: nnx.Rngs):
+class TransformerBlock(Block):
+    """Pre-norm attention + SwiGLU block; `attention` replaces the attention module (HiP, MASFormer)."""
+
+    def __init__(self, cfg: TransformerConfig, spec: AttentionSpec, *, rngs: nnx.Rngs, attention=Attention):
         self.attn_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
-        self.attn = Attention(cfg, spec, rngs=rngs)
+        self.attn = attention(cfg, spec, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, rngs=rngs, dtype=cfg.dtype,
                           out_init_std=cfg.d_ff ** -0.5 / (2 * cfg.n_layers) ** 0.5)
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # x [B, T, D] fp32 residual stream
-        x = x + self.attn(self.attn_norm(x)).astype(jnp.float32)
+    def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:  # x [B, T, D] fp32 residual stream
+        x = x + self.attn(self.attn_norm(x), ctx).astype(jnp.float32)
         return x + self.mlp(self.mlp_norm(x)).astype(jnp.float32)
+
+    def init_state(self, batch_size: int, max_length: int) -> dict:
+        return self.attn.init_state(batch_size, max_length)
+
+    def prefill(self, x: jax.Array, state: dict, ctx: Context) -> tuple[jax.Array, dict]:
+        h, state = self.attn.prefill(self.attn_norm(x), state, ctx)
+        x = x + h.astype(jnp.float32)
+        return x + self.mlp(self.mlp_norm(x)).astype(jnp.float32), state
 
 
 @registry.register("transformer", PRESETS)
-class Transformer(nnx.Module):
-    """Decoder-only LM following the zoo's model protocol (`__call__`, `init_cache`, `decode_step`)."""
+class Transformer(LanguageModel):
+    """Decoder-only LM; `attention(cfg, spec, layer)` picks each layer's attention module (subclasses)."""
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=cfg.dtype)
-        self.blocks = nnx.List([Block(cfg, spec, rngs=rngs) for spec in cfg.layer_specs()])
+        specs = cfg.layer_specs()
+        self.blocks = make_stack(cfg, lambda i: TransformerBlock(cfg, specs[i], rngs=rngs,
+                                                                 attention=self.attention_module(specs[i])))
         self.final_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
         self.unembed = None if cfg.tie_embeddings else Linear(
             cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), rngs=rngs, dtype=cfg.dtype)
 
+    def attention_module(self, spec: AttentionSpec) -> type[Attention]:
+        """The attention class of a layer with pattern `spec` (the baseline: `Attention` everywhere)."""
+        del spec
+        return Attention
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        return self.embed(tokens).astype(jnp.float32)
+
     def logits(self, x: jax.Array) -> jax.Array:
-        x = self.final_norm(x)
-        if self.unembed is None:
-            return self.embed.attend(x) * self.config.d_model ** -0.5
-        return self.unembed(x).astype(jnp.float32)
+        return lm_logits(self.final_norm(x), self.embed, self.unembed, self.config.d_model ** -0.5)
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """tokens int32 [B, T] -> logits float32 [B, T, V]."""
-        x = self.embed(tokens).astype(jnp.float32)
-        for block in self.blocks:
-            x = block(x)
-        return self.logits(x)
+    @classmethod
+    def describe(cls, cfg: TransformerConfig, seq_len: int) -> list[str]:
+        """`zoo info`: the attention cost of the layer schedule vs all-full attention."""
+        f = attention_flops(cfg, seq_len)
+        n_full = sum(k == "full" for k in f["kinds"])
+        return [f"attention  {f['total'] / 1e9:,.3f} GFLOP forward at length {seq_len} with {n_full}/"
+                f"{len(f['kinds'])} full layers vs {f['all_full'] / 1e9:,.3f} GFLOP all-full "
+                f"({100 * f['ratio']:.1f}%)"]
 
-    def init_cache(self, batch_size: int, max_length: int) -> dict:
-        """KV cache: k, v [L, B, S, K, P] in the compute dtype and the next position."""
-        cfg = self.config
-        shape = (cfg.n_layers, batch_size, max_length, cfg.n_kv_heads, cfg.head_dim)
-        zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
-        return {"k": zeros, "v": zeros, "pos": jnp.zeros((), jnp.int32)}
 
-    def decode_step(self, tokens_t: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-        """tokens_t int32 [B] -> (logits [B, V], updated cache)."""
-        pos = cache["pos"]
-        x = self.embed(tokens_t[:, None]).astype(jnp.float32)
-        ks, vs = [], []
-        for i, block in enumerate(self.blocks):
-            h, k_i, v_i = block.attn.decode(block.attn_norm(x), cache["k"][i], cache["v"][i], pos)
-            x = x + h.astype(jnp.float32)
-            x = x + block.mlp(block.mlp_norm(x)).astype(jnp.float32)
-            ks.append(k_i)
-            vs.append(v_i)
-        cache = {"k": jnp.stack(ks), "v": jnp.stack(vs), "pos": pos + 1}
-        return self.logits(x)[:, 0], cache
+def pairs_per_layer(kind: str, seq_len: int, window: int, block: int) -> int:
+    """Causal (query, key) pairs a layer of this kind computes at length T (query sees itself)."""
+    t = seq_len
+    if kind == "full":
+        return t * (t + 1) // 2
+    if kind == "window":
+        w = min(window, t)
+        return w * (w + 1) // 2 + (t - w) * w
+    if kind == "block":
+        n_full, rest = divmod(t, block)
+        return n_full * block * (block + 1) // 2 + rest * (rest + 1) // 2
+    raise ValueError(f"unknown attention kind {kind!r}")
+
+
+def attention_flops(cfg: TransformerConfig, seq_len: int) -> dict:
+    """Attention FLOPs of one forward pass over `seq_len` tokens: the schedule vs all-full.
+
+    Counts the score and value matmuls only (2 * 2 * P FLOPs per visible (query, key) pair and
+    head: q.k and p.v), i.e. what an exact block-sparse kernel needs; projections and MLPs are the
+    same for every schedule and are left out.
+
+    Returns:
+      {"seq_len", "per_layer": [FLOPs], "kinds", "total", "all_full", "ratio"} (ratio = total / all_full).
+    """
+    kinds = cfg.layer_attention or (cfg.attention,) * cfg.n_layers
+    per_pair = 4 * cfg.n_heads * cfg.head_dim
+    per_layer = [per_pair * pairs_per_layer(k, seq_len, cfg.window, cfg.block) for k in kinds]
+    full = per_pair * pairs_per_layer("full", seq_len, cfg.window, cfg.block) * cfg.n_layers
+    total = sum(per_layer)
+    return {"seq_len": int(seq_len), "kinds": list(kinds), "per_layer": per_layer, "total": total,
+            "all_full": full, "ratio": total / full}

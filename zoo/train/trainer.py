@@ -2,7 +2,7 @@
 
     params, opt_state, metrics = step(params, opt_state, batch)
 
-`params` is a flat dict (see `zoo.train.params`) sharded by the logical-axis rules of
+`params` is a flat dict (see `zoo.models.params`) sharded by the logical-axis rules of
 `zoo.train.sharding`; the optimizer state follows its parameters; the batch is split over
 data x fsdp. Re-running the same command resumes from the latest checkpoint: parameters,
 optimizer state, data-iterator state and step are restored, so the continued run is identical
@@ -11,7 +11,6 @@ to an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any, Callable
 
@@ -23,13 +22,13 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from zoo import checkpoint as ckpt_lib
+from zoo import io
 from zoo.config import model_config
 from zoo.data.pipeline import check_vocab, make_batches
 from zoo.models import registry
-from zoo.train import checkpoint as ckpt_lib
+from zoo.models.params import ParamView
 from zoo.train import optim, sharding
-from zoo.train.metrics import MetricsWriter
-from zoo.train.params import ParamView
 
 
 def lm_loss(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -71,9 +70,10 @@ class Setup:
 def make_setup(config: ml_collections.ConfigDict) -> Setup:
     cfg = model_config(config)
     cls = registry.model_class(config.model_name)
-    if getattr(cls, "task", "lm") != "lm":
-        raise ValueError(f"model {config.model_name!r} is a {cls.task} model, not a language model; "
-                         "`zoo train` trains language models (see the README section of the model)")
+    kind = registry.model_kind(config.model_name)
+    if kind != "lm":
+        raise ValueError(f"model {config.model_name!r} is a {kind}, not a language model; `zoo train` trains "
+                         "language models (see the model's card in docs/models/)")
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     seed = config.train.seed
     abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(seed)))
@@ -117,8 +117,36 @@ def make_train_step(setup: Setup, opt_sh) -> Callable:
         return params, opt_state, metrics
 
     batch_sh = sharding.batch_sharding(setup.mesh, 2)
-    return jax.jit(step, in_shardings=(setup.param_shardings, opt_sh, batch_sh),
-                   out_shardings=(setup.param_shardings, opt_sh, None), donate_argnums=(0, 1))
+    jitted = jax.jit(step, in_shardings=(setup.param_shardings, opt_sh, batch_sh),
+                     out_shardings=(setup.param_shardings, opt_sh, None), donate_argnums=(0, 1))
+
+    def run(params, opt_state, batch):
+        with jax.set_mesh(setup.mesh):  # the kernels see the mesh while tracing (shard_map)
+            return jitted(params, opt_state, batch)
+
+    run.lower = lambda *a: _lower_under_mesh(jitted, setup.mesh, *a)
+    return run
+
+
+def _lower_under_mesh(jitted, mesh, *args):
+    with jax.set_mesh(mesh):
+        return jitted.lower(*args)
+
+
+def initial_params(setup: Setup, source: str) -> dict:
+    """Parameters to start training from: a model directory (`zoo convert`, pretrained weights) or
+    another run's work directory (its latest checkpoint), in this run's layout and shardings."""
+    is_model_dir = (io.path(source) / ckpt_lib.MODEL_FILE).is_file()
+    model = (ckpt_lib.load_pretrained(source, **_layout(setup)) if is_model_dir
+             else ckpt_lib.load_model(source, **_layout(setup)))[0]
+    params = ParamView(model).flat(model)
+    ckpt_lib.check_same_tree(params, setup.view.shapes, f"train.init_from={source!r} vs {setup.config.model_name}")
+    return {n: jax.device_put(params[n].astype(setup.view.shapes[n].dtype), setup.param_shardings[n])
+            for n in setup.view.shapes}
+
+
+def _layout(setup: Setup) -> dict:
+    return {"scan_layers": bool(setup.config.model.get("scan_layers", False))}
 
 
 def global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
@@ -133,12 +161,11 @@ def global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
-          stop_after: int | None = None, evaluate: bool = True) -> dict:
-    """Trains (or resumes) the run in `workdir`; returns the final metrics (and eval results).
+          stop_after: int | None = None) -> dict:
+    """Trains (or resumes) the run in `workdir`; returns {"train": last logged metrics, "step"}.
 
     Args:
       stop_after: stop after this global step without a final checkpoint (tests simulate preemption).
-      evaluate: run the task evaluation and write plots at the end.
     """
     sharding.maybe_initialize_distributed()
     # Everything that can fail on user input is checked before the work directory is touched.
@@ -151,9 +178,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     batches.set_state(initial_state)
     ckpt_lib.check_resume_config(workdir, config)
 
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0 and not os.path.isfile(os.path.join(workdir, ckpt_lib.CONFIG_FILE)):
-        ckpt_lib.write_json_atomic(os.path.join(workdir, ckpt_lib.CONFIG_FILE), config.to_dict())
+    io.path(workdir).mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0 and not (io.path(workdir) / ckpt_lib.CONFIG_FILE).is_file():
+        io.write_json_atomic(io.path(workdir) / ckpt_lib.CONFIG_FILE, config.to_dict())
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
 
     abstract_params = {n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=setup.param_shardings[n])
@@ -161,7 +188,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     abstract_opt = jax.eval_shape(setup.tx.init, abstract_params)
     opt_sh = setup.opt_shardings(abstract_opt)
     start = checkpointer.latest_step()
-    if start is None:
+    if start is None and config.train.init_from:
+        params = initial_params(setup, config.train.init_from)
+        opt_state = jax.jit(setup.tx.init, out_shardings=opt_sh)(params)
+        start = 0
+    elif start is None:
         params = setup.init_params()
         opt_state = jax.jit(setup.tx.init, out_shardings=opt_sh)(params)
         start = 0
@@ -172,7 +203,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         batches.set_state(restored["data"])
     step_fn = make_train_step(setup, opt_sh)
 
-    writer = MetricsWriter(workdir)
+    writer = io.MetricsWriter(workdir)
     total = config.train.steps
     bar = None
     if progress and jax.process_index() == 0:
@@ -204,7 +235,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
                 bar.update(1)
             if stop_after is not None and step >= stop_after:
                 checkpointer.wait()
-                return last
+                return {"train": last, "step": step}
             if step % config.train.checkpoint_every == 0 or step == total:
                 checkpointer.save(step, params, opt_state, batches.get_state(),
                                   {"step": step, "model_name": config.model_name})
@@ -214,8 +245,4 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
             bar.close()
         writer.close()
         checkpointer.close()
-    result = {"train": last, "step": step}
-    if evaluate and jax.process_index() == 0:
-        from zoo.eval.evaluate import evaluate_workdir
-        result["eval"] = evaluate_workdir(workdir, model=setup.view.merge(jax.device_get(params)), config=config)
-    return result
+    return {"train": last, "step": step}

@@ -1,0 +1,145 @@
+"""Benchmarks measured in one run: the timing helpers every benchmark script uses, and the training
+step's throughput and model-FLOP utilisation (`zoo bench train`).
+
+    t = time_fn(jitted, *args)                 # median seconds after warm-up, synchronised
+    peak = matmul_flops(jnp.bfloat16)          # the device's matmul FLOP/s, measured here
+    rows = bench_train(["mamba2:130m"], batch_size=16, seq_len=2048)
+
+MFU is model FLOPs per second over the matmul peak measured in the same process: "6N" counts
+6 x parameters x tokens (forward + backward of every weight matmul); "attn" adds the attention
+score and value matmuls of the layer schedule (12 x layers x heads x head_dim x T / 2 per token for
+causal full attention, less for window / block layers). Nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zoo.config import load_config, model_config
+from zoo.models import registry
+from zoo.train import trainer
+
+
+def time_fn(fn: Callable, *args, reps: int = 10, warmup: int = 2) -> float:
+    """Median wall time in seconds of `fn(*args)` (synchronised with block_until_ready)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_flops(dtype=jnp.bfloat16, n: int | None = None, reps: int = 10) -> float:
+    """FLOP/s of an n x n x n matmul on the default device (n: 8192 on accelerators, 1024 on CPU)."""
+    n = n or (8192 if jax.default_backend() in ("gpu", "tpu") else 1024)
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
+    return 2 * n**3 / time_fn(jax.jit(jnp.matmul), a, b, reps=reps)
+
+
+def compiled_memory(compiled) -> dict[str, int] | None:
+    """XLA's memory analysis of a compiled function (bytes), where the backend offers one."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 -- some backends do not implement it
+        return None
+    if m is None:
+        return None
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
+              "generated_code_size_in_bytes")
+    out = {f: int(getattr(m, f, 0) or 0) for f in fields}
+    out["peak_bytes"] = out["argument_size_in_bytes"] + out["output_size_in_bytes"] + out["temp_size_in_bytes"] \
+        - out["alias_size_in_bytes"]
+    return out
+
+
+def attention_train_flops_per_token(cfg: Any, seq_len: int) -> float:
+    """Training FLOPs per token of the attention matmuls (3 x forward; 0 for attention-free models)."""
+    if not hasattr(cfg, "layer_specs"):
+        return 0.0
+    from zoo.models.transformer import attention_flops
+
+    return 3.0 * attention_flops(cfg, seq_len)["total"] / seq_len
+
+
+def bench_train(specs: Sequence[str], *, batch_size: int, seq_len: int, overrides: Sequence[str] = (),
+                reps: int = 5, peak: float | None = None, dtype: str | None = None) -> list[dict]:
+    """Times the trainer's own jitted step (`make_setup` + `make_train_step`) on random tokens.
+
+    Args:
+      specs: run configs, e.g. ["mamba2:130m", "transformer:1.3b"].
+      batch_size, seq_len: the step's global batch.
+      overrides: extra --config.* overrides (e.g. "--config.model.remat=full").
+      peak: matmul FLOP/s to compare with (measured here when None).
+      dtype: compute dtype override ("bfloat16" on accelerators by default).
+
+    Returns:
+      One dict per spec: step seconds, tokens/s, parameters, 6N and attention-inclusive MFU, the
+      compiled peak memory, the loss, or {"error": ...} when it failed (e.g. out of memory).
+    """
+    dtype = dtype or ("bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32")
+    peak = peak or matmul_flops(jnp.dtype(dtype))
+    rows = []
+    for spec in specs:
+        row: dict[str, Any] = {"config": spec, "batch": batch_size, "seq_len": seq_len, "dtype": dtype,
+                               "backend": jax.default_backend(), "matmul_tflops": peak / 1e12}
+        try:
+            ov = [f"--config.data.batch_size={batch_size}", f"--config.data.seq_len={seq_len}",
+                  f"--config.model.dtype={dtype}", "--config.data.source=passkey", *overrides]
+            config = load_config(spec, ov)
+            setup = trainer.make_setup(config)
+            params = setup.init_params()
+            n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+            opt_sh = setup.opt_shardings(jax.eval_shape(setup.tx.init, params))
+            opt_state = jax.jit(setup.tx.init, out_shardings=opt_sh)(params)
+            step = trainer.make_train_step(setup, opt_sh)
+            vocab = model_config(config).vocab_size
+            toks = np.random.default_rng(0).integers(0, vocab, (batch_size, seq_len + 1)).astype(np.int32)
+            batch = trainer.global_batch({"inputs": toks[:, :-1], "targets": toks[:, 1:],
+                                          "loss_mask": np.ones((batch_size, seq_len), np.float32),
+                                          "answer_mask": np.zeros((batch_size, seq_len), np.float32)}, setup.mesh)
+            memory = compiled_memory(step.lower(params, opt_state, batch).compile())
+            state = [params, opt_state]
+
+            def run():
+                state[0], state[1], metrics = step(state[0], state[1], batch)
+                return metrics
+
+            t = time_fn(run, reps=reps, warmup=1)
+            tokens = batch_size * seq_len / t
+            attn = attention_train_flops_per_token(model_config(config), seq_len)
+            row.update(params=n, step_ms=t * 1e3, tokens_per_s=tokens, mfu_6n=6 * n * tokens / peak,
+                       mfu_attn=(6 * n + attn) * tokens / peak, memory=memory,
+                       loss=float(jax.device_get(run()["loss"])))
+        except Exception as e:  # noqa: BLE001 -- a failing config is a finding, the others still run
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        rows.append(row)
+    return rows
+
+
+def lm_presets() -> list[str]:
+    """Every language-model preset, as `name:preset` specs."""
+    return [f"{n}:{p}" for n in registry.list_models("lm") for p in registry.list_presets(n)]
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A plain-text table of `bench_train` rows."""
+    lines = [f"{'config':22s} {'params':>12s} {'step ms':>9s} {'tok/s':>10s} {'MFU 6N':>7s} {'MFU+attn':>8s} "
+             f"{'peak GiB':>9s}"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['config']:22s} error: {r['error']}")
+            continue
+        mem = r["memory"]["peak_bytes"] / 2**30 if r.get("memory") else float("nan")
+        lines.append(f"{r['config']:22s} {r['params']:>12,d} {r['step_ms']:>9.1f} {r['tokens_per_s']:>10.0f} "
+                     f"{100 * r['mfu_6n']:>6.1f}% {100 * r['mfu_attn']:>7.1f}% {mem:>9.2f}")
+    return "\n".join(lines)
