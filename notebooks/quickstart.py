@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -46,7 +48,7 @@ if "passkey" in result:
 
 # %%
 example = synthetic.Passkey(config.data.seq_len, depth=0.5, seed=123)[0]
-prompt = jnp.asarray(example["tokens"][None, :-synthetic.N_DIGITS])  # everything but the answer
+prompt = jnp.asarray(example["tokens"][None, : -synthetic.N_DIGITS])  # everything but the answer
 cache = model.init_cache(1, prompt.shape[1] + synthetic.N_DIGITS)
 for t in range(prompt.shape[1]):
     logits, cache = model.decode_step(prompt[:, t], cache)
@@ -55,8 +57,12 @@ for _ in range(synthetic.N_DIGITS):
     token = jnp.argmax(logits, -1)
     generated.append(int(token[0]))
     logits, cache = model.decode_step(token, cache)
-print("true key:", bytes(example["tokens"][-synthetic.N_DIGITS:].astype(np.uint8)).decode(),
-      "| generated:", bytes(generated).decode(errors="replace"))
+print(
+    "true key:",
+    bytes(example["tokens"][-synthetic.N_DIGITS :].astype(np.uint8)).decode(),
+    "| generated:",
+    bytes(generated).decode(errors="replace"),
+)
 
 # %% [markdown]
 # ## Plots written by training and evaluation

@@ -125,15 +125,21 @@ def main() -> None:
         rows[k] = dict(b=b, t=t, time=float(np.median(times)), attn=attn, total=total, xla=xla_flops, compile=compile_s)
 
     cc = rows[index.max_log2]  # concat-and-chunk at the same max length has the longest bucket's shape
-    print(f"per-step ratios to concat-and-chunk [B={cc['b']}, T={cc['t']}] at {args.tokens_per_step} tokens/step "
-          f"(d_model={args.d_model}, heads={args.heads}, fwd+bwd, median of {args.repeats}, "
-          f"{jax.devices()[0].platform})")
-    print(f"{'bucket':>7} {'shape':>12} {'attn GFLOP':>11} {'attn/C&C':>9} {'total/C&C':>10} {'XLA/C&C':>8} "
-          f"{'step ms':>8} {'time/C&C':>9} {'compile s':>10}")
+    print(
+        f"per-step ratios to concat-and-chunk [B={cc['b']}, T={cc['t']}] at {args.tokens_per_step} tokens/step "
+        f"(d_model={args.d_model}, heads={args.heads}, fwd+bwd, median of {args.repeats}, "
+        f"{jax.devices()[0].platform})"
+    )
+    print(
+        f"{'bucket':>7} {'shape':>12} {'attn GFLOP':>11} {'attn/C&C':>9} {'total/C&C':>10} {'XLA/C&C':>8} "
+        f"{'step ms':>8} {'time/C&C':>9} {'compile s':>10}"
+    )
     for k, r in rows.items():
-        print(f"{'D_' + str(k):>7} {str((r['b'], r['t'])):>12} {r['attn'] / 1e9:>11.3f} {r['attn'] / cc['attn']:>9.4f} "
-              f"{r['total'] / cc['total']:>10.4f} {r['xla'] / cc['xla']:>8.4f} {1e3 * r['time']:>8.2f} "
-              f"{r['time'] / cc['time']:>9.3f} {r['compile']:>10.2f}")
+        print(
+            f"{'D_' + str(k):>7} {str((r['b'], r['t'])):>12} {r['attn'] / 1e9:>11.3f} {r['attn'] / cc['attn']:>9.4f} "
+            f"{r['total'] / cc['total']:>10.4f} {r['xla'] / cc['xla']:>8.4f} {1e3 * r['time']:>8.2f} "
+            f"{r['time'] / cc['time']:>9.3f} {r['compile']:>10.2f}"
+        )
 
     passes = (
         ("one pass over the data = pow2 cycle with exhaustion", data_stats),
@@ -142,8 +148,10 @@ def main() -> None:
     for name, st in passes:
         shares = {b.k: b.step_share for b in st.buckets}
         mean = {f: sum(shares[k] * rows[k][f] for k in rows) / cc[f] for f in ("attn", "total", "time")}
-        print(f"mean step vs C&C ({name}): attention FLOPs {mean['attn']:.4f}, total FLOPs {mean['total']:.4f}, "
-              f"step time {mean['time']:.3f} (speed-up {1 / mean['time']:.2f}x)")
+        print(
+            f"mean step vs C&C ({name}): attention FLOPs {mean['attn']:.4f}, total FLOPs {mean['total']:.4f}, "
+            f"step time {mean['time']:.3f} (speed-up {1 / mean['time']:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

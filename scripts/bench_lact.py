@@ -10,6 +10,7 @@ count, because a rolled loop body is counted once) and divides the achieved FLOP
 large matmul measured in the same process. Everything printed is a ratio or a measurement from
 this run; nothing is asserted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,7 @@ def matmul_flops_per_s(n: int, reps: int) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     f = jax.jit(jnp.matmul)
-    return 2 * n ** 3 / _time(f, a, b, reps=reps)
+    return 2 * n**3 / _time(f, a, b, reps=reps)
 
 
 def _functions(model: nnx.Module):
@@ -84,31 +85,48 @@ def main():
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
 
-    shared = dict(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, d_ff=3 * args.d_model,
-                  dtype=args.dtype)
+    shared = dict(
+        d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, d_ff=3 * args.d_model, dtype=args.dtype
+    )
     models = {
         "transformer": (dict(shared, n_kv_heads=args.heads), {}),
-        "lact": (dict(shared, n_lact_heads=args.lact_heads, window=args.chunk, chunk_size=args.chunk),
-                 dict(scan_unroll=True)),
+        "lact": (
+            dict(shared, n_lact_heads=args.lact_heads, window=args.chunk, chunk_size=args.chunk),
+            dict(scan_unroll=True),
+        ),
     }
     peak = matmul_flops_per_s(args.matmul, args.reps)
     print(f"backend {jax.default_backend()}; reference matmul {args.matmul}^3 fp32: {peak / 1e9:.1f} GFLOP/s")
-    print(f"models: d_model {args.d_model}, {args.layers} layers, {args.heads} heads, d_ff {3 * args.d_model}, "
-          f"batch {args.batch}, {args.dtype}; LaCT: {args.lact_heads} fast-weight heads, window = chunk = "
-          f"{args.chunk}, Muon + momentum\n")
+    print(
+        f"models: d_model {args.d_model}, {args.layers} layers, {args.heads} heads, d_ff {3 * args.d_model}, "
+        f"batch {args.batch}, {args.dtype}; LaCT: {args.lact_heads} fast-weight heads, window = chunk = "
+        f"{args.chunk}, Muon + momentum\n"
+    )
     rows = []
     for t in args.lengths:
         res = {name: bench(name, o, c, t, args.batch, args.reps) for name, (o, c) in models.items()}
         for mode in ("fwd", "fwd+bwd"):
             tr, la = res["transformer"][mode], res["lact"][mode]
             util = {k: r["flops"] / r["seconds"] / peak for k, r in (("transformer", tr), ("lact", la))}
-            rows.append((t, mode, tr["tokens_per_s"], la["tokens_per_s"], la["tokens_per_s"] / tr["tokens_per_s"],
-                         tr["flops"] / (args.batch * t) / 1e6, la["flops"] / (args.batch * t) / 1e6,
-                         util["transformer"], util["lact"]))
+            rows.append(
+                (
+                    t,
+                    mode,
+                    tr["tokens_per_s"],
+                    la["tokens_per_s"],
+                    la["tokens_per_s"] / tr["tokens_per_s"],
+                    tr["flops"] / (args.batch * t) / 1e6,
+                    la["flops"] / (args.batch * t) / 1e6,
+                    util["transformer"],
+                    util["lact"],
+                )
+            )
             print(f"T={t:6d} {mode:8s} done", flush=True)
     print()
-    print("| T | pass | transformer tok/s | LaCT tok/s | LaCT / transformer | transformer MFLOP/tok | "
-          "LaCT MFLOP/tok | transformer util | LaCT util |")
+    print(
+        "| T | pass | transformer tok/s | LaCT tok/s | LaCT / transformer | transformer MFLOP/tok | "
+        "LaCT MFLOP/tok | transformer util | LaCT util |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for t, mode, tt, lt, ratio, tf, lf, tu, lu in rows:
         print(f"| {t} | {mode} | {tt:,.0f} | {lt:,.0f} | {ratio:.2f} | {tf:.1f} | {lf:.1f} | {tu:.2f} | {lu:.2f} |")

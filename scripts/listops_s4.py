@@ -6,6 +6,7 @@ A self-contained loop (optax AdamW; the SSM parameters, tagged `lr_group="ssm"`,
 learning rate and no weight decay, as in the S4 papers). Prints the test accuracy and the
 majority-class baseline measured on the same test set.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,11 +24,13 @@ from zoo.models.s4 import S4Classifier, S4Config
 
 def _labels(params) -> object:
     """optax.multi_transform labels from the parameter metadata: ssm | no_wd | default."""
+
     def label(p):
         meta = p.get_metadata()
         if meta.get("lr_group") == "ssm":
             return "ssm"
         return "no_wd" if meta.get("wd", True) is False or p[...].ndim < 2 else "default"
+
     return jax.tree.map(label, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
@@ -49,21 +52,37 @@ def main() -> None:
     t0 = time.time()
     xtr, mtr, ytr = train.arrays()
     xte, mte, yte = test.arrays()
-    print(f"data: {len(ytr)} train / {len(yte)} test, max_len {max_len}, mean len {mtr.sum(1).mean():.1f} "
-          f"({time.time() - t0:.1f}s)")
+    print(
+        f"data: {len(ytr)} train / {len(yte)} test, max_len {max_len}, mean len {mtr.sum(1).mean():.1f} "
+        f"({time.time() - t0:.1f}s)"
+    )
 
-    cfg = S4Config(vocab_size=VOCAB_SIZE, d_model=64, n_layers=2, d_state=16, l_max=max_len,
-                   mode=args.mode, init="legs" if args.mode == "dplr" else "lin", bidirectional=True,
-                   n_classes=NUM_CLASSES)
+    cfg = S4Config(
+        vocab_size=VOCAB_SIZE,
+        d_model=64,
+        n_layers=2,
+        d_state=16,
+        l_max=max_len,
+        mode=args.mode,
+        init="legs" if args.mode == "dplr" else "lin",
+        bidirectional=True,
+        n_classes=NUM_CLASSES,
+    )
     model = S4Classifier(cfg, rngs=nnx.Rngs(args.seed))
     graphdef, params = nnx.split(model, nnx.Param)
     total_steps = 100_000
     sched = lambda lr: optax.warmup_cosine_decay_schedule(0.0, lr, 100, total_steps, lr * 0.1)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.multi_transform({
-        "default": optax.adamw(sched(args.lr), weight_decay=0.05),
-        "no_wd": optax.adamw(sched(args.lr), weight_decay=0.0),
-        "ssm": optax.adam(sched(args.ssm_lr)),
-    }, _labels(params)))
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.multi_transform(
+            {
+                "default": optax.adamw(sched(args.lr), weight_decay=0.05),
+                "no_wd": optax.adamw(sched(args.lr), weight_decay=0.0),
+                "ssm": optax.adam(sched(args.ssm_lr)),
+            },
+            _labels(params),
+        ),
+    )
     pure = lambda p: jax.tree.map(lambda v: v[...], p, is_leaf=lambda x: isinstance(x, nnx.Variable))
     params = pure(params)
     opt_state = tx.init(params)
@@ -83,8 +102,9 @@ def main() -> None:
         return jnp.argmax(nnx.merge(graphdef, p)(x, m), -1)
 
     def accuracy(p) -> float:
-        preds = np.concatenate([np.asarray(predict(p, xte[i:i + 250], mte[i:i + 250]))
-                                for i in range(0, len(yte), 250)])
+        preds = np.concatenate(
+            [np.asarray(predict(p, xte[i : i + 250], mte[i : i + 250])) for i in range(0, len(yte), 250)]
+        )
         return float(np.mean(preds == yte))
 
     rng = np.random.default_rng(args.seed)
@@ -99,8 +119,10 @@ def main() -> None:
     majority = np.bincount(ytr, minlength=NUM_CLASSES).argmax()
     base = float(np.mean(yte == majority))
     acc = accuracy(params)
-    print(f"S4 ({args.mode}) after {step} steps ({time.time() - start:.0f}s): test accuracy {acc:.3f}; "
-          f"majority-class baseline (class {majority}) {base:.3f}; chance 0.100")
+    print(
+        f"S4 ({args.mode}) after {step} steps ({time.time() - start:.0f}s): test accuracy {acc:.3f}; "
+        f"majority-class baseline (class {majority}) {base:.3f}; chance 0.100"
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ tokens, logits within 1e-4), the reloaded checkpoint against the in-memory model
 margin (top-1 minus top-2 logit) against 1e-3 so that a converter within fp32 round-off cannot flip a token;
 for the Mamba-2 fixtures the HF logits against a float64 numpy recurrence written from the state-spaces/mamba
 equations (`_mamba2_numpy_logits`), and the same weights without Llama's RoPE scaling or Mistral's sliding
-window must give different logits (so a converter that ignores either fails). `MANIFEST.json` records files, sizes, hashes,
+window must give different logits (so a converter that ignores either fails). `MANIFEST.json` records
+files, sizes, hashes,
 configs, seeds, key-name conventions, the check results and the versions. The outputs are byte-identical
 from run to run (fixed zip timestamps in `golden.npz`; `torch.save` is deterministic for a fixed file
 name).
@@ -88,7 +89,8 @@ def _init_value(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torc
 
     Scales keep activations near unit size so that logits are well separated: matrices N(0, 1/fan_in),
     an untied lm_head N(0, 4/fan_in), embeddings N(0, 0.25) (with N(0, 1), tied models mostly
-    predicted their current token, as the residual stream stayed close to its embedding), norm weights and Mamba's D U(0.5, 1.5), biases N(0, 0.3), Mamba's A_log = log U(1, 16)
+    predicted their current token, as the residual stream stayed close to its embedding), norm weights
+    and Mamba's D U(0.5, 1.5), biases N(0, 0.3), Mamba's A_log = log U(1, 16)
     and dt_bias = softplus^-1(dt) with log dt ~ U(log 0.01, log 0.5).
 
     Args:
@@ -623,13 +625,14 @@ def make_mamba2_hf(out_dir: str, groups: int) -> dict:
         "semantics": _MAMBA2_SEMANTICS,
         "sizes": (
             f"D=32, E=64, H={config.num_heads}, P={headdim}, G={groups}, N=16, K=4, chunk_size=8, "
-            f"in_proj rows = 2*64 + 2*{groups}*16 + {config.num_heads} = {2 * 64 + 2 * groups * 16 + config.num_heads}, "
+            f"in_proj rows = 2*64 + 2*{groups}*16 + {config.num_heads} = "
+            f"{2 * 64 + 2 * groups * 16 + config.num_heads}, "
             f"conv channels = 64 + 2*{groups}*16 = {64 + 2 * groups * 16}; T = {MAMBA_SEQ_LEN} (not a multiple "
             "of chunk_size)."
         ),
         "tied": "tie_word_embeddings=" + ("true: no lm_head.weight in the file" if tied else "false"),
         "config_quirks": (
-            "transformers 5.24 writes time_step_limit as [0.0, {\"__float__\": \"Infinity\"}] (its encoding of "
+            'transformers 5.24 writes time_step_limit as [0.0, {"__float__": "Infinity"}] (its encoding of '
             "float('inf')); older HF Mamba2 config.json files have [0.0, Infinity] (non-standard JSON that "
             "Python's json reads). time_step_rank, time_step_min/max/floor and initializer_range only matter "
             "for initialisation; num_heads must equal expand*hidden_size/head_dim."

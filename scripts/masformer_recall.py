@@ -11,6 +11,7 @@ and the attention FLOPs of each schedule relative to all-full (`transformer.atte
 writes results.json and recall.png to --out. About 4 CPU-minutes per schedule (0.45 s/step);
 schedules can run as parallel processes (one --schedules each) and be reported together with --merge.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,15 +45,28 @@ def batches(task: AssociativeRecall, batch_size: int, start: int):
         items = [task[j] for j in range(i, i + batch_size)]
         i += batch_size
         tokens = np.stack([it["tokens"] for it in items])
-        yield {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
-               "mask": jnp.asarray(np.stack([it["answer_mask"] for it in items]))}
+        yield {
+            "inputs": jnp.asarray(tokens[:, :-1]),
+            "targets": jnp.asarray(tokens[:, 1:]),
+            "mask": jnp.asarray(np.stack([it["answer_mask"] for it in items])),
+        }
 
 
 def run(schedule: str, args) -> dict:
     kinds = parse_schedule(schedule, args.layers)
-    cfg = registry.get_model_config("masformer", "tiny", d_model=args.d_model, n_layers=args.layers, n_heads=2,
-                                    n_kv_heads=2, d_ff=2 * args.d_model, window=args.window, block=args.window,
-                                    layer_attention=kinds, sparse_from=10**9)
+    cfg = registry.get_model_config(
+        "masformer",
+        "tiny",
+        d_model=args.d_model,
+        n_layers=args.layers,
+        n_heads=2,
+        n_kv_heads=2,
+        d_ff=2 * args.d_model,
+        window=args.window,
+        block=args.window,
+        layer_attention=kinds,
+        sparse_from=10**9,
+    )
     model = registry.model_class("masformer")(cfg, rngs=nnx.Rngs(args.seed))
     sched = optax.warmup_cosine_decay_schedule(0.0, args.lr, 50, args.steps, args.lr * 0.1)
     opt = nnx.Optimizer(model, optax.adamw(sched, b2=0.98, weight_decay=0.0), wrt=nnx.Param)
@@ -90,8 +104,15 @@ def run(schedule: str, args) -> dict:
         h, n = correct(model, next(vit))
         hits, total = hits + float(h), total + float(n)
     flops = attention_flops(cfg, args.seq_len)
-    return {"schedule": list(kinds), "accuracy": hits / total, "final_loss": curve[-1][1], "curve": curve,
-            "attention_flops": flops["total"], "flops_ratio": flops["ratio"], "train_seconds": train_s}
+    return {
+        "schedule": list(kinds),
+        "accuracy": hits / total,
+        "final_loss": curve[-1][1],
+        "curve": curve,
+        "attention_flops": flops["total"],
+        "flops_ratio": flops["ratio"],
+        "train_seconds": train_s,
+    }
 
 
 def main() -> None:
@@ -130,24 +151,31 @@ def main() -> None:
     for name in names:
         results[name] = run(SCHEDULES[name], args)
         r = results[name]
-        print(f"{name:22s} acc {r['accuracy']:.3f}  loss {r['final_loss']:.3f}  "
-              f"attn FLOPs {100 * r['flops_ratio']:5.1f}% of all-full  ({r['train_seconds']:.0f}s)", flush=True)
+        print(
+            f"{name:22s} acc {r['accuracy']:.3f}  loss {r['final_loss']:.3f}  "
+            f"attn FLOPs {100 * r['flops_ratio']:5.1f}% of all-full  ({r['train_seconds']:.0f}s)",
+            flush=True,
+        )
     report(results, args)
 
 
 def report(results: dict, args) -> None:
     chance = 1 / 64
     full, local = results.get("all-full"), results.get("all-window")
-    print(f"\n| schedule | layers | answer accuracy | attention FLOPs vs all-full |\n|---|---|---|---|")
+    print("\n| schedule | layers | answer accuracy | attention FLOPs vs all-full |\n|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {' '.join(k[0].upper() for k in r['schedule'])} | {r['accuracy']:.3f} | "
-              f"{100 * r['flops_ratio']:.1f}% |")
+        print(
+            f"| {name} | {' '.join(k[0].upper() for k in r['schedule'])} | {r['accuracy']:.3f} | "
+            f"{100 * r['flops_ratio']:.1f}% |"
+        )
     if full and local:
         gap = full["accuracy"] - local["accuracy"]
         for name, r in results.items():
             if name not in ("all-full", "all-window") and gap > 0:
-                print(f"{name}: recovers {100 * (r['accuracy'] - local['accuracy']) / gap:.0f}% of the "
-                      f"all-window -> all-full gap")
+                print(
+                    f"{name}: recovers {100 * (r['accuracy'] - local['accuracy']) / gap:.0f}% of the "
+                    f"all-window -> all-full gap"
+                )
     print(f"(chance = {chance:.3f}; T = {args.seq_len}, window = {args.window}, {args.steps} steps)")
     meta = {k: v for k, v in vars(args).items()}
     order = [n for n in SCHEDULES if n in results]
@@ -155,13 +183,16 @@ def report(results: dict, args) -> None:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"args": meta, "results": results}, f, indent=2)
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in results.items():
         ax.scatter(100 * r["flops_ratio"], r["accuracy"], s=50)
-        ax.annotate(name, (100 * r["flops_ratio"], r["accuracy"]), textcoords="offset points", xytext=(5, 5),
-                    fontsize=8)
+        ax.annotate(
+            name, (100 * r["flops_ratio"], r["accuracy"]), textcoords="offset points", xytext=(5, 5), fontsize=8
+        )
     ax.axhline(chance, color="gray", ls=":", label="chance")
     ax.set_xlabel("attention FLOPs, % of all-full")
     ax.set_ylabel("recall answer accuracy")

@@ -13,6 +13,7 @@ Model sizes: Mamba-2 `tiny` with 3 layers vs MemMamba `tiny` with 2 layers and a
 Writes results_<model>.json, then results.json and passkey.png for every finished model, to
 --out (so the two models can run as two processes with the same --out).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,18 +24,20 @@ import time
 
 import numpy as np
 
+from zoo.checkpoint import load_model
 from zoo.config import make_config
 from zoo.data.pipeline import example_source
 from zoo.eval import longcontext
 from zoo.eval.memory_fidelity import memory_fidelity
-from zoo.checkpoint import load_model
 from zoo.models.params import ParamView
 from zoo.train.trainer import train
 
 MODELS = {
     "mamba2": ("mamba2", {"n_layers": 3}),
-    "memmamba": ("memmamba", {"n_layers": 2, "summary_dim": 16, "note_heads": 2, "pool_size": 16,
-                              "cross_layer_interval": 2}),
+    "memmamba": (
+        "memmamba",
+        {"n_layers": 2, "summary_dim": 16, "note_heads": 2, "pool_size": 16, "cross_layer_interval": 2},
+    ),
 }
 
 
@@ -58,9 +61,15 @@ def run(name: str, args) -> dict:
     t0 = time.perf_counter()
     grid = longcontext.passkey_grid(model, config.data, lengths, args.depths, args.samples, args.eval_batch)
     by_len = longcontext.answer_accuracy_by_length(model, config.data, lengths, args.samples, args.eval_batch)
-    out = {"params": n_params, "train_seconds": train_s, "eval_seconds": time.perf_counter() - t0,
-           "final_train": result["train"], "passkey": grid, "by_length": by_len,
-           "fidelity": fidelity(model, config, 4 * args.seq_len)}
+    out = {
+        "params": n_params,
+        "train_seconds": train_s,
+        "eval_seconds": time.perf_counter() - t0,
+        "final_train": result["train"],
+        "passkey": grid,
+        "by_length": by_len,
+        "fidelity": fidelity(model, config, 4 * args.seq_len),
+    }
     print(f"{name}: {n_params} params, trained {train_s:.0f}s, final train {result['train']}", flush=True)
     return out
 
@@ -76,17 +85,25 @@ def fidelity(model, config, length: int, lags=(0, 1, 4, 16, 64, 256)) -> dict:
 
 def table(results: dict) -> str:
     lengths = next(iter(results.values()))["by_length"]["lengths"]
-    rows = ["| model | params | " + " | ".join(f"{n} tok" for n in lengths) + " |",
-            "|---|---|" + "---|" * len(lengths)]
+    rows = ["| model | params | " + " | ".join(f"{n} tok" for n in lengths) + " |", "|---|---|" + "---|" * len(lengths)]
     for name, r in results.items():
         em = np.mean(np.asarray(r["passkey"]["exact_match"]), axis=1)
-        rows.append(f"| {name} passkey exact match (mean over depths) | {r['params']} | "
-                    + " | ".join(f"{v:.2f}" for v in em) + " |")
-        rows.append(f"| {name} answer-digit accuracy (random depth) | {r['params']} | "
-                    + " | ".join(f"{v:.2f}" for v in r["by_length"]["token_accuracy"]) + " |")
+        rows.append(
+            f"| {name} passkey exact match (mean over depths) | {r['params']} | "
+            + " | ".join(f"{v:.2f}" for v in em)
+            + " |"
+        )
+        rows.append(
+            f"| {name} answer-digit accuracy (random depth) | {r['params']} | "
+            + " | ".join(f"{v:.2f}" for v in r["by_length"]["token_accuracy"])
+            + " |"
+        )
     lags = next(iter(results.values()))["fidelity"]["lags"]
-    rows += ["", "| model | layer | " + " | ".join(f"ETMF k={k}" for k in lags) + " |",
-             "|---|---|" + "---|" * len(lags)]
+    rows += [
+        "",
+        "| model | layer | " + " | ".join(f"ETMF k={k}" for k in lags) + " |",
+        "|---|---|" + "---|" * len(lags),
+    ]
     for name, r in results.items():
         for layer, row in enumerate(r["fidelity"]["etmf"]):
             rows.append(f"| {name} | {layer + 1} | " + " | ".join(f"{v:.3g}" for v in row) + " |")
@@ -95,8 +112,10 @@ def table(results: dict) -> str:
 
 def plot(results: dict, path: str, train_len: int) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, r in results.items():
         lengths = r["passkey"]["lengths"]
@@ -127,6 +146,7 @@ def main():
     p.add_argument("--out", default="runs/memmamba_passkey")
     args = p.parse_args()
     from absl import flags
+
     flags.FLAGS.mark_as_parsed()
     os.makedirs(args.out, exist_ok=True)
     for name in args.models:

@@ -19,6 +19,7 @@
    `stuffed_mamba.json`, and prints a markdown table.
 Runtime on 2 idle CPU cores: ~8 min of training (3000 steps), ~3 min of evaluation.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,23 +34,29 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from zoo.checkpoint import load_model  # noqa: E402
 from zoo.config import apply_overrides, load_config  # noqa: E402
 from zoo.data.pipeline import example_source  # noqa: E402
 from zoo.eval import longcontext  # noqa: E402
 from zoo.models.mamba2 import calibrate_state_norm, state_norm_trace  # noqa: E402
-from zoo.checkpoint import load_model  # noqa: E402
 from zoo.train.trainer import train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULTS = dict(b_scale=1.0, b_clip=0.0, dt_scale=1.0, dt_offset=0.0, a_scale=1.0, a_offset=0.0,
-                state_norm_thresholds=(), window=0)
+DEFAULTS = dict(
+    b_scale=1.0, b_clip=0.0, dt_scale=1.0, dt_offset=0.0, a_scale=1.0, a_offset=0.0, state_norm_thresholds=(), window=0
+)
 
 
 def run_config(args):
-    overrides = [f"--config.data.seq_len={args.train_len}", f"--config.data.batch_size={args.batch}",
-                 f"--config.train.steps={args.steps}", "--config.train.log_every=50",
-                 f"--config.train.checkpoint_every={args.steps}", "--config.optim.warmup_steps=50",
-                 f"--config.data.answer_only={args.loss == 'answer'}"]
+    overrides = [
+        f"--config.data.seq_len={args.train_len}",
+        f"--config.data.batch_size={args.batch}",
+        f"--config.train.steps={args.steps}",
+        "--config.train.log_every=50",
+        f"--config.train.checkpoint_every={args.steps}",
+        "--config.optim.warmup_steps=50",
+        f"--config.data.answer_only={args.loss == 'answer'}",
+    ]
     return apply_overrides(load_config("mamba2:tiny"), overrides)
 
 
@@ -74,8 +81,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/stuffed_mamba")
     parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--loss", choices=("answer", "full"), default="answer",
-                        help="train on the answer digits only, or on every next token")
+    parser.add_argument(
+        "--loss",
+        choices=("answer", "full"),
+        default="answer",
+        help="train on the answer digits only, or on every next token",
+    )
     parser.add_argument("--train_len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--factors", default="1,4,8,16")
@@ -88,13 +99,18 @@ def main():
     if args.run:
         model, config = load_model(args.run)
         if config.model_name != "mamba2" or config.data.source != "passkey":
-            raise SystemExit(f"error: --run {args.run} holds a {config.model_name!r} model trained on "
-                             f"{config.data.source!r}; give a mamba2 run trained on passkey")
+            raise SystemExit(
+                f"error: --run {args.run} holds a {config.model_name!r} model trained on "
+                f"{config.data.source!r}; give a mamba2 run trained on passkey"
+            )
     else:
         ckpt_dir = os.path.join(args.workdir, "run")
         result = train(run_config(args), ckpt_dir, progress=False)
-        print(f"trained {result['step']} steps at length {args.train_len} in {time.perf_counter() - t0:.0f}s: "
-              f"{result.get('train', {})}", flush=True)
+        print(
+            f"trained {result['step']} steps at length {args.train_len} in {time.perf_counter() - t0:.0f}s: "
+            f"{result.get('train', {})}",
+            flush=True,
+        )
         model, config = load_model(ckpt_dir)
     data = config.data
     args.train_len, args.loss = data.seq_len, "answer" if data.answer_only else "full"
@@ -116,8 +132,11 @@ def main():
         # The needle as the last sentence before the question: retrieval over the training-length
         # distance, so a failure here is the long prefix spoiling the state, not forgetting.
         recent = longcontext.passkey_grid(model, data, lengths, [1.0], args.samples, 16)
-        rows[name] = {"exact_match": acc["exact_match"], "answer_loss": acc["answer_loss"],
-                      "exact_match_recent": [float(v) for v in np.asarray(recent["exact_match"])[:, 0]]}
+        rows[name] = {
+            "exact_match": acc["exact_match"],
+            "answer_loss": acc["answer_loss"],
+            "exact_match_recent": [float(v) for v in np.asarray(recent["exact_match"])[:, 0]],
+        }
         if args.loss == "full":
             lbp = longcontext.loss_by_position(model, data, longest, 16, 16, bins=32)
             short = longcontext.loss_by_position(model, data, args.train_len, 16, 16, bins=1)
@@ -125,9 +144,19 @@ def main():
         print(f"{name}: exact match {acc['exact_match']} ({time.perf_counter() - t1:.0f}s)", flush=True)
 
     with open(os.path.join(args.workdir, "stuffed_mamba.json"), "w") as f:
-        json.dump({"lengths": lengths, "train_len": args.train_len, "loss": args.loss, "rows": rows,
-                   "options": {k: {a: list(b) if isinstance(b, tuple) else b for a, b in v.items()}
-                               for k, v in variants.items()}}, f, indent=1)
+        json.dump(
+            {
+                "lengths": lengths,
+                "train_len": args.train_len,
+                "loss": args.loss,
+                "rows": rows,
+                "options": {
+                    k: {a: list(b) if isinstance(b, tuple) else b for a, b in v.items()} for k, v in variants.items()
+                },
+            },
+            f,
+            indent=1,
+        )
     plot_results(rows, lengths, args.train_len, os.path.join(args.workdir, "stuffed_mamba.png"))
     print(markdown_table(rows, lengths, args.train_len))
     print(f"total {time.perf_counter() - t0:.0f}s; figures in {args.workdir}")
@@ -141,18 +170,27 @@ def _loss_in(row, lo, hi):
 def markdown_table(rows: dict, lengths: list[int], train_len: int) -> str:
     longest = lengths[-1]
     full = "loss" in next(iter(rows.values()))
-    head = ("| inference option | " + " | ".join(f"EM @{n} ({n // train_len}x)" for n in lengths) + " | "
-            + " | ".join(f"EM needle last @{n}" for n in lengths) + f" | answer loss @{longest}")
+    head = (
+        "| inference option | "
+        + " | ".join(f"EM @{n} ({n // train_len}x)" for n in lengths)
+        + " | "
+        + " | ".join(f"EM needle last @{n}" for n in lengths)
+        + f" | answer loss @{longest}"
+    )
     if full:
-        head += (f" | loss @{train_len} (1x) | loss @{longest}, pos < {train_len}"
-                 f" | loss @{longest}, pos {longest // 2}-{longest}")
+        head += (
+            f" | loss @{train_len} (1x) | loss @{longest}, pos < {train_len}"
+            f" | loss @{longest}, pos {longest // 2}-{longest}"
+        )
     lines = [head + " |", "|" + "---|" * (2 * len(lengths) + (5 if full else 2))]
     for name, r in rows.items():
         em = " | ".join(f"{v:.2f}" for v in r["exact_match"] + r["exact_match_recent"])
         line = f"| {name} | {em} | {r['answer_loss'][-1]:.2f}"
         if full:
-            line += (f" | {r['loss_train_len']:.3f} | {_loss_in(r, 0, train_len):.3f} | "
-                     f"{_loss_in(r, longest // 2, longest):.3f}")
+            line += (
+                f" | {r['loss_train_len']:.3f} | {_loss_in(r, 0, train_len):.3f} | "
+                f"{_loss_in(r, longest // 2, longest):.3f}"
+            )
         lines.append(line + " |")
     return "\n".join(lines)
 
@@ -165,19 +203,25 @@ def plot_results(rows: dict, lengths: list[int], train_len: int, path: str) -> N
             ax1.plot(r["position"], r["loss"], label=name)
         else:
             ax1.plot(lengths, r["answer_loss"], marker="o", label=name)
-        line, = ax2.plot(lengths, r["exact_match"], marker="o", label=name)
+        (line,) = ax2.plot(lengths, r["exact_match"], marker="o", label=name)
         ax2.plot(lengths, r["exact_match_recent"], marker="x", ls="--", color=line.get_color())
     for ax in (ax1, ax2):
         ax.axvline(train_len, color="k", ls=":", lw=1)
     if full:
-        ax1.set(xlabel="position", ylabel="next-token loss (nats)", title=f"loss by position at {lengths[-1]}",
-                yscale="log")
+        ax1.set(
+            xlabel="position", ylabel="next-token loss (nats)", title=f"loss by position at {lengths[-1]}", yscale="log"
+        )
     else:
         ax1.axhline(np.log(10), color="gray", ls="--", lw=1, label="chance (ln 10)")
-        ax1.set(xlabel="sequence length", ylabel="answer-digit loss (nats)", xscale="log",
-                title="answer loss vs length")
-    ax2.set(xlabel="sequence length", ylabel="passkey exact match", xscale="log",
-            title="passkey retrieval (solid: random depth, dashed: needle last)")
+        ax1.set(
+            xlabel="sequence length", ylabel="answer-digit loss (nats)", xscale="log", title="answer loss vs length"
+        )
+    ax2.set(
+        xlabel="sequence length",
+        ylabel="passkey exact match",
+        xscale="log",
+        title="passkey retrieval (solid: random depth, dashed: needle last)",
+    )
     ax2.legend(fontsize=7)
     fig.suptitle(f"tiny Mamba-2 trained at {train_len} tokens: state collapse and training-free fixes")
     fig.tight_layout()

@@ -6,7 +6,6 @@ import ast
 import pathlib
 
 import pytest
-
 from conftest import ROOT
 
 # layer -> the layers it may import (besides itself). The floors, bottom up:
@@ -23,8 +22,7 @@ ALLOWED = {
     "zoo.convert": {"zoo.checkpoint", "zoo.models", "zoo.io", "zoo.data"},
     "zoo.generate": {"zoo.models", "zoo.data"},
     "zoo.train": {"zoo.models", "zoo.data", "zoo.config", "zoo.checkpoint", "zoo.io", "zoo.layers", "pallas_kernels"},
-    "zoo.eval": {"zoo.models", "zoo.data", "zoo.config", "zoo.checkpoint", "zoo.io", "zoo.layers",
-                 "zoo.generate"},
+    "zoo.eval": {"zoo.models", "zoo.data", "zoo.config", "zoo.checkpoint", "zoo.io", "zoo.layers", "zoo.generate"},
     "zoo.bench": {"zoo.models", "zoo.config", "zoo.train", "zoo.checkpoint", "zoo.io"},
     "zoo.info": {"zoo.models", "zoo.data", "zoo.config", "zoo.checkpoint", "zoo.train"},
     "zoo": {"zoo.models", "zoo.checkpoint", "zoo.generate"},

@@ -1,10 +1,10 @@
 """zoo: a JAX/Flax long-context model zoo.
 
-    import zoo
-    zoo.list_models()
-    model = zoo.create_model("transformer", "tiny", seed=0)
-    model, config = zoo.load("runs/default")           # a trained run's checkpoint, ready for inference
-    model, meta = zoo.from_pretrained("models/mamba2")  # a model directory (zoo convert)
+import zoo
+zoo.list_models()
+model = zoo.create_model("transformer", "tiny", seed=0)
+model, config = zoo.load("runs/default")           # a trained run's checkpoint, ready for inference
+model, meta = zoo.from_pretrained("models/mamba2")  # a model directory (zoo convert)
 """
 
 from zoo.models.registry import create_model, get_model_config, list_models

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,11 +55,20 @@ def compiled_memory(compiled) -> dict[str, int] | None:
         return None
     if m is None:
         return None
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
-              "generated_code_size_in_bytes")
+    fields = (
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "temp_size_in_bytes",
+        "alias_size_in_bytes",
+        "generated_code_size_in_bytes",
+    )
     out = {f: int(getattr(m, f, 0) or 0) for f in fields}
-    out["peak_bytes"] = out["argument_size_in_bytes"] + out["output_size_in_bytes"] + out["temp_size_in_bytes"] \
+    out["peak_bytes"] = (
+        out["argument_size_in_bytes"]
+        + out["output_size_in_bytes"]
+        + out["temp_size_in_bytes"]
         - out["alias_size_in_bytes"]
+    )
     return out
 
 
@@ -71,8 +81,16 @@ def attention_train_flops_per_token(cfg: Any, seq_len: int) -> float:
     return 3.0 * attention_flops(cfg, seq_len)["total"] / seq_len
 
 
-def bench_train(specs: Sequence[str], *, batch_size: int, seq_len: int, overrides: Sequence[str] = (),
-                reps: int = 5, peak: float | None = None, dtype: str | None = None) -> list[dict]:
+def bench_train(
+    specs: Sequence[str],
+    *,
+    batch_size: int,
+    seq_len: int,
+    overrides: Sequence[str] = (),
+    reps: int = 5,
+    peak: float | None = None,
+    dtype: str | None = None,
+) -> list[dict]:
     """Times the trainer's own jitted step (`make_setup` + `make_train_step`) on random tokens.
 
     Args:
@@ -90,11 +108,22 @@ def bench_train(specs: Sequence[str], *, batch_size: int, seq_len: int, override
     peak = peak or matmul_flops(jnp.dtype(dtype))
     rows = []
     for spec in specs:
-        row: dict[str, Any] = {"config": spec, "batch": batch_size, "seq_len": seq_len, "dtype": dtype,
-                               "backend": jax.default_backend(), "matmul_tflops": peak / 1e12}
+        row: dict[str, Any] = {
+            "config": spec,
+            "batch": batch_size,
+            "seq_len": seq_len,
+            "dtype": dtype,
+            "backend": jax.default_backend(),
+            "matmul_tflops": peak / 1e12,
+        }
         try:
-            ov = [f"--config.data.batch_size={batch_size}", f"--config.data.seq_len={seq_len}",
-                  f"--config.model.dtype={dtype}", "--config.data.source=passkey", *overrides]
+            ov = [
+                f"--config.data.batch_size={batch_size}",
+                f"--config.data.seq_len={seq_len}",
+                f"--config.model.dtype={dtype}",
+                "--config.data.source=passkey",
+                *overrides,
+            ]
             config = load_config(spec, ov)
             setup = trainer.make_setup(config)
             params = setup.init_params()
@@ -104,9 +133,15 @@ def bench_train(specs: Sequence[str], *, batch_size: int, seq_len: int, override
             step = trainer.make_train_step(setup, opt_sh)
             vocab = model_config(config).vocab_size
             toks = np.random.default_rng(0).integers(0, vocab, (batch_size, seq_len + 1)).astype(np.int32)
-            batch = trainer.global_batch({"inputs": toks[:, :-1], "targets": toks[:, 1:],
-                                          "loss_mask": np.ones((batch_size, seq_len), np.float32),
-                                          "answer_mask": np.zeros((batch_size, seq_len), np.float32)}, setup.mesh)
+            batch = trainer.global_batch(
+                {
+                    "inputs": toks[:, :-1],
+                    "targets": toks[:, 1:],
+                    "loss_mask": np.ones((batch_size, seq_len), np.float32),
+                    "answer_mask": np.zeros((batch_size, seq_len), np.float32),
+                },
+                setup.mesh,
+            )
             memory = compiled_memory(step.lower(params, opt_state, batch).compile())
             state = [params, opt_state]
 
@@ -117,9 +152,15 @@ def bench_train(specs: Sequence[str], *, batch_size: int, seq_len: int, override
             t = time_fn(run, reps=reps, warmup=1)
             tokens = batch_size * seq_len / t
             attn = attention_train_flops_per_token(model_config(config), seq_len)
-            row.update(params=n, step_ms=t * 1e3, tokens_per_s=tokens, mfu_6n=6 * n * tokens / peak,
-                       mfu_attn=(6 * n + attn) * tokens / peak, memory=memory,
-                       loss=float(jax.device_get(run()["loss"])))
+            row.update(
+                params=n,
+                step_ms=t * 1e3,
+                tokens_per_s=tokens,
+                mfu_6n=6 * n * tokens / peak,
+                mfu_attn=(6 * n + attn) * tokens / peak,
+                memory=memory,
+                loss=float(jax.device_get(run()["loss"])),
+            )
         except Exception as e:  # noqa: BLE001 -- a failing config is a finding, the others still run
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         rows.append(row)
@@ -133,13 +174,17 @@ def lm_presets() -> list[str]:
 
 def format_rows(rows: list[dict]) -> str:
     """A plain-text table of `bench_train` rows."""
-    lines = [f"{'config':22s} {'params':>12s} {'step ms':>9s} {'tok/s':>10s} {'MFU 6N':>7s} {'MFU+attn':>8s} "
-             f"{'peak GiB':>9s}"]
+    lines = [
+        f"{'config':22s} {'params':>12s} {'step ms':>9s} {'tok/s':>10s} {'MFU 6N':>7s} {'MFU+attn':>8s} "
+        f"{'peak GiB':>9s}"
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['config']:22s} error: {r['error']}")
             continue
         mem = r["memory"]["peak_bytes"] / 2**30 if r.get("memory") else float("nan")
-        lines.append(f"{r['config']:22s} {r['params']:>12,d} {r['step_ms']:>9.1f} {r['tokens_per_s']:>10.0f} "
-                     f"{100 * r['mfu_6n']:>6.1f}% {100 * r['mfu_attn']:>7.1f}% {mem:>9.2f}")
+        lines.append(
+            f"{r['config']:22s} {r['params']:>12,d} {r['step_ms']:>9.1f} {r['tokens_per_s']:>10.0f} "
+            f"{100 * r['mfu_6n']:>6.1f}% {100 * r['mfu_attn']:>7.1f}% {mem:>9.2f}"
+        )
     return "\n".join(lines)

@@ -42,7 +42,9 @@ RUNTIME_FIELDS = ("implementation", "remat")
 def read_config(workdir) -> ml_collections.ConfigDict:
     file = io.path(workdir) / CONFIG_FILE
     if not file.is_file():
-        raise ValueError(f"{str(workdir)!r} has no {CONFIG_FILE}; it is not a zoo work directory (run `zoo train` first)")
+        raise ValueError(
+            f"{str(workdir)!r} has no {CONFIG_FILE}; it is not a zoo work directory (run `zoo train` first)"
+        )
     return ml_collections.ConfigDict(io.read_json(file))
 
 
@@ -53,11 +55,14 @@ def check_resume_config(workdir, config: ml_collections.ConfigDict) -> None:
     saved = read_config(workdir)
     strip = lambda m: {k: v for k, v in m.to_dict().items() if k not in RUNTIME_FIELDS}  # noqa: E731
     if saved.model_name != config.model_name or strip(saved.model) != strip(config.model):
-        changed = sorted(k for k in set(strip(saved.model)) | set(strip(config.model))
-                         if saved.model.get(k) != config.model.get(k))
-        raise ValueError(f"{str(workdir)!r} holds a run of {saved.model_name} with other model settings "
-                         f"({', '.join(changed) or 'model_name'}); use a new --workdir, or the same model config "
-                         "to resume")
+        changed = sorted(
+            k for k in set(strip(saved.model)) | set(strip(config.model)) if saved.model.get(k) != config.model.get(k)
+        )
+        raise ValueError(
+            f"{str(workdir)!r} holds a run of {saved.model_name} with other model settings "
+            f"({', '.join(changed) or 'model_name'}); use a new --workdir, or the same model config "
+            "to resume"
+        )
 
 
 class Checkpointer:
@@ -75,14 +80,23 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, params, opt_state, data_state: dict, meta: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)))
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                opt_state=ocp.args.StandardSave(opt_state),
+                data=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave(meta),
+            ),
+        )
 
     def restore(self, step: int, abstract_params, abstract_opt_state=None):
         """Restores into the given abstract trees (ShapeDtypeStructs carrying shardings)."""
-        items = {"params": ocp.args.StandardRestore(abstract_params), "data": ocp.args.JsonRestore(),
-                 "meta": ocp.args.JsonRestore()}
+        items = {
+            "params": ocp.args.StandardRestore(abstract_params),
+            "data": ocp.args.JsonRestore(),
+            "meta": ocp.args.JsonRestore(),
+        }
         if abstract_opt_state is not None:
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         return self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -130,8 +144,10 @@ def check_same_tree(params: dict[str, Any], shapes: dict[str, Any], what: str) -
     """One clear error when two flat parameter trees differ in names or shapes."""
     missing, extra = sorted(set(shapes) - set(params)), sorted(set(params) - set(shapes))
     if missing or extra:
-        raise ValueError(f"{what}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
-                         f"{extra[:5]}{'...' if len(extra) > 5 else ''}")
+        raise ValueError(
+            f"{what}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+            f"{extra[:5]}{'...' if len(extra) > 5 else ''}"
+        )
     for n, s in shapes.items():
         if tuple(np.shape(params[n])) != tuple(s.shape):
             raise ValueError(f"{what}: {n!r} has shape {tuple(np.shape(params[n]))}, expected {tuple(s.shape)}")
@@ -174,16 +190,27 @@ def save_pretrained(model: nnx.Module, out_dir, *, tokenizer: dict | None = None
     params = convert_layout(flat, model, abstract_model(model.model_name, looped))
     io.save_flat(out / PARAMS_FILE, {k: np.asarray(v) for k, v in params.items()})
     fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(looped).items()}
-    io.write_json_atomic(out / MODEL_FILE, {"format": "zoo-model", "version": 1, "model_name": model.model_name,
-                                            "model": fields, "tokenizer": tokenizer, "source": source or {}})
+    io.write_json_atomic(
+        out / MODEL_FILE,
+        {
+            "format": "zoo-model",
+            "version": 1,
+            "model_name": model.model_name,
+            "model": fields,
+            "tokenizer": tokenizer,
+            "source": source or {},
+        },
+    )
 
 
 def read_model_dir(model_dir) -> dict:
     """The model.json of a model directory (one clear error when it is not one)."""
     file = io.path(model_dir) / MODEL_FILE
     if not file.is_file():
-        raise ValueError(f"{str(model_dir)!r} is not a zoo model directory (no {MODEL_FILE}); write one with "
-                         "`zoo convert` or zoo.checkpoint.save_pretrained")
+        raise ValueError(
+            f"{str(model_dir)!r} is not a zoo model directory (no {MODEL_FILE}); write one with "
+            "`zoo convert` or zoo.checkpoint.save_pretrained"
+        )
     meta = io.read_json(file)
     if meta.get("format") != "zoo-model":
         raise ValueError(f"{str(file)!r} is not a zoo model description (format {meta.get('format')!r})")

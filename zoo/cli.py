@@ -111,8 +111,10 @@ def _convert(args) -> int:
         raise ValueError(f"the schedule has {len(schedule)} layers but the source has {n}; pass --schedule")
     mas = convert_model(model, "masformer", layer_attention=tuple(schedule), attention="full")
     save_pretrained(mas, args.out, source={"converted_from": args.src, "model_name": "transformer"})
-    print(f"wrote {args.out}: masformer with schedule {','.join(schedule)}; train it with "
-          f"--config.train.init_from={args.out}")
+    print(
+        f"wrote {args.out}: masformer with schedule {','.join(schedule)}; train it with "
+        f"--config.train.init_from={args.out}"
+    )
     return 0
 
 

@@ -18,15 +18,17 @@ import dataclasses
 import importlib
 import importlib.util
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 
 from zoo.models import registry
 
 
-def make_config(model_name: str, preset: str = "tiny", *, runs: dict[str, dict] | None = None,
-                **model_overrides) -> ml_collections.ConfigDict:
+def make_config(
+    model_name: str, preset: str = "tiny", *, runs: dict[str, dict] | None = None, **model_overrides
+) -> ml_collections.ConfigDict:
     """The run config of a model preset: the defaults below, then `runs[preset]` (nested overrides).
 
     Args:
@@ -38,46 +40,77 @@ def make_config(model_name: str, preset: str = "tiny", *, runs: dict[str, dict] 
     model_cfg = registry.get_model_config(model_name, preset, **model_overrides)
     unknown = sorted(set(runs or {}) - set(registry.list_presets(model_name)))
     if unknown:
-        raise ValueError(f"run settings for unknown preset(s) {unknown} of model {model_name!r}; "
-                         f"presets: {registry.list_presets(model_name)}")
+        raise ValueError(
+            f"run settings for unknown preset(s) {unknown} of model {model_name!r}; "
+            f"presets: {registry.list_presets(model_name)}"
+        )
     c = ml_collections.ConfigDict()
     c.model_name = model_name
     c.preset = preset
-    c.model = ml_collections.ConfigDict({k: list(v) if isinstance(v, tuple) else v
-                                         for k, v in dataclasses.asdict(model_cfg).items()})
-    c.data = ml_collections.ConfigDict(dict(
-        source="passkey",      # passkey | recall | selective_copy | text | tfds | shards (zoo data prepare)
-        seq_len=160,           # training length (fixed-length mode) / 2^max_log2 (decomposition)
-        batch_size=16,         # global sequences per step (fixed-length mode)
-        seed=0,
-        depth=-1.0,            # passkey needle depth in [0, 1]; -1 = uniform at random
-        answer_only=False,     # passkey: loss on the answer digits only
-        num_pairs=8, num_queries=4,   # recall
-        num_data=8,                   # selective_copy
-        path="",               # text: directory of text files ('' = this Python's stdlib source); shards: prepared dir
-        allow_toy=True,        # False: refuse the embedded stdlib corpus (source=text, path='')
-        tfds_name="", tfds_split="train", tfds_data_dir="", tfds_text_key="text",
-        tokenizer="",          # text/tfds: bytes | SentencePiece .model | tokenizer.json ('' = sp_model or bytes)
-        sp_model="",           # optional SentencePiece model file for text/tfds (default: bytes)
-        mode="fixed",          # fixed (concat-and-chunk) | decomposition (length buckets) | packed (segment ids)
-        pack_bins=64,                   # packed: rows filled at a time by the first-fit packer
-        min_log2=6, max_log2=8,         # decomposition buckets 2^min .. 2^max
-        tokens_per_step=4096,           # decomposition: batch_k * 2^k
-        curriculum="pow2",              # uniform | pow2 | cyclic | fixed
-    ))
-    c.train = ml_collections.ConfigDict(dict(
-        steps=2000, seed=0, log_every=25, checkpoint_every=250, keep_checkpoints=2,
-        grad_accum=1, eval_batches=4,
-        init_from="",          # start from these parameters: a model directory (zoo convert) or a work dir
-    ))
-    c.optim = ml_collections.ConfigDict(dict(
-        lr=3e-3, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
-        clip_norm=1.0, ssm_lr=1e-3,
-    ))
+    c.model = ml_collections.ConfigDict(
+        {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model_cfg).items()}
+    )
+    c.data = ml_collections.ConfigDict(
+        dict(
+            source="passkey",  # passkey | recall | selective_copy | text | tfds | shards (zoo data prepare)
+            seq_len=160,  # training length (fixed-length mode) / 2^max_log2 (decomposition)
+            batch_size=16,  # global sequences per step (fixed-length mode)
+            seed=0,
+            depth=-1.0,  # passkey needle depth in [0, 1]; -1 = uniform at random
+            answer_only=False,  # passkey: loss on the answer digits only
+            num_pairs=8,
+            num_queries=4,  # recall
+            num_data=8,  # selective_copy
+            path="",  # text: directory of text files ('' = this Python's stdlib source); shards: prepared dir
+            allow_toy=True,  # False: refuse the embedded stdlib corpus (source=text, path='')
+            tfds_name="",
+            tfds_split="train",
+            tfds_data_dir="",
+            tfds_text_key="text",
+            tokenizer="",  # text/tfds: bytes | SentencePiece .model | tokenizer.json ('' = sp_model or bytes)
+            sp_model="",  # optional SentencePiece model file for text/tfds (default: bytes)
+            mode="fixed",  # fixed (concat-and-chunk) | decomposition (length buckets) | packed (segment ids)
+            pack_bins=64,  # packed: rows filled at a time by the first-fit packer
+            min_log2=6,
+            max_log2=8,  # decomposition buckets 2^min .. 2^max
+            tokens_per_step=4096,  # decomposition: batch_k * 2^k
+            curriculum="pow2",  # uniform | pow2 | cyclic | fixed
+        )
+    )
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=2000,
+            seed=0,
+            log_every=25,
+            checkpoint_every=250,
+            keep_checkpoints=2,
+            grad_accum=1,
+            eval_batches=4,
+            init_from="",  # start from these parameters: a model directory (zoo convert) or a work dir
+        )
+    )
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            lr=3e-3,
+            warmup_steps=100,
+            min_lr_ratio=0.1,
+            weight_decay=0.1,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            clip_norm=1.0,
+            ssm_lr=1e-3,
+        )
+    )
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.eval = ml_collections.ConfigDict(dict(
-        lengths=[160, 320, 640], depths=[0.0, 0.25, 0.5, 0.75, 1.0], samples=32, batch_size=16,
-    ))
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            lengths=[160, 320, 640],
+            depths=[0.0, 0.25, 0.5, 0.75, 1.0],
+            samples=32,
+            batch_size=16,
+        )
+    )
     return update(c, (runs or {}).get(preset, {}))
 
 
@@ -94,8 +127,16 @@ def update(config: ml_collections.ConfigDict, overrides: dict, where: str = "") 
     return config
 
 
-def pod_pretraining(*, seq_len: int, batch_size: int, lr: float, steps: int = 100_000, warmup_steps: int = 2000,
-                    eval_lengths: Sequence[int] = (), **optim) -> dict:
+def pod_pretraining(
+    *,
+    seq_len: int,
+    batch_size: int,
+    lr: float,
+    steps: int = 100_000,
+    warmup_steps: int = 2000,
+    eval_lengths: Sequence[int] = (),
+    **optim,
+) -> dict:
     """Run settings of a paper-scale pretraining run: prepared token shards (`zoo data prepare`), no
     silent fallback to the embedded toy corpus, checkpoints every 1000 steps."""
     return {
@@ -143,12 +184,12 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     for item in overrides:
         if not item.startswith("--config.") or "=" not in item:
             raise ValueError(f"cannot parse override {item!r}; write it as --config.section.key=value")
-        path, text = item[len("--config."):].split("=", 1)
+        path, text = item[len("--config.") :].split("=", 1)
         *parents, leaf = path.split(".")
         node = config
         for i, name in enumerate(parents):
             if name not in node or not isinstance(node[name], ml_collections.ConfigDict):
-                raise ValueError(f"unknown config key {'.'.join(parents[:i + 1])!r} in {item!r}")
+                raise ValueError(f"unknown config key {'.'.join(parents[: i + 1])!r} in {item!r}")
             node = node[name]
         _set(node, path, leaf, _parse_value(text), repr(item))
     return config
@@ -158,8 +199,10 @@ def _config_module(path: str):
     """The config module a spec names: a file path, or the name of a packaged config."""
     if path.endswith(".py") or os.sep in path:
         if not os.path.isfile(path):
-            raise ValueError(f"config file {path!r} does not exist; pass --config <model>[:preset] (e.g. "
-                             f"transformer:tiny) or a path to a config file")
+            raise ValueError(
+                f"config file {path!r} does not exist; pass --config <model>[:preset] (e.g. "
+                f"transformer:tiny) or a path to a config file"
+            )
         module_spec = importlib.util.spec_from_file_location("zoo_run_config", path)
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)

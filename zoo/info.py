@@ -4,6 +4,7 @@ Parameter count from the abstract model (nothing is allocated), forward FLOPs pe
 XLA's cost analysis of the lowered forward pass at the given length (training is ~3x), the mesh
 over the available devices, and the data layout (fixed length or decomposition buckets).
 """
+
 from __future__ import annotations
 
 import math
@@ -40,17 +41,20 @@ def forward_flops_per_token(config: ml_collections.ConfigDict, seq_len: int) -> 
 def describe(config: ml_collections.ConfigDict, seq_len: int | None = None) -> str:
     seq_len = seq_len or config.data.seq_len
     n = count_params(config)
-    lines = [f"model      {config.model_name} (preset {config.preset})",
-             f"params     {n:,} ({n / 1e6:.2f}M)"]
+    lines = [f"model      {config.model_name} (preset {config.preset})", f"params     {n:,} ({n / 1e6:.2f}M)"]
     flops = forward_flops_per_token(config, seq_len)
     if flops is not None:
-        lines.append(f"FLOPs/tok  {flops / 1e6:,.2f} MFLOP forward, ~{3 * flops / 1e6:,.2f} MFLOP train "
-                     f"at length {seq_len} (XLA cost analysis; 6N = {6 * n / 1e6:,.2f} MFLOP)")
+        lines.append(
+            f"FLOPs/tok  {flops / 1e6:,.2f} MFLOP forward, ~{3 * flops / 1e6:,.2f} MFLOP train "
+            f"at length {seq_len} (XLA cost analysis; 6N = {6 * n / 1e6:,.2f} MFLOP)"
+        )
     lines += registry.model_class(config.model_name).describe(model_config(config), seq_len)
     try:
         shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, jax.device_count())
-        lines.append(f"mesh       data={shape[0]} fsdp={shape[1]} tensor={shape[2]} over {jax.device_count()} "
-                     f"{jax.devices()[0].platform} device(s)")
+        lines.append(
+            f"mesh       data={shape[0]} fsdp={shape[1]} tensor={shape[2]} over {jax.device_count()} "
+            f"{jax.devices()[0].platform} device(s)"
+        )
     except ValueError as e:
         lines.append(f"mesh       invalid on this machine: {e}")
     lines.append(data_stats(config.data))
@@ -60,14 +64,19 @@ def describe(config: ml_collections.ConfigDict, seq_len: int | None = None) -> s
 def data_stats(d) -> str:
     """The data layout; for decomposition on text/TFDS, the bucket table of the training split."""
     if d.mode == "fixed":
-        return (f"data       {d.source}: fixed length {d.seq_len} x batch {d.batch_size} "
-                f"= {d.seq_len * d.batch_size:,} tokens/step (concat-and-chunk for text)")
+        return (
+            f"data       {d.source}: fixed length {d.seq_len} x batch {d.batch_size} "
+            f"= {d.seq_len * d.batch_size:,} tokens/step (concat-and-chunk for text)"
+        )
     from zoo.data import decomposition as dd
     from zoo.data.pipeline import DecompositionBatches
+
     batches = DecompositionBatches(d, "train")
-    head = (f"data       {d.source}: decomposition buckets 2^{d.min_log2}..2^{d.max_log2}, "
-            f"{d.tokens_per_step:,} tokens/step, curriculum {d.curriculum}; batch per bucket "
-            + ", ".join(f"{1 << k}:{b}" for k, b in batches.schedule.batch_sizes.items()))
+    head = (
+        f"data       {d.source}: decomposition buckets 2^{d.min_log2}..2^{d.max_log2}, "
+        f"{d.tokens_per_step:,} tokens/step, curriculum {d.curriculum}; batch per bucket "
+        + ", ".join(f"{1 << k}:{b}" for k, b in batches.schedule.batch_sizes.items())
+    )
     if batches.index is None:
         return head
     return head + "\n" + dd.format_stats(dd.decomposition_stats(batches.index, schedule=batches.schedule))

@@ -27,8 +27,8 @@ from jaxtyping import Array, Complex, Float
 
 from pallas_kernels import dispatch
 
-from . import reference, xla
 from . import pallas_cauchy as pallas_impl
+from . import reference, xla
 
 IMPLEMENTATIONS = dispatch.IMPLEMENTATIONS
 
@@ -45,9 +45,7 @@ def _as_complex(name: str, x) -> jax.Array:
 def _batch_shape(v: jax.Array, u: jax.Array, name: str) -> tuple[int, ...]:
     """The broadcast batch shape of v [..., N] and the second operand `name` [..., N]."""
     if v.ndim < 1 or u.ndim < 1 or v.shape[-1] != u.shape[-1]:
-        raise ValueError(
-            f"v {v.shape} and {name} {u.shape} must share the last (state) dim N; pass both as [..., N]."
-        )
+        raise ValueError(f"v {v.shape} and {name} {u.shape} must share the last (state) dim N; pass both as [..., N].")
     try:
         return jnp.broadcast_shapes(v.shape[:-1], u.shape[:-1])
     except ValueError:
@@ -207,5 +205,3 @@ def vandermonde(
         return jnp.zeros((*batch, length), jnp.float32 if conj else jnp.complex64)
     out = _vandermonde_flat(vb, xb, length, conj, impl, interpret)  # [B,L]
     return out.reshape(*batch, length)
-
-

@@ -14,7 +14,7 @@ hardware in this repository (no accelerator was available when they were written
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ class BlockSizes:
     out: int = 128
 
     @classmethod
-    def for_backend(cls, backend: str | None = None) -> "BlockSizes":
+    def for_backend(cls, backend: str | None = None) -> BlockSizes:
         """Defaults per backend: TPU (8, 32, 128) fills 32 vregs per temporary; GPU (1, 32, 128)."""
         backend = backend or jax.default_backend()
         if backend == "gpu":
@@ -48,9 +48,7 @@ class BlockSizes:
         for name in ("batch", "reduce", "out"):
             val = getattr(self, name)
             if val < 1 or (val & (val - 1)) != 0:
-                raise ValueError(
-                    f"BlockSizes.{name}={val} must be a positive power of two; pick e.g. 8, 32, 128."
-                )
+                raise ValueError(f"BlockSizes.{name}={val} must be a positive power of two; pick e.g. 8, 32, 128.")
 
 
 def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
@@ -259,4 +257,3 @@ def vandermonde_transpose(
 
 
 __all__ = ["BlockSizes", "cauchy_sum", "vandermonde_sum", "vandermonde_transpose"]
-

@@ -48,9 +48,18 @@ def _forward(plan: _Plan, q, k, v, q_seg, k_seg, table):
     if plan.impl == "xla":
         return xla.forward(q, k, v, q_seg, k_seg, table, plan.cfg)
     if plan.backend == "gpu":
-        return pallas_gpu.forward(q, k, v, q_seg, k_seg, table, plan.cfg,
-                                  num_warps=plan.tiles.num_warps,
-                                  num_stages=plan.tiles.num_stages, interpret=plan.interpret)
+        return pallas_gpu.forward(
+            q,
+            k,
+            v,
+            q_seg,
+            k_seg,
+            table,
+            plan.cfg,
+            num_warps=plan.tiles.num_warps,
+            num_stages=plan.tiles.num_stages,
+            interpret=plan.interpret,
+        )
     return pallas_tpu.forward(q, k, v, q_seg, k_seg, table, plan.cfg, interpret=plan.interpret)
 
 
@@ -69,13 +78,25 @@ def _attend_bwd(plan, res, do):
     if plan.impl == "xla":
         dq, dk, dv = xla.backward(q, k, v, q_seg, k_seg, table, o, lse, do, plan.cfg)
     elif plan.backend == "gpu":
-        dq, dk, dv = pallas_gpu.backward(q, k, v, q_seg, k_seg, table, o, lse, do, plan.bwd_cfg,
-                                         num_warps=plan.tiles.bwd_num_warps,
-                                         num_stages=plan.tiles.bwd_num_stages,
-                                         interpret=plan.interpret)
+        dq, dk, dv = pallas_gpu.backward(
+            q,
+            k,
+            v,
+            q_seg,
+            k_seg,
+            table,
+            o,
+            lse,
+            do,
+            plan.bwd_cfg,
+            num_warps=plan.tiles.bwd_num_warps,
+            num_stages=plan.tiles.bwd_num_stages,
+            interpret=plan.interpret,
+        )
     else:
-        dq, dk, dv = pallas_tpu.backward(q, k, v, q_seg, k_seg, table, o, lse, do, plan.bwd_cfg,
-                                         fwd_cfg=plan.cfg, interpret=plan.interpret)
+        dq, dk, dv = pallas_tpu.backward(
+            q, k, v, q_seg, k_seg, table, o, lse, do, plan.bwd_cfg, fwd_cfg=plan.cfg, interpret=plan.interpret
+        )
     return dq, dk, dv, None, None, None
 
 
@@ -104,13 +125,17 @@ def _check_tiles(backend: str, interpret, block_q: int, block_k: int):
     if backend == "gpu":
         for name, val in (("block_q", block_q), ("block_k", block_k)):
             if val < 16 or val & (val - 1):
-                raise ValueError(f"{name}={val} must be a power of two >= 16 for the GPU (Triton) "
-                                 "kernels; change the pattern's block size.")
+                raise ValueError(
+                    f"{name}={val} must be a power of two >= 16 for the GPU (Triton) "
+                    "kernels; change the pattern's block size."
+                )
     elif interpret is False:
         for name, val in (("block_q", block_q), ("block_k", block_k)):
             if val % 8:
-                raise ValueError(f"{name}={val} must be a multiple of 8 for the TPU (Mosaic) "
-                                 "kernels; change the pattern's block size.")
+                raise ValueError(
+                    f"{name}={val} must be a multiple of 8 for the TPU (Mosaic) "
+                    "kernels; change the pattern's block size."
+                )
 
 
 def sparse_attention(
@@ -172,24 +197,30 @@ def sparse_attention(
         # Listed ids refer to the pattern's blocks: hip_block_indices' defaults unless given.
         block_q = LISTED_BLOCK if block_q is None else block_q
         block_k = LISTED_BLOCK if block_k is None else block_k
-    cfg, q_seg, k_seg = common.validate(q, k, v, block_indices, segment_ids, causal=causal,
-                                        window=window, sinks=sinks,
-                                        block_q=1 if block_q is None else block_q,
-                                        block_k=1 if block_k is None else block_k,
-                                        sm_scale=sm_scale)
+    cfg, q_seg, k_seg = common.validate(
+        q,
+        k,
+        v,
+        block_indices,
+        segment_ids,
+        causal=causal,
+        window=window,
+        sinks=sinks,
+        block_q=1 if block_q is None else block_q,
+        block_k=1 if block_k is None else block_k,
+        sm_scale=sm_scale,
+    )
     b, tq, h, p = q.shape
     tk = k.shape[1]
     kb = kernel_backend(interpret, backend) if impl == "pallas" else None
     if impl == "pallas" and interpret is False and backend is None and not dispatch.accelerator():
-        raise ValueError("implementation='pallas' on CPU needs interpret=True (or None), or "
-                         "implementation='xla'.")
+        raise ValueError("implementation='pallas' on CPU needs interpret=True (or None), or implementation='xla'.")
     tiles = common.default_tiles(kb, p, q.dtype) if kb is not None else None
     if block_q is None or block_k is None:
         # Only patterns without listed blocks get here: the blocks are pure tiles.
         default_q = _clamp_tile(tiles.block_q, tq) if tiles else 64
         default_k = _clamp_tile(tiles.block_k, tk) if tiles else 64
-        cfg = cfg.with_blocks(default_q if block_q is None else block_q,
-                              default_k if block_k is None else block_k)
+        cfg = cfg.with_blocks(default_q if block_q is None else block_q, default_k if block_k is None else block_k)
     if impl == "reference":
         return reference.sparse_attention_reference(q, k, v, block_indices, q_seg, k_seg, cfg)
     bwd_cfg = cfg
@@ -197,10 +228,8 @@ def sparse_attention(
         _check_tiles(kb, interpret, cfg.block_q, cfg.block_k)
         if cfg.dense:
             # Dense blocks are pure tiles: the backward takes its own from the tile table.
-            bwd_cfg = cfg.with_blocks(_clamp_tile(tiles.bwd_block_q, tq),
-                                      _clamp_tile(tiles.bwd_block_k, tk))
+            bwd_cfg = cfg.with_blocks(_clamp_tile(tiles.bwd_block_q, tq), _clamp_tile(tiles.bwd_block_k, tk))
     dense_kernel = impl == "pallas" and cfg.dense
     table = None if dense_kernel else common.slot_table(block_indices, cfg, b, h)
-    plan = _Plan(impl=impl, backend=kb, interpret=interpret, cfg=cfg, bwd_cfg=bwd_cfg,
-                 tiles=tiles)
+    plan = _Plan(impl=impl, backend=kb, interpret=interpret, cfg=cfg, bwd_cfg=bwd_cfg, tiles=tiles)
     return _attend(plan, q, k, v, q_seg, k_seg, table)

@@ -114,15 +114,15 @@ def visible(qpos, kpos, listed, cfg: Config):
     return vis & (kpos < cfg.seq_k)
 
 
-def validate(q, k, v, block_indices, segment_ids, *, causal, window, sinks, block_q, block_k,
-             sm_scale):
+def validate(q, k, v, block_indices, segment_ids, *, causal, window, sinks, block_q, block_k, sm_scale):
     """Checks shapes and options at the API boundary; returns (Config, q_seg, k_seg).
 
     q_seg / k_seg are int32 [B, Tq] / [B, Tk] (zeros when `segment_ids` is None).
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"q, k, v must be [B, T, heads, head_dim]; got q.shape={q.shape}, "
-                         f"k.shape={k.shape}, v.shape={v.shape}.")
+        raise ValueError(
+            f"q, k, v must be [B, T, heads, head_dim]; got q.shape={q.shape}, k.shape={k.shape}, v.shape={v.shape}."
+        )
     b, tq, h, p = q.shape
     if k.shape != v.shape:
         raise ValueError(f"k.shape={k.shape} must equal v.shape={v.shape}.")
@@ -130,8 +130,10 @@ def validate(q, k, v, block_indices, segment_ids, *, causal, window, sinks, bloc
         raise ValueError(f"k.shape={k.shape} must match q.shape={q.shape} in batch and head_dim.")
     kv_heads = k.shape[2]
     if h % kv_heads:
-        raise ValueError(f"kv_heads={kv_heads} must divide heads={h} (grouped-query attention); "
-                         "repeat k/v heads or change the head counts.")
+        raise ValueError(
+            f"kv_heads={kv_heads} must divide heads={h} (grouped-query attention); "
+            "repeat k/v heads or change the head counts."
+        )
     tk = k.shape[1]
     if tq < 1 or tk < 1:
         raise ValueError(f"seq_q={tq} and seq_k={tk} must be >= 1.")
@@ -145,8 +147,10 @@ def validate(q, k, v, block_indices, segment_ids, *, causal, window, sinks, bloc
     nq = cdiv(tq, block_q)
     if block_indices is not None:
         if block_indices.ndim != 4 or block_indices.shape[:3] != (b, h, nq):
-            raise ValueError(f"block_indices.shape={block_indices.shape} must be [B, H, "
-                             f"ceil(seq_q/block_q), k_blocks] = [{b}, {h}, {nq}, k_blocks].")
+            raise ValueError(
+                f"block_indices.shape={block_indices.shape} must be [B, H, "
+                f"ceil(seq_q/block_q), k_blocks] = [{b}, {h}, {nq}, k_blocks]."
+            )
         if not jnp.issubdtype(block_indices.dtype, jnp.integer):
             raise ValueError(f"block_indices.dtype={block_indices.dtype} must be an integer type.")
     if segment_ids is None:
@@ -155,25 +159,32 @@ def validate(q, k, v, block_indices, segment_ids, *, causal, window, sinks, bloc
     else:
         if isinstance(segment_ids, (tuple, list)):
             if len(segment_ids) != 2:
-                raise ValueError(
-                    "segment_ids must be one [B, T] array or a (q_ids, kv_ids) pair.")
+                raise ValueError("segment_ids must be one [B, T] array or a (q_ids, kv_ids) pair.")
             q_seg, k_seg = segment_ids
         else:
             if tq != tk:
                 raise ValueError(
                     f"a single segment_ids array needs seq_q == seq_k (got {tq}, {tk}); "
-                    "pass a (q_segment_ids, kv_segment_ids) pair.")
+                    "pass a (q_segment_ids, kv_segment_ids) pair."
+                )
             q_seg = k_seg = segment_ids
         if q_seg.shape != (b, tq) or k_seg.shape != (b, tk):
-            raise ValueError(f"segment_ids shapes {q_seg.shape}, {k_seg.shape} must be "
-                             f"({b}, {tq}) and ({b}, {tk}).")
+            raise ValueError(f"segment_ids shapes {q_seg.shape}, {k_seg.shape} must be ({b}, {tq}) and ({b}, {tk}).")
         q_seg = q_seg.astype(jnp.int32)
         k_seg = k_seg.astype(jnp.int32)
     scale = float(sm_scale) if sm_scale is not None else 1.0 / float(p) ** 0.5
-    cfg = Config(seq_q=tq, seq_k=tk, block_q=block_q, block_k=block_k, causal=bool(causal),
-                 window=window, sinks=sinks, sm_scale=scale,
-                 dense=block_indices is None and window is None,
-                 segmented=segment_ids is not None)
+    cfg = Config(
+        seq_q=tq,
+        seq_k=tk,
+        block_q=block_q,
+        block_k=block_k,
+        causal=bool(causal),
+        window=window,
+        sinks=sinks,
+        sm_scale=scale,
+        dense=block_indices is None and window is None,
+        segmented=segment_ids is not None,
+    )
     return cfg, q_seg, k_seg
 
 
@@ -396,12 +407,17 @@ def flat_key_table(table: SlotTable, cfg: Config, kv_heads: int) -> FlatKeyTable
     src = jnp.arange(n, dtype=jnp.int32) // s
     valid = code >= 0
     # Placeholders (sort key 2j) precede the entries of block j (2j + 1); padding sorts last.
-    key = jnp.concatenate([
-        jnp.where(valid, fetch * 2 + 1, 2 * nk),
-        jnp.broadcast_to(jnp.arange(nk, dtype=jnp.int32) * 2, (b, kv_heads, nk))], axis=-1)
-    payload = jnp.concatenate([
-        jnp.where(valid, src * 16 + jnp.maximum(code, 0), SKIP),
-        jnp.full((b, kv_heads, nk), SKIP + 4, jnp.int32)], axis=-1)  # placeholder: first bit
+    key = jnp.concatenate(
+        [
+            jnp.where(valid, fetch * 2 + 1, 2 * nk),
+            jnp.broadcast_to(jnp.arange(nk, dtype=jnp.int32) * 2, (b, kv_heads, nk)),
+        ],
+        axis=-1,
+    )
+    payload = jnp.concatenate(
+        [jnp.where(valid, src * 16 + jnp.maximum(code, 0), SKIP), jnp.full((b, kv_heads, nk), SKIP + 4, jnp.int32)],
+        axis=-1,
+    )  # placeholder: first bit
     order = jnp.argsort(key, axis=-1, stable=True)
     key = jnp.take_along_axis(key, order, axis=-1)
     payload = jnp.take_along_axis(payload, order, axis=-1)
@@ -443,12 +459,9 @@ class Tiles:
 # memory budget of an sm_90 SM (Triton) and the MXU width / VMEM of a TPU core (Mosaic); see
 # docs/kernels/sparse_attention.md.
 _TILES = {
-    ("gpu", 64, "16bit"): Tiles(128, 64, 64, 64, num_warps=4, num_stages=3, bwd_num_warps=4,
-                                bwd_num_stages=2),
-    ("gpu", 128, "16bit"): Tiles(128, 64, 64, 64, num_warps=8, num_stages=3, bwd_num_warps=8,
-                                 bwd_num_stages=2),
-    ("gpu", 256, "16bit"): Tiles(64, 32, 32, 32, num_warps=8, num_stages=2, bwd_num_warps=8,
-                                 bwd_num_stages=1),
+    ("gpu", 64, "16bit"): Tiles(128, 64, 64, 64, num_warps=4, num_stages=3, bwd_num_warps=4, bwd_num_stages=2),
+    ("gpu", 128, "16bit"): Tiles(128, 64, 64, 64, num_warps=8, num_stages=3, bwd_num_warps=8, bwd_num_stages=2),
+    ("gpu", 256, "16bit"): Tiles(64, 32, 32, 32, num_warps=8, num_stages=2, bwd_num_warps=8, bwd_num_stages=1),
     ("gpu", 64, "32bit"): Tiles(64, 32, 32, 32, num_warps=4, num_stages=2),
     ("gpu", 128, "32bit"): Tiles(64, 32, 32, 32, num_warps=4, num_stages=2),
     ("gpu", 256, "32bit"): Tiles(32, 32, 32, 16, num_warps=4, num_stages=1, bwd_num_stages=1),
@@ -489,8 +502,6 @@ def pad_seg(seg, t_pad: int):
     return jnp.pad(seg, ((0, 0), (0, t_pad - seg.shape[1])), constant_values=-1)
 
 
-
-
 # ----------------------------------------------------------------------------- cost model
 
 
@@ -508,8 +519,17 @@ def visited_pairs(cfg: Config, n_slots: int | None) -> int:
     return int(n_vis.sum())
 
 
-def cost(cfg: Config, *, batch: int, heads: int, head_dim: int, itemsize: int,
-         n_slots: int | None, matmuls: int, io_bytes: int):
+def cost(
+    cfg: Config,
+    *,
+    batch: int,
+    heads: int,
+    head_dim: int,
+    itemsize: int,
+    n_slots: int | None,
+    matmuls: int,
+    io_bytes: int,
+):
     """`pl.CostEstimate` of a kernel that does `matmuls` bq x bk x P matmuls per visited pair.
 
     Forward: 2 (QK^T, PV); dQ: 3 (QK^T, dO V^T, dS K); dK/dV: 4. `io_bytes` are the bytes of the
@@ -520,7 +540,9 @@ def cost(cfg: Config, *, batch: int, heads: int, head_dim: int, itemsize: int,
     return pl.CostEstimate(
         flops=int(2 * matmuls * pairs * area * head_dim),
         transcendentals=int(pairs * area),
-        bytes_accessed=int(io_bytes + pairs * cfg.block_k * head_dim * 2 * itemsize))
+        bytes_accessed=int(io_bytes + pairs * cfg.block_k * head_dim * 2 * itemsize),
+    )
+
 
 __all__ = [
     "FULL",

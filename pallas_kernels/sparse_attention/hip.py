@@ -51,8 +51,7 @@ def search_rounds(num_blocks: int, k_blocks: int) -> int:
     return math.ceil(math.log2(max(1, common.cdiv(num_blocks, k_blocks))))
 
 
-def hip_search(score_fn: ScoreFn, lo: jax.Array, hi: jax.Array, *, k_blocks: int,
-               num_blocks: int) -> jax.Array:
+def hip_search(score_fn: ScoreFn, lo: jax.Array, hi: jax.Array, *, k_blocks: int, num_blocks: int) -> jax.Array:
     """HiP's hierarchical top-k search over key blocks [lo, hi) (the core of prefill and decode).
 
     Args:
@@ -91,8 +90,7 @@ def hip_search(score_fn: ScoreFn, lo: jax.Array, hi: jax.Array, *, k_blocks: int
     return jnp.where(blocks < big, blocks, -1).astype(jnp.int32)
 
 
-def search_range(p_last, *, num_blocks: int, seq_k, block_k: int, window: int | None,
-                 sinks: int, causal: bool):
+def search_range(p_last, *, num_blocks: int, seq_k, block_k: int, window: int | None, sinks: int, causal: bool):
     """Searchable key blocks [lo, hi) of rows whose last query sits at `p_last` (int32 array).
 
     Sink-only blocks and the keys every query sees through its window are excluded; `seq_k` (int
@@ -168,8 +166,9 @@ def hip_block_indices(
     """
     if not isinstance(k_blocks, int) or k_blocks < 1:
         raise ValueError(f"k_blocks={k_blocks!r} must be an int >= 1.")
-    cfg, _, _ = common.validate(q, k, k, None, None, causal=causal, window=window, sinks=sinks,
-                                block_q=block_q, block_k=block_k, sm_scale=None)
+    cfg, _, _ = common.validate(
+        q, k, k, None, None, causal=causal, window=window, sinks=sinks, block_q=block_q, block_k=block_k, sm_scale=None
+    )
     impl = dispatch.resolve(implementation)
     interpret = dispatch.resolve_interpret(impl, interpret)
     b, _, h, _ = q.shape
@@ -181,11 +180,13 @@ def hip_block_indices(
     else:
         score_fn = lambda cand: score_blocks_xla(q, k, cand, cfg)
     _, p_last = common.query_block_positions(cfg)
-    lo, hi = search_range(p_last, num_blocks=cfg.nk, seq_k=cfg.seq_k, block_k=block_k,
-                          window=window, sinks=sinks, causal=causal)
+    lo, hi = search_range(
+        p_last, num_blocks=cfg.nk, seq_k=cfg.seq_k, block_k=block_k, window=window, sinks=sinks, causal=causal
+    )
     shape = (b, h, cfg.nq)
-    return hip_search(score_fn, jnp.broadcast_to(lo, shape), jnp.broadcast_to(hi, shape),
-                      k_blocks=k_blocks, num_blocks=cfg.nk)
+    return hip_search(
+        score_fn, jnp.broadcast_to(lo, shape), jnp.broadcast_to(hi, shape), k_blocks=k_blocks, num_blocks=cfg.nk
+    )
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -219,10 +220,16 @@ def hip_decode_block_indices(
     """
     if not isinstance(k_blocks, int) or k_blocks < 1:
         raise ValueError(f"k_blocks={k_blocks!r} must be an int >= 1.")
-    if q.ndim != 3 or k_cache.ndim != 4 or q.shape[0] != k_cache.shape[0] \
-            or q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
-        raise ValueError(f"q.shape={q.shape} must be [B, H, P] and k_cache.shape={k_cache.shape} "
-                         "[B, S, K, P] with K dividing H.")
+    if (
+        q.ndim != 3
+        or k_cache.ndim != 4
+        or q.shape[0] != k_cache.shape[0]
+        or q.shape[2] != k_cache.shape[3]
+        or q.shape[1] % k_cache.shape[2]
+    ):
+        raise ValueError(
+            f"q.shape={q.shape} must be [B, H, P] and k_cache.shape={k_cache.shape} [B, S, K, P] with K dividing H."
+        )
     if window is not None and (not isinstance(window, int) or window < 1):
         raise ValueError(f"window={window!r} must be None or an int >= 1.")
     b, h, p = q.shape
@@ -242,23 +249,29 @@ def hip_decode_block_indices(
         ok = (kpos <= pos[:, None, None, None]) & (kpos < slots)
         return jnp.max(jnp.where(ok, s, -jnp.inf), axis=-1)
 
-    lo, hi = search_range(pos, num_blocks=nk, seq_k=jnp.minimum(pos + 1, slots), block_k=block_k,
-                          window=window, sinks=sinks, causal=True)
+    lo, hi = search_range(
+        pos, num_blocks=nk, seq_k=jnp.minimum(pos + 1, slots), block_k=block_k, window=window, sinks=sinks, causal=True
+    )
     shape = (b, h)
-    return hip_search(score_fn, jnp.broadcast_to(lo[:, None], shape),
-                      jnp.broadcast_to(hi[:, None], shape), k_blocks=k_blocks, num_blocks=nk)
+    return hip_search(
+        score_fn,
+        jnp.broadcast_to(lo[:, None], shape),
+        jnp.broadcast_to(hi[:, None], shape),
+        k_blocks=k_blocks,
+        num_blocks=nk,
+    )
 
 
 # ----------------------------------------------------------------------------- recall
 
 
-def exact_block_scores(q, k, *, block_q: int, block_k: int, causal: bool = True,
-                       chunk: int = 8):
+def exact_block_scores(q, k, *, block_q: int, block_k: int, causal: bool = True, chunk: int = 8):
     """The exact block-max score of every (query block, key block): fp32 [B, H, nq, nk]
     (-inf where no pair is visible). Dense O(Tq * Tk * P) work, `chunk` query blocks at a time;
     for measuring the search's recall."""
-    cfg, _, _ = common.validate(q, k, k, None, None, causal=causal, window=None, sinks=0,
-                                block_q=block_q, block_k=block_k, sm_scale=None)
+    cfg, _, _ = common.validate(
+        q, k, k, None, None, causal=causal, window=None, sinks=0, block_q=block_q, block_k=block_k, sm_scale=None
+    )
     b, _, h, p = q.shape
     nq, nk, bq, bk = cfg.nq, cfg.nk, cfg.block_q, cfg.block_k
     nc = common.cdiv(nq, chunk)
@@ -282,8 +295,18 @@ def exact_block_scores(q, k, *, block_q: int, block_k: int, causal: bool = True,
     return jnp.moveaxis(out, 0, 2).reshape(b, h, nc * chunk, nk)[:, :, :nq]
 
 
-def exact_top_blocks(scores, *, k_blocks: int, block_q: int, block_k: int, seq_q: int,
-                     seq_k: int, window: int | None = None, sinks: int = 0, causal: bool = True):
+def exact_top_blocks(
+    scores,
+    *,
+    k_blocks: int,
+    block_q: int,
+    block_k: int,
+    seq_q: int,
+    seq_k: int,
+    window: int | None = None,
+    sinks: int = 0,
+    causal: bool = True,
+):
     """The exact top-k_blocks key blocks per query block within HiP's searchable range.
 
     Args:
@@ -293,11 +316,21 @@ def exact_top_blocks(scores, *, k_blocks: int, block_q: int, block_k: int, seq_q
         (blocks int32 [B, H, nq, k_blocks] (-1 past the searchable count), n_search int32 [nq]).
     """
     nk = scores.shape[3]
-    cfg = common.Config(seq_q=seq_q, seq_k=seq_k, block_q=block_q, block_k=block_k,
-                        causal=causal, window=window, sinks=sinks, sm_scale=1.0, dense=False)
+    cfg = common.Config(
+        seq_q=seq_q,
+        seq_k=seq_k,
+        block_q=block_q,
+        block_k=block_k,
+        causal=causal,
+        window=window,
+        sinks=sinks,
+        sm_scale=1.0,
+        dense=False,
+    )
     _, p_last = common.query_block_positions(cfg)
-    lo, hi = search_range(p_last, num_blocks=nk, seq_k=seq_k, block_k=block_k, window=window,
-                          sinks=sinks, causal=causal)
+    lo, hi = search_range(
+        p_last, num_blocks=nk, seq_k=seq_k, block_k=block_k, window=window, sinks=sinks, causal=causal
+    )
     j = jnp.arange(nk)
     inside = (j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None])  # [nq, nk]
     masked = jnp.where(inside, scores, -jnp.inf)
@@ -319,8 +352,18 @@ def block_recall(found, exact, n_search, k_blocks: int) -> float:
     return float(hit.sum() / (e >= 0).sum())
 
 
-def locality_inputs(key, *, batch: int, seq: int, heads: int, kv_heads: int, head_dim: int,
-                    length_scale: float, noise: float = 0.3, dtype=jnp.float32):
+def locality_inputs(
+    key,
+    *,
+    batch: int,
+    seq: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    length_scale: float,
+    noise: float = 0.3,
+    dtype=jnp.float32,
+):
     """Queries and keys with attention locality: smooth random processes in time.
 
     Every channel of q and k is a stationary Gaussian process with a squared-exponential
@@ -350,7 +393,7 @@ def locality_inputs(key, *, batch: int, seq: int, heads: int, kv_heads: int, hea
         x = smooth(key_s, n)
         if length_scale > 0:
             x = x + noise * jax.random.normal(key_n, x.shape)
-        return (x / jnp.sqrt(1.0 + noise ** 2 * (length_scale > 0))).astype(dtype)
+        return (x / jnp.sqrt(1.0 + noise**2 * (length_scale > 0))).astype(dtype)
 
     return mix(kq, nq_, heads), mix(kk_, nk_, kv_heads)
 

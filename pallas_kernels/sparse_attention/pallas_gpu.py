@@ -129,8 +129,7 @@ def _fwd_kernel(*refs, geo: _Geometry, dense: bool, nq: int):
     if dense:
         q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref = refs
     else:
-        (q_ref, k_ref, v_ref, qseg_ref, kseg_ref, fetch_ref, code_ref, count_ref, o_ref,
-         lse_ref) = refs
+        (q_ref, k_ref, v_ref, qseg_ref, kseg_ref, fetch_ref, code_ref, count_ref, o_ref, lse_ref) = refs
     cfg = geo.cfg
     bq, bk, pp = cfg.block_q, cfg.block_k, geo.pp
     i = nq - 1 - pl.program_id(0)  # longest causal rows first
@@ -148,8 +147,7 @@ def _fwd_kernel(*refs, geo: _Geometry, dense: bool, nq: int):
         v = _load(v_ref.at[pl.ds(start, bk), :], kvmask)
         s = _dot_nt(q, k) * c  # [bq, bk] scores in log2 units
         if masked:
-            kseg = (_seg_rows(kseg_ref, start, bk, cfg.seq_k, geo.k_tail) if cfg.segmented
-                    else None)
+            kseg = _seg_rows(kseg_ref, start, bk, cfg.seq_k, geo.k_tail) if cfg.segmented else None
             vis = geo.vis(i, blk, listed, qseg, kseg)
             s = jnp.where(vis, s, common.NEG_INF)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -168,10 +166,12 @@ def _fwd_kernel(*refs, geo: _Geometry, dense: bool, nq: int):
     else:
         n_full, n_vis = count_ref[0], count_ref[1]
         full = lambda s, carry: step(fetch_ref[s], True, False, carry)
-        part = lambda s, carry: step(fetch_ref[s], code_ref[s] == common.PARTIAL_LISTED, True,
-                                     carry)
-    carry = (jnp.full((bq,), common.NEG_INF, jnp.float32), jnp.zeros((bq,), jnp.float32),
-             jnp.zeros((bq, pp), jnp.float32))
+        part = lambda s, carry: step(fetch_ref[s], code_ref[s] == common.PARTIAL_LISTED, True, carry)
+    carry = (
+        jnp.full((bq,), common.NEG_INF, jnp.float32),
+        jnp.zeros((bq,), jnp.float32),
+        jnp.zeros((bq, pp), jnp.float32),
+    )
     carry = lax.fori_loop(0, n_full, full, carry)
     m, l, acc = lax.fori_loop(n_full, n_vis, part, carry)
     seen = l > 0
@@ -185,9 +185,11 @@ def _fwd_kernel(*refs, geo: _Geometry, dense: bool, nq: int):
 
 def _table_specs(index_q, slots_pad: int):
     """BlockSpecs of the slot table rows (fetch, code, counts) of one query block."""
-    return [pl.BlockSpec((None, None, None, slots_pad), index_q),
-            pl.BlockSpec((None, None, None, slots_pad), index_q),
-            pl.BlockSpec((None, None, None, 2), index_q)]
+    return [
+        pl.BlockSpec((None, None, None, slots_pad), index_q),
+        pl.BlockSpec((None, None, None, slots_pad), index_q),
+        pl.BlockSpec((None, None, None, 2), index_q),
+    ]
 
 
 def _table_inputs(table: common.SlotTable):
@@ -201,8 +203,7 @@ def _table_inputs(table: common.SlotTable):
     return sp, (fetch, code, counts)
 
 
-def forward(q, k, v, q_seg, k_seg, table, cfg: common.Config, *, num_warps: int, num_stages: int,
-            interpret=False):
+def forward(q, k, v, q_seg, k_seg, table, cfg: common.Config, *, num_warps: int, num_stages: int, interpret=False):
     """Sparse attention forward.
 
     Args:
@@ -241,14 +242,22 @@ def forward(q, k, v, q_seg, k_seg, table, cfg: common.Config, *, num_warps: int,
         kernel,
         grid=(nq, b, h),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, bq, None, pp), lambda i, bi, hi: (bi, rev(i), hi, 0)),
-                   pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, rev(i)))],
-        out_shape=[jax.ShapeDtypeStruct((b, tq, h, p), q.dtype),
-                   jax.ShapeDtypeStruct((b, h, tq), jnp.float32)],
+        out_specs=[
+            pl.BlockSpec((None, bq, None, pp), lambda i, bi, hi: (bi, rev(i), hi, 0)),
+            pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, rev(i))),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((b, tq, h, p), q.dtype), jax.ShapeDtypeStruct((b, h, tq), jnp.float32)],
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        cost_estimate=common.cost(cfg, batch=b, heads=h, head_dim=p, itemsize=item,
-                                  n_slots=n_slots, matmuls=2,
-                                  io_bytes=2 * q.size * item + 4 * b * h * tq),
+        cost_estimate=common.cost(
+            cfg,
+            batch=b,
+            heads=h,
+            head_dim=p,
+            itemsize=item,
+            n_slots=n_slots,
+            matmuls=2,
+            io_bytes=2 * q.size * item + 4 * b * h * tq,
+        ),
         interpret=interpret,
         name="sparse_attention_fwd_gpu",
     )(*args)
@@ -262,8 +271,20 @@ def _dq_kernel(*refs, geo: _Geometry, dense: bool, nq: int):
     if dense:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dq_ref = refs
     else:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, fetch_ref, code_ref,
-         count_ref, dq_ref) = refs
+        (
+            q_ref,
+            k_ref,
+            v_ref,
+            do_ref,
+            lse_ref,
+            delta_ref,
+            qseg_ref,
+            kseg_ref,
+            fetch_ref,
+            code_ref,
+            count_ref,
+            dq_ref,
+        ) = refs
     cfg = geo.cfg
     bq, bk, pp = cfg.block_q, cfg.block_k, geo.pp
     i = nq - 1 - pl.program_id(0)
@@ -285,8 +306,7 @@ def _dq_kernel(*refs, geo: _Geometry, dense: bool, nq: int):
         v = _load(v_ref.at[pl.ds(start, bk), :], kvmask)
         p = jnp.exp2(_dot_nt(q, k) * c - lse2[:, None])  # [bq, bk]
         if masked:
-            kseg = (_seg_rows(kseg_ref, start, bk, cfg.seq_k, geo.k_tail) if cfg.segmented
-                    else None)
+            kseg = _seg_rows(kseg_ref, start, bk, cfg.seq_k, geo.k_tail) if cfg.segmented else None
             p = jnp.where(geo.vis(i, blk, listed, qseg, kseg), p, 0.0)
         ds = p * (_dot_nt(do, v) - delta[:, None])
         return dq + _dot_nn(ds.astype(k.dtype), k)
@@ -312,8 +332,9 @@ def _dkv_kernel(*refs, geo: _Geometry, dense: bool, groups: int, nq: int):
     if dense:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dk_ref, dv_ref = refs
     else:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, entry_ref,
-         bounds_ref, dk_ref, dv_ref) = refs
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, entry_ref, bounds_ref, dk_ref, dv_ref) = (
+            refs
+        )
     cfg = geo.cfg
     bq, bk, pp = cfg.block_q, cfg.block_k, geo.pp
     j = pl.program_id(0)
@@ -336,8 +357,7 @@ def _dkv_kernel(*refs, geo: _Geometry, dense: bool, groups: int, nq: int):
         delta = _row_vec(delta_ref, start, bq, valid_len, 0.0, head=g)
         p = jnp.exp2(_dot_nt(q, k) * c - lse2[:, None])  # [bq, bk]
         if masked:
-            qseg = (_seg_rows(qseg_ref, start, bq, cfg.seq_q, geo.q_tail) if cfg.segmented
-                    else None)
+            qseg = _seg_rows(qseg_ref, start, bq, cfg.seq_q, geo.q_tail) if cfg.segmented else None
             p = jnp.where(geo.vis(i, j, listed, qseg, kseg), p, 0.0)
         dv = dv + _dot_tn(p.astype(do.dtype), do)
         ds = p * (_dot_nt(do, v) - delta[:, None])
@@ -368,8 +388,9 @@ def _dkv_kernel(*refs, geo: _Geometry, dense: bool, groups: int, nq: int):
     pltriton.store(dv_ref, dv.astype(dv_ref.dtype), mask=kmask)
 
 
-def backward(q, k, v, q_seg, k_seg, table, o, lse, do, cfg: common.Config, *, num_warps: int,
-             num_stages: int, interpret=False):
+def backward(
+    q, k, v, q_seg, k_seg, table, o, lse, do, cfg: common.Config, *, num_warps: int, num_stages: int, interpret=False
+):
     """dQ, dK, dV of the sparse attention (shapes and dtypes of q, k, v).
 
     `table` is the forward's SlotTable (None for dense patterns); `lse` the forward's fp32
@@ -410,9 +431,16 @@ def backward(q, k, v, q_seg, k_seg, table, o, lse, do, cfg: common.Config, *, nu
         out_specs=pl.BlockSpec((None, bq, None, pp), lambda i, bi, hi: (bi, rev(i), hi, 0)),
         out_shape=jax.ShapeDtypeStruct((b, tq, h, p), q.dtype),
         compiler_params=params,
-        cost_estimate=common.cost(cfg, batch=b, heads=h, head_dim=p, itemsize=item,
-                                  n_slots=n_slots, matmuls=3,
-                                  io_bytes=3 * q.size * item + 8 * b * h * tq),
+        cost_estimate=common.cost(
+            cfg,
+            batch=b,
+            heads=h,
+            head_dim=p,
+            itemsize=item,
+            n_slots=n_slots,
+            matmuls=3,
+            io_bytes=3 * q.size * item + 8 * b * h * tq,
+        ),
         interpret=interpret,
         name="sparse_attention_dq_gpu",
     )(*args)
@@ -434,8 +462,10 @@ def backward(q, k, v, q_seg, k_seg, table, o, lse, do, cfg: common.Config, *, nu
         e = kt.entry.shape[-1]
         ep = common.next_pow2(e)
         entry = jnp.pad(kt.entry, ((0, 0), (0, 0), (0, ep - e)))
-        in_specs += [pl.BlockSpec((None, None, ep), lambda j, bi, ki: (bi, ki, 0)),
-                     pl.BlockSpec((None, None, None, 4), lambda j, bi, ki: (bi, ki, j, 0))]
+        in_specs += [
+            pl.BlockSpec((None, None, ep), lambda j, bi, ki: (bi, ki, 0)),
+            pl.BlockSpec((None, None, None, 4), lambda j, bi, ki: (bi, ki, j, 0)),
+        ]
         args += [entry, kt.bounds]
     kv_spec = pl.BlockSpec((None, bk, None, pp), lambda j, bi, ki: (bi, j, ki, 0))
     dk, dv = pl.pallas_call(
@@ -443,12 +473,21 @@ def backward(q, k, v, q_seg, k_seg, table, o, lse, do, cfg: common.Config, *, nu
         grid=(nk, b, kv_heads),
         in_specs=in_specs,
         out_specs=[kv_spec, kv_spec],
-        out_shape=[jax.ShapeDtypeStruct((b, tk, kv_heads, p), k.dtype),
-                   jax.ShapeDtypeStruct((b, tk, kv_heads, p), v.dtype)],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, tk, kv_heads, p), k.dtype),
+            jax.ShapeDtypeStruct((b, tk, kv_heads, p), v.dtype),
+        ],
         compiler_params=params,
-        cost_estimate=common.cost(cfg, batch=b, heads=h, head_dim=p, itemsize=item,
-                                  n_slots=n_slots, matmuls=4,
-                                  io_bytes=4 * k.size * item + 8 * b * h * tq),
+        cost_estimate=common.cost(
+            cfg,
+            batch=b,
+            heads=h,
+            head_dim=p,
+            itemsize=item,
+            n_slots=n_slots,
+            matmuls=4,
+            io_bytes=4 * k.size * item + 8 * b * h * tq,
+        ),
         interpret=interpret,
         name="sparse_attention_dkv_gpu",
     )(*args)
@@ -458,8 +497,7 @@ def backward(q, k, v, q_seg, k_seg, table, o, lse, do, cfg: common.Config, *, nu
 # ----------------------------------------------------------------------------- HiP scoring
 
 
-def _score_kernel(q_ref, k_ref, cand_ref, out_ref, *, geo: _Geometry, causal: bool,
-                  n_cand: int):
+def _score_kernel(q_ref, k_ref, cand_ref, out_ref, *, geo: _Geometry, causal: bool, n_cand: int):
     cfg = geo.cfg
     bq, bk = cfg.block_q, cfg.block_k
     i = pl.program_id(0)
@@ -486,8 +524,7 @@ def _score_kernel(q_ref, k_ref, cand_ref, out_ref, *, geo: _Geometry, causal: bo
     out_ref[...] = lax.fori_loop(0, n_cand, body, scores)
 
 
-def score_blocks(q, k, cand, cfg: common.Config, *, interpret=False, num_warps: int = 4,
-                 num_stages: int = 2):
+def score_blocks(q, k, cand, cfg: common.Config, *, interpret=False, num_warps: int = 4, num_stages: int = 2):
     """Exact block-max scores for HiP's search.
 
     Args:
@@ -511,14 +548,17 @@ def score_blocks(q, k, cand, cfg: common.Config, *, interpret=False, num_warps: 
     out = pl.pallas_call(
         functools.partial(_score_kernel, geo=geo, causal=cfg.causal, n_cand=n_cand),
         grid=(nq, b, h),
-        in_specs=[pl.BlockSpec((None, bq, None, pp), lambda i, bi, hi: (bi, i, hi, 0)),
-                  pl.BlockSpec((None, nk * bk, None, pp), lambda i, bi, hi: (bi, 0, hi // g, 0)),
-                  pl.BlockSpec((None, None, None, cp), lambda i, bi, hi: (bi, hi, i, 0))],
+        in_specs=[
+            pl.BlockSpec((None, bq, None, pp), lambda i, bi, hi: (bi, i, hi, 0)),
+            pl.BlockSpec((None, nk * bk, None, pp), lambda i, bi, hi: (bi, 0, hi // g, 0)),
+            pl.BlockSpec((None, None, None, cp), lambda i, bi, hi: (bi, hi, i, 0)),
+        ],
         out_specs=pl.BlockSpec((None, None, None, cp), lambda i, bi, hi: (bi, hi, i, 0)),
         out_shape=jax.ShapeDtypeStruct((b, h, nq, cp), jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        cost_estimate=pl.CostEstimate(flops=2 * pairs * bq * bk * p, transcendentals=0,
-                                      bytes_accessed=q.size * item + pairs * bk * p * item),
+        cost_estimate=pl.CostEstimate(
+            flops=2 * pairs * bq * bk * p, transcendentals=0, bytes_accessed=q.size * item + pairs * bk * p * item
+        ),
         interpret=interpret,
         name="hip_score_blocks_gpu",
     )(q, k, cand_p)

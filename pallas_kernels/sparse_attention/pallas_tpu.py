@@ -108,7 +108,8 @@ def _unit_chunks(n_units: int, words_per_unit: int, what: str):
         raise ValueError(
             f"sparse_attention (TPU): the {what} table of one (batch row, kv head) needs "
             f"{words_per_unit} int32 words of SMEM > {SMEM_WORDS}; use larger block_q / block_k "
-            "or fewer listed blocks.")
+            "or fewer listed blocks."
+        )
     return [(s, min(s + per, n_units)) for s in range(0, n_units, per)]
 
 
@@ -123,8 +124,7 @@ def _fwd_kernel(*refs, cfg: common.Config, dense: bool, groups: int, n_slots: in
     if dense:
         (q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc) = refs
     else:
-        (tab_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, m_sc, l_sc,
-         acc_sc) = refs
+        (tab_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc) = refs
     u, g, i, s = (pl.program_id(a) for a in range(4))
     nq = cfg.nq
 
@@ -179,8 +179,23 @@ def _fwd_tables(table, groups: int):
     return packed.reshape(b * (h // groups), groups * nq * s)
 
 
-def _call_rows(kernel, cfg: common.Config, tabs, arrays, per_unit, specs, out_specs, out_shape,
-               scratch, n_units: int, groups: int, steps: int, cost, interpret, name):
+def _call_rows(
+    kernel,
+    cfg: common.Config,
+    tabs,
+    arrays,
+    per_unit,
+    specs,
+    out_specs,
+    out_shape,
+    scratch,
+    n_units: int,
+    groups: int,
+    steps: int,
+    cost,
+    interpret,
+    name,
+):
     """Runs a (U, G, nq, steps) row-major kernel (forward, dQ).
 
     Listed patterns scalar-prefetch their table `tabs` [U, words]; the call is split over unit
@@ -189,19 +204,38 @@ def _call_rows(kernel, cfg: common.Config, tabs, arrays, per_unit, specs, out_sp
     params = _params("parallel", "parallel", "parallel", "arbitrary")
     if tabs is None:
         return pl.pallas_call(
-            kernel, grid=(n_units, groups, cfg.nq, steps), in_specs=specs(0),
-            out_specs=out_specs, out_shape=out_shape(n_units), scratch_shapes=scratch,
-            compiler_params=params, cost_estimate=cost, interpret=interpret, name=name)(*arrays)
+            kernel,
+            grid=(n_units, groups, cfg.nq, steps),
+            in_specs=specs(0),
+            out_specs=out_specs,
+            out_shape=out_shape(n_units),
+            scratch_shapes=scratch,
+            compiler_params=params,
+            cost_estimate=cost,
+            interpret=interpret,
+            name=name,
+        )(*arrays)
     outs = []
     for u0, u1 in _unit_chunks(n_units, tabs.shape[1], "slot"):
         grid_spec = pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(u1 - u0, groups, cfg.nq, steps),
-            in_specs=specs(u0), out_specs=out_specs, scratch_shapes=scratch)
+            num_scalar_prefetch=1,
+            grid=(u1 - u0, groups, cfg.nq, steps),
+            in_specs=specs(u0),
+            out_specs=out_specs,
+            scratch_shapes=scratch,
+        )
         chunk = [x[u0:u1] if cut else x for x, cut in zip(arrays, per_unit)]
-        outs.append(pl.pallas_call(
-            kernel, grid_spec=grid_spec, out_shape=out_shape(u1 - u0), compiler_params=params,
-            cost_estimate=cost, interpret=interpret, name=name,
-        )(tabs[u0:u1].reshape(-1), *chunk))
+        outs.append(
+            pl.pallas_call(
+                kernel,
+                grid_spec=grid_spec,
+                out_shape=out_shape(u1 - u0),
+                compiler_params=params,
+                cost_estimate=cost,
+                interpret=interpret,
+                name=name,
+            )(tabs[u0:u1].reshape(-1), *chunk)
+        )
     if isinstance(outs[0], (list, tuple)):
         return [jnp.concatenate(parts, axis=0) for parts in zip(*outs)]
     return jnp.concatenate(outs, axis=0)
@@ -231,11 +265,12 @@ def _row_kernel_specs(cfg, head_dim, kv_heads, groups, dense, n_slots, n_q_input
         kv_map = lambda u, g, i, s, *t: (u, block(u, g, i, s, *t), 0)
         qseg_map = lambda u, g, i, s, *t: ((u + off) // kv_heads, i, 0)
         kseg_map = lambda u, g, i, s, *t: ((u + off) // kv_heads, block(u, g, i, s, *t), 0, 0)
-        return ([pl.BlockSpec((None, None, bq, p), q_map)] * n_q_inputs
-                + [pl.BlockSpec((None, bk, p), kv_map)] * 2
-                + [pl.BlockSpec((None, None, bq, 1), q_map)] * n_row_inputs
-                + [pl.BlockSpec((None, bq, 1), qseg_map),
-                   pl.BlockSpec((None, None, 1, bk), kseg_map)])
+        return (
+            [pl.BlockSpec((None, None, bq, p), q_map)] * n_q_inputs
+            + [pl.BlockSpec((None, bk, p), kv_map)] * 2
+            + [pl.BlockSpec((None, None, bq, 1), q_map)] * n_row_inputs
+            + [pl.BlockSpec((None, bq, 1), qseg_map), pl.BlockSpec((None, None, 1, bk), kseg_map)]
+        )
 
     return specs
 
@@ -266,17 +301,33 @@ def forward(q, k, v, q_seg, k_seg, table, cfg: common.Config, *, interpret=False
     item = jnp.dtype(q.dtype).itemsize
     o, lse = _call_rows(
         functools.partial(_fwd_kernel, cfg=cfg, dense=dense, groups=g, n_slots=n_slots),
-        cfg, tabs, [qu, ku, vu, qs, ks], [True, True, True, False, False], specs,
+        cfg,
+        tabs,
+        [qu, ku, vu, qs, ks],
+        [True, True, True, False, False],
+        specs,
         [pl.BlockSpec((None, None, bq, p), o_map), pl.BlockSpec((None, None, bq, 1), o_map)],
-        lambda n: [jax.ShapeDtypeStruct((n, g, nq * bq, p), q.dtype),
-                   jax.ShapeDtypeStruct((n, g, nq * bq, 1), jnp.float32)],
-        [pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
-         pltpu.VMEM((bq, p), jnp.float32)],
-        n_units, g, n_slots,
-        common.cost(cfg, batch=b, heads=h, head_dim=p, itemsize=item,
-                    n_slots=None if dense else n_slots, matmuls=2,
-                    io_bytes=2 * q.size * item + 4 * b * h * tq),
-        interpret, "sparse_attention_fwd_tpu")
+        lambda n: [
+            jax.ShapeDtypeStruct((n, g, nq * bq, p), q.dtype),
+            jax.ShapeDtypeStruct((n, g, nq * bq, 1), jnp.float32),
+        ],
+        [pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, p), jnp.float32)],
+        n_units,
+        g,
+        n_slots,
+        common.cost(
+            cfg,
+            batch=b,
+            heads=h,
+            head_dim=p,
+            itemsize=item,
+            n_slots=None if dense else n_slots,
+            matmuls=2,
+            io_bytes=2 * q.size * item + 4 * b * h * tq,
+        ),
+        interpret,
+        "sparse_attention_fwd_tpu",
+    )
     return from_units(o, b, tq), lse
 
 
@@ -285,11 +336,9 @@ def forward(q, k, v, q_seg, k_seg, table, cfg: common.Config, *, interpret=False
 
 def _dq_kernel(*refs, cfg: common.Config, dense: bool, groups: int, n_slots: int):
     if dense:
-        (q_ref, do_ref, k_ref, v_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dq_ref,
-         acc_sc) = refs
+        (q_ref, do_ref, k_ref, v_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dq_ref, acc_sc) = refs
     else:
-        (tab_ref, q_ref, do_ref, k_ref, v_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dq_ref,
-         acc_sc) = refs
+        (tab_ref, q_ref, do_ref, k_ref, v_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dq_ref, acc_sc) = refs
     u, g, i, s = (pl.program_id(a) for a in range(4))
     nq = cfg.nq
 
@@ -326,9 +375,25 @@ def _dq_kernel(*refs, cfg: common.Config, dense: bool, groups: int, n_slots: int
 # ----------------------------------------------------------------------------- dK / dV
 
 
-def _dkv_kernel_table(blk_ref, info_ref, q_ref, do_ref, lse_ref, delta_ref, qseg_ref, k_ref,
-                      v_ref, kseg_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, cfg: common.Config,
-                      n_entries: int):
+def _dkv_kernel_table(
+    blk_ref,
+    info_ref,
+    q_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    qseg_ref,
+    k_ref,
+    v_ref,
+    kseg_ref,
+    dk_ref,
+    dv_ref,
+    dk_sc,
+    dv_sc,
+    *,
+    cfg: common.Config,
+    n_entries: int,
+):
     u, e = pl.program_id(0), pl.program_id(1)
     idx = u * n_entries + e
     info = info_ref[idx]
@@ -343,8 +408,23 @@ def _dkv_kernel_table(blk_ref, info_ref, q_ref, do_ref, lse_ref, delta_ref, qseg
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
     def step(masked):
-        _dkv_step(q_ref, do_ref, lse_ref, delta_ref, qseg_ref, k_ref, v_ref, kseg_ref, dk_sc,
-                  dv_sc, i, blk, code == common.PARTIAL_LISTED, masked, cfg)
+        _dkv_step(
+            q_ref,
+            do_ref,
+            lse_ref,
+            delta_ref,
+            qseg_ref,
+            k_ref,
+            v_ref,
+            kseg_ref,
+            dk_sc,
+            dv_sc,
+            i,
+            blk,
+            code == common.PARTIAL_LISTED,
+            masked,
+            cfg,
+        )
 
     pl.when(code == common.FULL)(lambda: step(False))
     pl.when(code < common.FULL)(lambda: step(True))
@@ -355,8 +435,22 @@ def _dkv_kernel_table(blk_ref, info_ref, q_ref, do_ref, lse_ref, delta_ref, qseg
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _dkv_kernel_dense(q_ref, do_ref, lse_ref, delta_ref, qseg_ref, k_ref, v_ref, kseg_ref, dk_ref,
-                      dv_ref, dk_sc, dv_sc, *, cfg: common.Config):
+def _dkv_kernel_dense(
+    q_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    qseg_ref,
+    k_ref,
+    v_ref,
+    kseg_ref,
+    dk_ref,
+    dv_ref,
+    dk_sc,
+    dv_sc,
+    *,
+    cfg: common.Config,
+):
     j, g, i = pl.program_id(1), pl.program_id(2), pl.program_id(3)
     last_g, last_i = pl.num_programs(2) - 1, pl.num_programs(3) - 1
     i_first, i_full = common.dense_query_bounds(j, cfg)
@@ -367,8 +461,9 @@ def _dkv_kernel_dense(q_ref, do_ref, lse_ref, delta_ref, qseg_ref, k_ref, v_ref,
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
     def step(masked):
-        _dkv_step(q_ref, do_ref, lse_ref, delta_ref, qseg_ref, k_ref, v_ref, kseg_ref, dk_sc,
-                  dv_sc, i, j, True, masked, cfg)
+        _dkv_step(
+            q_ref, do_ref, lse_ref, delta_ref, qseg_ref, k_ref, v_ref, kseg_ref, dk_sc, dv_sc, i, j, True, masked, cfg
+        )
 
     pl.when((i >= i_first) & (i < i_full))(lambda: step(True))
     pl.when(i >= i_full)(lambda: step(False))
@@ -379,8 +474,9 @@ def _dkv_kernel_dense(q_ref, do_ref, lse_ref, delta_ref, qseg_ref, k_ref, v_ref,
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _dkv_step(q_ref, do_ref, lse_ref, delta_ref, qseg_ref, k_ref, v_ref, kseg_ref, dk_sc, dv_sc,
-              i, blk, listed, masked, cfg):
+def _dkv_step(
+    q_ref, do_ref, lse_ref, delta_ref, qseg_ref, k_ref, v_ref, kseg_ref, dk_sc, dv_sc, i, blk, listed, masked, cfg
+):
     """Adds one (query tile, key tile) pair's dK / dV contributions to the accumulators."""
     q, do = q_ref[...], do_ref[...]
     p = jnp.exp(_dot_nt(q, k_ref[...]) * cfg.sm_scale - lse_ref[...])  # [bq, bk]
@@ -391,8 +487,7 @@ def _dkv_step(q_ref, do_ref, lse_ref, delta_ref, qseg_ref, k_ref, v_ref, kseg_re
     dk_sc[...] += _dot_tn(ds.astype(q.dtype), q)
 
 
-def backward(q, k, v, q_seg, k_seg, table, o, lse, do, cfg: common.Config, *, fwd_cfg=None,
-             interpret=False):
+def backward(q, k, v, q_seg, k_seg, table, o, lse, do, cfg: common.Config, *, fwd_cfg=None, interpret=False):
     """dQ, dK, dV (shapes and dtypes of q, k, v).
 
     `lse` is the forward's [U, G, Tq_pad, 1] under `fwd_cfg` (default `cfg`); dense patterns may
@@ -412,8 +507,7 @@ def backward(q, k, v, q_seg, k_seg, table, o, lse, do, cfg: common.Config, *, fw
     delta = common.to_head_major(delta[..., None].swapaxes(1, 2), tq_pad)  # [B,H,Tq_pad,1]
     delta = delta.reshape(n_units, g, tq_pad, 1)
     # Padded query rows: lse = LSE_EMPTY so that P = 0 there whatever their scores.
-    lse = jnp.pad(lse[:, :, :tq], ((0, 0), (0, 0), (0, tq_pad - tq), (0, 0)),
-                  constant_values=common.LSE_EMPTY)
+    lse = jnp.pad(lse[:, :, :tq], ((0, 0), (0, 0), (0, tq_pad - tq), (0, 0)), constant_values=common.LSE_EMPTY)
     qs, ks = _segments(q_seg, k_seg, cfg)
     item = jnp.dtype(q.dtype).itemsize
     # dQ over the same walk as the forward.
@@ -422,24 +516,48 @@ def backward(q, k, v, q_seg, k_seg, table, o, lse, do, cfg: common.Config, *, fw
     o_map = lambda u, g_, i, s, *t: (u, g_, i, 0)
     dqu = _call_rows(
         functools.partial(_dq_kernel, cfg=cfg, dense=dense, groups=g, n_slots=n_slots),
-        cfg, tabs, [qu, dou, ku, vu, lse, delta, qs, ks], [True] * 6 + [False] * 2, specs,
+        cfg,
+        tabs,
+        [qu, dou, ku, vu, lse, delta, qs, ks],
+        [True] * 6 + [False] * 2,
+        specs,
         pl.BlockSpec((None, None, bq, p), o_map),
         lambda n: jax.ShapeDtypeStruct((n, g, tq_pad, p), q.dtype),
         [pltpu.VMEM((bq, p), jnp.float32)],
-        n_units, g, n_slots,
-        common.cost(cfg, batch=b, heads=h, head_dim=p, itemsize=item,
-                    n_slots=None if dense else n_slots, matmuls=3,
-                    io_bytes=3 * q.size * item + 8 * b * h * tq),
-        interpret, "sparse_attention_dq_tpu")
+        n_units,
+        g,
+        n_slots,
+        common.cost(
+            cfg,
+            batch=b,
+            heads=h,
+            head_dim=p,
+            itemsize=item,
+            n_slots=None if dense else n_slots,
+            matmuls=3,
+            io_bytes=3 * q.size * item + 8 * b * h * tq,
+        ),
+        interpret,
+        "sparse_attention_dq_tpu",
+    )
     dq = from_units(dqu, b, tq)
 
     # dK / dV.
     scratch = [pltpu.VMEM((bk, p), jnp.float32), pltpu.VMEM((bk, p), jnp.float32)]
-    kv_shape = lambda n: [jax.ShapeDtypeStruct((n, nk * bk, p), k.dtype),
-                          jax.ShapeDtypeStruct((n, nk * bk, p), v.dtype)]
-    cost = common.cost(cfg, batch=b, heads=h, head_dim=p, itemsize=item,
-                       n_slots=None if dense else n_slots, matmuls=4,
-                       io_bytes=4 * k.size * item + 8 * b * h * tq)
+    kv_shape = lambda n: [
+        jax.ShapeDtypeStruct((n, nk * bk, p), k.dtype),
+        jax.ShapeDtypeStruct((n, nk * bk, p), v.dtype),
+    ]
+    cost = common.cost(
+        cfg,
+        batch=b,
+        heads=h,
+        head_dim=p,
+        itemsize=item,
+        n_slots=None if dense else n_slots,
+        matmuls=4,
+        io_bytes=4 * k.size * item + 8 * b * h * tq,
+    )
     if dense:
         first = lambda j: common.dense_query_bounds(j, cfg)[0]
         q_map = lambda u, j, g_, i: (u, g_, jnp.clip(i, first(j), nq - 1), 0)
@@ -449,20 +567,27 @@ def backward(q, k, v, q_seg, k_seg, table, o, lse, do, cfg: common.Config, *, fw
             grid=(n_units, nk, g, nq),
             in_specs=[pl.BlockSpec((None, None, bq, p), q_map)] * 2
             + [pl.BlockSpec((None, None, bq, 1), q_map)] * 2
-            + [pl.BlockSpec((None, bq, 1),
-                            lambda u, j, g_, i: (u // kv_heads, jnp.clip(i, first(j), nq - 1), 0)),
-               pl.BlockSpec((None, bk, p), kv_map), pl.BlockSpec((None, bk, p), kv_map),
-               pl.BlockSpec((None, None, 1, bk), lambda u, j, g_, i: (u // kv_heads, j, 0, 0))],
+            + [
+                pl.BlockSpec((None, bq, 1), lambda u, j, g_, i: (u // kv_heads, jnp.clip(i, first(j), nq - 1), 0)),
+                pl.BlockSpec((None, bk, p), kv_map),
+                pl.BlockSpec((None, bk, p), kv_map),
+                pl.BlockSpec((None, None, 1, bk), lambda u, j, g_, i: (u // kv_heads, j, 0, 0)),
+            ],
             out_specs=[pl.BlockSpec((None, bk, p), kv_map)] * 2,
-            out_shape=kv_shape(n_units), scratch_shapes=scratch,
+            out_shape=kv_shape(n_units),
+            scratch_shapes=scratch,
             compiler_params=_params("parallel", "parallel", "arbitrary", "arbitrary"),
-            cost_estimate=cost, interpret=interpret, name="sparse_attention_dkv_tpu",
+            cost_estimate=cost,
+            interpret=interpret,
+            name="sparse_attention_dkv_tpu",
         )(qu, dou, lse, delta, qs, ku, vu, ks)
     else:
         if g > _MAX_GROUP or nq > _MAX_QBLOCKS:
-            raise ValueError(f"sparse_attention (TPU): heads // kv_heads = {g} (max {_MAX_GROUP})"
-                             f" or query blocks {nq} (max {_MAX_QBLOCKS}) too large for the dK/dV"
-                             " table; use more kv heads or a larger block_q.")
+            raise ValueError(
+                f"sparse_attention (TPU): heads // kv_heads = {g} (max {_MAX_GROUP})"
+                f" or query blocks {nq} (max {_MAX_QBLOCKS}) too large for the dK/dV"
+                " table; use more kv heads or a larger block_q."
+            )
         ft = common.flat_key_table(table, cfg, kv_heads)
         e_total = ft.blk.shape[-1]
         # Repack (g * nq + i) * 16 + flags as g * 2^24 + i * 16 + flags (no division by nq).
@@ -476,8 +601,7 @@ def backward(q, k, v, q_seg, k_seg, table, o, lse, do, cfg: common.Config, *, fw
             return u, x // (1 << 24), (x // 16) % (1 << 20), 0
 
         def seg_map(u0):
-            return lambda u, e, bt, it: ((u + u0) // kv_heads, (it[u * e_total + e] // 16)
-                                         % (1 << 20), 0)
+            return lambda u, e, bt, it: ((u + u0) // kv_heads, (it[u * e_total + e] // 16) % (1 << 20), 0)
 
         kv_map = lambda u, e, bt, it: (u, bt[u * e_total + e], 0)
 
@@ -487,21 +611,41 @@ def backward(q, k, v, q_seg, k_seg, table, o, lse, do, cfg: common.Config, *, fw
         parts = []
         for u0, u1 in _unit_chunks(n_units, 2 * e_total, "key"):
             grid_spec = pltpu.PrefetchScalarGridSpec(
-                num_scalar_prefetch=2, grid=(u1 - u0, e_total),
+                num_scalar_prefetch=2,
+                grid=(u1 - u0, e_total),
                 in_specs=[pl.BlockSpec((None, None, bq, p), q_map)] * 2
                 + [pl.BlockSpec((None, None, bq, 1), q_map)] * 2
-                + [pl.BlockSpec((None, bq, 1), seg_map(u0)),
-                   pl.BlockSpec((None, bk, p), kv_map), pl.BlockSpec((None, bk, p), kv_map),
-                   pl.BlockSpec((None, None, 1, bk), kseg_map(u0))],
+                + [
+                    pl.BlockSpec((None, bq, 1), seg_map(u0)),
+                    pl.BlockSpec((None, bk, p), kv_map),
+                    pl.BlockSpec((None, bk, p), kv_map),
+                    pl.BlockSpec((None, None, 1, bk), kseg_map(u0)),
+                ],
                 out_specs=[pl.BlockSpec((None, bk, p), kv_map)] * 2,
-                scratch_shapes=scratch)
-            parts.append(pl.pallas_call(
-                functools.partial(_dkv_kernel_table, cfg=cfg, n_entries=e_total),
-                grid_spec=grid_spec, out_shape=kv_shape(u1 - u0),
-                compiler_params=_params("parallel", "arbitrary"),
-                cost_estimate=cost, interpret=interpret, name="sparse_attention_dkv_tpu",
-            )(blk_tab[u0:u1].reshape(-1), info_tab[u0:u1].reshape(-1), qu[u0:u1], dou[u0:u1],
-              lse[u0:u1], delta[u0:u1], qs, ku[u0:u1], vu[u0:u1], ks))
+                scratch_shapes=scratch,
+            )
+            parts.append(
+                pl.pallas_call(
+                    functools.partial(_dkv_kernel_table, cfg=cfg, n_entries=e_total),
+                    grid_spec=grid_spec,
+                    out_shape=kv_shape(u1 - u0),
+                    compiler_params=_params("parallel", "arbitrary"),
+                    cost_estimate=cost,
+                    interpret=interpret,
+                    name="sparse_attention_dkv_tpu",
+                )(
+                    blk_tab[u0:u1].reshape(-1),
+                    info_tab[u0:u1].reshape(-1),
+                    qu[u0:u1],
+                    dou[u0:u1],
+                    lse[u0:u1],
+                    delta[u0:u1],
+                    qs,
+                    ku[u0:u1],
+                    vu[u0:u1],
+                    ks,
+                )
+            )
         dku = jnp.concatenate([x[0] for x in parts], axis=0)
         dvu = jnp.concatenate([x[1] for x in parts], axis=0)
     return dq, kv_from_units(dku, b, tk), kv_from_units(dvu, b, tk)
@@ -510,8 +654,7 @@ def backward(q, k, v, q_seg, k_seg, table, o, lse, do, cfg: common.Config, *, fw
 # ----------------------------------------------------------------------------- HiP scoring
 
 
-def _score_kernel(cand_ref, q_ref, k_ref, out_ref, *, cfg: common.Config, groups: int,
-                  n_cand: int):
+def _score_kernel(cand_ref, q_ref, k_ref, out_ref, *, cfg: common.Config, groups: int, n_cand: int):
     u, g, i, c = (pl.program_id(a) for a in range(4))
     blk = cand_ref[((u * groups + g) * cfg.nq + i) * n_cand + c]
     shape = (cfg.block_q, cfg.block_k)
@@ -554,21 +697,26 @@ def score_blocks(q, k, cand, cfg: common.Config, *, interpret=False):
     outs = []
     for u0, u1 in _unit_chunks(n_units, tab.shape[1], "candidate"):
         grid_spec = pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(u1 - u0, g, nq, n_cand),
+            num_scalar_prefetch=1,
+            grid=(u1 - u0, g, nq, n_cand),
             in_specs=[
                 pl.BlockSpec((None, None, bq, p), lambda u, g_, i, c, t: (u, g_, i, 0)),
-                pl.BlockSpec((None, bk, p), lambda u, g_, i, c, t: (
-                    u, t[((u * g + g_) * nq + i) * n_cand + c], 0))],
-            out_specs=pl.BlockSpec((None, None, None, 1, n_cand),
-                                   lambda u, g_, i, c, t: (u, g_, i, 0, 0)))
+                pl.BlockSpec((None, bk, p), lambda u, g_, i, c, t: (u, t[((u * g + g_) * nq + i) * n_cand + c], 0)),
+            ],
+            out_specs=pl.BlockSpec((None, None, None, 1, n_cand), lambda u, g_, i, c, t: (u, g_, i, 0, 0)),
+        )
         pairs = (u1 - u0) * g * nq * n_cand
-        outs.append(pl.pallas_call(
-            functools.partial(_score_kernel, cfg=cfg, groups=g, n_cand=n_cand),
-            grid_spec=grid_spec,
-            out_shape=jax.ShapeDtypeStruct((u1 - u0, g, nq, 1, n_cand), jnp.float32),
-            compiler_params=_params("parallel", "parallel", "parallel", "arbitrary"),
-            cost_estimate=pl.CostEstimate(flops=2 * pairs * bq * bk * p, transcendentals=0,
-                                          bytes_accessed=pairs * (bq + bk) * p * item),
-            interpret=interpret, name="hip_score_blocks_tpu",
-        )(tab[u0:u1].reshape(-1), qu[u0:u1], ku[u0:u1]))
+        outs.append(
+            pl.pallas_call(
+                functools.partial(_score_kernel, cfg=cfg, groups=g, n_cand=n_cand),
+                grid_spec=grid_spec,
+                out_shape=jax.ShapeDtypeStruct((u1 - u0, g, nq, 1, n_cand), jnp.float32),
+                compiler_params=_params("parallel", "parallel", "parallel", "arbitrary"),
+                cost_estimate=pl.CostEstimate(
+                    flops=2 * pairs * bq * bk * p, transcendentals=0, bytes_accessed=pairs * (bq + bk) * p * item
+                ),
+                interpret=interpret,
+                name="hip_score_blocks_tpu",
+            )(tab[u0:u1].reshape(-1), qu[u0:u1], ku[u0:u1])
+        )
     return jnp.concatenate(outs, axis=0).reshape(b, h, nq, n_cand)

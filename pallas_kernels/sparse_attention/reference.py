@@ -24,7 +24,7 @@ def dense_mask(block_indices, q_seg, k_seg, cfg: common.Config, heads: int):
         # Block membership by comparison against every listed id (-1 / out of range match nothing).
         kblock = kpos // cfg.block_k  # [Tk]
         hit = (block_indices[..., :, None] == kblock).any(axis=-2)  # [B,H,nq,Tk]
-        listed = jnp.repeat(hit, cfg.block_q, axis=2)[:, :, :cfg.seq_q]  # [B,H,Tq,Tk]
+        listed = jnp.repeat(hit, cfg.block_q, axis=2)[:, :, : cfg.seq_q]  # [B,H,Tq,Tk]
     vis = common.visible(qpos[:, None], kpos[None, :], listed, cfg)
     same = q_seg[:, None, :, None] == k_seg[:, None, None, :]  # [B,1,Tq,Tk]
     return vis & same

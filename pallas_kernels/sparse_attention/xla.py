@@ -52,11 +52,11 @@ def _chunk_scores(qb, kg, blk, code, q_seg_b, k_seg_b, cfg: common.Config):
     nq = qb.shape[2]
     b, h, _, c, _, _ = kg.shape
     # One [bq, c*bk] matmul per query block (faster on CPU than a 6-D contraction).
-    s = jnp.einsum("bhqrd,bhqkd->bhqrk", qb, _flat(kg, kv=True),
-                   preferred_element_type=jnp.float32)
+    s = jnp.einsum("bhqrd,bhqkd->bhqrk", qb, _flat(kg, kv=True), preferred_element_type=jnp.float32)
     s = s.reshape(b, h, nq, bq, c, bk) * cfg.sm_scale
-    qpos = (jnp.arange(nq, dtype=jnp.int32)[:, None] * bq + jnp.arange(bq, dtype=jnp.int32)
-            + cfg.offset)[:, :, None, None]  # [nq,bq,1,1]
+    qpos = (jnp.arange(nq, dtype=jnp.int32)[:, None] * bq + jnp.arange(bq, dtype=jnp.int32) + cfg.offset)[
+        :, :, None, None
+    ]  # [nq,bq,1,1]
     kpos = (blk[..., None] * bk + jnp.arange(bk, dtype=jnp.int32))[:, :, :, None]  # [B,H,nq,1,c,bk]
     listed = (code >= common.PARTIAL_LISTED)[:, :, :, None, :, None]
     vis = common.visible(qpos, kpos, listed, cfg) & (code >= 0)[:, :, :, None, :, None]
@@ -70,13 +70,16 @@ def _chunk_scores(qb, kg, blk, code, q_seg_b, k_seg_b, cfg: common.Config):
 def _head_major(q, k, v, q_seg, k_seg, cfg: common.Config):
     """The op's layout -> padded head-major tensors and segment ids."""
     tq_pad, tk_pad = cfg.nq * cfg.block_q, cfg.nk * cfg.block_k
-    return (common.to_head_major(q, tq_pad), common.to_head_major(k, tk_pad),
-            common.to_head_major(v, tk_pad), common.pad_seg(q_seg, tq_pad),
-            common.pad_seg(k_seg, tk_pad))
+    return (
+        common.to_head_major(q, tq_pad),
+        common.to_head_major(k, tk_pad),
+        common.to_head_major(v, tk_pad),
+        common.pad_seg(q_seg, tq_pad),
+        common.pad_seg(k_seg, tk_pad),
+    )
 
 
-def forward(q, k, v, q_seg, k_seg, table: common.SlotTable, cfg: common.Config,
-            slot_chunk: int = 8):
+def forward(q, k, v, q_seg, k_seg, table: common.SlotTable, cfg: common.Config, slot_chunk: int = 8):
     """Sparse attention forward.
 
     Args:
@@ -110,14 +113,19 @@ def forward(q, k, v, q_seg, k_seg, table: common.SlotTable, cfg: common.Config,
         p = jnp.where(vis, jnp.exp(s - m_new[..., None, None]), 0.0)
         alpha = jnp.exp(m - m_new)
         l = alpha * l + jnp.sum(p, axis=(-2, -1))
-        pv = jnp.einsum("bhqrk,bhqkd->bhqrd", _flat(p).astype(v.dtype),
-                        _flat(_gather(vb, blk, hk_idx), kv=True),
-                        preferred_element_type=jnp.float32)
+        pv = jnp.einsum(
+            "bhqrk,bhqkd->bhqrd",
+            _flat(p).astype(v.dtype),
+            _flat(_gather(vb, blk, hk_idx), kv=True),
+            preferred_element_type=jnp.float32,
+        )
         return (m_new, l, alpha[..., None] * acc + pv), None
 
-    init = (jnp.full((b, h, nq, bq), common.NEG_INF, jnp.float32),
-            jnp.zeros((b, h, nq, bq), jnp.float32),
-            jnp.zeros((b, h, nq, bq, pdim), jnp.float32))
+    init = (
+        jnp.full((b, h, nq, bq), common.NEG_INF, jnp.float32),
+        jnp.zeros((b, h, nq, bq), jnp.float32),
+        jnp.zeros((b, h, nq, bq, pdim), jnp.float32),
+    )
     (m, l, acc), _ = jax.lax.scan(step, init, (fetch_c, code_c))
     # Normalise; rows with l == 0 saw nothing and return zeros.
     o = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
@@ -126,8 +134,7 @@ def forward(q, k, v, q_seg, k_seg, table: common.SlotTable, cfg: common.Config,
     return o.astype(q.dtype), lse.reshape(b, h, tq)
 
 
-def backward(q, k, v, q_seg, k_seg, table: common.SlotTable, o, lse, do, cfg: common.Config,
-             slot_chunk: int = 8):
+def backward(q, k, v, q_seg, k_seg, table: common.SlotTable, o, lse, do, cfg: common.Config, slot_chunk: int = 8):
     """Flash-attention backward (Dao et al. 2022, Alg. 2) over the same slot table.
 
     Recomputes P = exp(S - lse) per slot chunk; dV += P^T dO, dP = dO V^T, dS = P * (dP - delta)
@@ -169,23 +176,27 @@ def backward(q, k, v, q_seg, k_seg, table: common.SlotTable, o, lse, do, cfg: co
         s, vis = _chunk_scores(qb, kg, blk, cd, q_seg_b, k_seg_b, cfg)
         p = jnp.where(vis, jnp.exp(s - lse_b[..., None, None]), 0.0)  # [B,H,nq,bq,c,bk]
         p = _flat(p)  # [B,H,nq,bq,c*bk]
-        dv_c = jnp.einsum("bhqrk,bhqrd->bhqkd", p.astype(do.dtype), dob,
-                          preferred_element_type=jnp.float32).reshape(kg.shape)
-        dp = jnp.einsum("bhqrd,bhqkd->bhqrk", dob, _flat(vg, kv=True),
-                        preferred_element_type=jnp.float32)
+        dv_c = jnp.einsum("bhqrk,bhqrd->bhqkd", p.astype(do.dtype), dob, preferred_element_type=jnp.float32).reshape(
+            kg.shape
+        )
+        dp = jnp.einsum("bhqrd,bhqkd->bhqrk", dob, _flat(vg, kv=True), preferred_element_type=jnp.float32)
         ds = p * (dp - delta[..., None]) * cfg.sm_scale
-        dq = dq + jnp.einsum("bhqrk,bhqkd->bhqrd", ds.astype(k.dtype), _flat(kg, kv=True),
-                             preferred_element_type=jnp.float32)
-        dk_c = jnp.einsum("bhqrk,bhqrd->bhqkd", ds.astype(q.dtype), qb,
-                          preferred_element_type=jnp.float32).reshape(kg.shape)
+        dq = dq + jnp.einsum(
+            "bhqrk,bhqkd->bhqrd", ds.astype(k.dtype), _flat(kg, kv=True), preferred_element_type=jnp.float32
+        )
+        dk_c = jnp.einsum("bhqrk,bhqrd->bhqkd", ds.astype(q.dtype), qb, preferred_element_type=jnp.float32).reshape(
+            kg.shape
+        )
         hi = hk_idx[None, :, None, None]
         dk = dk.at[b_idx, hi, blk].add(dk_c)
         dv = dv.at[b_idx, hi, blk].add(dv_c)
         return (dq, dk, dv), None
 
-    init = (jnp.zeros((b, h, nq, bq, pdim), jnp.float32),
-            jnp.zeros((b, kv_heads, tk // bk, bk, pdim), jnp.float32),
-            jnp.zeros((b, kv_heads, tk // bk, bk, pdim), jnp.float32))
+    init = (
+        jnp.zeros((b, h, nq, bq, pdim), jnp.float32),
+        jnp.zeros((b, kv_heads, tk // bk, bk, pdim), jnp.float32),
+        jnp.zeros((b, kv_heads, tk // bk, bk, pdim), jnp.float32),
+    )
     (dq, dk, dv), _ = jax.lax.scan(step, init, (fetch_c, code_c))
     back = lambda x, ref, t: jnp.swapaxes(x.reshape(ref.shape)[:, :, :t], 1, 2).astype(ref.dtype)
     return back(dq, q, seq_q), back(dk, k, seq_k), back(dv, v, seq_k)

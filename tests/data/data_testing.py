@@ -1,4 +1,5 @@
 """Helpers shared by the data tests: configs, small corpora built on the spot, a tiny tokenizer.json."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,9 @@ def data_config(**overrides):
     return data
 
 
-def write_text_corpus(root, n: int, *, seed: int = 0, min_words: int = 5, max_words: int = 400,
-                      nested: bool = True) -> list[str]:
+def write_text_corpus(
+    root, n: int, *, seed: int = 0, min_words: int = 5, max_words: int = 400, nested: bool = True
+) -> list[str]:
     """`n` text files of random words under `root` (some in a sub-directory); returns their texts."""
     rng = np.random.default_rng(seed)
     os.makedirs(root, exist_ok=True)
@@ -47,11 +49,16 @@ def write_random_bytes_corpus(root, n: int, *, seed: int = 0, min_len: int = 20,
 def train_hf_tokenizer(path, texts, vocab_size: int = 300) -> str:
     """Trains a byte-level BPE `tokenizer.json` on `texts` (no download) with `<|endoftext|>`; returns its path."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     tok.save(str(path))
     return str(path)
@@ -72,8 +79,9 @@ def tfds_builder(tmp_path):
             VERSION = tfds.core.Version("1.0.0")
 
             def _info(self):
-                return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-                    {"text": tfds.features.Text()}))
+                return tfds.core.DatasetInfo(
+                    builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()})
+                )
 
             def _split_generators(self, dl_manager):
                 return {"train": self._generate_examples(0, 10), "validation": self._generate_examples(10, 13)}
@@ -92,4 +100,5 @@ def same_batches(a: list[dict], b: list[dict]) -> bool:
     """Bitwise equality of two lists of batches (same keys, dtypes and values)."""
     return len(a) == len(b) and all(
         x.keys() == y.keys() and all(x[k].dtype == y[k].dtype and np.array_equal(x[k], y[k]) for k in x)
-        for x, y in zip(a, b))
+        for x, y in zip(a, b)
+    )

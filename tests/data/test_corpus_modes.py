@@ -1,5 +1,6 @@
 """Training on prepared shards: EOS in concat-and-chunk, packing with segment ids, decomposition over
 shards, several hosts, exact resume, the toy-corpus guard and `describe`."""
+
 import json
 
 import grain
@@ -42,7 +43,7 @@ def test_concat_and_chunk_puts_eos_between_documents(corpus):
     source = pl.example_source(_shards(corpus), "train", 64)
     assert len(source) == (len(stream) - 1) // 64
     for i in [0, 1, 7, len(source) // 2, len(source) - 1]:
-        np.testing.assert_array_equal(source[i]["tokens"], stream[i * 64: (i + 1) * 64 + 1])
+        np.testing.assert_array_equal(source[i]["tokens"], stream[i * 64 : (i + 1) * 64 + 1])
     in_memory = pl.example_source(_text(corpus), "train", 64)
     assert all(np.array_equal(in_memory[i]["tokens"], source[i]["tokens"]) for i in range(len(source)))
     batch = next(pl.make_batches(_shards(corpus, batch_size=4, seq_len=64)))
@@ -79,8 +80,12 @@ def test_packing_trains_every_token_once_per_epoch():
             expected[(int(a), int(b))] = 1
     pieces = DocumentPieces(docs, 64, eos_id=0)
     assert len(pieces) == int(np.sum(-(-lengths // 64)))
-    ds = FirstFitPackIterDataset(grain.MapDataset.source(pieces).shuffle(seed=3).to_iter_dataset(),
-                                 length_struct={"tokens": 65}, num_packing_bins=4, shuffle_bins=False)
+    ds = FirstFitPackIterDataset(
+        grain.MapDataset.source(pieces).shuffle(seed=3).to_iter_dataset(),
+        length_struct={"tokens": 65},
+        num_packing_bins=4,
+        shuffle_bins=False,
+    )
     seen: dict = {}
     for raw in ds:
         row = packed_inputs(raw)

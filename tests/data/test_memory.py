@@ -1,5 +1,6 @@
 """Reading prepared shards keeps memory bounded: streaming a corpus 8x larger does not grow the
 process by more than a few MiB, far below the corpus's own size as int32 tokens."""
+
 import numpy as np
 from data_testing import data_config
 
@@ -30,8 +31,9 @@ def _stream(path: str) -> int:
     RSS growth in bytes measured after a warm-up (readers opened, buffers allocated)."""
     docs = ShardDocuments(path)
     rows = pl.FixedLengthBatches(data_config(source="shards", path=path, seq_len=1024, batch_size=8))
-    packed = pl.make_batches(data_config(source="shards", path=path, mode="packed", seq_len=1024, batch_size=8,
-                                         pack_bins=16))
+    packed = pl.make_batches(
+        data_config(source="shards", path=path, mode="packed", seq_len=1024, batch_size=8, pack_bins=16)
+    )
     n_rows = len(pl.example_source(data_config(source="shards", path=path), "train", 1024)) // 8  # batches / epoch
     n_packed = docs.num_tokens // (8 * 1024)
     warm = max(1, len(docs) // 20)

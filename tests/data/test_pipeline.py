@@ -1,4 +1,5 @@
 """Grain pipelines: synthetic tasks, text files, TFDS (built locally and mocked), decomposition."""
+
 import numpy as np
 import pytest
 from data_testing import data_config as _data
@@ -84,21 +85,30 @@ def test_text_files_split_and_errors(tmp_path):
 
 def test_sentencepiece_tokenizer(tmp_path):
     import sentencepiece as spm  # in the `test` extra
+
     corpus = tmp_path / "docs"
     corpus.mkdir()
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa"]
     rng = np.random.default_rng(0)
     for i in range(12):
         (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(words, 200)) + "\n")
-    spm.SentencePieceTrainer.train(input=",".join(str(p) for p in sorted(corpus.iterdir())),
-                                   model_prefix=str(tmp_path / "sp"), vocab_size=40, model_type="bpe",
-                                   num_threads=1, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=",".join(str(p) for p in sorted(corpus.iterdir())),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=40,
+        model_type="bpe",
+        num_threads=1,
+        minloglevel=2,
+    )
     tok = load_tokenizer(str(tmp_path / "sp.model"))
     ids = tok("gamma delta kappa")
     assert tok.vocab_size == 40 and ids.dtype == np.int32 and len(ids) < len("gamma delta kappa")
     assert tok.sp.decode(ids.tolist()) == "gamma delta kappa"
-    batch = next(make_batches(_data(source="text", path=str(corpus), batch_size=2, seq_len=16,
-                                    sp_model=str(tmp_path / "sp.model"))))
+    batch = next(
+        make_batches(
+            _data(source="text", path=str(corpus), batch_size=2, seq_len=16, sp_model=str(tmp_path / "sp.model"))
+        )
+    )
     assert batch["inputs"].max() < 40 and (batch["targets"][:, :-1] == batch["inputs"][:, 1:]).all()
     with pytest.raises(ValueError, match="does not exist"):
         load_tokenizer(str(tmp_path / "missing.model"))
@@ -112,9 +122,18 @@ def test_default_corpus_is_python_stdlib():
 def test_decomposition_batches_constant_tokens_and_resume(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(40):
-        (tmp_path / f"d{i}.txt").write_bytes(rng.integers(97, 123, int(rng.integers(20, 900))).astype(np.uint8).tobytes())
-    data = _data(source="text", path=str(tmp_path), mode="decomposition", min_log2=4, max_log2=7,
-                 tokens_per_step=256, curriculum="uniform")
+        (tmp_path / f"d{i}.txt").write_bytes(
+            rng.integers(97, 123, int(rng.integers(20, 900))).astype(np.uint8).tobytes()
+        )
+    data = _data(
+        source="text",
+        path=str(tmp_path),
+        mode="decomposition",
+        min_log2=4,
+        max_log2=7,
+        tokens_per_step=256,
+        curriculum="uniform",
+    )
     it = make_batches(data)
     shapes = []
     for _ in range(6):
@@ -133,8 +152,9 @@ def test_decomposition_batches_constant_tokens_and_resume(tmp_path):
 
 
 def test_decomposition_synthetic_buckets():
-    data = _data(source="recall", mode="decomposition", min_log2=5, max_log2=7, tokens_per_step=512,
-                 curriculum="uniform")
+    data = _data(
+        source="recall", mode="decomposition", min_log2=5, max_log2=7, tokens_per_step=512, curriculum="uniform"
+    )
     it = make_batches(data)
     lengths = {next(it)["inputs"].shape[1] for _ in range(12)}
     assert lengths <= {32, 64, 128} and len(lengths) > 1
@@ -142,14 +162,22 @@ def test_decomposition_synthetic_buckets():
 
 def test_tfds_local_builder_through_grain(tmp_path):
     import tensorflow_datasets  # noqa: F401  (a dependency; a missing one must fail, not skip)
+
     builder = tfds_builder(tmp_path)
     data = _data(source="tfds", tfds_name=builder.name, tfds_data_dir=str(tmp_path), batch_size=2, seq_len=64)
     batch = next(make_batches(data))
     assert batch["inputs"].shape == (2, 64)
     text = bytes(np.concatenate([batch["inputs"][0], batch["targets"][0][-1:]]).astype(np.uint8))
     assert b"lorem ipsum" in text
-    dd = _data(source="tfds", tfds_name=builder.name, tfds_data_dir=str(tmp_path), mode="decomposition",
-               min_log2=4, max_log2=6, tokens_per_step=128)
+    dd = _data(
+        source="tfds",
+        tfds_name=builder.name,
+        tfds_data_dir=str(tmp_path),
+        mode="decomposition",
+        min_log2=4,
+        max_log2=6,
+        tokens_per_step=128,
+    )
     assert next(make_batches(dd))["inputs"].size == 128
     with pytest.raises(ValueError, match="cannot open TFDS dataset"):
         make_batches(_data(source="tfds", tfds_name="no_such_dataset_xyz", tfds_data_dir=str(tmp_path)))
@@ -157,6 +185,7 @@ def test_tfds_local_builder_through_grain(tmp_path):
 
 def test_tfds_mock_data_pg19():
     import tensorflow_datasets as tfds
+
     with tfds.testing.mock_data(num_examples=6):
         data = _data(source="tfds", tfds_name="pg19", tfds_text_key="book_text", batch_size=1, seq_len=8)
         batch = next(make_batches(data))

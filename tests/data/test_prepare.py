@@ -1,4 +1,5 @@
 """`zoo data prepare`: every source into shards, read back exactly; resume, parallel workers, errors."""
+
 import argparse
 import json
 import os
@@ -60,8 +61,18 @@ def test_hf_tokenizer_and_cli_hooks(tmp_path, capsys):
     texts = write_text_corpus(tmp_path / "in", 20, nested=False)
     tok_path = train_hf_tokenizer(tmp_path / "tokenizer.json", texts)
     parser = pp.add_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
-                              "--tokenizer", tok_path, "--shard-mb", "0.002"])
+    args = parser.parse_args(
+        [
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / "out"),
+            "--tokenizer",
+            tok_path,
+            "--shard-mb",
+            "0.002",
+        ]
+    )
     assert pp.run(args) == 0
     out = capsys.readouterr().out
     assert "prepared" in out and "data.source=shards" in out and "hf " in out
@@ -140,9 +151,11 @@ def test_jsonl_byte_ranges(tmp_path):
 
 def test_tfds_dataset(tmp_path):
     import tensorflow_datasets as tfds
+
     builder = tfds_builder(tmp_path / "tfds")
-    m = pp.prepare("tfds", str(tmp_path / "tfds"), str(tmp_path / "out"), tfds_name=builder.name,
-                   docs_per_shard=4, workers=2)
+    m = pp.prepare(
+        "tfds", str(tmp_path / "tfds"), str(tmp_path / "out"), tfds_name=builder.name, docs_per_shard=4, workers=2
+    )
     assert m["source"]["splits"] == {"train": "train", "validation": "validation"}
     assert m["splits"]["train"]["documents"] == 10 and m["splits"]["validation"]["documents"] == 3
     assert len(m["splits"]["train"]["shards"]) == 3
@@ -151,8 +164,9 @@ def test_tfds_dataset(tmp_path):
     source = tfds.data_source(builder.name, split="train", data_dir=str(tmp_path / "tfds"))
     assert train == [source[i]["text"].decode() for i in range(10)]  # TFDS's record order
     assert sorted(train) == sorted(f"doc {i}: " + "lorem ipsum " * (20 + i) for i in range(10))
-    m2 = pp.prepare("tfds", str(tmp_path / "tfds"), str(tmp_path / "hashed"), tfds_name=builder.name,
-                    splits="train=validation")
+    m2 = pp.prepare(
+        "tfds", str(tmp_path / "tfds"), str(tmp_path / "hashed"), tfds_name=builder.name, splits="train=validation"
+    )
     assert m2["splits"]["train"]["documents"] == 3 and m2["splits"]["validation"]["documents"] == 0
     with pytest.raises(ValueError, match="cannot open TFDS dataset 'no_such_dataset_xyz'"):
         pp.prepare("tfds", str(tmp_path / "tfds"), str(tmp_path / "x"), tfds_name="no_such_dataset_xyz")
@@ -160,10 +174,11 @@ def test_tfds_dataset(tmp_path):
 
 def test_hugging_face_datasets_directory(tmp_path):
     import datasets
-    rows = {"train": [f"train row {i} " + "word " * i for i in range(30)],
-            "test": [f"test row {i}" for i in range(7)]}
-    dd = datasets.DatasetDict({k: datasets.Dataset.from_dict({"body": v, "n": list(range(len(v)))})
-                               for k, v in rows.items()})
+
+    rows = {"train": [f"train row {i} " + "word " * i for i in range(30)], "test": [f"test row {i}" for i in range(7)]}
+    dd = datasets.DatasetDict(
+        {k: datasets.Dataset.from_dict({"body": v, "n": list(range(len(v)))}) for k, v in rows.items()}
+    )
     dd.save_to_disk(str(tmp_path / "hf"), max_shard_size="1KB")
     m = pp.prepare("hf", str(tmp_path / "hf"), str(tmp_path / "out"), text_key="body", docs_per_shard=8)
     assert m["source"]["splits"] == {"train": "train", "test": "validation"}

@@ -1,4 +1,5 @@
 """The Tokenizer interface: bytes, SentencePiece and tokenizer.json, their EOS, specs and errors."""
+
 import json
 import os
 
@@ -27,8 +28,10 @@ def test_hf_tokenizer_json(tmp_path):
     ids = tok.encode("gamma delta kappa")
     assert ids.dtype == np.int32 and 0 < len(ids) < len("gamma delta kappa")
     assert tok.decode(ids) == "gamma delta kappa" and tok.eos_id not in ids.tolist()
-    assert [x.tolist() for x in tok.encode_batch(["alpha beta", b"zeta"])] == [tok.encode("alpha beta").tolist(),
-                                                                             tok.encode("zeta").tolist()]
+    assert [x.tolist() for x in tok.encode_batch(["alpha beta", b"zeta"])] == [
+        tok.encode("alpha beta").tolist(),
+        tok.encode("zeta").tolist(),
+    ]
     spec = tok.spec()
     assert spec["kind"] == "hf" and spec["sha256"] == tk.file_sha256(path) and spec["path"] == os.path.abspath(path)
     assert tk.from_spec(spec).encode("alpha beta").tolist() == tok.encode("alpha beta").tolist()
@@ -48,11 +51,18 @@ def test_hf_tokenizer_json(tmp_path):
 
 def test_sentencepiece_tokenizer(tmp_path):
     import sentencepiece as spm
+
     corpus = tmp_path / "c.txt"
     rng = np.random.default_rng(0)
     corpus.write_text("\n".join(" ".join(rng.choice(WORDS, 30)) for _ in range(50)))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=48,
-                                   model_type="bpe", num_threads=1, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=48,
+        model_type="bpe",
+        num_threads=1,
+        minloglevel=2,
+    )
     tok = tk.load_tokenizer(str(tmp_path / "sp.model"))
     assert isinstance(tok, tk.SentencePieceTokenizer) and tok.vocab_size == 48 and tok.eos_id == 2
     ids = tok.encode(b"gamma delta")

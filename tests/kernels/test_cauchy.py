@@ -7,14 +7,12 @@ since the sums cancel) and must stay below the tolerance table. Pallas runs with
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax
-import jax.numpy as jnp
-
-from pallas_kernels.cauchy import BlockSizes, cauchy, vandermonde
-from pallas_kernels.cauchy import pallas_cauchy, reference
+from pallas_kernels.cauchy import BlockSizes, cauchy, pallas_cauchy, reference, vandermonde
 
 # relative (to max|ref|) tolerance per dtype; forward and gradient
 TOL = {jnp.complex64: {"fwd": 2e-5, "grad": 5e-5}}
@@ -107,7 +105,9 @@ class TestParity:
     def test_cauchy_vjp(self, impl, n, length, batch, conj):
         rng = np.random.default_rng(7 + n)
         v, z, w = _s4_like(rng, batch, n, length)
-        g = jnp.asarray((rng.normal(size=(*batch, length)) + 1j * rng.normal(size=(*batch, length))).astype(np.complex64))
+        g = jnp.asarray(
+            (rng.normal(size=(*batch, length)) + 1j * rng.normal(size=(*batch, length))).astype(np.complex64)
+        )
         _, vjp_ref = jax.vjp(lambda *a: reference.cauchy(*a, conj=conj), v, z, w)
         _, vjp_got = jax.vjp(lambda *a: _call(cauchy, impl, *a, conj=conj), v, z, w)
         for name, a, b in zip("vzw", vjp_got(g), vjp_ref(g)):

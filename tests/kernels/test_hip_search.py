@@ -58,20 +58,25 @@ def search(q, k, **kw):
 
 
 def _inputs(seed=0, b=1, t=300, h=4, kv=2, p=16, length_scale=48.0, tq=None):
-    q, k = hip.locality_inputs(jax.random.key(seed), batch=b, seq=t, heads=h, kv_heads=kv,
-                               head_dim=p, length_scale=length_scale)
+    q, k = hip.locality_inputs(
+        jax.random.key(seed), batch=b, seq=t, heads=h, kv_heads=kv, head_dim=p, length_scale=length_scale
+    )
     return (q if tq is None else q[:, -tq:]), k
 
 
-@pytest.mark.parametrize("causal, window, sinks, tq", [(True, 32, 8, None), (True, None, 0, 200),
-                                                       (False, None, 20, None)])
+@pytest.mark.parametrize(
+    "causal, window, sinks, tq", [(True, 32, 8, None), (True, None, 0, 200), (False, None, 20, None)]
+)
 def test_search_matches_numpy_replica(causal, window, sinks, tq):
     """The jax search (scores inherited by left halves) == the paper's search written in numpy
     on independently computed exact block scores (T not a multiple of the block, GQA)."""
     bq, bk, kk = 16, 16, 4
     q, k = _inputs(1, tq=tq)
-    got = np.asarray(search(q, k, k_blocks=kk, block_q=bq, block_k=bk, window=window,
-                            sinks=sinks, causal=causal, implementation="xla"))
+    got = np.asarray(
+        search(
+            q, k, k_blocks=kk, block_q=bq, block_k=bk, window=window, sinks=sinks, causal=causal, implementation="xla"
+        )
+    )
     tq_, tk = q.shape[1], k.shape[1]
     score = numpy_block_scores(q, k, bq, bk, causal)
     nq, nk = score.shape[2:]
@@ -95,8 +100,9 @@ def test_pallas_scores_equal_xla(backend):
     returns the same blocks."""
     bq, bk = 16, 16
     q, k = _inputs(2, t=120, tq=50)
-    cfg, _, _ = common.validate(q, k, k, None, None, causal=True, window=None, sinks=0,
-                                block_q=bq, block_k=bk, sm_scale=None)
+    cfg, _, _ = common.validate(
+        q, k, k, None, None, causal=True, window=None, sinks=0, block_q=bq, block_k=bk, sm_scale=None
+    )
     cand = jax.random.randint(jax.random.key(3), (1, 4, cfg.nq, 5), 0, cfg.nk)
     kernel = pallas_gpu.score_blocks if backend == "gpu" else pallas_tpu.score_blocks
     got = jax.jit(lambda q, k, c: kernel(q, k, c, cfg, interpret=True))(q, k, cand)
@@ -105,7 +111,8 @@ def test_pallas_scores_equal_xla(backend):
     kw = {"k_blocks": 3, "block_q": bq, "block_k": bk, "window": 24, "sinks": 4}
     np.testing.assert_array_equal(
         search(q, k, implementation="pallas", interpret=True, backend=backend, **kw),
-        search(q, k, implementation="xla", **kw))
+        search(q, k, implementation="xla", **kw),
+    )
 
 
 def test_tpu_interpreter_scoring():
@@ -113,9 +120,9 @@ def test_tpu_interpreter_scoring():
     q, k = _inputs(4, t=16, h=2, kv=1, p=8)
     kw = {"k_blocks": 1, "block_q": 8, "block_k": 8, "window": 8, "sinks": 0}
     np.testing.assert_array_equal(
-        search(q, k, implementation="pallas", interpret=pltpu.InterpretParams(), backend="tpu",
-               **kw),
-        search(q, k, implementation="xla", **kw))
+        search(q, k, implementation="pallas", interpret=pltpu.InterpretParams(), backend="tpu", **kw),
+        search(q, k, implementation="xla", **kw),
+    )
 
 
 def test_decode_matches_prefill_with_block_q_1():
@@ -144,8 +151,7 @@ def test_extra_rounds_change_nothing():
     lo = jnp.asarray([0, 3, 0, 10, 38, 0], jnp.int32)
     hi = jnp.asarray([40, 40, 7, 25, 40, 0], jnp.int32)
     fn = lambda cand: jnp.take_along_axis(score, jnp.clip(cand, 0, 39), axis=-1)
-    run = jax.jit(lambda lo, hi, bound: hip_search(fn, lo, hi, k_blocks=5, num_blocks=bound),
-                  static_argnums=2)
+    run = jax.jit(lambda lo, hi, bound: hip_search(fn, lo, hi, k_blocks=5, num_blocks=bound), static_argnums=2)
     base = run(lo, hi, 40)
     for bound in (80, 1000):
         np.testing.assert_array_equal(run(lo, hi, bound), base)
@@ -161,8 +167,7 @@ def test_recall_on_locality_data():
     kw = {"k_blocks": kk, "block_q": bq, "block_k": bk, "window": 64, "sinks": 32}
     recalls = {}
     for ls in (0.0, 256.0):
-        q, k = hip.locality_inputs(jax.random.key(7), batch=1, seq=t, heads=2, kv_heads=1,
-                                   head_dim=32, length_scale=ls)
+        q, k = hip.locality_inputs(jax.random.key(7), batch=1, seq=t, heads=2, kv_heads=1, head_dim=32, length_scale=ls)
         found = search(q, k, implementation="xla", **kw)
         scores = jax.jit(lambda q, k: hip.exact_block_scores(q, k, block_q=bq, block_k=bk))(q, k)
         exact, n_search = hip.exact_top_blocks(scores, seq_q=t, seq_k=t, **kw)
@@ -193,10 +198,11 @@ def test_search_range_jit_and_shapes():
     t, bq, bk, kk, window, sinks = 300, 16, 8, 3, 24, 16
     q = jnp.asarray(rng.normal(size=(2, t, 2, 8)), jnp.bfloat16)
     k = jnp.asarray(rng.normal(size=(2, t, 1, 8)), jnp.bfloat16)
-    f = jax.jit(hip_block_indices, static_argnames=("k_blocks", "block_q", "block_k", "window",
-                                                    "sinks", "causal", "implementation"))
-    idx = np.asarray(f(q, k, k_blocks=kk, block_q=bq, block_k=bk, window=window, sinks=sinks,
-                       implementation="xla"))
+    f = jax.jit(
+        hip_block_indices,
+        static_argnames=("k_blocks", "block_q", "block_k", "window", "sinks", "causal", "implementation"),
+    )
+    idx = np.asarray(f(q, k, k_blocks=kk, block_q=bq, block_k=bk, window=window, sinks=sinks, implementation="xla"))
     nq = common.cdiv(t, bq)
     assert idx.shape == (2, 2, nq, kk) and idx.dtype == np.int32
     for i in range(nq):
@@ -222,12 +228,25 @@ def test_scoring_lowers_for_gpu_and_tpu(platform, monkeypatch):
     monkeypatch.setattr(tpu_info, "get_num_device_cores", lambda: 1)
     backend = {"tpu": "tpu", "cuda": "gpu"}[platform]
     blk = 64 if backend == "gpu" else 128
-    structs = [jax.ShapeDtypeStruct((1, 1000, 4, 128), jnp.bfloat16),
-               jax.ShapeDtypeStruct((1, 1000, 2, 128), jnp.bfloat16)]
+    structs = [
+        jax.ShapeDtypeStruct((1, 1000, 4, 128), jnp.bfloat16),
+        jax.ShapeDtypeStruct((1, 1000, 2, 128), jnp.bfloat16),
+    ]
     exported = export.export(
-        jax.jit(lambda q, k: hip_block_indices(q, k, k_blocks=2, block_q=blk, block_k=blk,
-                                               window=128, sinks=16, implementation="pallas",
-                                               interpret=False, backend=backend)),
+        jax.jit(
+            lambda q, k: hip_block_indices(
+                q,
+                k,
+                k_blocks=2,
+                block_q=blk,
+                block_k=blk,
+                window=128,
+                sinks=16,
+                implementation="pallas",
+                interpret=False,
+                backend=backend,
+            )
+        ),
         platforms=(platform,),
         disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
     )(*structs)

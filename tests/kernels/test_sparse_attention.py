@@ -51,10 +51,10 @@ CASES = [
     Case("dense_noncausal_segments", causal=False, segments=True),
     Case("dense_table_tiles", tq=70, tk=70, tiles=True),
     Case("window_only", window=9),
-    Case("blocks_window_sinks_tq_lt_tk_mqa_segments", n_listed=3, window=5, sinks=3, tq=24,
-         tk=56, kv=1, segments=True),
-    Case("blocks_window_sinks_noncausal_p72", n_listed=3, window=6, sinks=2, causal=False, tq=24,
-         tk=50, h=2, kv=2, p=72),
+    Case("blocks_window_sinks_tq_lt_tk_mqa_segments", n_listed=3, window=5, sinks=3, tq=24, tk=56, kv=1, segments=True),
+    Case(
+        "blocks_window_sinks_noncausal_p72", n_listed=3, window=6, sinks=2, causal=False, tq=24, tk=50, h=2, kv=2, p=72
+    ),
     Case("random_blocks", n_listed=4, tq=48, tk=64),
     Case("decode_rows_tq_lt_tk", tq=5, tk=45, n_listed=2, window=7, bq=16),
     Case("tq_gt_tk", tq=48, tk=20),  # the first queries sit before every key: zero rows
@@ -67,12 +67,14 @@ CASES = [
 # Each kernel backend: the dense variant (causal with tails and GQA; non-causal with segments)
 # and the table variant (blocks + window + sinks: causal with Tq < Tk, MQA and segment ids;
 # non-causal with head dim 72 and T not a multiple of the block).
-_KERNEL_FAST = ("dense_causal_gqa_tail", "dense_noncausal_segments",
-                "blocks_window_sinks_tq_lt_tk_mqa_segments", "blocks_window_sinks_noncausal_p72")
-FAST = {"xla": ("dense_causal_gqa_tail", "blocks_window_sinks_noncausal_p72"),
-        "tpu": _KERNEL_FAST, "gpu": _KERNEL_FAST}
-FAST_BF16 = {"xla": ("random_blocks",), "tpu": ("random_blocks",),
-             "gpu": ("dense_causal_gqa_tail",)}
+_KERNEL_FAST = (
+    "dense_causal_gqa_tail",
+    "dense_noncausal_segments",
+    "blocks_window_sinks_tq_lt_tk_mqa_segments",
+    "blocks_window_sinks_noncausal_p72",
+)
+FAST = {"xla": ("dense_causal_gqa_tail", "blocks_window_sinks_noncausal_p72"), "tpu": _KERNEL_FAST, "gpu": _KERNEL_FAST}
+FAST_BF16 = {"xla": ("random_blocks",), "tpu": ("random_blocks",), "gpu": ("dense_causal_gqa_tail",)}
 
 
 def make_inputs(case: Case, dtype, seed=0):
@@ -92,7 +94,7 @@ def make_inputs(case: Case, dtype, seed=0):
         kw["block_indices"] = jnp.asarray(bi, jnp.int32)
     if case.segments:
         seg = np.cumsum(rng.random((case.b, case.tk)) < 0.1, axis=1)
-        kw["segment_ids"] = (jnp.asarray(seg[:, -case.tq:], jnp.int32), jnp.asarray(seg, jnp.int32))
+        kw["segment_ids"] = (jnp.asarray(seg[:, -case.tq :], jnp.int32), jnp.asarray(seg, jnp.int32))
     return q, k, v, kw
 
 
@@ -193,10 +195,8 @@ def test_reference_is_dense_attention():
     q, k, v, kw = make_inputs(Case("d", tq=33, tk=33), jnp.float32)
     for causal in (True, False):
         kw["causal"] = causal
-        expect = jax.nn.dot_product_attention(q, jnp.repeat(k, 2, 2), jnp.repeat(v, 2, 2),
-                                              is_causal=causal)
-        np.testing.assert_allclose(run("reference", q, k, v, kw, grads=False), expect, atol=2e-6,
-                                   rtol=0)
+        expect = jax.nn.dot_product_attention(q, jnp.repeat(k, 2, 2), jnp.repeat(v, 2, 2), is_causal=causal)
+        np.testing.assert_allclose(run("reference", q, k, v, kw, grads=False), expect, atol=2e-6, rtol=0)
 
 
 def test_reference_window_matches_explicit_mask():
@@ -211,16 +211,16 @@ def test_reference_window_matches_explicit_mask():
         vis = [j for j in range(case.tk) if (p - 3 < j <= p or j < 2) and j <= p]
         w = np.exp(s[i, vis] - s[i, vis].max())
         out[i] = (w / w.sum()) @ np.asarray(v[0, vis, 0])
-    np.testing.assert_allclose(run("reference", q, k, v, kw, grads=False)[0, :, 0], out,
-                               atol=1e-5)
+    np.testing.assert_allclose(run("reference", q, k, v, kw, grads=False)[0, :, 0], out, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- tables
 
 
 def test_slot_table_dedups_classifies_and_orders():
-    cfg = common.Config(seq_q=8, seq_k=40, block_q=8, block_k=8, causal=True, window=3, sinks=1,
-                        sm_scale=1.0, dense=False)
+    cfg = common.Config(
+        seq_q=8, seq_k=40, block_q=8, block_k=8, causal=True, window=3, sinks=1, sm_scale=1.0, dense=False
+    )
     bi = jnp.asarray([[[[3, -1, 3, 0, 9, 2]]]], jnp.int32)  # dup, padding, out of range
     t = common.slot_table(bi, cfg, 1, 1)
     n = int(t.n_valid[0, 0, 0])
@@ -241,8 +241,7 @@ def _visits(table, kv_heads):
     out = set()
     for bi, hi, i, si in np.ndindex(b, h, nq, s):
         if table.code[bi, hi, i, si] >= 0:
-            out.add((bi, hi // g, hi % g, i, int(table.fetch[bi, hi, i, si]),
-                     int(table.code[bi, hi, i, si])))
+            out.add((bi, hi // g, hi % g, i, int(table.fetch[bi, hi, i, si]), int(table.code[bi, hi, i, si])))
     return out
 
 
@@ -251,14 +250,15 @@ def test_transposed_tables_list_the_same_visits():
     by key block, FULL first (CSR), one placeholder per key block (flat)."""
     case = Case("t", b=2, tq=48, tk=70, h=4, kv=2, n_listed=3, window=10, sinks=4)
     q, k, v, kw = make_inputs(case, jnp.float32)
-    cfg, _, _ = common.validate(q, k, v, kw["block_indices"], None, causal=True, window=10,
-                                sinks=4, block_q=16, block_k=16, sm_scale=None)
-    table = jax.tree.map(np.asarray, jax.jit(common.slot_table, static_argnums=(1, 2, 3))(
-        kw["block_indices"], cfg, 2, 4))
+    cfg, _, _ = common.validate(
+        q, k, v, kw["block_indices"], None, causal=True, window=10, sinks=4, block_q=16, block_k=16, sm_scale=None
+    )
+    table = jax.tree.map(
+        np.asarray, jax.jit(common.slot_table, static_argnums=(1, 2, 3))(kw["block_indices"], cfg, 2, 4)
+    )
     want = _visits(table, 2)
     nq, nk = cfg.nq, cfg.nk
-    kt = jax.tree.map(np.asarray, jax.jit(common.transpose_table, static_argnums=(1, 2))(
-        table, cfg, 2))
+    kt = jax.tree.map(np.asarray, jax.jit(common.transpose_table, static_argnums=(1, 2))(table, cfg, 2))
     got = set()
     for bi, ki, j in np.ndindex(2, 2, nk):
         start, mid, end, _ = kt.bounds[bi, ki, j]
@@ -267,8 +267,7 @@ def test_transposed_tables_list_the_same_visits():
             assert (code == common.FULL) == (r < mid)
             got.add((bi, ki, src // nq, src % nq, j, code))
     assert got == want
-    ft = jax.tree.map(np.asarray, jax.jit(common.flat_key_table, static_argnums=(1, 2))(
-        table, cfg, 2))
+    ft = jax.tree.map(np.asarray, jax.jit(common.flat_key_table, static_argnums=(1, 2))(table, cfg, 2))
     got, placeholders = set(), set()
     for bi, ki in np.ndindex(2, 2):
         for e in range(ft.blk.shape[-1]):
@@ -283,13 +282,24 @@ def test_transposed_tables_list_the_same_visits():
     assert placeholders == set(np.ndindex(2, 2, nk))
 
 
-@pytest.mark.parametrize("causal, tq, segmented", [(True, 40, False), (True, 24, False),
-                                                   (False, 40, False), (True, 40, True)])
+@pytest.mark.parametrize(
+    "causal, tq, segmented", [(True, 40, False), (True, 24, False), (False, 40, False), (True, 40, True)]
+)
 def test_dense_bounds_match_the_table(causal, tq, segmented):
     """The arithmetic block ranges of the dense kernels equal the dense pattern's slot table, and
     the key-major ranges are their transpose."""
-    cfg = common.Config(seq_q=tq, seq_k=40, block_q=8, block_k=16, causal=causal, window=None,
-                        sinks=0, sm_scale=1.0, dense=True, segmented=segmented)
+    cfg = common.Config(
+        seq_q=tq,
+        seq_k=40,
+        block_q=8,
+        block_k=16,
+        causal=causal,
+        window=None,
+        sinks=0,
+        sm_scale=1.0,
+        dense=True,
+        segmented=segmented,
+    )
     table = jax.jit(common.slot_table, static_argnums=(1, 2, 3))(None, cfg, 1, 1)
     i = jnp.arange(cfg.nq)
     n_full, n_vis = common.dense_bounds(i, cfg)
@@ -306,8 +316,9 @@ def test_dense_bounds_match_the_table(causal, tq, segmented):
 def test_cost_model_counts_the_visited_blocks():
     """The CostEstimate's visited-pair count of a dense pattern equals its slot table's."""
     for causal in (True, False):
-        cfg = common.Config(seq_q=100, seq_k=130, block_q=16, block_k=32, causal=causal,
-                            window=None, sinks=0, sm_scale=1.0, dense=True)
+        cfg = common.Config(
+            seq_q=100, seq_k=130, block_q=16, block_k=32, causal=causal, window=None, sinks=0, sm_scale=1.0, dense=True
+        )
         table = jax.jit(common.slot_table, static_argnums=(1, 2, 3))(None, cfg, 1, 1)
         assert common.visited_pairs(cfg, None) == int(table.n_valid.sum())
 
@@ -319,12 +330,24 @@ def test_cost_model_counts_the_visited_blocks():
 def test_tpu_interpreter_forward_and_backward(listed):
     """The TPU kernels (forward, dQ, dK/dV of the table or dense variant) under the TPU-semantics
     interpreter, which also rejects out-of-bounds block reads."""
-    case = Case("tpu", tq=8, tk=16, h=2, kv=1, p=8, bq=8, bk=8, n_listed=2 if listed else 0,
-                window=3 if listed else None, sinks=1 if listed else 0)
+    case = Case(
+        "tpu",
+        tq=8,
+        tk=16,
+        h=2,
+        kv=1,
+        p=8,
+        bq=8,
+        bk=8,
+        n_listed=2 if listed else 0,
+        window=3 if listed else None,
+        sinks=1 if listed else 0,
+    )
     q, k, v, kw = make_inputs(case, jnp.float32)
     do = jnp.asarray(np.random.default_rng(5).normal(size=q.shape), jnp.float32)
-    f = lambda q, k, v: sparse_attention(q, k, v, implementation="pallas", backend="tpu",
-                                         interpret=pltpu.InterpretParams(), **kw)
+    f = lambda q, k, v: sparse_attention(
+        q, k, v, implementation="pallas", backend="tpu", interpret=pltpu.InterpretParams(), **kw
+    )
     out, vjp = jax.vjp(f, q, k, v)
     ref, ref_g = run("reference", q, k, v, kw, do)
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
@@ -339,16 +362,29 @@ def test_tpu_unit_chunks_split_large_tables(monkeypatch):
     want = run("reference", q, k, v, kw)
     # Slot table: 36 words per unit (2 per call); key table: 78 words per unit (1 per call).
     monkeypatch.setattr(pallas_tpu, "SMEM_WORDS", 100)
-    f = jax.jit(lambda q, k, v, bi: jax.vjp(lambda *a: sparse_attention(
-        *a, implementation="pallas", backend="tpu", interpret=True, block_indices=bi,
-        **{n: x for n, x in kw.items() if n != "block_indices"}), q, k, v)[1](jnp.ones_like(q)))
+    f = jax.jit(
+        lambda q, k, v, bi: jax.vjp(
+            lambda *a: sparse_attention(
+                *a,
+                implementation="pallas",
+                backend="tpu",
+                interpret=True,
+                block_indices=bi,
+                **{n: x for n, x in kw.items() if n != "block_indices"},
+            ),
+            q,
+            k,
+            v,
+        )[1](jnp.ones_like(q))
+    )
     got = f(q, k, v, kw["block_indices"])
     for g, g_ref in zip(got, want[1]):
         np.testing.assert_allclose(g, g_ref, atol=5e-5, rtol=0)
     monkeypatch.setattr(pallas_tpu, "SMEM_WORDS", 4)
     with pytest.raises(ValueError, match="SMEM"):
-        jax.jit(lambda q, k, v: sparse_attention(q, k, v, implementation="pallas", backend="tpu",
-                                                 interpret=True, **kw))(q, k, v)
+        jax.jit(
+            lambda q, k, v: sparse_attention(q, k, v, implementation="pallas", backend="tpu", interpret=True, **kw)
+        )(q, k, v)
 
 
 # ----------------------------------------------------------------------------- lowering
@@ -371,17 +407,21 @@ def test_pallas_lowers_for_gpu_and_tpu(platform, monkeypatch):
 
     def loss(q, k, v, bi, seg):
         dense = sparse_attention(q, k, v, **kw)
-        listed = sparse_attention(q, k, v, block_indices=bi, window=100, sinks=16,
-                                  segment_ids=seg, block_q=blk, block_k=blk, **kw)
+        listed = sparse_attention(
+            q, k, v, block_indices=bi, window=100, sinks=16, segment_ids=seg, block_q=blk, block_k=blk, **kw
+        )
         return jnp.sum(dense.astype(jnp.float32)) + jnp.sum(listed.astype(jnp.float32))
 
-    structs = [jax.ShapeDtypeStruct((b, t, h, p), jnp.bfloat16),
-               jax.ShapeDtypeStruct((b, t, kv, p), jnp.bfloat16),
-               jax.ShapeDtypeStruct((b, t, kv, p), jnp.bfloat16),
-               jax.ShapeDtypeStruct((b, h, nq, 3), jnp.int32),
-               jax.ShapeDtypeStruct((b, t), jnp.int32)]
+    structs = [
+        jax.ShapeDtypeStruct((b, t, h, p), jnp.bfloat16),
+        jax.ShapeDtypeStruct((b, t, kv, p), jnp.bfloat16),
+        jax.ShapeDtypeStruct((b, t, kv, p), jnp.bfloat16),
+        jax.ShapeDtypeStruct((b, h, nq, 3), jnp.int32),
+        jax.ShapeDtypeStruct((b, t), jnp.int32),
+    ]
     exported = export.export(
-        jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=(platform,),
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))),
+        platforms=(platform,),
         disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
     )(*structs)
     text = exported.mlir_module()
@@ -395,21 +435,24 @@ def test_pallas_lowers_for_gpu_and_tpu(platform, monkeypatch):
 # ----------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"window": 0}, "window"),
-    ({"sinks": -1}, "sinks"),
-    ({"block_q": 0, "block_k": 16}, "block_q"),
-    ({"implementation": "cuda"}, "implementation"),
-    ({"implementation": None}, "implementation"),
-    ({"block_indices": jnp.zeros((1, 4, 3, 3), jnp.int32)}, "block_indices"),  # 64-blocks: nq=1
-    ({"block_indices": jnp.zeros((1, 4, 2, 3), jnp.int32), "block_q": 16, "block_k": 16},
-     "block_indices"),
-    ({"segment_ids": jnp.zeros((1, 7), jnp.int32)}, "segment_ids"),
-    ({"implementation": "pallas", "backend": "gpu", "interpret": True, "block_q": 24,
-      "block_k": 16},
-     "power of two"),
-    ({"implementation": "pallas", "backend": "cuda", "interpret": True}, "backend"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"window": 0}, "window"),
+        ({"sinks": -1}, "sinks"),
+        ({"block_q": 0, "block_k": 16}, "block_q"),
+        ({"implementation": "cuda"}, "implementation"),
+        ({"implementation": None}, "implementation"),
+        ({"block_indices": jnp.zeros((1, 4, 3, 3), jnp.int32)}, "block_indices"),  # 64-blocks: nq=1
+        ({"block_indices": jnp.zeros((1, 4, 2, 3), jnp.int32), "block_q": 16, "block_k": 16}, "block_indices"),
+        ({"segment_ids": jnp.zeros((1, 7), jnp.int32)}, "segment_ids"),
+        (
+            {"implementation": "pallas", "backend": "gpu", "interpret": True, "block_q": 24, "block_k": 16},
+            "power of two",
+        ),
+        ({"implementation": "pallas", "backend": "cuda", "interpret": True}, "backend"),
+    ],
+)
 def test_validation_errors(bad, match):
     q, k, v, _ = make_inputs(Case("e"), jnp.float32)
     with pytest.raises(ValueError, match=match):

@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.ssd import IMPLEMENTATIONS, ssd, ssd_pallas, ssd_step
-from pallas_kernels.ssd import pallas_gpu
+from pallas_kernels.ssd import IMPLEMENTATIONS, pallas_gpu, ssd, ssd_pallas, ssd_step
 
 IMPLS = ("reference", "xla", "pallas", "pallas_tpu")
 CHUNKED = ("xla", "pallas", "pallas_tpu")
@@ -91,7 +90,7 @@ def make_inputs(
     return {k: cast(k, v) for k, v in args.items()}, {k: cast(k, v) for k, v in kw.items()}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(impl, chunk_size):
     return jax.jit(functools.partial(ssd_impl(impl), chunk_size=chunk_size, dt_softplus=True))
 
@@ -291,7 +290,7 @@ def assert_grads_close(grads, grads_ref, dtype):
         assert err <= GRAD_TOL[dtype], f"d{name}: max error {err:.2e} of max |grad| {scale:.3g}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference_grads(case):
     """The fp32 reference's gradients for a GRAD_CASES entry (shared by the implementations)."""
     args, kw, seq_idx, chunk, with_final, dtype = _grad_case(case)

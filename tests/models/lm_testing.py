@@ -1,4 +1,5 @@
 """Jitted calls of the LM protocol, shared by the model tests that check decode == parallel."""
+
 import jax.numpy as jnp
 from flax import nnx
 

@@ -1,12 +1,12 @@
 """HiP attention in the zoo: exactness when K covers everything, decode == prefill (per-query search),
 prefill then decode, drop-in use on trained / other models, config errors. The search itself is
 tested against its oracle in tests/kernels/test_hip_search.py."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from lm_testing import decode_all, decode_step, forward, prefill
 
 import zoo
@@ -75,6 +75,7 @@ def test_load_trained_transformer_into_hip(tmp_path, tiny):
     """A trained baseline checkpoint loads unchanged into `hip` (same names and shapes)."""
     from zoo.checkpoint import load_model
     from zoo.train.trainer import train
+
     train(tiny(steps=2, checkpoint_every=2), str(tmp_path), progress=False)
     base, config = load_model(str(tmp_path))
     assert config.model_name == "transformer"

@@ -1,4 +1,5 @@
 """LaCT: the chunk recurrence vs a float64 loop oracle, the explicit gradient, Muon, causality, decoding."""
+
 from __future__ import annotations
 
 import math
@@ -19,6 +20,7 @@ TOL = {"float32": dict(rtol=2e-4, atol=2e-5)}
 
 # ---------------------------------------------------------------------------- float64 oracles
 
+
 def _silu(x):
     return x / (1.0 + np.exp(-x))
 
@@ -27,9 +29,14 @@ def _np_newton_schulz(g):
     """Muon's quintic Newton-Schulz, one matrix per leading index, in float64."""
     transpose = g.shape[-2] > g.shape[-1]
     x = np.swapaxes(g, -1, -2) if transpose else g
-    x = x / (np.sqrt((x ** 2).sum(axis=(-2, -1), keepdims=True)) + 1e-7)
-    for a, b, c in ((4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
-                    (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012)):
+    x = x / (np.sqrt((x**2).sum(axis=(-2, -1), keepdims=True)) + 1e-7)
+    for a, b, c in (
+        (4.0848, -6.8946, 2.9270),
+        (3.9505, -6.3029, 2.6377),
+        (3.7418, -5.5913, 2.3037),
+        (2.8769, -3.1427, 1.2046),
+        (2.8366, -3.0525, 1.2012),
+    ):
         gram = x @ np.swapaxes(x, -1, -2)
         x = a * x + (b * gram + c * gram @ gram) @ x
     return np.swapaxes(x, -1, -2) if transpose else x
@@ -74,8 +81,9 @@ def _np_lact(w0, w1, w2, q, k, v, lr, mom, chunk, use_muon):
         if use_muon:
             ds = [_np_newton_schulz(d) for d in ds]
         w0, w1, w2 = (w + d for w, d in zip((w0, w1, w2), ds))
-        w0, w1, w2 = (w / (np.linalg.norm(w, axis=-1, keepdims=True) + 1e-5) * n
-                      for w, n in zip((w0, w1, w2), (n0, n1, n2)))
+        w0, w1, w2 = (
+            w / (np.linalg.norm(w, axis=-1, keepdims=True) + 1e-5) * n for w, n in zip((w0, w1, w2), (n0, n1, n2))
+        )
         done = start + chunk
     out[:, done:] = f(q[:, done:])  # the last chunk: applied only
     return out
@@ -98,12 +106,14 @@ def _inputs(seed, n=3, t=50, dk=8, dh=12, lr_scale=0.3, momentum=True):
 def _jax_lact(w0, w1, w2, q, k, v, lr, mom, chunk, use_muon):
     """block_causal_lact on [N, ...] inputs (N used as the batch, one head)."""
     add = lambda x: None if x is None else jnp.asarray(x)[:, None]  # noqa: E731
-    out = L.block_causal_lact((add(w0), add(w1), add(w2)), add(q), add(k), add(v), add(lr), add(mom),
-                              chunk_size=chunk, use_muon=use_muon)
+    out = L.block_causal_lact(
+        (add(w0), add(w1), add(w2)), add(q), add(k), add(v), add(lr), add(mom), chunk_size=chunk, use_muon=use_muon
+    )
     return out[:, 0]
 
 
 # ---------------------------------------------------------------------------- the recurrence
+
 
 @pytest.mark.parametrize("use_muon", [False, True])
 @pytest.mark.parametrize("momentum", [False, True])
@@ -118,8 +128,13 @@ def test_block_causal_matches_loop_oracle(use_muon, momentum, t):
 def test_unrolled_scan_equals_rolled():
     args = _inputs(7, t=40)
     add = lambda x: jnp.asarray(x)[:, None]  # noqa: E731
-    run = lambda unroll: L.block_causal_lact(tuple(add(w) for w in args[:3]), *(add(x) for x in args[3:]),  # noqa: E731
-                                             chunk_size=16, use_muon=True, unroll=unroll)
+    run = lambda unroll: L.block_causal_lact(
+        tuple(add(w) for w in args[:3]),
+        *(add(x) for x in args[3:]),  # noqa: E731
+        chunk_size=16,
+        use_muon=True,
+        unroll=unroll,
+    )
     np.testing.assert_allclose(np.asarray(run(True)), np.asarray(run(False)), rtol=1e-5, atol=1e-6)
 
 
@@ -183,21 +198,27 @@ def test_momentum_accumulates_previous_update():
 
 # ---------------------------------------------------------------------------- Muon
 
+
 def test_newton_schulz_coefficient_schedule():
-    assert L.NS_COEFFS == ((4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
-                           (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012))
+    assert L.NS_COEFFS == (
+        (4.0848, -6.8946, 2.9270),
+        (3.9505, -6.3029, 2.6377),
+        (3.7418, -5.5913, 2.3037),
+        (2.8769, -3.1427, 1.2046),
+        (2.8366, -3.0525, 1.2012),
+    )
     # On a diagonal matrix each step maps every singular value s -> a s + b s^3 + c s^5, in order.
     s = np.array([2.0, 1.0, 0.5, 0.1, 0.02])
     x = s / np.linalg.norm(s)
     for a, b, c in L.NS_COEFFS:
-        x = a * x + b * x ** 3 + c * x ** 5
+        x = a * x + b * x**3 + c * x**5
     got = np.asarray(L.newton_schulz5(jnp.diag(jnp.asarray(s, jnp.float32))))
     np.testing.assert_allclose(np.diag(got), x, rtol=1e-4)
     np.testing.assert_allclose(got - np.diag(np.diag(got)), 0.0, atol=1e-6)
     # The schedule in reverse order gives a different map (the order matters and is checked above).
     y = s / np.linalg.norm(s)
     for a, b, c in reversed(L.NS_COEFFS):
-        y = a * y + b * y ** 3 + c * y ** 5
+        y = a * y + b * y**3 + c * y**5
     assert np.abs(y - x).max() > 1e-2
 
 
@@ -208,18 +229,19 @@ def test_newton_schulz_orthogonalises(shape):
     u, _ = np.linalg.qr(r.standard_normal((m, m)))
     vt, _ = np.linalg.qr(r.standard_normal((n, n)))
     sv = np.linspace(1.0, 0.3, min(m, n))  # condition number 3.3
-    g = (u[:, :min(m, n)] * sv) @ vt[:min(m, n)]
+    g = (u[:, : min(m, n)] * sv) @ vt[: min(m, n)]
     x = np.asarray(L.newton_schulz5(jnp.asarray(g, jnp.float32)))
     assert x.shape == shape
     s = np.linalg.svd(x, compute_uv=False)
     assert s.min() > 0.85 and s.max() < 1.2, s
     np.testing.assert_allclose(x, _np_newton_schulz(g), rtol=1e-4, atol=1e-5)
     # Same singular vectors as g: x ~ U V^T (the polar factor).
-    np.testing.assert_allclose(x, u[:, :min(m, n)] @ vt[:min(m, n)], atol=0.2)
+    np.testing.assert_allclose(x, u[:, : min(m, n)] @ vt[: min(m, n)], atol=0.2)
     np.testing.assert_allclose(np.asarray(L.newton_schulz5(jnp.asarray(g.T, jnp.float32))), x.T, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- causality
+
 
 def test_apply_before_update_causality():
     """d o_t / d (k, v, lr, m)_s = 0 for s in t's chunk or later; d o_t / d q_s = 0 for s != t."""
@@ -230,6 +252,7 @@ def test_apply_before_update_causality():
     def out_t(t):  # gradients of sum(o_t) wrt every input, one compilation for all t
         def f(q, k, v, lr, mom):
             return jnp.sum(jax.lax.dynamic_index_in_dim(_jax_lact(w0, w1, w2, q, k, v, lr, mom, chunk, True), t, 1))
+
         return jax.grad(f, argnums=(0, 1, 2, 3, 4))(q, k, v, lr, mom)
 
     for t in (3, 15, 16, 31, 33, 39):
@@ -247,6 +270,7 @@ def test_apply_before_update_causality():
 
 # ---------------------------------------------------------------------------- layer and model
 
+
 def _np_layer(layer: L.LaCTLayer, x: np.ndarray) -> np.ndarray:
     """The whole LaCT layer in float64 from its parameters (dense window mask, loop TTT oracle)."""
     cfg = layer.cfg
@@ -260,7 +284,7 @@ def _np_layer(layer: L.LaCTLayer, x: np.ndarray) -> np.ndarray:
         inv = cfg.rope_theta ** (-np.arange(0, hd // 2) * 2.0 / hd)
         ang = np.arange(t)[:, None] * inv
         c, s = np.cos(ang)[None, :, None], np.sin(ang)[None, :, None]
-        z1, z2 = z[..., :hd // 2], z[..., hd // 2:]
+        z1, z2 = z[..., : hd // 2], z[..., hd // 2 :]
         return np.concatenate([z1 * c - z2 * s, z2 * c + z1 * s], -1)
 
     qa, ka, va = rope(q), rope(k), v.reshape(b, t, a, hd)
@@ -281,10 +305,18 @@ def _np_layer(layer: L.LaCTLayer, x: np.ndarray) -> np.ndarray:
     mom = 1 / (1 + np.exp(-(x @ p(layer.momentum_proj.kernel) + p(layer.momentum_proj.bias))))
     ws = [np.asarray(w, np.float64) for w in layer.initial_fast_weights()]
     fold = lambda z: np.moveaxis(z, 2, 1).reshape((b * h,) + z.shape[1:2] + z.shape[3:])  # noqa: E731
-    o = _np_lact(*(np.tile(w, (b, 1, 1)) for w in ws), fold(fq), fold(fk), fold(fv), fold(lr),
-                 np.moveaxis(mom, 2, 1).reshape(b * h, t), cfg.chunk_size, cfg.use_muon)
+    o = _np_lact(
+        *(np.tile(w, (b, 1, 1)) for w in ws),
+        fold(fq),
+        fold(fk),
+        fold(fv),
+        fold(lr),
+        np.moveaxis(mom, 2, 1).reshape(b * h, t),
+        cfg.chunk_size,
+        cfg.use_muon,
+    )
     o = np.moveaxis(o.reshape(b, h, t, dk), 1, 2)  # [B, T, H, Dk]
-    o = o / np.sqrt((o ** 2).mean(-1, keepdims=True) + cfg.ttt_norm_eps) * p(layer.ttt_norm.scale)
+    o = o / np.sqrt((o**2).mean(-1, keepdims=True) + cfg.ttt_norm_eps) * p(layer.ttt_norm.scale)
     sc = x @ p(layer.ttt_scale_proj.kernel) + p(layer.ttt_scale_proj.bias)
     o = o * _silu(sc)[..., None]
     return (o_attn + o.reshape(b, t, d)) @ p(layer.wo.kernel)
@@ -298,8 +330,7 @@ def test_layer_matches_float64_oracle():
     layer = L.LaCTLayer(cfg, rngs=nnx.Rngs(0))
     x = np.random.default_rng(0).standard_normal((2, 40, cfg.d_model)).astype(np.float32)
     got = nnx.jit(lambda m, x: m(x, make_context(x[..., 0].astype(jnp.int32))))(layer, jnp.asarray(x))
-    np.testing.assert_allclose(np.asarray(got), _np_layer(layer, x.astype(np.float64)),
-                               rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(got), _np_layer(layer, x.astype(np.float64)), rtol=1e-3, atol=1e-4)
 
 
 def test_low_rank_init_is_identity_plus_low_rank():
@@ -328,8 +359,10 @@ def test_window_attention_blocked_equals_dense(t, packed):
     np.testing.assert_allclose(np.asarray(got), np.asarray(dense), atol=1e-5)
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(use_muon=False, use_momentum=False, w0_w2_low_rank=-1,
-                                                    learnable_ttt_scale=False, window=20)])
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(use_muon=False, use_momentum=False, w0_w2_low_rank=-1, learnable_ttt_scale=False, window=20)],
+)
 def test_decode_matches_parallel(overrides):
     """Token-by-token decoding (chunk 16, T 50: three updates and a partial chunk) = the parallel logits."""
     model = registry.create_model("lact", "tiny", **{**SMALL, **overrides})
@@ -347,12 +380,29 @@ def test_decode_matches_parallel(overrides):
 
 def test_presets_match_released_sizes():
     def count(name):  # embeddings + final norm + n_layers * (one layer), from abstract 1- and 2-layer models
-        sizes = [sum(x.size for x in jax.tree.leaves(nnx.state(nnx.eval_shape(
-            lambda: registry.create_model("lact", name, n_layers=n)), nnx.Param))) for n in (1, 2)]
+        sizes = [
+            sum(
+                x.size
+                for x in jax.tree.leaves(
+                    nnx.state(nnx.eval_shape(lambda: registry.create_model("lact", name, n_layers=n)), nnx.Param)
+                )
+            )
+            for n in (1, 2)
+        ]
         return sizes[0] + (registry.get_model_config("lact", name).n_layers - 1) * (sizes[1] - sizes[0])
+
     c760 = registry.get_model_config("lact", "760m")
-    assert (c760.d_model, c760.n_layers, c760.n_heads, c760.n_lact_heads, c760.chunk_size, c760.window,
-            c760.d_ff, c760.w0_w2_low_rank, c760.rope_theta) == (1536, 24, 24, 4, 2048, 2048, 4096, 32, 1e6)
+    assert (
+        c760.d_model,
+        c760.n_layers,
+        c760.n_heads,
+        c760.n_lact_heads,
+        c760.chunk_size,
+        c760.window,
+        c760.d_ff,
+        c760.w0_w2_low_rank,
+        c760.rope_theta,
+    ) == (1536, 24, 24, 4, 2048, 2048, 4096, 32, 1e6)
     assert 0.77e9 < count("760m") < 0.82e9  # 797.6M with the untied 32K vocabulary
     assert 2.8e9 < count("3b") < 3.1e9
 

@@ -1,5 +1,6 @@
 """Tests for zoo/models/mamba2.py: the Mamba-2 block, decoding, prefill, init, sizes, and the
 Stuffed-Mamba mitigations (B/dt/A adjustments, state-norm cap, sliding window by state difference)."""
+
 from __future__ import annotations
 
 import math
@@ -9,13 +10,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from lm_testing import assert_trees_close, decode_all, decode_step, forward, prefill
 
 from zoo.config import make_config
 from zoo.info import count_params
-from zoo.models.mamba2 import (PRESETS, Mamba2, Mamba2Config, calibrate_state_norm, cap_state_norm,
-                               gated_rms_norm, ssm_states, state_norm_trace, windowed_ssd)
+from zoo.models.mamba2 import (
+    PRESETS,
+    Mamba2,
+    Mamba2Config,
+    calibrate_state_norm,
+    cap_state_norm,
+    gated_rms_norm,
+    ssm_states,
+    state_norm_trace,
+    windowed_ssd,
+)
 
 # Small enough for CPU: 2 layers, 4 heads of 8, 2 groups, chunk 8 (so several SSD chunks are used).
 SMALL = dict(vocab_size=64, d_model=16, n_layers=2, d_state=8, headdim=8, ngroups=2, chunk_size=8)
@@ -48,8 +57,11 @@ def test_decode_matches_parallel(opts):
     assert int(cache["pos"]) == int(pre["pos"]) == T
 
 
-@pytest.mark.parametrize("opts", [{}, {"window": 5}, {"state_norm_thresholds": (0.05,), "state_norm_chunk": 4}],
-                         ids=["plain", "window5", "state_norm"])
+@pytest.mark.parametrize(
+    "opts",
+    [{}, {"window": 5}, {"state_norm_thresholds": (0.05,), "state_norm_chunk": 4}],
+    ids=["plain", "window5", "state_norm"],
+)
 def test_prefill_in_two_chunks_equals_one(opts):
     model, toks = _model(**opts), _tokens()
     one, c_one = prefill(model, toks, model.init_cache(2, T))
@@ -74,15 +86,34 @@ def test_gated_rms_norm_matches_formula():
     rng = np.random.default_rng(0)
     y, z = rng.normal(size=(3, 12)), rng.normal(size=(3, 12))
     w = rng.normal(size=12)
-    out = np.asarray(gated_rms_norm(jnp.asarray(y, jnp.float32), jnp.asarray(z, jnp.float32),
-                                    jnp.asarray(w, jnp.float32), group_size=4, eps=1e-5))
+    out = np.asarray(
+        gated_rms_norm(
+            jnp.asarray(y, jnp.float32),
+            jnp.asarray(z, jnp.float32),
+            jnp.asarray(w, jnp.float32),
+            group_size=4,
+            eps=1e-5,
+        )
+    )
     g = y * z / (1 + np.exp(-z))
-    expect = np.concatenate([g[:, i:i + 4] / np.sqrt((g[:, i:i + 4] ** 2).mean(-1, keepdims=True) + 1e-5)
-                             for i in range(0, 12, 4)], -1) * w
+    expect = (
+        np.concatenate(
+            [g[:, i : i + 4] / np.sqrt((g[:, i : i + 4] ** 2).mean(-1, keepdims=True) + 1e-5) for i in range(0, 12, 4)],
+            -1,
+        )
+        * w
+    )
     np.testing.assert_allclose(out, expect, rtol=1e-5, atol=1e-6)
     # one group = plain RMSNorm over all channels: differs from the 3-group result
-    whole = np.asarray(gated_rms_norm(jnp.asarray(y, jnp.float32), jnp.asarray(z, jnp.float32),
-                                      jnp.asarray(w, jnp.float32), group_size=12, eps=1e-5))
+    whole = np.asarray(
+        gated_rms_norm(
+            jnp.asarray(y, jnp.float32),
+            jnp.asarray(z, jnp.float32),
+            jnp.asarray(w, jnp.float32),
+            group_size=12,
+            eps=1e-5,
+        )
+    )
     assert not np.allclose(whole, out)
 
 
@@ -92,15 +123,15 @@ def test_init_ranges_and_metadata():
     mixers = [b.mixer for b in model.blocks]
     A = np.concatenate([np.exp(np.asarray(m.A_log[...])) for m in mixers])
     dt = np.concatenate([np.asarray(jax.nn.softplus(m.dt_bias[...])) for m in mixers])
-    assert A.min() >= 1.0 and A.max() <= 16.0 and A.max() - A.min() > 10   # U[1, 16]
-    assert dt.min() >= 1e-3 * (1 - 1e-5) and dt.max() <= 0.1 * (1 + 1e-5)    # log-uniform [1e-3, 0.1]
+    assert A.min() >= 1.0 and A.max() <= 16.0 and A.max() - A.min() > 10  # U[1, 16]
+    assert dt.min() >= 1e-3 * (1 - 1e-5) and dt.max() <= 0.1 * (1 + 1e-5)  # log-uniform [1e-3, 0.1]
     logdt = np.log(dt)
-    assert abs(logdt.mean() - 0.5 * (math.log(1e-3) + math.log(0.1))) < 0.4   # uniform in log space
+    assert abs(logdt.mean() - 0.5 * (math.log(1e-3) + math.log(0.1))) < 0.4  # uniform in log space
     for m in mixers:
         np.testing.assert_array_equal(np.asarray(m.D[...]), 1.0)
         for p in (m.A_log, m.dt_bias, m.D, m.norm_weight):
             assert p.get_metadata()["wd"] is False
-        assert np.abs(np.asarray(m.out_proj.kernel[...])).max() <= cfg.d_inner ** -0.5 / math.sqrt(cfg.n_layers)
+        assert np.abs(np.asarray(m.out_proj.kernel[...])).max() <= cfg.d_inner**-0.5 / math.sqrt(cfg.n_layers)
         assert np.abs(np.asarray(m.conv_weight[...])).max() <= 0.5
     assert abs(float(np.std(np.asarray(model.embedding[...]))) - 0.02) < 0.002
     # the floor: dt_min below the floor gives dt >= floor
@@ -110,8 +141,9 @@ def test_init_ranges_and_metadata():
 
 def _formula_params(cfg: Mamba2Config) -> int:
     e, h, gn = cfg.d_inner, cfg.n_heads, cfg.ngroups * cfg.d_state
-    per_layer = (cfg.d_model * (2 * e + 2 * gn + h) + cfg.conv_dim * (cfg.d_conv + 1) + 3 * h + e
-                 + e * cfg.d_model + cfg.d_model)
+    per_layer = (
+        cfg.d_model * (2 * e + 2 * gn + h) + cfg.conv_dim * (cfg.d_conv + 1) + 3 * h + e + e * cfg.d_model + cfg.d_model
+    )
     return cfg.n_layers * per_layer + cfg.padded_vocab * cfg.d_model + cfg.d_model
 
 
@@ -160,11 +192,11 @@ def test_state_norm_cap_never_exceeds_threshold():
     pos, free = state_norm_trace(model, toks, every=4)
     assert free.shape == (2, 2, 4, 6) and list(pos) == list(range(4, 28, 4))
     thr = 0.5 * float(np.median(free[..., -1]))
-    assert free[..., 2:].max() > thr                      # the cap will be active
+    assert free[..., 2:].max() > thr  # the cap will be active
     model.set_inference_options(state_norm_thresholds=(thr,), state_norm_chunk=4)
-    _, capped = state_norm_trace(model, toks, every=4)    # norms at every chunk end
+    _, capped = state_norm_trace(model, toks, every=4)  # norms at every chunk end
     assert capped.max() <= thr * (1 + 1e-5)
-    assert np.isclose(capped.max(), thr, rtol=1e-4)       # capped, not zeroed
+    assert np.isclose(capped.max(), thr, rtol=1e-4)  # capped, not zeroed
     # decoding caps after every token
     steps, cache = decode_all(model, toks)
     norms = np.sqrt((np.asarray(ssm_states(model, cache)) ** 2).sum((-2, -1)))
@@ -198,8 +230,8 @@ def _explicit_window(x, dt, A, B, C, D, r):
     y = np.zeros_like(x)
     for ti in range(t):
         for s in range(max(0, ti - r + 1), ti + 1):
-            decay = np.exp(A * dt[:, s + 1:ti + 1].sum(1))                              # [b,h]
-            coef = decay * dt[:, s] * np.einsum("bhn,bhn->bh", Ch[:, ti], Bh[:, s])      # [b,h]
+            decay = np.exp(A * dt[:, s + 1 : ti + 1].sum(1))  # [b,h]
+            coef = decay * dt[:, s] * np.einsum("bhn,bhn->bh", Ch[:, ti], Bh[:, s])  # [b,h]
             y[:, ti] += coef[..., None] * x[:, s]
         y[:, ti] += D[:, None] * x[:, ti]
     return y
@@ -215,16 +247,20 @@ def test_windowed_ssd_matches_explicit_window(r):
     B, C = jax.random.normal(k[3], (b, t, g, n)), jax.random.normal(k[4], (b, t, g, n))
     D = jnp.linspace(0.5, 1.5, h)
     expect = _explicit_window(x, dt, A, B, C, D, r)
-    zeros = dict(h0=jnp.zeros((b, h, p, n)), hist_x=jnp.zeros((b, r, h, p)), hist_B=jnp.zeros((b, r, g, n)),
-                 hist_dt=jnp.zeros((b, r, h)))
+    zeros = dict(
+        h0=jnp.zeros((b, h, p, n)),
+        hist_x=jnp.zeros((b, r, h, p)),
+        hist_B=jnp.zeros((b, r, g, n)),
+        hist_dt=jnp.zeros((b, r, h)),
+    )
     wssd = jax.jit(windowed_ssd, static_argnames=("window", "chunk_size", "implementation"))
     y, _, _ = wssd(x, dt, A, B, C, D, window=r, chunk_size=4, **zeros)
     np.testing.assert_allclose(np.asarray(y), expect, atol=2e-5 * np.abs(expect).max())
     # carrying (state, history) across a split gives the same outputs
-    y1, h1, (hx, hb, hd) = wssd(x[:, :7], dt[:, :7], A, B[:, :7], C[:, :7], D, window=r, chunk_size=4,
-                                        **zeros)
-    y2, _, _ = wssd(x[:, 7:], dt[:, 7:], A, B[:, 7:], C[:, 7:], D, window=r, chunk_size=4, h0=h1,
-                            hist_x=hx, hist_B=hb, hist_dt=hd)
+    y1, h1, (hx, hb, hd) = wssd(x[:, :7], dt[:, :7], A, B[:, :7], C[:, :7], D, window=r, chunk_size=4, **zeros)
+    y2, _, _ = wssd(
+        x[:, 7:], dt[:, 7:], A, B[:, 7:], C[:, 7:], D, window=r, chunk_size=4, h0=h1, hist_x=hx, hist_B=hb, hist_dt=hd
+    )
     np.testing.assert_allclose(np.asarray(jnp.concatenate([y1, y2], 1)), expect, atol=2e-5 * np.abs(expect).max())
 
 

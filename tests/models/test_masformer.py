@@ -1,29 +1,43 @@
 """MASFormer: per-layer schedules, the block-sparse path == the dense masked path (values and
 gradients), decode == parallel, attention FLOPs, and continual training from a baseline checkpoint."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_OVERRIDES
 from flax import nnx
 
 import zoo
-from conftest import TINY_OVERRIDES
-from zoo.config import load_config
 from pallas_kernels.sparse_attention import sparse_attention
+from zoo.config import load_config
 from zoo.layers import AttentionSpec, attend, attention_mask
 from zoo.layers.attention import sparse_pattern_kwargs
 from zoo.models import registry
 from zoo.models.masformer import LocalAttention, MASFormerConfig, make_schedule, parse_schedule
 from zoo.models.transformer import attention_flops, pairs_per_layer
 
-TINY = dict(d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64, window=8, block=16,
-            layer_attention=("window", "full", "block"))
+TINY = dict(
+    d_model=32,
+    n_layers=3,
+    n_heads=4,
+    n_kv_heads=2,
+    d_ff=64,
+    window=8,
+    block=16,
+    layer_attention=("window", "full", "block"),
+)
 forward = nnx.jit(lambda m, x: m(x))
 
 
-@pytest.mark.parametrize("spec,packed", [(AttentionSpec("window", window=11), False),
-                                         (AttentionSpec("block", block=8), False),
-                                         (AttentionSpec("window", window=11), True)])
+@pytest.mark.parametrize(
+    "spec,packed",
+    [
+        (AttentionSpec("window", window=11), False),
+        (AttentionSpec("block", block=8), False),
+        (AttentionSpec("window", window=11), True),
+    ],
+)
 def test_local_sparse_attention_equals_dense_mask(spec, packed):
     """The block-sparse op with a window / own-block list == the dense masked path, values and grads
     (packed: two documents in a row, positions restarting, no attention across them)."""
@@ -37,8 +51,15 @@ def test_local_sparse_attention_equals_dense_mask(spec, packed):
     else:
         seg, pos = None, jnp.broadcast_to(jnp.arange(37), (2, 37))
     dense = lambda q, k, v: attend(q, k, v, q_pos=pos, k_pos=pos, spec=spec, q_seg=seg, k_seg=seg)  # noqa: E731
-    sparse = lambda q, k, v: sparse_attention(q, k, v, causal=True, segment_ids=seg, implementation="xla",  # noqa: E731
-                                              **sparse_pattern_kwargs(spec, 37, 2, 4, 8))
+    sparse = lambda q, k, v: sparse_attention(
+        q,
+        k,
+        v,
+        causal=True,
+        segment_ids=seg,
+        implementation="xla",  # noqa: E731
+        **sparse_pattern_kwargs(spec, 37, 2, 4, 8),
+    )
     want, vjp_d = jax.vjp(dense, q, k, v)
     got, vjp_s = jax.vjp(sparse, q, k, v)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
@@ -123,17 +144,22 @@ def test_convert_baseline_checkpoint_and_fine_tune(tmp_path, tiny):
         np.testing.assert_array_equal(x, y)
     # Fine-tune: the same shape, the new schedule, the converted parameters as the starting point.
     shape = [o for o in TINY_OVERRIDES if o.startswith("--config.model.")]
-    run = [*shape, "--config.model.layer_attention=['window']", "--config.data.seq_len=112",
-           "--config.data.batch_size=8", "--config.train.steps=2", "--config.train.log_every=1",
-           f"--config.train.init_from={init}"]
+    run = [
+        *shape,
+        "--config.model.layer_attention=['window']",
+        "--config.data.seq_len=112",
+        "--config.data.batch_size=8",
+        "--config.train.steps=2",
+        "--config.train.log_every=1",
+        f"--config.train.init_from={init}",
+    ]
     config = load_config("masformer:tiny", run)
     result = train(config, dst, progress=False, stop_after=1)
     assert result["step"] == 1 and np.isfinite(result["train"]["loss"])
     # The run's first loss is the converted parameters' loss (under the run's own model config).
     assert abs(result["train"]["loss"] - _first_loss(converted, config)) < 1e-4
     with pytest.raises(ValueError, match="missing"):
-        train(load_config("masformer:tiny", [f"--config.train.init_from={init}"]), str(tmp_path / "x"),
-              progress=False)
+        train(load_config("masformer:tiny", [f"--config.train.init_from={init}"]), str(tmp_path / "x"), progress=False)
 
 
 def _first_loss(converted, config) -> float:

@@ -1,5 +1,6 @@
 """Tests for zoo/models/memmamba.py: the note pool (priority replacement vs a Python oracle, masked
 reads), causality by gradients, decode == parallel, chunked prefill, cross-layer pools, config."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,20 +11,29 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from lm_testing import assert_trees_close, decode_all, forward, prefill
 
 from zoo.config import make_config
 from zoo.models import registry
-from zoo.models.mamba2 import Mamba2, Mamba2Config
-from zoo.models.memmamba import (PRESETS, MemMamba, MemMambaConfig, NoteBlock, init_pool, pool_read,
-                                 pool_scan)
 from zoo.models.base import make_context
+from zoo.models.mamba2 import Mamba2, Mamba2Config
+from zoo.models.memmamba import PRESETS, MemMamba, MemMambaConfig, NoteBlock, init_pool, pool_read, pool_scan
 from zoo.models.params import ParamView
 
 # 2 layers (layer 1 a cross layer), a 4-note pool so that it fills and replacement happens.
-SMALL = dict(vocab_size=64, d_model=16, n_layers=2, d_state=8, headdim=8, chunk_size=8, pool_size=4,
-             summary_dim=8, note_heads=2, cross_layer_interval=2, tau1=0.3)
+SMALL = dict(
+    vocab_size=64,
+    d_model=16,
+    n_layers=2,
+    d_state=8,
+    headdim=8,
+    chunk_size=8,
+    pool_size=4,
+    summary_dim=8,
+    note_heads=2,
+    cross_layer_interval=2,
+    tau1=0.3,
+)
 T = 21
 
 
@@ -46,7 +56,7 @@ def _oracle_pool(scores, keys, m, tau1, decay):
     into the lowest slot (first empty slot first) iff score > tau1 and score > that slot."""
     prio, content, history = [-1.0] * m, [None] * m, []
     for step_scores, step_keys in zip(scores, keys):
-        history.append((list(prio), list(content)))   # what the step reads
+        history.append((list(prio), list(content)))  # what the step reads
         prio = [p * decay if p > -0.5 else p for p in prio]
         for s, k in zip(step_scores, step_keys):
             j = int(np.argmin(prio))
@@ -60,15 +70,22 @@ def test_pool_scan_matches_python_oracle(decay):
     rng = np.random.default_rng(0)
     t, c, m = 30, 2, 4
     scores = rng.uniform(size=(t, c)).astype(np.float32)
-    ids = np.arange(t * c, dtype=np.float32).reshape(t, c)   # the key of a candidate is its id
-    k = jnp.asarray(ids)[None, :, :, None, None]              # [1,T,C,1,1]
+    ids = np.arange(t * c, dtype=np.float32).reshape(t, c)  # the key of a candidate is its id
+    k = jnp.asarray(ids)[None, :, :, None, None]  # [1,T,C,1,1]
     q = jnp.zeros((1, t, 1, 1))
-    _, pool = pool_scan(init_pool(1, MemMambaConfig(**{**SMALL, "pool_size": m, "note_heads": 1, "summary_dim": 1})),
-                        q, jnp.asarray(scores)[None], k, k, tau1=0.3, decay=decay)
+    _, pool = pool_scan(
+        init_pool(1, MemMambaConfig(**{**SMALL, "pool_size": m, "note_heads": 1, "summary_dim": 1})),
+        q,
+        jnp.asarray(scores)[None],
+        k,
+        k,
+        tau1=0.3,
+        decay=decay,
+    )
     prio, content, _ = _oracle_pool(scores.tolist(), ids.tolist(), m, 0.3, decay)
     np.testing.assert_allclose(np.asarray(pool["prio"][0]), prio, rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(pool["k"][0, :, 0, 0]), [x if x is not None else 0 for x in content])
-    assert all(p > -1 for p in prio) and len(set(content)) == m      # full, distinct notes
+    assert all(p > -1 for p in prio) and len(set(content)) == m  # full, distinct notes
     if decay == 1.0:  # pure score priority: the pool holds the top-m candidates above tau1
         np.testing.assert_allclose(sorted(prio), sorted(scores.ravel())[-m:], rtol=1e-6)
 
@@ -77,18 +94,18 @@ def test_pool_read_masks_empty_slots():
     cfg = MemMambaConfig(**SMALL)
     pool = init_pool(2, cfg)
     q = jax.random.normal(jax.random.key(0), (2, cfg.note_heads, cfg.note_head_dim))
-    np.testing.assert_array_equal(np.asarray(pool_read(q, pool)), 0.0)   # empty pool reads 0
+    np.testing.assert_array_equal(np.asarray(pool_read(q, pool)), 0.0)  # empty pool reads 0
     v = jax.random.normal(jax.random.key(1), (2, cfg.note_heads, cfg.note_head_dim))
-    pool["v"] = pool["v"].at[:, 2].set(v).at[:, 0].set(100.0)            # slot 0 holds junk, empty
+    pool["v"] = pool["v"].at[:, 2].set(v).at[:, 0].set(100.0)  # slot 0 holds junk, empty
     pool["prio"] = pool["prio"].at[:, 2].set(0.7)
-    _close(pool_read(q, pool), v, 1e-6)                                  # one stored note: read = its value
+    _close(pool_read(q, pool), v, 1e-6)  # one stored note: read = its value
 
 
 # ---------------------------------------------------------------- causality (gradients)
 def test_note_block_reads_only_earlier_notes():
     """d fused_t / d src_s == 0 for s >= t: a token's own note (and later ones) never reach it."""
     cfg = MemMambaConfig(**{**SMALL, "tau1": 0.0, "trigger": "always", "pool_size": 16})  # room for all
-    block = NoteBlock(cfg, True, rngs=nnx.Rngs(3))     # a cross layer: both pools
+    block = NoteBlock(cfg, True, rngs=nnx.Rngs(3))  # a cross layer: both pools
     t, b, d = 9, 1, cfg.d_model
     y = jax.random.normal(jax.random.key(0), (b, t, d))
     src = jax.random.normal(jax.random.key(1), (b, t, d))
@@ -102,7 +119,7 @@ def test_note_block_reads_only_earlier_notes():
         state = {"pool": init_pool(b, cfg), "xpool": init_pool(b, cfg)}
         f = lambda a, c: block(a, y, state, prev_s, c, None)[0][0, jnp.array(outs)]
         _, vjp = jax.vjp(f, src, prev_n)
-        cot = jnp.eye(len(outs))[:, :, None] * jnp.arange(1.0, d + 1)   # [len(outs), len(outs), D]
+        cot = jnp.eye(len(outs))[:, :, None] * jnp.arange(1.0, d + 1)  # [len(outs), len(outs), D]
         return jax.vmap(vjp)(cot)
 
     g_all_src, g_all_prev = grads(src, prev_n)
@@ -112,7 +129,7 @@ def test_note_block_reads_only_earlier_notes():
         np.testing.assert_array_equal(g_src[t_out:], 0.0)
         np.testing.assert_array_equal(g_prev[t_out:], 0.0)
         if t_out:
-            assert g_src[:t_out].min() > 0 and g_prev[:t_out].min() > 0   # every earlier note is read
+            assert g_src[:t_out].min() > 0 and g_prev[:t_out].min() > 0  # every earlier note is read
 
 
 def test_model_is_causal():
@@ -128,13 +145,16 @@ def test_model_is_causal():
     g_all = grads(x0)
     for i, t_out in enumerate(outs):
         g = np.abs(np.asarray(g_all[i])).sum(-1)[0]
-        np.testing.assert_array_equal(g[t_out + 1:], 0.0)
-        assert g[:t_out + 1].min() > 0
+        np.testing.assert_array_equal(g[t_out + 1 :], 0.0)
+        assert g[: t_out + 1].min() > 0
 
 
 # ---------------------------------------------------------------- protocol
-@pytest.mark.parametrize("opts", [{}, pytest.param({"priority_decay": 0.8, "note_source": "block_in", "tau2": 0.5},
-                                                  marks=pytest.mark.slow)], ids=["default", "decay_blockin"])
+@pytest.mark.parametrize(
+    "opts",
+    [{}, pytest.param({"priority_decay": 0.8, "note_source": "block_in", "tau2": 0.5}, marks=pytest.mark.slow)],
+    ids=["default", "decay_blockin"],
+)
 def test_decode_matches_parallel(opts):
     model, toks = _model(**opts), _tokens()
     full = forward(model, toks)
@@ -144,7 +164,7 @@ def test_decode_matches_parallel(opts):
     _, pre = prefill(model, toks, model.init_cache(2, T))
     assert_trees_close(cache, pre)
     prio = np.stack([s["pool"]["prio"] for s in pre["layers"]])
-    assert (prio > 0).all()                        # the 4-note pools filled up over 21 tokens
+    assert (prio > 0).all()  # the 4-note pools filled up over 21 tokens
     assert [("xpool" in s) for s in pre["layers"]] == [False, True]  # layer 1 is the cross layer
 
 
@@ -163,8 +183,8 @@ def test_cross_layer_pool_is_top_of_earlier_pools():
     model = _model(n_layers=3, cross_layer_interval=3, tau1=0.45)
     assert model.config.cross_layers == (2,) and model.config.cross_sources(2) == (0, 1)
     _, cache = prefill(model, _tokens(), model.init_cache(2, T))
-    local = np.stack([s["pool"]["prio"] for s in cache["layers"]])   # [3,B,M]
-    cross = np.asarray(cache["layers"][2]["xpool"]["prio"])          # [B,M]
+    local = np.stack([s["pool"]["prio"] for s in cache["layers"]])  # [3,B,M]
+    cross = np.asarray(cache["layers"][2]["xpool"]["prio"])  # [B,M]
     for bi in range(2):
         union = np.concatenate([local[0, bi], local[1, bi]])
         np.testing.assert_allclose(np.sort(cross[bi]), np.sort(union)[-4:], rtol=1e-6)
@@ -205,9 +225,15 @@ def test_gradients_reach_every_parameter():
 
 # ---------------------------------------------------------------- config, presets, registry
 def test_config_validation():
-    for bad in (dict(pool_size=0), dict(summary_dim=10, note_heads=4), dict(tau1=1.5),
-                dict(note_source="state"), dict(trigger="mean"), dict(priority_decay=0.0),
-                dict(cross_layer_interval=-1)):
+    for bad in (
+        dict(pool_size=0),
+        dict(summary_dim=10, note_heads=4),
+        dict(tau1=1.5),
+        dict(note_source="state"),
+        dict(trigger="mean"),
+        dict(priority_decay=0.0),
+        dict(cross_layer_interval=-1),
+    ):
         with pytest.raises(ValueError):
             MemMambaConfig(**{**SMALL, **bad})
     with pytest.raises(ValueError, match="MemMambaConfig"):
@@ -218,16 +244,21 @@ def test_presets_and_registry():
     assert "memmamba" in registry.list_models()
     assert PRESETS["tiny"].cross_layers == (1,)
     assert PRESETS["130m"].cross_layers == (3, 7, 11, 15, 19, 23)
-    assert (PRESETS["130m"].pool_size, PRESETS["130m"].summary_dim, PRESETS["130m"].tau1,
-            PRESETS["130m"].tau2) == (50, 64, 0.5, 0.3)
+    assert (PRESETS["130m"].pool_size, PRESETS["130m"].summary_dim, PRESETS["130m"].tau1, PRESETS["130m"].tau2) == (
+        50,
+        64,
+        0.5,
+        0.3,
+    )
+
     def count(cls, cfg):
         model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
         return sum(math.prod(s.shape) for s in ParamView(model).shapes.values())
 
     cfg = PRESETS["130m"]
     d, s, h = cfg.d_model, cfg.summary_dim, cfg.hidden
-    attention = d * s + 2 * s * s + s * d + 2 * d * d + d      # q, k, v, o, gate (+ bias)
-    note = d * h + h + h + 1 + d * s + attention                # scorer, summariser, local pool
+    attention = d * s + 2 * s * s + s * d + 2 * d * d + d  # q, k, v, o, gate (+ bias)
+    note = d * h + h + h + 1 + d * s + attention  # scorer, summariser, local pool
     body = count(Mamba2, Mamba2Config(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Mamba2Config)}))
     assert count(MemMamba, cfg) == body + cfg.n_layers * note + len(cfg.cross_layers) * attention
     config = make_config("memmamba", "tiny", pool_size=8)

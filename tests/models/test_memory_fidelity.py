@@ -1,5 +1,6 @@
 """Tests for zoo/eval/memory_fidelity.py: ETMF/ECLMF on cases with known answers, then on the
 Mamba-2 and MemMamba LMs."""
+
 from __future__ import annotations
 
 import jax
@@ -8,21 +9,29 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from zoo.eval.memory_fidelity import (fidelity_from_fn, fidelity_from_influence, influence,
-                                      memory_fidelity, residual_stream_fn)
+from zoo.eval.memory_fidelity import (
+    fidelity_from_fn,
+    fidelity_from_influence,
+    influence,
+    memory_fidelity,
+    residual_stream_fn,
+)
 from zoo.models.mamba2 import Mamba2, Mamba2Config
 from zoo.models.memmamba import MemMamba, MemMambaConfig
 
 
 def _linear_stack(a: float, n_layers: int):
     """x^l_t = a x^l_{t-1} + x^{l-1}_t (no residual): J^l_{t+k,t} = C(k+l-1, k) a^k I."""
+
     def fn(x):
         out = []
         for _ in range(n_layers):
-            x = jax.lax.associative_scan(lambda p, q: (p[0] * q[0], q[0] * p[1] + q[1]),
-                                         (jnp.full_like(x, a), x), axis=1)[1]
+            x = jax.lax.associative_scan(
+                lambda p, q: (p[0] * q[0], q[0] * p[1] + q[1]), (jnp.full_like(x, a), x), axis=1
+            )[1]
             out.append(x)
         return jnp.stack(out)
+
     return fn
 
 
@@ -39,7 +48,7 @@ def test_two_linear_layers_known_answer():
     lags = [0, 1, 3, 6]
     k = np.asarray(lags)
     r = fidelity_from_fn(_linear_stack(0.5, 2), x0, lags, sources=[0, 2, 5], probes=1)
-    np.testing.assert_allclose(r["etmf"][1], (k + 1) * 0.5 ** k, rtol=1e-5)
+    np.testing.assert_allclose(r["etmf"][1], (k + 1) * 0.5**k, rtol=1e-5)
     np.testing.assert_allclose(r["eclmf"][1], k + 1, rtol=1e-5)
 
 
@@ -61,8 +70,9 @@ def test_influence_is_causal_and_lags_past_the_end_are_nan():
         influence(_linear_stack(0.9, 1), jnp.zeros((1, 6, 2)), [6])
 
 
-@pytest.mark.parametrize("cls,cfg_cls", [(Mamba2, Mamba2Config), (MemMamba, MemMambaConfig)],
-                         ids=["mamba2", "memmamba"])
+@pytest.mark.parametrize(
+    "cls,cfg_cls", [(Mamba2, Mamba2Config), (MemMamba, MemMambaConfig)], ids=["mamba2", "memmamba"]
+)
 def test_on_zoo_models(cls, cfg_cls):
     cfg = cfg_cls(vocab_size=32, d_model=16, n_layers=2, d_state=8, headdim=8, chunk_size=8)
     model = cls(cfg, rngs=nnx.Rngs(0))

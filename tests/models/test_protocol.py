@@ -13,7 +13,6 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-
 from lm_testing import decode_all, forward, prefill
 
 from zoo.checkpoint import bind, convert_layout
@@ -59,7 +58,7 @@ def test_packed_document_equals_document_alone(name):
     """Row 0 packs documents of 9 and 11 tokens; row 1 holds the second document alone."""
     model = _model(name)
     a, b = _tokens(model, (1, 9), seed=1), _tokens(model, (1, 11), seed=2)
-    packed = jnp.concatenate([jnp.concatenate([a, b], 1), jnp.pad(b, ((0, 0), (0, 9)))])      # [2, 20]
+    packed = jnp.concatenate([jnp.concatenate([a, b], 1), jnp.pad(b, ((0, 0), (0, 9)))])  # [2, 20]
     seg = jnp.array([[1] * 9 + [2] * 11, [1] * 11 + [0] * 9])
     pos = jnp.array([list(range(9)) + list(range(11)), list(range(11)) + list(range(9))])
     got = nnx.jit(lambda m, x, s, p: m(x, segment_ids=s, positions=p))(model, packed, seg, pos)
@@ -103,10 +102,12 @@ def test_remat_leaves_gradients_unchanged(name):
 @pytest.mark.parametrize("name", LMS)
 def test_bad_tokens_are_value_errors(name):
     model = _model(name)
-    for bad, match in [(jnp.zeros((2, 0), jnp.int32), "length must be >= 1"),
-                       (jnp.zeros((0, 4), jnp.int32), "batch and length"),
-                       (jnp.zeros((2, 4), jnp.float32), "integer token ids"),
-                       (jnp.zeros((4,), jnp.int32), "expected 2 dims")]:
+    for bad, match in [
+        (jnp.zeros((2, 0), jnp.int32), "length must be >= 1"),
+        (jnp.zeros((0, 4), jnp.int32), "batch and length"),
+        (jnp.zeros((2, 4), jnp.float32), "integer token ids"),
+        (jnp.zeros((4,), jnp.int32), "expected 2 dims"),
+    ]:
         with pytest.raises(ValueError, match=match):
             model(bad)
     with pytest.raises(ValueError, match="outside the vocabulary"):

@@ -1,4 +1,5 @@
 """Tests for zoo/models/s4.py: S4 (DPLR) and S4D kernels, recurrent mode, classifier and LM."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +11,7 @@ import pytest
 from flax import nnx
 
 from zoo.models import registry
-from zoo.models.s4 import (PRESETS, S4Classifier, S4Config, S4Layer, S4LM, SSMKernel, hippo_legs,
-                           nplr_legs)
+from zoo.models.s4 import PRESETS, S4LM, S4Classifier, S4Config, S4Layer, SSMKernel, hippo_legs, nplr_legs
 
 DIAG_VARIANTS = [("lin", "zoh"), ("inv", "bilinear"), ("real", "zoh"), ("legs", "bilinear")]
 
@@ -222,9 +222,15 @@ def test_registry_and_presets():
 
 @pytest.mark.parametrize(
     "kw,match",
-    [(dict(mode="s5"), "mode"), (dict(mode="diag", init="legs2"), "init"), (dict(init="lin"), "init"),
-     (dict(d_state=5), "d_state"), (dict(n_ssm=3), "n_ssm"), (dict(disc="euler"), "disc"),
-     (dict(dt_min=0.2, dt_max=0.1), "dt_min")],
+    [
+        (dict(mode="s5"), "mode"),
+        (dict(mode="diag", init="legs2"), "init"),
+        (dict(init="lin"), "init"),
+        (dict(d_state=5), "d_state"),
+        (dict(n_ssm=3), "n_ssm"),
+        (dict(disc="euler"), "disc"),
+        (dict(dt_min=0.2, dt_max=0.1), "dt_min"),
+    ],
 )
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -237,6 +243,7 @@ def test_lm_rejects_bidirectional():
 
 
 # --- LRA ListOps source (zoo/data/listops.py), used by scripts/listops_s4.py ---------------------
+
 
 def test_listops_evaluate_known_expressions():
     from zoo.data.listops import evaluate, to_string

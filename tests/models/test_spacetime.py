@@ -1,4 +1,5 @@
 """SpaceTime: companion kernels, closed loop, preprocessing, the forecaster, and its data."""
+
 from __future__ import annotations
 
 import jax
@@ -8,8 +9,8 @@ import pytest
 from flax import nnx
 
 from zoo.data import timeseries as ts
-from zoo.models import registry
 from zoo.layers import direct_conv
+from zoo.models import registry
 from zoo.models import spacetime as st
 
 TOL = {"float32": dict(rtol=2e-5, atol=2e-5)}
@@ -38,8 +39,10 @@ def _abc(rng, shape, n, l1=True):
 
 # ---------------------------------------------------------------------------- kernels
 
-@pytest.mark.parametrize("n,length,shape", [(1, 5, (2,)), (4, 1, (3,)), (8, 37, (2, 3)), (25, 9, (2,)),
-                                            (16, 130, (3,))])
+
+@pytest.mark.parametrize(
+    "n,length,shape", [(1, 5, (2,)), (4, 1, (3,)), (8, 37, (2, 3)), (25, 9, (2,)), (16, 130, (3,))]
+)
 def test_kernel_methods_match_float64_loop(n, length, shape):
     a, b, c = _abc(np.random.default_rng(n * 1000 + length), shape, n)
     want = _numpy_kernel(a, b, c, length)
@@ -59,17 +62,22 @@ def test_fft_kernel_with_eigenvalues_on_the_unit_circle():
     b, c = np.random.default_rng(0).standard_normal((2, 1, n)).astype(np.float32)
     want = _numpy_kernel(a, b, c, length)
     np.testing.assert_allclose(np.asarray(st.companion_kernel_fft(length, a, b, c)), want, atol=1e-4)
-    np.testing.assert_allclose(want[0, :n], want[0, n:2 * n], atol=1e-9)  # period N, as expected
+    np.testing.assert_allclose(want[0, :n], want[0, n : 2 * n], atol=1e-9)  # period N, as expected
 
 
 def test_structured_powers_match_dense_krylov():
     a, b, c = _abc(np.random.default_rng(5), (2,), 6)
     A = st.companion_matrix(a)
-    np.testing.assert_allclose(np.asarray(st.companion_powers(11, a, b)),
-                               np.asarray(st.krylov_sequential(11, A, b)), atol=1e-5)
-    closed_t = jnp.swapaxes(A + b[:, :, None] * c[:, None, :], -1, -2)   # (A + b k^T)^T with k = c
-    np.testing.assert_allclose(np.asarray(st.closed_loop_rows(9, a, b, c, b)),
-                               np.asarray(st.krylov_sequential(9, closed_t, b)), rtol=2e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(st.companion_powers(11, a, b)), np.asarray(st.krylov_sequential(11, A, b)), atol=1e-5
+    )
+    closed_t = jnp.swapaxes(A + b[:, :, None] * c[:, None, :], -1, -2)  # (A + b k^T)^T with k = c
+    np.testing.assert_allclose(
+        np.asarray(st.closed_loop_rows(9, a, b, c, b)),
+        np.asarray(st.krylov_sequential(9, closed_t, b)),
+        rtol=2e-5,
+        atol=1e-5,
+    )
 
 
 def test_kernel_gradients_agree():
@@ -110,6 +118,7 @@ def test_normalize_l1_and_degenerate_rows():
 
 # ---------------------------------------------------------------------------- SSM layers
 
+
 def _set(module, **values):
     for name, v in values.items():
         getattr(module, name)[...] = jnp.asarray(v, jnp.float32)
@@ -124,7 +133,7 @@ def test_companion_ssm_with_ar_coefficients_reproduces_the_ar_process(p):
     t = 96
     eps = rng.standard_normal(t)
     want = ts.simulate_arima(phi, t, noise=eps, burn_in=0)
-    psi = ts.simulate_arima(phi, p, noise=np.eye(1, p)[0], burn_in=0)   # impulse response psi_0..psi_{p-1}
+    psi = ts.simulate_arima(phi, p, noise=np.eye(1, p)[0], burn_in=0)  # impulse response psi_0..psi_{p-1}
     ssm = st.CompanionSSM(1, 1, p, norm_order=0, skip=False, kernel_method="fft", rngs=nnx.Rngs(0))
     _set(ssm, a=phi[::-1][None], b=np.eye(1, p), c=psi[None])
     y = ssm(jnp.asarray(eps, jnp.float32)[None, :, None])
@@ -141,15 +150,16 @@ def test_open_loop_equals_step_recurrence_and_shift_ssm_is_fir():
     c, k = jnp.repeat(c, 2, axis=0), jnp.repeat(k, 2, axis=0)
     x = jnp.zeros((2, d, n))
     for s in range(t):
-        x = dec.step(x, u[:, s])                                      # x_{s+1}
+        x = dec.step(x, u[:, s])  # x_{s+1}
         np.testing.assert_allclose(np.asarray(y_open[:, s]), np.asarray((x * c).sum(-1)), atol=2e-5)
         np.testing.assert_allclose(np.asarray(u_next[:, s]), np.asarray((x * k).sum(-1)), atol=2e-5)
     np.testing.assert_allclose(np.asarray(dec.state(u)), np.asarray(x), atol=2e-5)
     # shift SSM: A = S, b = e_1 -> the kernel is c itself (a learnable FIR filter of length N)
     shift = st.CompanionSSM(d, d, n, kind="shift", skip=False, rngs=nnx.Rngs(2))
     a0, b0, c0 = shift.abc()
-    np.testing.assert_allclose(np.asarray(shift.kernel(9)), np.asarray(st.companion_kernel(9, a0, b0, c0, "sequential")),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(shift.kernel(9)), np.asarray(st.companion_kernel(9, a0, b0, c0, "sequential")), atol=1e-6
+    )
     np.testing.assert_allclose(np.asarray(shift(u)), np.asarray(_direct_conv(u, c0)), atol=2e-5)
 
 
@@ -165,14 +175,14 @@ def test_closed_loop_equals_explicit_rollout(kind, normalize_bck):
     _, _, c, k = dec.abck()
     c, k = jnp.repeat(c, 2, axis=0), jnp.repeat(k, 2, axis=0)
     x = jnp.zeros((2, d, n))
-    for s in range(t):                                                 # encode the window
+    for s in range(t):  # encode the window
         x = dec.step(x, u[:, s])
-    for h in range(horizon):                                           # feed the prediction back
+    for h in range(horizon):  # feed the prediction back
         np.testing.assert_allclose(np.asarray(y[:, h]), np.asarray((x * c).sum(-1)), rtol=1e-4, atol=1e-4)
         nxt = (x * k).sum(-1)
         np.testing.assert_allclose(np.asarray(u_hat[:, h]), np.asarray(nxt), rtol=1e-4, atol=1e-4)
         x = dec.step(x, nxt)
-    y_open, _ = dec.open_loop(u)                                       # first forecast = last open-loop output
+    y_open, _ = dec.open_loop(u)  # first forecast = last open-loop output
     np.testing.assert_allclose(np.asarray(y[:, 0]), np.asarray(y_open[:, -1]), atol=2e-5)
 
 
@@ -226,6 +236,7 @@ def test_free_bck_decoder_starts_where_the_normalised_one_starts():
 
 # ---------------------------------------------------------------------------- preprocessing
 
+
 def test_preprocessing_kernels_compute_differences_and_ma_residuals():
     rng = np.random.default_rng(7)
     t = 20
@@ -234,12 +245,12 @@ def test_preprocessing_kernels_compute_differences_and_ma_residuals():
     for order in range(4):
         k = st.differencing_kernel(order)
         y = _direct_conv(jnp.asarray(u, jnp.float32)[None, :, None], jnp.asarray(k)[None])[0, :, 0]
-        want = np.diff(padded, n=order)[-t:]                           # zero history before t = 0
+        want = np.diff(padded, n=order)[-t:]  # zero history before t = 0
         np.testing.assert_allclose(np.asarray(y), want, atol=1e-5)
     w = 5
     k = st.moving_average_residual_kernel(w)
     y = st.fft_conv(jnp.asarray(u, jnp.float32)[None, :, None], jnp.asarray(k)[None])[0, :, 0]
-    want = u - np.array([padded[8 + s - w + 1:8 + s + 1].mean() for s in range(t)])
+    want = u - np.array([padded[8 + s - w + 1 : 8 + s + 1].mean() for s in range(t)])
     np.testing.assert_allclose(np.asarray(y), want, atol=1e-5)
 
 
@@ -251,16 +262,21 @@ def test_residual_preprocess_layout_applies_its_kernels():
     for ch in range(d):
         r, j = divmod(ch, nk)
         want = st.differencing_kernel(j) if j < 4 else st.moving_average_residual_kernel(pre.windows[r * 4 + j - 4])
-        np.testing.assert_allclose(kern[ch, :len(want)], want)
-        assert not kern[ch, len(want):].any()
+        np.testing.assert_allclose(kern[ch, : len(want)], want)
+        assert not kern[ch, len(want) :].any()
     u = jnp.asarray(np.random.default_rng(1).standard_normal((2, 10, d)), jnp.float32)
     np.testing.assert_allclose(np.asarray(pre(u)), np.asarray(_direct_conv(u, jnp.asarray(kern))), atol=2e-5)
     for kind in ("differencing", "ma_residual"):
-        assert st.PreprocessSSM(kind, d, nk, max_diff_order=4, min_window=3, max_window=9,
-                                rngs=nnx.Rngs(0)).kernel().shape[0] == d
+        assert (
+            st.PreprocessSSM(kind, d, nk, max_diff_order=4, min_window=3, max_window=9, rngs=nnx.Rngs(0))
+            .kernel()
+            .shape[0]
+            == d
+        )
 
 
 # ---------------------------------------------------------------------------- the forecaster
+
 
 def _model(**overrides):
     return registry.create_model("spacetime", "tiny", seed=0, **overrides)
@@ -275,9 +291,18 @@ def _run(model, x, y):
 def test_forecaster_shapes_loss_and_gradients():
     cfg = st.PRESETS["tiny"]
     rng = np.random.default_rng(8)
-    for overrides in ({}, {"n_channels": 3, "channel_independent": False, "encoder_ssm": "shift",
-                           "decoder_ssm": "shift", "n_encoder_blocks": 2, "preprocess": "none",
-                           "kernel_method": "squaring"}):
+    for overrides in (
+        {},
+        {
+            "n_channels": 3,
+            "channel_independent": False,
+            "encoder_ssm": "shift",
+            "decoder_ssm": "shift",
+            "n_encoder_blocks": 2,
+            "preprocess": "none",
+            "kernel_method": "squaring",
+        },
+    ):
         model = _model(**overrides)
         c = model.config.n_channels
         x = jnp.asarray(rng.standard_normal((2, cfg.lag, c)), jnp.float32)
@@ -333,14 +358,15 @@ def test_dropout_is_active_only_in_train_mode():
 
 # ---------------------------------------------------------------------------- data
 
+
 @pytest.mark.parametrize("p", [1, 2, 7, 32])
 def test_sampled_ar_processes_are_stable(p):
     phi = ts.sample_ar_coefficients(p, np.random.default_rng(p), max_radius=0.97)
     assert phi.shape == (p,) and np.abs(ts.ar_roots(phi)).max() < 0.97 + 1e-6
     y = ts.simulate_arima(phi, 4000, rng=np.random.default_rng(0))
-    psi = ts.simulate_arima(phi, 20000, noise=np.eye(1, 20000)[0], burn_in=0)   # impulse response
-    assert abs(psi[-100:]).max() < 1e-6 * abs(psi).max()                        # decays: stable
-    assert np.isfinite(y).all() and np.abs(y).max() < 8 * np.sqrt(np.sum(psi ** 2))
+    psi = ts.simulate_arima(phi, 20000, noise=np.eye(1, 20000)[0], burn_in=0)  # impulse response
+    assert abs(psi[-100:]).max() < 1e-6 * abs(psi).max()  # decays: stable
+    assert np.isfinite(y).all() and np.abs(y).max() < 8 * np.sqrt(np.sum(psi**2))
 
 
 def test_simulate_arima_is_the_recursion():
@@ -349,8 +375,11 @@ def test_simulate_arima_is_the_recursion():
     w = ts.simulate_arima(phi, 50, theta=theta, noise=eps, burn_in=0)
     ref = np.zeros(50)
     for t in range(50):
-        ref[t] = eps[t] + theta[0] * (eps[t - 1] if t else 0.0) + sum(
-            phi[j] * ref[t - 1 - j] for j in range(2) if t - 1 - j >= 0)
+        ref[t] = (
+            eps[t]
+            + theta[0] * (eps[t - 1] if t else 0.0)
+            + sum(phi[j] * ref[t - 1 - j] for j in range(2) if t - 1 - j >= 0)
+        )
     np.testing.assert_allclose(w, ref, atol=1e-12)
     y = ts.simulate_arima(phi, 50, theta=theta, noise=eps, burn_in=0, d=1)
     np.testing.assert_allclose(np.diff(y), ref[1:], atol=1e-12)
@@ -388,7 +417,7 @@ def _write_ett_csv(path, hours, rng):
 
 def test_informer_csv_loader(tmp_path):
     path = tmp_path / "ETTh1.csv"
-    hours = 20 * 30 * 24 + 100                       # 20 months of hourly rows and a few more
+    hours = 20 * 30 * 24 + 100  # 20 months of hourly rows and a few more
     data = _write_ett_csv(path, hours, np.random.default_rng(0))
     lag = 48
     s = ts.load_informer_csv(str(path), lag=lag)
@@ -396,11 +425,12 @@ def test_informer_csv_loader(tmp_path):
     assert s.columns == ("HUFL", "HULL", "OT")
     assert s.borders == ((0, n_tr), (n_tr - lag, n_tr + n_va), (n_tr + n_va - lag, n_tr + 2 * n_va))
     assert s.train.shape == (n_tr, 3) and s.val.shape == (n_va + lag, 3) and s.test.shape == (n_va + lag, 3)
-    np.testing.assert_allclose(s.mean, data[:n_tr].mean(0), rtol=1e-5)   # fitted on train only
+    np.testing.assert_allclose(s.mean, data[:n_tr].mean(0), rtol=1e-5)  # fitted on train only
     np.testing.assert_allclose(s.train.mean(0), 0.0, atol=1e-4)
     np.testing.assert_allclose(s.train.std(0), 1.0, atol=1e-4)
-    np.testing.assert_allclose(s.inverse_transform(s.test), data[n_tr + n_va - lag:n_tr + 2 * n_va], rtol=1e-4,
-                               atol=1e-3)
+    np.testing.assert_allclose(
+        s.inverse_transform(s.test), data[n_tr + n_va - lag : n_tr + 2 * n_va], rtol=1e-4, atol=1e-3
+    )
     w = ts.ForecastWindows(s.val, lag, 24)
     np.testing.assert_allclose(w[0]["y"][0], (data[n_tr] - s.mean) / s.std, rtol=1e-4, atol=1e-4)
     single = ts.load_informer_csv(str(path), lag=lag, features="S")
@@ -424,10 +454,38 @@ def test_forecast_ar_script_runs_end_to_end(tmp_path, target):
     from conftest import ROOT
 
     out = tmp_path / "far"
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "forecast_ar.py"), "--orders", "2", "--seeds", "0",
-           "--steps", "3", "--batch-size", "4", "--lag", "16", "--horizon", "4", "--train-length", "512",
-           "--d-model", "8", "--kernel-dim", "8", "--s4d-d-model", "8", "--s4d-layers", "1",
-           "--s4d-state", "8", "--target", target, "--out", str(out)]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "scripts", "forecast_ar.py"),
+        "--orders",
+        "2",
+        "--seeds",
+        "0",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--lag",
+        "16",
+        "--horizon",
+        "4",
+        "--train-length",
+        "512",
+        "--d-model",
+        "8",
+        "--kernel-dim",
+        "8",
+        "--s4d-d-model",
+        "8",
+        "--s4d-layers",
+        "1",
+        "--s4d-state",
+        "8",
+        "--target",
+        target,
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())

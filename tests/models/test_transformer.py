@@ -1,9 +1,9 @@
 """The baseline transformer: protocol, decode == parallel, attention patterns, config errors."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from lm_testing import decode_all
 
 import zoo
@@ -100,5 +100,6 @@ def test_registry_and_config_errors():
 def test_paper_preset_parameter_count():
     from zoo.config import make_config
     from zoo.info import count_params
+
     n = count_params(make_config("transformer", "1.3b"))
     assert 1.25e9 < n < 1.4e9, n

@@ -1,4 +1,5 @@
 """The quickstart notebook runs end to end on a tiny run it makes itself, and its pair is in sync."""
+
 import os
 
 import jupytext

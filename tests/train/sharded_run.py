@@ -2,6 +2,7 @@
 
 Usage: python sharded_run.py WORKDIR DATA FSDP TENSOR  (set XLA_FLAGS for fake CPU devices first)
 """
+
 import json
 import sys
 
@@ -23,10 +24,14 @@ def main():
     train(config, workdir, progress=False)
     setup = make_setup(config)
     params = setup.init_params()
-    shards = {n: [list(p.sharding.spec), list(p.addressable_shards[0].data.shape), list(p.shape)]
-              for n, p in params.items()}
-    print(json.dumps({"devices": jax.device_count(), "losses": [r["loss"] for r in read_metrics(workdir)],
-                      "shards": shards}))
+    shards = {
+        n: [list(p.sharding.spec), list(p.addressable_shards[0].data.shape), list(p.shape)] for n, p in params.items()
+    }
+    print(
+        json.dumps(
+            {"devices": jax.device_count(), "losses": [r["loss"] for r in read_metrics(workdir)], "shards": shards}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ valid model config; every language model has a run config."""
 import os
 
 import pytest
-
 from conftest import ROOT
+
 from zoo.config import load_config, model_config, packaged_configs
 from zoo.models import registry
 

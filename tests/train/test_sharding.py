@@ -1,4 +1,5 @@
 """Real multi-device sharding on 8 simulated CPU devices (data=2, fsdp=2, tensor=2)."""
+
 import json
 import os
 import subprocess
@@ -14,8 +15,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _run(workdir, mesh, devices):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    out = subprocess.run([sys.executable, os.path.join(HERE, "sharded_run.py"), str(workdir), *map(str, mesh)],
-                         env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, os.path.join(HERE, "sharded_run.py"), str(workdir), *map(str, mesh)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -1,4 +1,5 @@
 """Trainer: it learns, resumes exactly, accumulates gradients correctly, loads in one line."""
+
 import json
 import os
 
@@ -8,8 +9,8 @@ import numpy as np
 import pytest
 
 import zoo
-from zoo.train import optim
 from zoo.io import read_metrics
+from zoo.train import optim
 from zoo.train.trainer import train
 
 
@@ -23,8 +24,16 @@ def test_train_writes_everything_and_loads(tmp_path, tiny):
 
     from zoo import cli
 
-    args = ["train", "--config", "transformer:tiny", "--workdir", str(tmp_path), *TINY_OVERRIDES,
-            "--config.train.steps=6", "--config.train.checkpoint_every=3"]
+    args = [
+        "train",
+        "--config",
+        "transformer:tiny",
+        "--workdir",
+        str(tmp_path),
+        *TINY_OVERRIDES,
+        "--config.train.steps=6",
+        "--config.train.checkpoint_every=3",
+    ]
     assert cli.main(args) == 0
     for name in ("config.json", "metrics.jsonl", "eval.json", "eval.png", "training.png"):
         assert (tmp_path / name).is_file(), name
@@ -60,8 +69,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny):
     acc_cfg = tiny(steps=3, grad_accum=2)
     two = train(acc_cfg, str(tmp_path / "two"), progress=False)
     for step in (1, 2, 3):
-        np.testing.assert_allclose(_losses(str(tmp_path / "one"))[step], _losses(str(tmp_path / "two"))[step],
-                                   rtol=2e-5)
+        np.testing.assert_allclose(
+            _losses(str(tmp_path / "one"))[step], _losses(str(tmp_path / "two"))[step], rtol=2e-5
+        )
     np.testing.assert_allclose(one["train"]["grad_norm"], two["train"]["grad_norm"], rtol=1e-4)
 
 
@@ -80,6 +90,7 @@ def test_optimizer_groups_and_token_schedule():
 def test_weight_decay_skips_norms(tiny):
     """One step with lr ~ 0 except weight decay: only decayed params move."""
     from zoo.train.trainer import make_setup
+
     config = tiny()
     config.optim.weight_decay = 0.5
     setup = make_setup(config)

@@ -14,8 +14,16 @@ from zoo.config import make_config, pod_pretraining
 
 
 def _released() -> dict:
-    return pod_pretraining(seq_len=32_768, batch_size=32, lr=1e-3, steps=40_960, warmup_steps=1024,
-                           eval_lengths=[32_768, 65_536], eps=1e-15, clip_norm=1.0)
+    return pod_pretraining(
+        seq_len=32_768,
+        batch_size=32,
+        lr=1e-3,
+        steps=40_960,
+        warmup_steps=1024,
+        eval_lengths=[32_768, 65_536],
+        eps=1e-15,
+        clip_norm=1.0,
+    )
 
 
 RUNS = {"760m": _released(), "3b": _released()}

@@ -74,9 +74,7 @@ def _check_log2_range(min_log2: int, max_log2: int) -> None:
         if not 0 <= value <= _MAX_LOG2_LIMIT:
             raise ValueError(f"{name}={value} is outside [0, {_MAX_LOG2_LIMIT}]; pick a log2 length in that range.")
     if min_log2 > max_log2:
-        raise ValueError(
-            f"min_log2={min_log2} > max_log2={max_log2}; swap them or set min_log2 <= max_log2."
-        )
+        raise ValueError(f"min_log2={min_log2} > max_log2={max_log2}; swap them or set min_log2 <= max_log2.")
 
 
 def bucket_probabilities(min_log2: int, max_log2: int) -> np.ndarray:
@@ -370,9 +368,7 @@ class BucketIndex:
         )
 
     @classmethod
-    def build(
-        cls, source: Any, *, min_log2: int, max_log2: int, seed: int | None = 0
-    ) -> BucketIndex:
+    def build(cls, source: Any, *, min_log2: int, max_log2: int, seed: int | None = 0) -> BucketIndex:
         """Builds the index over ``source`` (``len(source)`` documents, ``source[d]`` 1-D tokens).
 
         Reads every document once for its length; use :meth:`from_lengths` when lengths are known.
@@ -420,8 +416,7 @@ class BucketIndex:
             piece = _as_tokens(self.source[doc])[start : start + (1 << k) + 1]
         if len(piece) != (1 << k) + 1:
             raise ValueError(
-                f"document {doc} is shorter than the index says; rebuild the index "
-                "from this source (lengths changed)."
+                f"document {doc} is shorter than the index says; rebuild the index from this source (lengths changed)."
             )
         return piece
 

@@ -12,10 +12,10 @@ Tokens (vocabulary of 16): 0 = padding, 1..10 = digits 0..9, 11..14 = `[MIN [MAX
 `MapDataset` directly. LRA's setting is max_length 2000, depth 10, up to 10 arguments; the defaults
 here are small for CPU runs.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Union
 
 import numpy as np
 
@@ -26,7 +26,7 @@ CLOSE_ID = len(VOCAB) - 1
 VOCAB_SIZE = len(VOCAB)
 NUM_CLASSES = 10
 
-Tree = Union[int, tuple]  # a digit, or (operator, [children])
+Tree = int | tuple  # a digit, or (operator, [children])
 
 
 def evaluate(tree: Tree) -> int:
@@ -114,5 +114,8 @@ class ListOpsSource:
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All examples stacked: (tokens int32 [n, max_length], mask bool [n, max_length], labels [n])."""
         items = [self[i] for i in range(self.num_examples)]
-        return (np.stack([x["tokens"] for x in items]), np.stack([x["mask"] for x in items]),
-                np.array([x["label"] for x in items], np.int32))
+        return (
+            np.stack([x["tokens"] for x in items]),
+            np.stack([x["mask"] for x in items]),
+            np.array([x["label"] for x in items], np.int32),
+        )

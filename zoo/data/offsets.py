@@ -7,6 +7,7 @@ shard records (``ceil(len_d / record_tokens)`` records per document). :class:`Bl
 one int64 prefix sum per block of ``block`` documents (computed by one streaming pass over the
 lengths, which may be a read-only memory map) and resolves the rest inside one block on demand.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -34,7 +35,7 @@ class BlockCumsum:
         self.size = n
 
     def _weights(self, b: int) -> np.ndarray:
-        chunk = np.asarray(self.lengths[b * self.block: (b + 1) * self.block], np.int64)  # [<= block]
+        chunk = np.asarray(self.lengths[b * self.block : (b + 1) * self.block], np.int64)  # [<= block]
         return np.asarray(self.weight(chunk), np.int64)
 
     def __len__(self) -> int:

@@ -20,6 +20,7 @@ A model must restrict attention (and any recurrence) to equal ``segment_ids`` an
 ``positions`` for its position encoding; the loss mask alone already keeps the loss off the
 boundaries.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -51,8 +52,10 @@ class DocumentPieces:
         self.lengths = document_lengths(docs)[process_index::process_count]  # [D_host] (a view of a memory map)
         self.index = BlockCumsum(self.lengths, lambda n: pieces_per_document(n, self.seq_len))
         if self.index.total == 0:
-            raise ValueError(f"host {process_index} of {process_count} has no document tokens to pack; use fewer "
-                             "hosts or more documents")
+            raise ValueError(
+                f"host {process_index} of {process_count} has no document tokens to pack; use fewer "
+                "hosts or more documents"
+            )
 
     def __len__(self) -> int:
         return self.index.total
@@ -78,5 +81,11 @@ def packed_inputs(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     seg = np.asarray(row["tokens_segment_ids"], np.int32)  # [T + 1]
     pos = np.asarray(row["tokens_positions"], np.int32)  # [T + 1]
     mask = ((seg[:-1] > 0) & (seg[1:] == seg[:-1])).astype(np.float32)  # [T]
-    return {"inputs": tokens[:-1], "targets": tokens[1:], "loss_mask": mask, "answer_mask": mask.copy(),
-            "segment_ids": seg[:-1], "positions": pos[:-1]}
+    return {
+        "inputs": tokens[:-1],
+        "targets": tokens[1:],
+        "loss_mask": mask,
+        "answer_mask": mask.copy(),
+        "segment_ids": seg[:-1],
+        "positions": pos[:-1],
+    }

@@ -19,6 +19,7 @@ Three modes, chosen by `data.mode`:
 The iterator state is a small JSON dict saved in every checkpoint, so a resumed run continues
 with exactly the batches an uninterrupted run would have seen.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -57,8 +58,10 @@ class ConcatChunks:
         self.lengths = document_lengths(docs)  # [D]
         self.stream = BlockCumsum(self.lengths, lambda n: n + 1)
         if self.stream.total < self.length + 1:
-            raise ValueError(f"the text has {self.stream.total} tokens (with EOS), fewer than one sequence of "
-                             f"{self.length + 1}; lower data.seq_len or add documents")
+            raise ValueError(
+                f"the text has {self.stream.total} tokens (with EOS), fewer than one sequence of "
+                f"{self.length + 1}; lower data.seq_len or add documents"
+            )
 
     def __len__(self) -> int:
         return (self.stream.total - 1) // self.length
@@ -91,9 +94,11 @@ def is_toy(data: Any) -> bool:
 def check_toy(data: Any) -> None:
     """Refuses the embedded stdlib corpus unless `data.allow_toy` (pod presets set it to False)."""
     if is_toy(data) and not data.get("allow_toy", True):
-        raise ValueError("data.source='text' with data.path='' is the embedded stdlib corpus (toy data, ~11 MB); "
-                         "tokenize a real corpus with `zoo data prepare --output DIR ...` and set "
-                         "data.source=shards data.path=DIR, or set data.allow_toy=True to train on it anyway")
+        raise ValueError(
+            "data.source='text' with data.path='' is the embedded stdlib corpus (toy data, ~11 MB); "
+            "tokenize a real corpus with `zoo data prepare --output DIR ...` and set "
+            "data.source=shards data.path=DIR, or set data.allow_toy=True to train on it anyway"
+        )
 
 
 def documents(data: Any, split: str):
@@ -104,15 +109,22 @@ def documents(data: Any, split: str):
         if name:  # an explicit tokenizer must be the one the shards were prepared with
             spec = load_tokenizer(name).spec()
             if (spec["kind"], spec.get("sha256")) != (docs.tokenizer_spec["kind"], docs.tokenizer_spec.get("sha256")):
-                raise ValueError(f"data.tokenizer {name!r} is not the tokenizer {data.path!r} was prepared with "
-                                 f"({docs.tokenizer_spec.get('path', docs.tokenizer_spec['kind'])}); set "
-                                 "data.tokenizer='' to use the manifest's")
+                raise ValueError(
+                    f"data.tokenizer {name!r} is not the tokenizer {data.path!r} was prepared with "
+                    f"({docs.tokenizer_spec.get('path', docs.tokenizer_spec['kind'])}); set "
+                    "data.tokenizer='' to use the manifest's"
+                )
         return docs
     tok = tokenizer_for(data)
     if data.source == "text":
         return TextFiles(data.path, split, tok)
-    return TfdsDocuments(data.tfds_name, data.tfds_split if split == "train" else "test" if split == "test"
-                         else "validation", data.tfds_data_dir, data.tfds_text_key, tok)
+    return TfdsDocuments(
+        data.tfds_name,
+        data.tfds_split if split == "train" else "test" if split == "test" else "validation",
+        data.tfds_data_dir,
+        data.tfds_text_key,
+        tok,
+    )
 
 
 def example_source(data: Any, split: str, length: int, depth: float | None = None):
@@ -133,8 +145,12 @@ def example_source(data: Any, split: str, length: int, depth: float | None = Non
 
 def to_model_inputs(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     tokens = np.asarray(example["tokens"], np.int32)
-    return {"inputs": tokens[:-1], "targets": tokens[1:], "loss_mask": example["loss_mask"],
-            "answer_mask": example["answer_mask"]}
+    return {
+        "inputs": tokens[:-1],
+        "targets": tokens[1:],
+        "loss_mask": example["loss_mask"],
+        "answer_mask": example["answer_mask"],
+    }
 
 
 def check_vocab(batch: dict[str, np.ndarray], vocab_size: int, where: str) -> None:
@@ -143,8 +159,10 @@ def check_vocab(batch: dict[str, np.ndarray], vocab_size: int, where: str) -> No
         lo, hi = int(batch[key].min()), int(batch[key].max())
         if lo < 0 or hi >= vocab_size:
             bad = hi if hi >= vocab_size else lo
-            raise ValueError(f"token id {bad} in {where} is outside the vocabulary [0, {vocab_size}); set "
-                             f"--config.model.vocab_size to at least {hi + 1} or use a tokenizer that fits")
+            raise ValueError(
+                f"token id {bad} in {where} is outside the vocabulary [0, {vocab_size}); set "
+                f"--config.model.vocab_size to at least {hi + 1} or use a tokenizer that fits"
+            )
 
 
 class _GrainBatches:
@@ -168,8 +186,16 @@ class _GrainBatches:
 class FixedLengthBatches(_GrainBatches):
     """Per-host batches of fixed shape [batch_size / process_count, seq_len]."""
 
-    def __init__(self, data: Any, split: str = "train", *, process_index: int = 0, process_count: int = 1,
-                 length: int | None = None, batch_size: int | None = None):
+    def __init__(
+        self,
+        data: Any,
+        split: str = "train",
+        *,
+        process_index: int = 0,
+        process_count: int = 1,
+        length: int | None = None,
+        batch_size: int | None = None,
+    ):
         batch_size = batch_size or data.batch_size
         if batch_size % process_count:
             raise ValueError(f"data.batch_size {batch_size} must be divisible by the {process_count} processes")
@@ -191,12 +217,23 @@ class PackedBatches(_GrainBatches):
     Every batch has the keys `PACKED_KEYS`.
     """
 
-    def __init__(self, data: Any, split: str = "train", *, process_index: int = 0, process_count: int = 1,
-                 length: int | None = None, batch_size: int | None = None):
+    def __init__(
+        self,
+        data: Any,
+        split: str = "train",
+        *,
+        process_index: int = 0,
+        process_count: int = 1,
+        length: int | None = None,
+        batch_size: int | None = None,
+    ):
         from grain.experimental import FirstFitPackIterDataset
+
         if data.source not in DOCUMENT_SOURCES:
-            raise ValueError(f"data.mode='packed' packs documents; data.source {data.source!r} is a synthetic task of "
-                             f"fixed-length examples: use one of {DOCUMENT_SOURCES} or data.mode='fixed'")
+            raise ValueError(
+                f"data.mode='packed' packs documents; data.source {data.source!r} is a synthetic task of "
+                f"fixed-length examples: use one of {DOCUMENT_SOURCES} or data.mode='fixed'"
+            )
         batch_size = batch_size or data.batch_size
         if batch_size % process_count:
             raise ValueError(f"data.batch_size {batch_size} must be divisible by the {process_count} processes")
@@ -205,12 +242,18 @@ class PackedBatches(_GrainBatches):
         if bins < 1:
             raise ValueError(f"data.pack_bins {bins} must be >= 1 (rows packed at a time; 64 is a good default)")
         docs = documents(data, split)
-        self.pieces = DocumentPieces(docs, length, docs.eos_id, process_index=process_index,
-                                     process_count=process_count)
-        ds = grain.MapDataset.source(self.pieces).shuffle(seed=data.seed).repeat(None).to_iter_dataset(
-            grain.ReadOptions(num_threads=2, prefetch_buffer_size=4 * bins))
-        ds = FirstFitPackIterDataset(ds, length_struct={"tokens": length + 1}, num_packing_bins=bins,
-                                     shuffle_bins=False)
+        self.pieces = DocumentPieces(
+            docs, length, docs.eos_id, process_index=process_index, process_count=process_count
+        )
+        ds = (
+            grain.MapDataset.source(self.pieces)
+            .shuffle(seed=data.seed)
+            .repeat(None)
+            .to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4 * bins))
+        )
+        ds = FirstFitPackIterDataset(
+            ds, length_struct={"tokens": length + 1}, num_packing_bins=bins, shuffle_bins=False
+        )
         self.dataset = ds.map(packed_inputs).batch(batch_size // process_count, drop_remainder=True)
         self._iter = iter(self.dataset)
 
@@ -238,10 +281,17 @@ class DecompositionBatches(_GrainBatches):
         fixed_k = data.max_log2 if data.curriculum == "fixed" else None
         if data.source in DOCUMENT_SOURCES:  # the index needs only the length index, never the tokens
             docs = documents(data, split)
-            self.index = dd.BucketIndex.from_lengths(document_lengths(docs), min_log2=data.min_log2,
-                                                     max_log2=data.max_log2, seed=data.seed, source=docs)
-            self.schedule = dd.BucketSchedule(ks, data.tokens_per_step, data.curriculum, data.seed, fixed_k=fixed_k,
-                                              availability=self.index.tokens_per_bucket())
+            self.index = dd.BucketIndex.from_lengths(
+                document_lengths(docs), min_log2=data.min_log2, max_log2=data.max_log2, seed=data.seed, source=docs
+            )
+            self.schedule = dd.BucketSchedule(
+                ks,
+                data.tokens_per_step,
+                data.curriculum,
+                data.seed,
+                fixed_k=fixed_k,
+                availability=self.index.tokens_per_bucket(),
+            )
             self.batcher = dd.BucketBatcher(self.index, self.schedule)
             self.tasks = None
         else:  # synthetic tasks: each bucket is the task generated at length 2^k
@@ -250,8 +300,10 @@ class DecompositionBatches(_GrainBatches):
             self.tasks = {k: example_source(data, split, 1 << k) for k in ks}
         for k in ks:
             if self.schedule.batch_size(k) % process_count:
-                raise ValueError(f"bucket 2^{k} has a global batch of {self.schedule.batch_size(k)}, not divisible "
-                                 f"by {process_count} processes; raise data.tokens_per_step")
+                raise ValueError(
+                    f"bucket 2^{k} has a global batch of {self.schedule.batch_size(k)}, not divisible "
+                    f"by {process_count} processes; raise data.tokens_per_step"
+                )
         ds = grain.MapDataset.range(2**62).map(self.batch)
         self._iter = iter(ds.to_iter_dataset(READ_OPTIONS))
 
@@ -260,8 +312,12 @@ class DecompositionBatches(_GrainBatches):
         if self.tasks is None:
             k, tokens = self.batcher.host_batch(int(step), self.process_index, self.process_count)
             ones = np.ones((tokens.shape[0], 1 << k), np.float32)
-            return {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
-                    "loss_mask": ones, "answer_mask": ones}
+            return {
+                "inputs": tokens[:, :-1].astype(np.int32),
+                "targets": tokens[:, 1:].astype(np.int32),
+                "loss_mask": ones,
+                "answer_mask": ones,
+            }
         k, j = self.schedule.position(int(step))
         b = self.schedule.batch_size(k)
         ids = dd.host_slice(j * b + np.arange(b), self.process_index, self.process_count)
@@ -287,8 +343,13 @@ def describe(data: Any, steps: int = 0) -> str:
     per_step = tokens_per_step(data)
     run = f"run        {steps:,} steps x {per_step:,} tokens/step = {steps * per_step:,} tokens"
     if data.source not in DOCUMENT_SOURCES:
-        return "\n".join([f"corpus     synthetic task {data.source!r}, generated on the fly (no epochs)",
-                          "tokenizer  bytes (vocab 256)", run])
+        return "\n".join(
+            [
+                f"corpus     synthetic task {data.source!r}, generated on the fly (no epochs)",
+                "tokenizer  bytes (vocab 256)",
+                run,
+            ]
+        )
     if data.source == "shards":
         manifest = read_manifest(data.path)
         src = manifest["source"]

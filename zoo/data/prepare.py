@@ -27,6 +27,7 @@ committed unit by checksum and redoes only the missing or damaged ones; ``manife
 written last. An output directory that holds a different plan is refused. The shard format is in
 :mod:`zoo.data.shards` and ``docs/data.md``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,6 +64,7 @@ def _write_json_atomic(path: str, obj: Any) -> None:
 
 
 # --- planning: the source's documents as a list of units -------------------------------------------------------
+
 
 def _group(items: list, sizes: list[int], budget: int) -> list[list]:
     """Consecutive items grouped until each group holds at least ``budget`` (the last may hold less)."""
@@ -108,8 +110,11 @@ def plan_jsonl(path: str, text_key: str, shard_bytes: int) -> tuple[dict, list[d
         root, rels = os.path.abspath(path), []
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(dirnames)
-            rels += [os.path.relpath(os.path.join(dirpath, f), root) for f in sorted(filenames)
-                     if f.endswith((".jsonl", ".jsonl.gz"))]
+            rels += [
+                os.path.relpath(os.path.join(dirpath, f), root)
+                for f in sorted(filenames)
+                if f.endswith((".jsonl", ".jsonl.gz"))
+            ]
     if not rels:
         raise ValueError(f"--input {path!r} holds no .jsonl or .jsonl.gz files")
     units, total = [], 0
@@ -132,8 +137,10 @@ def split_mapping(splits: str, available: list[str]) -> dict[str, str]:
         for item in splits.split(","):
             out, sep, src = item.partition("=")
             if not sep or out not in sh.SPLITS or src not in available:
-                raise ValueError(f"--splits item {item!r} must be train=<split> or validation=<split> with a split "
-                                 f"of the source {available}")
+                raise ValueError(
+                    f"--splits item {item!r} must be train=<split> or validation=<split> with a split "
+                    f"of the source {available}"
+                )
             mapping[src] = out
         return mapping
     if "train" not in available:
@@ -158,21 +165,32 @@ def plan_tfds(name: str, data_dir: str, text_key: str, splits: str, docs_per_sha
         info_splits = tfds.builder(name, data_dir=data_dir or None).info.splits
         counts = {s: int(info_splits[s].num_examples) for s in info_splits}
     except Exception as e:  # TFDS raises many types; one clear line for the user
-        raise ValueError(f"cannot open TFDS dataset {name!r} in {data_dir or 'the default data_dir'}: "
-                         f"{type(e).__name__}; prepare it with file_format='array_record' first") from e
+        raise ValueError(
+            f"cannot open TFDS dataset {name!r} in {data_dir or 'the default data_dir'}: "
+            f"{type(e).__name__}; prepare it with file_format='array_record' first"
+        ) from e
     mapping = split_mapping(splits, sorted(counts))
-    units = [{"split": src, "lo": lo, "hi": hi, "out": out}
-             for src, out in mapping.items() for lo, hi in _ranges(counts[src], docs_per_shard)]
+    units = [
+        {"split": src, "lo": lo, "hi": hi, "out": out}
+        for src, out in mapping.items()
+        for lo, hi in _ranges(counts[src], docs_per_shard)
+    ]
     if not units:
         raise ValueError(f"TFDS dataset {name!r} has no records in splits {sorted(mapping)}")
-    desc = {"kind": "tfds", "name": name, "data_dir": os.path.abspath(data_dir) if data_dir else "",
-            "text_key": text_key, "splits": mapping}
+    desc = {
+        "kind": "tfds",
+        "name": name,
+        "data_dir": os.path.abspath(data_dir) if data_dir else "",
+        "text_key": text_key,
+        "splits": mapping,
+    }
     return desc, units
 
 
 def _open_arrow(path: str):
     """Record batches of an Arrow IPC file written by ``datasets`` (stream format; file format also read)."""
     import pyarrow as pa
+
     source = pa.memory_map(path)
     try:
         reader = pa.ipc.open_stream(source)
@@ -189,8 +207,9 @@ def _hf_split_files(root: str) -> dict[str, list[str]]:
         with open(os.path.join(root, rel_dir, "state.json")) as f:
             state = json.load(f)
         if state.get("_indices_data_files"):
-            raise ValueError(f"{os.path.join(root, rel_dir)!r} holds an indices mapping; call .flatten_indices() "
-                             "before save_to_disk")
+            raise ValueError(
+                f"{os.path.join(root, rel_dir)!r} holds an indices mapping; call .flatten_indices() before save_to_disk"
+            )
         return [os.path.normpath(os.path.join(rel_dir, d["filename"])) for d in state["_data_files"]]
 
     if os.path.isfile(os.path.join(root, "dataset_dict.json")):
@@ -198,8 +217,10 @@ def _hf_split_files(root: str) -> dict[str, list[str]]:
             return {s: files(s) for s in json.load(f)["splits"]}
     if os.path.isfile(os.path.join(root, "state.json")):
         return {"train": files(".")}
-    raise ValueError(f"--input {root!r} is not a Hugging Face datasets directory (no dataset_dict.json or state.json "
-                     "from save_to_disk)")
+    raise ValueError(
+        f"--input {root!r} is not a Hugging Face datasets directory (no dataset_dict.json or state.json "
+        "from save_to_disk)"
+    )
 
 
 def plan_hf(path: str, text_key: str, splits: str, docs_per_shard: int) -> tuple[dict, list[dict]]:
@@ -217,14 +238,16 @@ def plan_hf(path: str, text_key: str, splits: str, docs_per_shard: int) -> tuple
             if first is not None and text_key not in first.schema.names:
                 raise ValueError(f"{rel} has no column {text_key!r} (columns: {first.schema.names}); pass --text-key")
             rows = (first.num_rows if first is not None else 0) + sum(b.num_rows for b in batches)
-            units += [{"split": src, "file": rel, "lo": lo, "hi": hi, "out": out}
-                      for lo, hi in _ranges(rows, docs_per_shard)]
+            units += [
+                {"split": src, "file": rel, "lo": lo, "hi": hi, "out": out} for lo, hi in _ranges(rows, docs_per_shard)
+            ]
     if not units:
         raise ValueError(f"--input {path!r} has no rows in splits {sorted(mapping)}")
     return {"kind": "hf", "path": root, "text_key": text_key, "splits": mapping}, units
 
 
 # --- workers: one unit -> one shard per split ------------------------------------------------------------------
+
 
 def _text_documents(desc: dict, unit: dict, skipped: dict) -> Iterator[tuple[str, bytes | str]]:
     for rel, split in unit["files"]:
@@ -284,21 +307,26 @@ _TFDS_SOURCES: dict = {}
 
 def _tfds_documents(desc: dict, unit: dict, skipped: dict) -> Iterator[tuple[str, bytes | str]]:
     import tensorflow_datasets as tfds
+
     cache_key = (desc["name"], desc["data_dir"], unit["split"])
     if cache_key not in _TFDS_SOURCES:
         _TFDS_SOURCES.clear()
-        _TFDS_SOURCES[cache_key] = tfds.data_source(desc["name"], split=unit["split"],
-                                                    data_dir=desc["data_dir"] or None)
+        _TFDS_SOURCES[cache_key] = tfds.data_source(
+            desc["name"], split=unit["split"], data_dir=desc["data_dir"] or None
+        )
     source = _TFDS_SOURCES[cache_key]
     for i in range(unit["lo"], unit["hi"]):
         record = source[i]
         if desc["text_key"] not in record:
-            raise ValueError(f"TFDS record has no field {desc['text_key']!r} (fields: {sorted(record)}); "
-                             "pass --text-key")
+            raise ValueError(
+                f"TFDS record has no field {desc['text_key']!r} (fields: {sorted(record)}); pass --text-key"
+            )
         value = record[desc["text_key"]]
         if not isinstance(value, (bytes, str)):
-            raise ValueError(f"TFDS field {desc['text_key']!r} holds {type(value).__name__}, not text; "
-                             "pass --text-key naming a Text feature")
+            raise ValueError(
+                f"TFDS field {desc['text_key']!r} holds {type(value).__name__}, not text; "
+                "pass --text-key naming a Text feature"
+            )
         if not value:
             skipped["empty"] += 1
             continue
@@ -322,8 +350,12 @@ def _hf_documents(desc: dict, unit: dict, skipped: dict) -> Iterator[tuple[str, 
             break
 
 
-_READERS: dict[str, Callable] = {"text": _text_documents, "jsonl": _jsonl_documents, "tfds": _tfds_documents,
-                                 "hf": _hf_documents}
+_READERS: dict[str, Callable] = {
+    "text": _text_documents,
+    "jsonl": _jsonl_documents,
+    "tfds": _tfds_documents,
+    "hf": _hf_documents,
+}
 _TOKENIZERS: dict[str, Tokenizer] = {}
 
 
@@ -394,9 +426,15 @@ def process_unit(task: tuple) -> dict:
         ltmp = os.path.join(out, f"{lengths_file}{TMP}.{os.getpid()}.npy")
         np.save(ltmp, arr)
         os.replace(ltmp, os.path.join(out, lengths_file))
-        commit["splits"][split] = {"path": shard, "documents": len(arr), "records": records[split],
-                                   "tokens": int(arr.sum()), "sha256": file_sha256(os.path.join(out, shard)),
-                                   "lengths": lengths_file, "lengths_sha256": file_sha256(os.path.join(out, lengths_file))}
+        commit["splits"][split] = {
+            "path": shard,
+            "documents": len(arr),
+            "records": records[split],
+            "tokens": int(arr.sum()),
+            "sha256": file_sha256(os.path.join(out, shard)),
+            "lengths": lengths_file,
+            "lengths_sha256": file_sha256(os.path.join(out, lengths_file)),
+        }
     _write_json_atomic(_commit_path(out, index), commit)
     return commit
 
@@ -430,6 +468,7 @@ def _remove_unit(out: str, index: int) -> None:
 
 # --- the driver ------------------------------------------------------------------------------------------------
 
+
 def _check_output(out: str, plan: dict) -> None:
     """Refuses an output directory that holds something other than this plan's (partial) preparation."""
     plan_file = os.path.join(out, sh.PLAN)
@@ -438,13 +477,17 @@ def _check_output(out: str, plan: dict) -> None:
             old = json.load(f)
         if old != plan:
             diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-            raise ValueError(f"--output {out!r} holds a different preparation (differs in {', '.join(diff)}); choose "
-                             "a new directory or delete that one")
+            raise ValueError(
+                f"--output {out!r} holds a different preparation (differs in {', '.join(diff)}); choose "
+                "a new directory or delete that one"
+            )
         return
     if os.path.isfile(os.path.join(out, sh.MANIFEST)):
         raise ValueError(f"--output {out!r} holds a manifest without {sh.PLAN}; choose a new directory")
     if os.path.isdir(out) and os.listdir(out):
-        raise ValueError(f"--output {out!r} is not empty and holds no zoo preparation; choose an empty or new directory")
+        raise ValueError(
+            f"--output {out!r} is not empty and holds no zoo preparation; choose an empty or new directory"
+        )
 
 
 def _clean_temporaries(out: str) -> None:
@@ -467,7 +510,7 @@ def _write_lengths(out: str, split: str, commits: list[dict]) -> tuple[str, str,
     pos = 0
     for e in entries:
         part = np.load(os.path.join(out, e["lengths"]))
-        arr[pos: pos + len(part)] = part
+        arr[pos : pos + len(part)] = part
         pos += len(part)
     arr.flush()
     del arr
@@ -475,10 +518,22 @@ def _write_lengths(out: str, split: str, commits: list[dict]) -> tuple[str, str,
     return rel, file_sha256(os.path.join(out, rel)), n
 
 
-def prepare(source: str, input_path: str, output: str, *, tokenizer: str = "bytes", eos_token: str | None = None,
-            tfds_name: str = "", text_key: str = "text", splits: str = "", workers: int = 1, shard_mb: float = 64.0,
-            docs_per_shard: int = 4096, record_tokens: int = 65536,
-            log: Callable[[str], None] | None = None) -> dict:
+def prepare(
+    source: str,
+    input_path: str,
+    output: str,
+    *,
+    tokenizer: str = "bytes",
+    eos_token: str | None = None,
+    tfds_name: str = "",
+    text_key: str = "text",
+    splits: str = "",
+    workers: int = 1,
+    shard_mb: float = 64.0,
+    docs_per_shard: int = 4096,
+    record_tokens: int = 65536,
+    log: Callable[[str], None] | None = None,
+) -> dict:
     """Tokenizes a corpus into ArrayRecord shards in ``output``; resumes an interrupted run.
 
     Args:
@@ -502,8 +557,11 @@ def prepare(source: str, input_path: str, output: str, *, tokenizer: str = "byte
     """
     if source not in SOURCES:
         raise ValueError(f"--source {source!r} is unknown; choose one of {SOURCES}")
-    for name, value, low in (("--workers", workers, 1), ("--docs-per-shard", docs_per_shard, 1),
-                             ("--record-tokens", record_tokens, 1)):
+    for name, value, low in (
+        ("--workers", workers, 1),
+        ("--docs-per-shard", docs_per_shard, 1),
+        ("--record-tokens", record_tokens, 1),
+    ):
         if int(value) < low:
             raise ValueError(f"{name} {value} must be >= {low}")
     if not shard_mb > 0:
@@ -520,8 +578,14 @@ def prepare(source: str, input_path: str, output: str, *, tokenizer: str = "byte
         desc, units = plan_tfds(tfds_name, input_path, text_key, splits, docs_per_shard)
     else:
         desc, units = plan_hf(input_path, text_key, splits, docs_per_shard)
-    plan = {"format": sh.FORMAT, "format_version": sh.FORMAT_VERSION, "tokenizer": tok.spec(), "source": desc,
-            "record_tokens": int(record_tokens), "units": units}
+    plan = {
+        "format": sh.FORMAT,
+        "format_version": sh.FORMAT_VERSION,
+        "tokenizer": tok.spec(),
+        "source": desc,
+        "record_tokens": int(record_tokens),
+        "units": units,
+    }
     out = os.path.abspath(output)
     _check_output(out, plan)
     for sub in (*sh.SPLITS, "work"):
@@ -551,8 +615,7 @@ def prepare(source: str, input_path: str, output: str, *, tokenizer: str = "byte
             commits[commit["unit"]] = commit
             if log:
                 docs = sum(e["documents"] for e in commit["splits"].values())
-                log(f"unit {commit['unit'] + 1}/{len(units)}: {docs:,} documents "
-                    f"({len(commits)}/{len(units)} done)")
+                log(f"unit {commit['unit'] + 1}/{len(units)}: {docs:,} documents ({len(commits)}/{len(units)} done)")
     finally:
         if pool is not None:
             pool.close()
@@ -564,21 +627,36 @@ def prepare(source: str, input_path: str, output: str, *, tokenizer: str = "byte
     for split in sh.SPLITS:
         rel, sha, n = _write_lengths(out, split, ordered)
         entries = [c["splits"][split] for c in ordered if split in c["splits"]]
-        split_info[split] = {"documents": n, "tokens": sum(e["tokens"] for e in entries), "lengths": rel,
-                             "lengths_sha256": sha,
-                             "shards": [{k: e[k] for k in ("path", "documents", "records", "tokens", "sha256")}
-                                        for e in entries]}
+        split_info[split] = {
+            "documents": n,
+            "tokens": sum(e["tokens"] for e in entries),
+            "lengths": rel,
+            "lengths_sha256": sha,
+            "shards": [{k: e[k] for k in ("path", "documents", "records", "tokens", "sha256")} for e in entries],
+        }
     documents = sum(s["documents"] for s in split_info.values())
     if documents == 0:
-        raise ValueError(f"--input {input_path!r} yielded no non-empty documents (skipped: {skipped}); check the "
-                         "source and --text-key")
+        raise ValueError(
+            f"--input {input_path!r} yielded no non-empty documents (skipped: {skipped}); check the "
+            "source and --text-key"
+        )
     manifest = {
-        "format": sh.FORMAT, "format_version": sh.FORMAT_VERSION, "created_by": "zoo data prepare",
-        "record": {"dtype": sh.RECORD_DTYPE, "layout": "ceil(n / record_tokens) records per document, each the raw "
-                   "little-endian int32 token ids of up to record_tokens tokens, in document order; no header"},
-        "record_tokens": int(record_tokens), "writer_options": sh.WRITER_OPTIONS,
-        "tokenizer": plan["tokenizer"], "source": desc, "units": len(units),
-        "documents": documents, "tokens": sum(s["tokens"] for s in split_info.values()), "skipped": skipped,
+        "format": sh.FORMAT,
+        "format_version": sh.FORMAT_VERSION,
+        "created_by": "zoo data prepare",
+        "record": {
+            "dtype": sh.RECORD_DTYPE,
+            "layout": "ceil(n / record_tokens) records per document, each the raw "
+            "little-endian int32 token ids of up to record_tokens tokens, in document order; no header",
+        },
+        "record_tokens": int(record_tokens),
+        "writer_options": sh.WRITER_OPTIONS,
+        "tokenizer": plan["tokenizer"],
+        "source": desc,
+        "units": len(units),
+        "documents": documents,
+        "tokens": sum(s["tokens"] for s in split_info.values()),
+        "skipped": skipped,
         "splits": split_info,
         "plan_sha256": hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest(),
     }
@@ -589,7 +667,9 @@ def prepare(source: str, input_path: str, output: str, *, tokenizer: str = "byte
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds the ``zoo data prepare`` arguments to ``parser`` (see :func:`prepare` for their meaning)."""
     parser.add_argument("--source", choices=SOURCES, default="text", help="kind of input (default: text)")
-    parser.add_argument("--input", default="", help="text dir | .jsonl file or dir | TFDS data_dir | HF save_to_disk dir")
+    parser.add_argument(
+        "--input", default="", help="text dir | .jsonl file or dir | TFDS data_dir | HF save_to_disk dir"
+    )
     parser.add_argument("--output", required=True, help="the prepared directory (new, empty, or an interrupted run)")
     parser.add_argument("--tokenizer", default="bytes", help="bytes | SentencePiece .model | tokenizer.json")
     parser.add_argument("--eos-token", default=None, help="end-of-document token of a tokenizer.json")
@@ -605,10 +685,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``zoo data prepare`` from parsed :func:`add_arguments` arguments; prints a summary; returns 0."""
-    manifest = prepare(args.source, args.input, args.output, tokenizer=args.tokenizer, eos_token=args.eos_token,
-                       tfds_name=args.tfds_name, text_key=args.text_key, splits=args.splits, workers=args.workers,
-                       shard_mb=args.shard_mb, docs_per_shard=args.docs_per_shard,
-                       record_tokens=args.record_tokens, log=print)
+    manifest = prepare(
+        args.source,
+        args.input,
+        args.output,
+        tokenizer=args.tokenizer,
+        eos_token=args.eos_token,
+        tfds_name=args.tfds_name,
+        text_key=args.text_key,
+        splits=args.splits,
+        workers=args.workers,
+        shard_mb=args.shard_mb,
+        docs_per_shard=args.docs_per_shard,
+        record_tokens=args.record_tokens,
+        log=print,
+    )
     print(summary(manifest, args.output))
     return 0
 
@@ -616,11 +707,16 @@ def run(args: argparse.Namespace) -> int:
 def summary(manifest: dict, output: str) -> str:
     """A few lines: where, which tokenizer, documents and tokens per split, skipped files."""
     from zoo.data.tokenizers import describe_spec
-    lines = [f"prepared {output}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens",
-             f"tokenizer {describe_spec(manifest['tokenizer'])}"]
+
+    lines = [
+        f"prepared {output}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens",
+        f"tokenizer {describe_spec(manifest['tokenizer'])}",
+    ]
     for split, info in manifest["splits"].items():
-        lines.append(f"  {split:<10} {info['documents']:>12,} documents {info['tokens']:>16,} tokens "
-                     f"{len(info['shards']):>5} shards")
+        lines.append(
+            f"  {split:<10} {info['documents']:>12,} documents {info['tokens']:>16,} tokens "
+            f"{len(info['shards']):>5} shards"
+        )
     if any(manifest["skipped"].values()):
         lines.append(f"skipped: {manifest['skipped']['empty']:,} empty, {manifest['skipped']['binary']:,} binary")
     lines.append(f"train on it: --config.data.source=shards --config.data.path={output}")

@@ -19,6 +19,7 @@ lazily, record indices offloaded to disk): ``len`` and per-shard counts come fro
 length index is a read-only memory map, and only the records a request touches are read, so memory
 does not grow with the corpus.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,12 +56,16 @@ def read_manifest(path: str) -> dict:
         raise ValueError("data.source='shards' needs data.path, the output directory of `zoo data prepare`")
     file = os.path.join(path, MANIFEST)
     if not os.path.isfile(file):
-        raise ValueError(f"data.path {path!r} has no {MANIFEST}; prepare it first: zoo data prepare --output {path} ...")
+        raise ValueError(
+            f"data.path {path!r} has no {MANIFEST}; prepare it first: zoo data prepare --output {path} ..."
+        )
     with open(file) as f:
         manifest = json.load(f)
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{file} is not a {FORMAT} v{FORMAT_VERSION} manifest (format {manifest.get('format')!r} "
-                         f"v{manifest.get('format_version')!r}); prepare the data again with this zoo")
+        raise ValueError(
+            f"{file} is not a {FORMAT} v{FORMAT_VERSION} manifest (format {manifest.get('format')!r} "
+            f"v{manifest.get('format_version')!r}); prepare the data again with this zoo"
+        )
     return manifest
 
 
@@ -82,7 +87,7 @@ def records_per_document(lengths: np.ndarray, record_tokens: int) -> np.ndarray:
 def encode_records(tokens: np.ndarray, record_tokens: int) -> list[bytes]:
     """One document's records: consecutive slices of ``record_tokens`` tokens as little-endian int32 bytes."""
     data = np.ascontiguousarray(tokens, dtype=RECORD_DTYPE)  # [n]
-    return [data[i: i + record_tokens].tobytes() for i in range(0, len(data), record_tokens)]
+    return [data[i : i + record_tokens].tobytes() for i in range(0, len(data), record_tokens)]
 
 
 class ShardDocuments:
@@ -100,17 +105,21 @@ class ShardDocuments:
         self.split = split_name(split)
         info = self.manifest["splits"].get(self.split)
         if not info or not info["documents"]:
-            raise ValueError(f"{path!r} has no documents in split {self.split!r} (splits: "
-                             f"{sorted(k for k, v in self.manifest['splits'].items() if v['documents'])}); "
-                             "prepare it with a validation split (zoo data prepare --splits)")
+            raise ValueError(
+                f"{path!r} has no documents in split {self.split!r} (splits: "
+                f"{sorted(k for k, v in self.manifest['splits'].items() if v['documents'])}); "
+                "prepare it with a validation split (zoo data prepare --splits)"
+            )
         self.info = info
         self.tokenizer_spec = self.manifest["tokenizer"]
         self.eos_id = int(self.tokenizer_spec["eos_id"])
         self.record_tokens = int(self.manifest["record_tokens"])
         self.lengths = np.load(os.path.join(path, info["lengths"]), mmap_mode="r")  # [D] int64
         if len(self.lengths) != info["documents"]:
-            raise ValueError(f"{info['lengths']} in {path!r} has {len(self.lengths)} entries, the manifest says "
-                             f"{info['documents']}; prepare the data again")
+            raise ValueError(
+                f"{info['lengths']} in {path!r} has {len(self.lengths)} entries, the manifest says "
+                f"{info['documents']}; prepare the data again"
+            )
         self.num_records = sum(s["records"] for s in info["shards"])
         self._records = BlockCumsum(self.lengths, lambda n: records_per_document(n, self.record_tokens))
         self._source = None
@@ -120,8 +129,11 @@ class ShardDocuments:
         """Grain's ``ArrayRecordDataSource`` over the split's shards (created on first use)."""
         if self._source is None:
             import grain
-            files = [_FileInstruction(os.path.join(self.path, s["path"]), 0, s["records"], s["records"])
-                     for s in self.info["shards"]]
+
+            files = [
+                _FileInstruction(os.path.join(self.path, s["path"]), 0, s["records"], s["records"])
+                for s in self.info["shards"]
+            ]
             self._source = grain.sources.ArrayRecordDataSource(files, reader_options=READER_OPTIONS)
         return self._source
 
@@ -147,7 +159,7 @@ class ShardDocuments:
         raw = self.source.__getitems__(keys) if len(keys) > 1 else [self.source[keys[0]]]
         tokens = np.frombuffer(b"".join(raw), RECORD_DTYPE).astype(np.int32)  # [(r1 - r0 + 1) * R or less]
         base = r0 * self.record_tokens
-        return tokens[start - base: stop - base]
+        return tokens[start - base : stop - base]
 
     def __getitem__(self, d: int) -> np.ndarray:
         return self.read(int(d))
@@ -161,5 +173,8 @@ class ShardDocuments:
 def describe_manifest(path: str) -> dict[str, Any]:
     """Documents and tokens per split of a prepared directory, with its tokenizer spec and source."""
     m = read_manifest(path)
-    return {"tokenizer": m["tokenizer"], "source": m["source"],
-            "splits": {k: {"documents": v["documents"], "tokens": v["tokens"]} for k, v in m["splits"].items()}}
+    return {
+        "tokenizer": m["tokenizer"],
+        "source": m["source"],
+        "splits": {k: {"documents": v["documents"], "tokens": v["tokens"]} for k, v in m["splits"].items()},
+    }

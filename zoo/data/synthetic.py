@@ -11,14 +11,14 @@ Tasks:
 - `AssociativeRecall` (MQAR, Arora et al. 2023): key-value pairs, then queries of some keys.
 - `SelectiveCopy` (Gu & Dao 2023): data tokens scattered among noise tokens, to be copied in order.
 """
+
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
 
-FILLER = ("The grass is green. ", "The sky is blue. ", "The sun is yellow. ", "Here we go. ",
-          "There and back again. ")
+FILLER = ("The grass is green. ", "The sky is blue. ", "The sun is yellow. ", "Here we go. ", "There and back again. ")
 NEEDLE = "The passkey is {key}. Remember it. {key} is the passkey. "
 QUESTION = "What is the passkey? The passkey is "
 N_DIGITS = 5
@@ -50,8 +50,9 @@ class Passkey:
     def __post_init__(self):
         need = self.min_length()
         if self.length < need:
-            raise ValueError(f"passkey length {self.length} is too short; it must be >= {need} "
-                             "(needle + question + answer)")
+            raise ValueError(
+                f"passkey length {self.length} is too short; it must be >= {need} (needle + question + answer)"
+            )
         if self.depth is not None and not 0.0 <= self.depth <= 1.0:
             raise ValueError(f"passkey depth {self.depth} must lie in [0, 1]")
 
@@ -117,7 +118,7 @@ class AssociativeRecall:
         noise = rng.integers(1, 128, self.length + 1 - len(pairs) - len(queries))
         tokens = np.concatenate([pairs, noise, queries]).astype(np.int32)
         answer = np.zeros(self.length, np.float32)
-        answer[self.length - len(queries) + 1::2] = 1.0  # targets that are the queried values
+        answer[self.length - len(queries) + 1 :: 2] = 1.0  # targets that are the queried values
         return {"tokens": tokens, "loss_mask": answer.copy(), "answer_mask": answer}
 
 
@@ -146,7 +147,7 @@ class SelectiveCopy:
         ctx[np.sort(rng.choice(n_ctx, self.num_data, replace=False))] = data
         tokens = np.concatenate([ctx, [2], data]).astype(np.int32)
         answer = np.zeros(self.length, np.float32)
-        answer[-self.num_data:] = 1.0
+        answer[-self.num_data :] = 1.0
         return {"tokens": tokens, "loss_mask": answer.copy(), "answer_mask": answer}
 
 

@@ -12,6 +12,7 @@ is real long-form structured text with long-range dependencies (imports, definit
 below), and is fixed for a given Python version. Documents are split into train/validation by a
 hash of their path (10% validation), so the split does not depend on the file order.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,8 +45,10 @@ class TextFiles:
     def __init__(self, path: str = "", split: str = "train", tokenizer: Tokenizer | None = None):
         root = path or default_corpus_dir()
         if not os.path.isdir(root):
-            raise ValueError(f"data.path {root!r} is not a directory; point it at a folder of text files "
-                             "(or '' for the default stdlib corpus)")
+            raise ValueError(
+                f"data.path {root!r} is not a directory; point it at a folder of text files "
+                "(or '' for the default stdlib corpus)"
+            )
         self.tokenizer = tokenizer or ByteTokenizer()
         files = []
         for dirpath, dirnames, filenames in os.walk(root):
@@ -77,8 +80,14 @@ class TfdsDocuments:
     """A TFDS dataset read through `tfds.data_source` (array_record; no TensorFlow needed), tokenized
     into memory when opened."""
 
-    def __init__(self, name: str, split: str = "train", data_dir: str = "", text_key: str = "text",
-                 tokenizer: Tokenizer | None = None):
+    def __init__(
+        self,
+        name: str,
+        split: str = "train",
+        data_dir: str = "",
+        text_key: str = "text",
+        tokenizer: Tokenizer | None = None,
+    ):
         try:
             import tensorflow_datasets as tfds
         except ImportError as e:
@@ -88,9 +97,11 @@ class TfdsDocuments:
         try:
             self.source = tfds.data_source(name, split=split, data_dir=data_dir or None)
         except Exception as e:  # TFDS raises many types; one clear line for the user
-            raise ValueError(f"cannot open TFDS dataset {name!r} split {split!r} in {data_dir or 'the default dir'}: "
-                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} — prepare it with "
-                             "file_format='array_record' first") from e
+            raise ValueError(
+                f"cannot open TFDS dataset {name!r} split {split!r} in {data_dir or 'the default dir'}: "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} — prepare it with "
+                "file_format='array_record' first"
+            ) from e
         self.text_key = text_key
         self.tokenizer = tokenizer or ByteTokenizer()
         self.docs = [self._tokens(i) for i in range(len(self.source))]
@@ -107,8 +118,9 @@ class TfdsDocuments:
     def _tokens(self, i: int) -> np.ndarray:
         record = self.source[i]
         if self.text_key not in record:
-            raise ValueError(f"TFDS record has no field {self.text_key!r}; fields: {sorted(record)} "
-                             "(set data.tfds_text_key)")
+            raise ValueError(
+                f"TFDS record has no field {self.text_key!r}; fields: {sorted(record)} (set data.tfds_text_key)"
+            )
         value = record[self.text_key]
         if isinstance(value, (bytes, str)):
             return self.tokenizer(value)

@@ -14,6 +14,7 @@ Informer CSV (ETTh1/ETTh2/ETTm1/ETTm2: a `date` column, then channels, `OT` last
     splits = load_informer_csv("ETTh1.csv", lag=336)   # standard 12/4/4-month borders,
     ForecastWindows(splits.train, 336, 720)           # per-channel standardisation fitted on train
 """
+
 from __future__ import annotations
 
 import csv
@@ -22,13 +23,14 @@ import dataclasses
 import numpy as np
 from scipy import signal
 
-
 # --------------------------------------------------------------------------------------------------
 # Synthetic AR(p) / ARIMA(p, d, q)
 # --------------------------------------------------------------------------------------------------
 
-def sample_ar_coefficients(p: int, rng: np.random.Generator, *, min_radius: float = 0.5,
-                           max_radius: float = 0.95) -> np.ndarray:
+
+def sample_ar_coefficients(
+    p: int, rng: np.random.Generator, *, min_radius: float = 0.5, max_radius: float = 0.95
+) -> np.ndarray:
     """phi [p] of a stable AR(p): roots of z^p - phi_1 z^{p-1} - .. - phi_p drawn inside the unit disk.
 
     Roots come in conjugate pairs (radius ~ U[min_radius, max_radius], angle ~ U(0, pi)) plus one real
@@ -37,8 +39,7 @@ def sample_ar_coefficients(p: int, rng: np.random.Generator, *, min_radius: floa
     if p < 1:
         raise ValueError(f"AR order p={p} must be >= 1")
     if not 0.0 <= min_radius <= max_radius < 1.0:
-        raise ValueError(f"need 0 <= min_radius ({min_radius}) <= max_radius ({max_radius}) < 1 for a "
-                         "stable process")
+        raise ValueError(f"need 0 <= min_radius ({min_radius}) <= max_radius ({max_radius}) < 1 for a stable process")
     n_pairs = p // 2
     radius = rng.uniform(min_radius, max_radius, n_pairs)
     angle = rng.uniform(0.0, np.pi, n_pairs)
@@ -46,7 +47,7 @@ def sample_ar_coefficients(p: int, rng: np.random.Generator, *, min_radius: floa
     roots = np.concatenate([pairs, pairs.conj()])
     if p % 2:
         roots = np.append(roots, rng.choice([-1.0, 1.0]) * rng.uniform(min_radius, max_radius))
-    monic = np.real(np.poly(roots))                  # z^p + m_1 z^{p-1} + .. + m_p
+    monic = np.real(np.poly(roots))  # z^p + m_1 z^{p-1} + .. + m_p
     return -monic[1:]
 
 
@@ -55,9 +56,17 @@ def ar_roots(phi: np.ndarray) -> np.ndarray:
     return np.roots(np.concatenate([[1.0], -np.asarray(phi, np.float64)]))
 
 
-def simulate_arima(phi: np.ndarray, length: int, *, rng: np.random.Generator | None = None,
-                   d: int = 0, theta: np.ndarray = (), noise_std: float = 1.0, burn_in: int | None = None,
-                   noise: np.ndarray | None = None) -> np.ndarray:
+def simulate_arima(
+    phi: np.ndarray,
+    length: int,
+    *,
+    rng: np.random.Generator | None = None,
+    d: int = 0,
+    theta: np.ndarray = (),
+    noise_std: float = 1.0,
+    burn_in: int | None = None,
+    noise: np.ndarray | None = None,
+) -> np.ndarray:
     """A realisation of ARIMA(p, d, q): w_t = sum_j phi_j w_{t-j} + eps_t + sum_i theta_i eps_{t-i},
     then integrated d times (y = cumsum^d w). float64 [length].
 
@@ -92,10 +101,10 @@ def ar_forecast(phi: np.ndarray, history: np.ndarray, horizon: int, *, d: int = 
     if hist.shape[-1] < p + d:
         raise ValueError(f"history length {hist.shape[-1]} is shorter than p + d = {p + d}")
     lasts = []
-    for _ in range(d):                                # remember the level to integrate back from
+    for _ in range(d):  # remember the level to integrate back from
         lasts.append(hist[..., -1])
         hist = np.diff(hist, axis=-1)
-    buf = list(np.moveaxis(hist[..., -p:], -1, 0))   # oldest .. newest
+    buf = list(np.moveaxis(hist[..., -p:], -1, 0))  # oldest .. newest
     out = []
     for _ in range(horizon):
         nxt = sum(phi[j] * buf[-1 - j] for j in range(p))
@@ -111,6 +120,7 @@ def ar_forecast(phi: np.ndarray, history: np.ndarray, horizon: int, *, d: int = 
 # Windows
 # --------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class ForecastWindows:
     """Sliding (lag, horizon) windows over a series [T, C] (stride 1, as the Informer loaders).
@@ -124,11 +134,13 @@ class ForecastWindows:
 
     def __post_init__(self):
         if self.series.ndim != 2:
-            raise ValueError(f"series has shape {self.series.shape}; expected [T, C] (use x[:, None] "
-                             "for a univariate series)")
+            raise ValueError(
+                f"series has shape {self.series.shape}; expected [T, C] (use x[:, None] for a univariate series)"
+            )
         if len(self) < 1:
-            raise ValueError(f"series of length {self.series.shape[0]} is shorter than lag + horizon = "
-                             f"{self.lag + self.horizon}")
+            raise ValueError(
+                f"series of length {self.series.shape[0]} is shorter than lag + horizon = {self.lag + self.horizon}"
+            )
 
     def __len__(self) -> int:
         return self.series.shape[0] - self.lag - self.horizon + 1
@@ -136,15 +148,15 @@ class ForecastWindows:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         if not 0 <= index < len(self):
             raise IndexError(f"window {index} out of range [0, {len(self)})")
-        s = self.series[index:index + self.lag + self.horizon].astype(np.float32)
-        return {"x": s[:self.lag], "y": s[self.lag:]}
+        s = self.series[index : index + self.lag + self.horizon].astype(np.float32)
+        return {"x": s[: self.lag], "y": s[self.lag :]}
 
     def arrays(self, indices: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """All windows (or `indices`) stacked: {"x": [n, lag, C], "y": [n, horizon, C]}."""
         idx = np.arange(len(self)) if indices is None else np.asarray(indices)
         offsets = idx[:, None] + np.arange(self.lag + self.horizon)[None, :]
-        s = self.series[offsets].astype(np.float32)                   # [n, lag + horizon, C]
-        return {"x": s[:, :self.lag], "y": s[:, self.lag:]}
+        s = self.series[offsets].astype(np.float32)  # [n, lag + horizon, C]
+        return {"x": s[:, : self.lag], "y": s[:, self.lag :]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,8 +179,9 @@ class ARTask:
 
     @property
     def phi(self) -> np.ndarray:
-        return sample_ar_coefficients(self.p, np.random.default_rng([self.seed, 0]),
-                                      min_radius=self.min_radius, max_radius=self.max_radius)
+        return sample_ar_coefficients(
+            self.p, np.random.default_rng([self.seed, 0]), min_radius=self.min_radius, max_radius=self.max_radius
+        )
 
     def _raw(self, split: str) -> np.ndarray:
         index = {"train": 1, "val": 2, "test": 3}[split]
@@ -199,6 +212,7 @@ class ARTask:
 # Informer-format CSV (ETT)
 # --------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class InformerSplits:
     """Standardised train / val / test arrays [T, C] (val and test start `lag` rows early, as the
@@ -207,20 +221,26 @@ class InformerSplits:
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
-    mean: np.ndarray               # [C] fitted on the train rows only
-    std: np.ndarray                # [C]
+    mean: np.ndarray  # [C] fitted on the train rows only
+    std: np.ndarray  # [C]
     columns: tuple[str, ...]
-    dates: np.ndarray              # datetime64 [T_total] of the whole file
-    borders: tuple[tuple[int, int], ...]   # (start, end) rows of train, val, test in the file
+    dates: np.ndarray  # datetime64 [T_total] of the whole file
+    borders: tuple[tuple[int, int], ...]  # (start, end) rows of train, val, test in the file
 
     def inverse_transform(self, x: np.ndarray) -> np.ndarray:
         """Back to the file's units: x * std + mean (last axis = channels)."""
         return x * self.std + self.mean
 
 
-def load_informer_csv(path: str, *, lag: int, features: str = "M", target: str = "OT",
-                      months: tuple[int, int, int] = (12, 4, 4),
-                      rows_per_month: int | None = None) -> InformerSplits:
+def load_informer_csv(
+    path: str,
+    *,
+    lag: int,
+    features: str = "M",
+    target: str = "OT",
+    months: tuple[int, int, int] = (12, 4, 4),
+    rows_per_month: int | None = None,
+) -> InformerSplits:
     """Reads an Informer ETT-format CSV and returns the standard splits, standardised on train.
 
     The file: a header `date,<channel>,...`, then one row per time step ("YYYY-MM-DD HH:MM:SS").
@@ -252,8 +272,10 @@ def load_informer_csv(path: str, *, lag: int, features: str = "M", target: str =
     n_train, n_val, n_test = (m * rows_per_month for m in months)
     need = n_train + n_val + n_test
     if len(values) < need:
-        raise ValueError(f"{path}: {len(values)} rows, but {months} months of {rows_per_month} rows need "
-                         f"{need}; pass smaller months or rows_per_month")
+        raise ValueError(
+            f"{path}: {len(values)} rows, but {months} months of {rows_per_month} rows need "
+            f"{need}; pass smaller months or rows_per_month"
+        )
     if lag > n_train:
         raise ValueError(f"lag={lag} exceeds the train split ({n_train} rows)")
     borders = ((0, n_train), (n_train - lag, n_train + n_val), (n_train + n_val - lag, need))
@@ -262,5 +284,4 @@ def load_informer_csv(path: str, *, lag: int, features: str = "M", target: str =
     std = np.where(std > 0, std, 1.0)
     scaled = ((values - mean) / std).astype(np.float32)
     train, val, test = (scaled[a:b] for a, b in borders)
-    return InformerSplits(train, val, test, mean.astype(np.float32), std.astype(np.float32), columns,
-                          dates, borders)
+    return InformerSplits(train, val, test, mean.astype(np.float32), std.astype(np.float32), columns, dates, borders)

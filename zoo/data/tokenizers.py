@@ -19,6 +19,7 @@ refuses a model file whose content changed.
 :func:`load_tokenizer` picks the implementation from a name: ``""``/``"bytes"``, a path ending in
 ``.json`` (or a directory holding ``tokenizer.json``), or any other existing file (SentencePiece).
 """
+
 from __future__ import annotations
 
 import abc
@@ -30,8 +31,16 @@ from typing import Any
 import numpy as np
 
 BYTE_EOS_ID = 0
-HF_EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>", "[SEP]",
-                     "<|end|>")
+HF_EOS_CANDIDATES = (
+    "<|endoftext|>",
+    "</s>",
+    "<eos>",
+    "<|end_of_text|>",
+    "<|eot_id|>",
+    "<|im_end|>",
+    "[SEP]",
+    "<|end|>",
+)
 KINDS = ("bytes", "sentencepiece", "hf")
 
 
@@ -117,7 +126,9 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             import sentencepiece
         except ImportError as e:
-            raise ValueError("a SentencePiece tokenizer needs the sentencepiece package: pip install sentencepiece") from e
+            raise ValueError(
+                "a SentencePiece tokenizer needs the sentencepiece package: pip install sentencepiece"
+            ) from e
         self.path = os.path.abspath(path)
         self.sha256 = file_sha256(self.path)
         try:
@@ -125,8 +136,10 @@ class SentencePieceTokenizer(Tokenizer):
         except Exception as e:  # sentencepiece raises OSError/RuntimeError on a bad file
             raise ValueError(f"{path!r} is not a SentencePiece model ({type(e).__name__}); give a .model file") from e
         if self.sp.eos_id() < 0:
-            raise ValueError(f"SentencePiece model {path!r} has no EOS piece (eos_id=-1); retrain it with "
-                             "--eos_id=2 (the default) so documents can be separated")
+            raise ValueError(
+                f"SentencePiece model {path!r} has no EOS piece (eos_id=-1); retrain it with "
+                "--eos_id=2 (the default) so documents can be separated"
+            )
 
     @property
     def vocab_size(self) -> int:
@@ -143,8 +156,13 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.decode([int(i) for i in np.asarray(ids).reshape(-1)])
 
     def spec(self) -> dict:
-        return {"kind": "sentencepiece", "path": self.path, "sha256": self.sha256, "vocab_size": self.vocab_size,
-                "eos_id": self.eos_id}
+        return {
+            "kind": "sentencepiece",
+            "path": self.path,
+            "sha256": self.sha256,
+            "vocab_size": self.vocab_size,
+            "eos_id": self.eos_id,
+        }
 
 
 def _config_eos_token(path: str) -> str | None:
@@ -183,8 +201,10 @@ class HFTokenizer(Tokenizer):
         if token is None:
             token = next((t for t in HF_EOS_CANDIDATES if self.tok.token_to_id(t) is not None), None)
         if token is None or self.tok.token_to_id(token) is None:
-            raise ValueError(f"tokenizer {path!r} has no end-of-document token {token or HF_EOS_CANDIDATES!r}; "
-                             "pass eos_token= (zoo data prepare --eos-token) naming one of its special tokens")
+            raise ValueError(
+                f"tokenizer {path!r} has no end-of-document token {token or HF_EOS_CANDIDATES!r}; "
+                "pass eos_token= (zoo data prepare --eos-token) naming one of its special tokens"
+            )
         self.eos_token = token
 
     @property
@@ -207,8 +227,14 @@ class HFTokenizer(Tokenizer):
         return self.tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=False)
 
     def spec(self) -> dict:
-        return {"kind": "hf", "path": self.path, "sha256": self.sha256, "vocab_size": self.vocab_size,
-                "eos_id": self.eos_id, "eos_token": self.eos_token}
+        return {
+            "kind": "hf",
+            "path": self.path,
+            "sha256": self.sha256,
+            "vocab_size": self.vocab_size,
+            "eos_id": self.eos_id,
+            "eos_token": self.eos_token,
+        }
 
 
 def load_tokenizer(name: str = "", eos_token: str | None = None) -> Tokenizer:
@@ -226,8 +252,9 @@ def load_tokenizer(name: str = "", eos_token: str | None = None) -> Tokenizer:
         return HFTokenizer(name, eos_token)
     if os.path.isfile(name) or name.endswith(".model") or os.sep in name:
         return SentencePieceTokenizer(name)
-    raise ValueError(f"unknown tokenizer {name!r}: use 'bytes', a SentencePiece .model file or a Hugging Face "
-                     "tokenizer.json path")
+    raise ValueError(
+        f"unknown tokenizer {name!r}: use 'bytes', a SentencePiece .model file or a Hugging Face tokenizer.json path"
+    )
 
 
 def tokenizer_for(data: Any) -> Tokenizer:
@@ -243,11 +270,16 @@ def from_spec(spec: dict) -> Tokenizer:
         return ByteTokenizer()
     if kind not in KINDS:
         raise ValueError(f"unknown tokenizer kind {kind!r} in spec; expected one of {KINDS}")
-    tok: Tokenizer = (SentencePieceTokenizer(spec["path"]) if kind == "sentencepiece"
-                      else HFTokenizer(spec["path"], spec.get("eos_token")))
+    tok: Tokenizer = (
+        SentencePieceTokenizer(spec["path"])
+        if kind == "sentencepiece"
+        else HFTokenizer(spec["path"], spec.get("eos_token"))
+    )
     if tok.sha256 != spec.get("sha256"):
-        raise ValueError(f"tokenizer file {spec['path']!r} changed since the spec was written (sha256 "
-                         f"{tok.sha256[:12]} != {str(spec.get('sha256'))[:12]}); restore it or prepare the data again")
+        raise ValueError(
+            f"tokenizer file {spec['path']!r} changed since the spec was written (sha256 "
+            f"{tok.sha256[:12]} != {str(spec.get('sha256'))[:12]}); restore it or prepare the data again"
+        )
     return tok
 
 

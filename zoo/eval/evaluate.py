@@ -1,4 +1,5 @@
 """`zoo eval`: the task's long-context evaluation of a trained run, written to eval.json + plots."""
+
 from __future__ import annotations
 
 import ml_collections

@@ -7,6 +7,7 @@
 Exact match under teacher forcing equals greedy decoding's exact match: if every answer digit is
 the argmax given the true previous digits, greedy decoding emits exactly those digits.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -50,16 +51,23 @@ def passkey_grid(model, data: Any, lengths, depths, samples: int, batch_size: in
     ta = np.zeros_like(em)
     for i, length in enumerate(lengths):
         for j, depth in enumerate(depths):
-            s = answer_stats(model, example_source(data, "validation", int(length), depth=float(depth)),
-                             samples, batch_size)
+            s = answer_stats(
+                model, example_source(data, "validation", int(length), depth=float(depth)), samples, batch_size
+            )
             em[i, j], ta[i, j] = s["exact_match"], s["token_accuracy"]
-    return {"lengths": list(map(int, lengths)), "depths": list(map(float, depths)),
-            "exact_match": em.tolist(), "token_accuracy": ta.tolist()}
+    return {
+        "lengths": list(map(int, lengths)),
+        "depths": list(map(float, depths)),
+        "exact_match": em.tolist(),
+        "token_accuracy": ta.tolist(),
+    }
 
 
 def answer_accuracy_by_length(model, data: Any, lengths, samples: int, batch_size: int) -> dict:
-    rows = {int(length): answer_stats(model, example_source(data, "validation", int(length)), samples, batch_size)
-            for length in lengths}
+    rows = {
+        int(length): answer_stats(model, example_source(data, "validation", int(length)), samples, batch_size)
+        for length in lengths
+    }
     return {"lengths": list(rows), **{k: [rows[length][k] for length in rows] for k in next(iter(rows.values()))}}
 
 

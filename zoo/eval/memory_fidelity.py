@@ -28,9 +28,10 @@ and ECLMF = 1. With J a multiple of the identity the probe estimate is exact.
 Models: every zoo language model (`LanguageModel.residual_stream(embeddings [B,T,D]) -> [L,B,T,D]`);
 `fidelity_from_fn` takes any function of that signature.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +47,7 @@ def residual_stream_fn(model) -> StreamFn:
     return model.residual_stream
 
 
-def influence(fn: StreamFn, x0: jax.Array, sources: Sequence[int], probes: int = 4,
-              seed: int = 0) -> np.ndarray:
+def influence(fn: StreamFn, x0: jax.Array, sources: Sequence[int], probes: int = 4, seed: int = 0) -> np.ndarray:
     """Estimated I^l(t -> s) for every layer l, source t in `sources` and position s: [L, S, T].
 
     Averaged over the batch and `probes` Gaussian tangents (float64 numpy result)."""
@@ -63,11 +63,11 @@ def influence(fn: StreamFn, x0: jax.Array, sources: Sequence[int], probes: int =
     @jax.jit
     def one(pos, vec):  # vec [B,D] placed at position pos -> ||J v||^2 [L,T]
         tangent = jnp.zeros_like(x0).at[:, pos].set(vec)
-        _, out = jax.jvp(fn, (x0,), (tangent,))                                  # [L,B,T,D]
+        _, out = jax.jvp(fn, (x0,), (tangent,))  # [L,B,T,D]
         return jnp.mean(jnp.sum(jnp.square(out.astype(jnp.float32)), -1), 1)
 
     rows = [[np.asarray(one(src[i], v[p, i])) for i in range(src.size)] for p in range(probes)]
-    return np.mean(np.asarray(rows, np.float64), 0).transpose(1, 0, 2)          # [L,S,T]
+    return np.mean(np.asarray(rows, np.float64), 0).transpose(1, 0, 2)  # [L,S,T]
 
 
 def fidelity_from_influence(inf: np.ndarray, sources: Sequence[int], lags: Sequence[int]) -> dict:
@@ -89,8 +89,14 @@ def fidelity_from_influence(inf: np.ndarray, sources: Sequence[int], lags: Seque
     return {"lags": [int(k) for k in lags], "etmf": etmf, "eclmf": eclmf}
 
 
-def fidelity_from_fn(fn: StreamFn, x0: jax.Array, lags: Sequence[int], sources: Sequence[int] | None = None,
-                     probes: int = 4, seed: int = 0) -> dict:
+def fidelity_from_fn(
+    fn: StreamFn,
+    x0: jax.Array,
+    lags: Sequence[int],
+    sources: Sequence[int] | None = None,
+    probes: int = 4,
+    seed: int = 0,
+) -> dict:
     """ETMF/ECLMF of an arbitrary residual-stream function (see the module docstring)."""
     t = x0.shape[1]
     if sources is None:
@@ -99,8 +105,9 @@ def fidelity_from_fn(fn: StreamFn, x0: jax.Array, lags: Sequence[int], sources: 
     return {**fidelity_from_influence(inf, list(sources), lags), "sources": list(map(int, sources))}
 
 
-def memory_fidelity(model, tokens: jax.Array, lags: Sequence[int], sources: Sequence[int] | None = None,
-                    probes: int = 4, seed: int = 0) -> dict:
+def memory_fidelity(
+    model, tokens: jax.Array, lags: Sequence[int], sources: Sequence[int] | None = None, probes: int = 4, seed: int = 0
+) -> dict:
     """ETMF^l(k) and ECLMF^l(k) of a zoo language model on `tokens` int32 [B, T].
 
     Returns {"lags", "sources", "etmf" [L, K], "eclmf" [L, K]} (layer l+1 in row l)."""

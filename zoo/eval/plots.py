@@ -1,4 +1,5 @@
 """Matplotlib figures (Agg backend) for training curves and long-context evaluations."""
+
 from __future__ import annotations
 
 from io import BytesIO
@@ -35,7 +36,7 @@ def eval_figure(result: dict, path: str, train_length: int, title: str = "") -> 
             ax.set_yticks(range(len(r["lengths"])), r["lengths"])
             for i in range(grid.shape[0]):
                 for j in range(grid.shape[1]):
-                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w" if grid[i, j] < .6 else "k")
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w" if grid[i, j] < 0.6 else "k")
             ax.set(xlabel="needle depth", ylabel="context length", title="passkey exact match")
             fig.colorbar(im, ax=ax)
         elif key == "by_length":

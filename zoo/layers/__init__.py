@@ -13,6 +13,19 @@ from zoo.layers.norms import RMSNorm, rms_norm
 from zoo.layers.rope import apply_rope
 
 __all__ = [
-    "ATTENTION_KINDS", "AttentionSpec", "attend", "attention_mask", "self_attention", "direct_conv", "fft_conv",
-    "Embed", "Linear", "lm_logits", "param", "SwiGLU", "RMSNorm", "rms_norm", "apply_rope",
+    "ATTENTION_KINDS",
+    "AttentionSpec",
+    "attend",
+    "attention_mask",
+    "self_attention",
+    "direct_conv",
+    "fft_conv",
+    "Embed",
+    "Linear",
+    "lm_logits",
+    "param",
+    "SwiGLU",
+    "RMSNorm",
+    "rms_norm",
+    "apply_rope",
 ]

@@ -11,11 +11,11 @@ Positions are positions within a document, so a packed document sees exactly wha
 written for any query/key positions, so it also serves decoding against a KV cache (`k_valid`
 marks the filled slots). `self_attention` is the one dispatch every model's training path uses:
 
-| implementation | GPU | TPU | CPU |
-|---|---|---|---|
-| "auto" | cuDNN flash attention (`jax.nn.dot_product_attention`, `local_window_size` for windows; bf16/fp16, no segment ids), else the Pallas sparse op | splash attention (causal / local masks, segment ids) | the XLA oracle |
-| "pallas" | the zoo's Pallas sparse op (`pallas_kernels.sparse_attention`) | same | same, interpreted |
-| "xla" / "reference" | the XLA oracle | same | same |
+- "auto": on GPU, cuDNN flash attention (`jax.nn.dot_product_attention`, `local_window_size` for
+  windows) for bf16/fp16 without segment ids, else the Pallas sparse op; on TPU, splash attention
+  (causal / local masks, segment ids); on CPU, the XLA oracle;
+- "pallas": the zoo's Pallas sparse op (`pallas_kernels.sparse_attention`; interpreted on CPU);
+- "xla" / "reference": the XLA oracle.
 
 Block-local layers on packed rows (segment ids with kind "block") always use the oracle: their block
 grid follows document positions, which the kernels' row-index block grid does not.
@@ -49,8 +49,14 @@ class AttentionSpec:
             raise ValueError(f"window ({self.window}) and block ({self.block}) must be >= 1")
 
 
-def attention_mask(q_pos: jax.Array, k_pos: jax.Array, spec: AttentionSpec, k_valid: jax.Array | None = None,
-                   q_seg: jax.Array | None = None, k_seg: jax.Array | None = None) -> jax.Array:
+def attention_mask(
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    spec: AttentionSpec,
+    k_valid: jax.Array | None = None,
+    q_seg: jax.Array | None = None,
+    k_seg: jax.Array | None = None,
+) -> jax.Array:
     """Boolean mask [B, T, S] (True = attend) from positions q_pos [B, T] and k_pos [B, S]."""
     qp, kp = q_pos[:, :, None], k_pos[:, None, :]
     mask = kp <= qp  # causal
@@ -65,9 +71,18 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, spec: AttentionSpec, k_va
     return mask
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Array, k_pos: jax.Array,
-           spec: AttentionSpec = AttentionSpec(), k_valid: jax.Array | None = None,
-           q_seg: jax.Array | None = None, k_seg: jax.Array | None = None) -> jax.Array:
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    spec: AttentionSpec = AttentionSpec(),
+    k_valid: jax.Array | None = None,
+    q_seg: jax.Array | None = None,
+    k_seg: jax.Array | None = None,
+) -> jax.Array:
     """Grouped-query causal attention, the dense oracle (fp32 scores [B, K, G, T, S]).
 
     Args:
@@ -88,7 +103,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Array, k_pos:
     k_pos = jnp.broadcast_to(k_pos, (b, k.shape[1]))
     mask = attention_mask(q_pos, k_pos, spec, k_valid, q_seg, k_seg)  # [B, T, S]
     qg = q.reshape(b, t, kh, h // kh, p)
-    scores = jnp.einsum("btkgp,bskp->bkgts", qg, k, preferred_element_type=jnp.float32) * p ** -0.5
+    scores = jnp.einsum("btkgp,bskp->bkgts", qg, k, preferred_element_type=jnp.float32) * p**-0.5
     scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
     row_max = jnp.max(scores, axis=-1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # rows that see nothing
@@ -112,8 +127,12 @@ def sparse_pattern_kwargs(spec: AttentionSpec, seq_len: int, batch: int, heads: 
 
 
 def _cudnn_ok(q: jax.Array, spec: AttentionSpec, segment_ids) -> bool:
-    return (jax.default_backend() == "gpu" and segment_ids is None and spec.kind != "block"
-            and q.dtype in (jnp.bfloat16, jnp.float16))
+    return (
+        jax.default_backend() == "gpu"
+        and segment_ids is None
+        and spec.kind != "block"
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+    )
 
 
 def _cudnn(q, k, v, spec: AttentionSpec) -> jax.Array:
@@ -134,7 +153,7 @@ def splash_attention(q, k, v, spec: AttentionSpec, segment_ids=None, *, interpre
     else:
         mask = sm.CausalMask((t, t))
     kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([mask] * g), interpret=interpret)
-    qg = jnp.moveaxis((q * p ** -0.5).reshape(b, t, kh, g, p), 1, 3)  # [B, K, G, T, P]
+    qg = jnp.moveaxis((q * p**-0.5).reshape(b, t, kh, g, p), 1, 3)  # [B, K, G, T, P]
     kg, vg = jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2)  # [B, K, T, P]
 
     def one(qi, ki, vi, seg):  # one batch row, one kv head: q [G, T, P], k, v [T, P]
@@ -146,9 +165,17 @@ def splash_attention(q, k, v, spec: AttentionSpec, segment_ids=None, *, interpre
     return jnp.moveaxis(out, 3, 1).reshape(b, t, h, p).astype(q.dtype)
 
 
-def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, spec: AttentionSpec, positions: jax.Array,
-                   segment_ids: jax.Array | None = None, implementation: str = "auto",
-                   tile: int = 64) -> jax.Array:
+def self_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    spec: AttentionSpec,
+    positions: jax.Array,
+    segment_ids: jax.Array | None = None,
+    implementation: str = "auto",
+    tile: int = 64,
+) -> jax.Array:
     """Causal self-attention of T tokens with the pattern `spec`, through the best kernel available.
 
     Args:
@@ -170,9 +197,24 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, spec: AttentionS
     if implementation == "auto" and jax.default_backend() == "tpu" and spec.kind != "block":
         return splash_attention(q, k, v, spec, segment_ids)
     b, t, h, _ = q.shape
-    return sparse_attention(q, k, v, causal=True, segment_ids=segment_ids, implementation="pallas",
-                            interpret=dispatch.resolve_interpret("pallas"), **sparse_pattern_kwargs(spec, t, b, h, tile))
+    return sparse_attention(
+        q,
+        k,
+        v,
+        causal=True,
+        segment_ids=segment_ids,
+        implementation="pallas",
+        interpret=dispatch.resolve_interpret("pallas"),
+        **sparse_pattern_kwargs(spec, t, b, h, tile),
+    )
 
 
-__all__ = ["ATTENTION_KINDS", "AttentionSpec", "attend", "attention_mask", "self_attention", "splash_attention",
-           "sparse_pattern_kwargs"]
+__all__ = [
+    "ATTENTION_KINDS",
+    "AttentionSpec",
+    "attend",
+    "attention_mask",
+    "self_attention",
+    "splash_attention",
+    "sparse_pattern_kwargs",
+]

@@ -1,7 +1,9 @@
 """Parameters with logical axis names, a linear layer and a (tiable) embedding."""
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +12,9 @@ from flax import nnx
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 
 
-def param(rngs: nnx.Rngs, init: Initializer, shape: tuple[int, ...], axes: tuple[str | None, ...],
-          **metadata) -> nnx.Param:
+def param(
+    rngs: nnx.Rngs, init: Initializer, shape: tuple[int, ...], axes: tuple[str | None, ...], **metadata
+) -> nnx.Param:
     """Creates an fp32 `nnx.Param` annotated with one logical axis name per dimension.
 
     `zoo.train.sharding` maps the logical names to mesh axes. Extra metadata: `wd=False` exempts the
@@ -25,9 +28,18 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: tuple[int, ...], axes: tuple
 class Linear(nnx.Module):
     """y = x W (+ b), W [in, out] stored in fp32 and applied in the compute dtype."""
 
-    def __init__(self, d_in: int, d_out: int, *, axes: tuple[str | None, str | None], rngs: nnx.Rngs,
-                 use_bias: bool = False, init_std: float | None = None, dtype: str = "float32"):
-        std = init_std if init_std is not None else d_in ** -0.5
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        *,
+        axes: tuple[str | None, str | None],
+        rngs: nnx.Rngs,
+        use_bias: bool = False,
+        init_std: float | None = None,
+        dtype: str = "float32",
+    ):
+        std = init_std if init_std is not None else d_in**-0.5
         self.kernel = param(rngs, nnx.initializers.normal(std), (d_in, d_out), axes)
         self.bias = param(rngs, nnx.initializers.zeros, (d_out,), (axes[1],), wd=False) if use_bias else None
         self.dtype = jnp.dtype(dtype)

@@ -1,4 +1,5 @@
 """SwiGLU feed-forward block (Shazeer, 2020): W_down(silu(x W_gate) * x W_up)."""
+
 from __future__ import annotations
 
 import jax
@@ -8,8 +9,9 @@ from zoo.layers.linear import Linear
 
 
 class SwiGLU(nnx.Module):
-    def __init__(self, d_model: int, d_ff: int, *, rngs: nnx.Rngs, dtype: str = "float32",
-                 out_init_std: float | None = None):
+    def __init__(
+        self, d_model: int, d_ff: int, *, rngs: nnx.Rngs, dtype: str = "float32", out_init_std: float | None = None
+    ):
         self.gate = Linear(d_model, d_ff, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
         self.up = Linear(d_model, d_ff, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
         self.down = Linear(d_ff, d_model, axes=("mlp", "embed"), rngs=rngs, dtype=dtype, init_std=out_init_std)

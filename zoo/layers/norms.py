@@ -1,4 +1,5 @@
 """RMSNorm, computed in fp32 whatever the compute dtype."""
+
 from __future__ import annotations
 
 import jax

@@ -1,4 +1,5 @@
 """Rotary position embeddings (Su et al., 2021), half-split layout."""
+
 from __future__ import annotations
 
 import jax

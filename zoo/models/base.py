@@ -30,7 +30,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -123,8 +124,10 @@ def make_context(tokens: jax.Array, segment_ids=None, positions=None, index=0) -
     if segment_ids is not None:
         segment_ids = jnp.asarray(segment_ids)
         if segment_ids.shape != (b, t) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            raise ValueError(f"segment_ids has shape {segment_ids.shape} and dtype {segment_ids.dtype}; "
-                             f"expected integer ids of shape {(b, t)} like the tokens")
+            raise ValueError(
+                f"segment_ids has shape {segment_ids.shape} and dtype {segment_ids.dtype}; "
+                f"expected integer ids of shape {(b, t)} like the tokens"
+            )
         segment_ids = segment_ids.astype(jnp.int32)
     return Context(positions=positions, segment_ids=segment_ids, index=index)
 
@@ -230,7 +233,7 @@ class LayerStack(nnx.Module):
         self.n_layers, self.remat, self.scan = len(blocks), remat, scan
         if scan:
             self.period = _period(blocks)
-            self.scanned = nnx.List([_stack_modules(blocks[j::self.period]) for j in range(self.period)])
+            self.scanned = nnx.List([_stack_modules(blocks[j :: self.period]) for j in range(self.period)])
         else:
             self.period = self.n_layers
             self.layers = nnx.List(blocks)
@@ -248,8 +251,10 @@ class LayerStack(nnx.Module):
     def __getitem__(self, i: int) -> Block:
         """Layer i's block (looped layout; a scanned stack has one module per period position)."""
         if self.scan:
-            raise ValueError("a scanned layer stack has no per-layer modules; load the model with "
-                             "scan_layers=False to inspect single layers")
+            raise ValueError(
+                "a scanned layer stack has no per-layer modules; load the model with "
+                "scan_layers=False to inspect single layers"
+            )
         return self.layers[i]
 
     def modules(self) -> list[Block]:
@@ -278,8 +283,11 @@ class LayerStack(nnx.Module):
                 new_states.append(s)
                 if collect is not None:
                     outs.append(collect(h))
-            return (h, None if states is None else new_states,
-                    None if collect is None else jax.tree.map(lambda *x: jnp.stack(x), *outs))
+            return (
+                h,
+                None if states is None else new_states,
+                None if collect is None else jax.tree.map(lambda *x: jnp.stack(x), *outs),
+            )
 
         splits = [nnx.split(m) for m in self.scanned]
         p = self.period
@@ -381,8 +389,10 @@ def check_tokens(tokens, ndim: int, name: str = "tokens", vocab_size: int | None
         lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
         if lo < 0 or hi >= vocab_size:
             bad = lo if lo < 0 else hi
-            raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {vocab_size}); "
-                             "check the tokenizer against model.vocab_size")
+            raise ValueError(
+                f"{name} holds token id {bad}, outside the vocabulary [0, {vocab_size}); "
+                "check the tokenizer against model.vocab_size"
+            )
     return tokens.astype(jnp.int32)
 
 
@@ -489,7 +499,7 @@ KINDS = {"lm": LanguageModel, "forecaster": Forecaster, "classifier": Classifier
 
 
 def kind_of(cls: type) -> str:
-    """"lm", "forecaster" or "classifier": which of the base classes `cls` implements."""
+    """ "lm", "forecaster" or "classifier": which of the base classes `cls` implements."""
     for kind, base in KINDS.items():
         if issubclass(cls, base):
             return kind

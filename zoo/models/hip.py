@@ -30,6 +30,7 @@ layer, with the same parameter names and shapes, so a trained transformer's chec
 unchanged (`zoo.convert.convert_model(model, "hip", ...)`). A multi-token prefill into an empty
 cache runs the parallel (prefill) search; continuing a filled cache decodes token by token.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,7 +41,7 @@ from flax import nnx
 
 from pallas_kernels import dispatch
 from pallas_kernels.sparse_attention import hip_block_indices, hip_decode_block_indices, sparse_attention
-from zoo.layers import AttentionSpec, attend
+from zoo.layers import AttentionSpec
 from zoo.models import registry
 from zoo.models.base import Context, scan_over_time
 from zoo.models.transformer import PRESETS as TRANSFORMER_PRESETS
@@ -74,8 +75,10 @@ class HiPSettings:
         if self.sinks < 0 or self.dense_below < 0:
             raise ValueError(f"HiP sinks ({self.sinks}) and dense_below ({self.dense_below}) must be >= 0")
         if self.window < self.block_k:
-            raise ValueError(f"HiP window={self.window} must be >= block_k={self.block_k}, so that searched "
-                             "key blocks never reach past the query; raise window or lower block_k")
+            raise ValueError(
+                f"HiP window={self.window} must be >= block_k={self.block_k}, so that searched "
+                "key blocks never reach past the query; raise window or lower block_k"
+            )
 
     @classmethod
     def of(cls, cfg) -> HiPSettings:
@@ -83,8 +86,9 @@ class HiPSettings:
         return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
-def decode_sparse_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos: jax.Array,
-                            blocks: jax.Array, s: HiPSettings) -> jax.Array:
+def decode_sparse_attention(
+    q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos: jax.Array, blocks: jax.Array, s: HiPSettings
+) -> jax.Array:
     """One query per head over the selected blocks, the window and the sinks of the cache.
 
     Visible keys j <= pos: the union of the listed blocks, pos - window < j and j < sinks (each key
@@ -109,17 +113,19 @@ def decode_sparse_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array
 
     win_ok = (win >= 0)[None, None] & ~in_listed(win)
     sink_ok = ((sink <= pos) & (sink <= pos - s.window))[None, None] & ~in_listed(sink)
-    idx = jnp.concatenate([listed, jnp.broadcast_to(win, (b, h, s.window)),
-                           jnp.broadcast_to(sink, (b, h, s.sinks))], axis=-1)  # [B,H,N]
-    ok = jnp.concatenate([listed_ok, jnp.broadcast_to(win_ok, (b, h, s.window)),
-                          jnp.broadcast_to(sink_ok, (b, h, s.sinks))], axis=-1)
+    idx = jnp.concatenate(
+        [listed, jnp.broadcast_to(win, (b, h, s.window)), jnp.broadcast_to(sink, (b, h, s.sinks))], axis=-1
+    )  # [B,H,N]
+    ok = jnp.concatenate(
+        [listed_ok, jnp.broadcast_to(win_ok, (b, h, s.window)), jnp.broadcast_to(sink_ok, (b, h, s.sinks))], axis=-1
+    )
     idx = jnp.clip(idx, 0, slots - 1)
     # Gather keys / values: head h reads kv head h // G.
     b_idx = jnp.arange(b)[:, None, None]
     kv_idx = (jnp.arange(h) // (h // kh))[None, :, None]
     k = k_cache[b_idx, idx, kv_idx]  # [B,H,N,P]
     v = v_cache[b_idx, idx, kv_idx]
-    scores = jnp.einsum("bhp,bhnp->bhn", q, k, preferred_element_type=jnp.float32) * p ** -0.5
+    scores = jnp.einsum("bhp,bhnp->bhn", q, k, preferred_element_type=jnp.float32) * p**-0.5
     scores = jnp.where(ok, scores, -jnp.inf)
     m = jnp.max(scores, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -133,8 +139,15 @@ def decode_sparse_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array
 class HiPAttention(Attention):
     """The transformer's attention (same projections and parameters) with HiP's sparse pattern."""
 
-    def __init__(self, cfg: TransformerConfig, spec: AttentionSpec, *, rngs: nnx.Rngs | None = None,
-                 settings: HiPSettings | None = None, base: Attention | None = None):
+    def __init__(
+        self,
+        cfg: TransformerConfig,
+        spec: AttentionSpec,
+        *,
+        rngs: nnx.Rngs | None = None,
+        settings: HiPSettings | None = None,
+        base: Attention | None = None,
+    ):
         """New projections from `rngs`, or the projections (and parameters) of `base`; the HiP
         pattern from `settings` or, by default, from the config's HiP fields."""
         if base is None:
@@ -149,13 +162,25 @@ class HiPAttention(Attention):
         if q.shape[1] < s.dense_below:
             return super().attention(q, k, v, ctx)
         # HiP mask estimation: top-K key blocks per query block (sinks and window excluded).
-        idx = hip_block_indices(q, k, k_blocks=s.k_blocks, block_q=s.block_q, block_k=s.block_k,
-                                window=s.window, sinks=s.sinks, causal=True)  # [B,H,nq,K]
+        idx = hip_block_indices(
+            q, k, k_blocks=s.k_blocks, block_q=s.block_q, block_k=s.block_k, window=s.window, sinks=s.sinks, causal=True
+        )  # [B,H,nq,K]
         # Block-sparse attention over the listed blocks + window + sinks.
         impl = dispatch.resolve(self.cfg.implementation)
-        return sparse_attention(q, k, v, block_indices=idx, causal=True, window=s.window, sinks=s.sinks,
-                                block_q=s.block_q, block_k=s.block_k, segment_ids=ctx.segment_ids,
-                                implementation=impl, interpret=dispatch.resolve_interpret(impl))
+        return sparse_attention(
+            q,
+            k,
+            v,
+            block_indices=idx,
+            causal=True,
+            window=s.window,
+            sinks=s.sinks,
+            block_q=s.block_q,
+            block_k=s.block_k,
+            segment_ids=ctx.segment_ids,
+            implementation=impl,
+            interpret=dispatch.resolve_interpret(impl),
+        )
 
     def cached_attention(self, q: jax.Array, state: dict, ctx: Context) -> jax.Array:
         """One query per head (T = 1) at slot ctx.index: HiP's search over the filled prefix."""
@@ -170,8 +195,9 @@ class HiPAttention(Attention):
         def sparse(_):
             # Search the valid prefix for this query (the op's search, block_q = 1), then attend
             # to the selected blocks, the window and the sinks only.
-            blocks = hip_decode_block_indices(q[:, 0], k_cache, pos, k_blocks=s.k_blocks, block_k=s.block_k,
-                                              window=s.window, sinks=s.sinks)  # [B,H,K]
+            blocks = hip_decode_block_indices(
+                q[:, 0], k_cache, pos, k_blocks=s.k_blocks, block_k=s.block_k, window=s.window, sinks=s.sinks
+            )  # [B,H,K]
             return decode_sparse_attention(q[:, 0], k_cache, v_cache, pos, blocks, s)
 
         return jax.lax.cond(pos + 1 < s.dense_below, dense, sparse, None)[:, None]  # [B,1,H,P]
@@ -185,8 +211,10 @@ class HiPAttention(Attention):
         def parallel(state):
             b, t, _ = x.shape
             q, k, v = self.qkv(x, ctx.positions)
-            state = {n: jax.lax.dynamic_update_slice_in_dim(state[n], a.astype(state[n].dtype), 0, 1)
-                     for n, a in (("k", k), ("v", v))}
+            state = {
+                n: jax.lax.dynamic_update_slice_in_dim(state[n], a.astype(state[n].dtype), 0, 1)
+                for n, a in (("k", k), ("v", v))
+            }
             return self.wo(self.attention(q, k, v, ctx).reshape(b, t, -1)), state
 
         def sequential(state):
@@ -223,14 +251,17 @@ def _from_transformer(cfg: TransformerConfig, **hip) -> HiPConfig:
 
 PRESETS = {
     # The transformer's tiny shape; HiP from 128 tokens on (dense below), 32-token blocks.
-    "tiny": _from_transformer(TRANSFORMER_PRESETS["tiny"], window=64, k_blocks=4, block_q=32, block_k=32,
-                              sinks=16, dense_below=128),
-    "small": _from_transformer(TRANSFORMER_PRESETS["small"], window=128, k_blocks=8, block_q=32, block_k=32,
-                               sinks=32, dense_below=256),
+    "tiny": _from_transformer(
+        TRANSFORMER_PRESETS["tiny"], window=64, k_blocks=4, block_q=32, block_k=32, sinks=16, dense_below=128
+    ),
+    "small": _from_transformer(
+        TRANSFORMER_PRESETS["small"], window=128, k_blocks=8, block_q=32, block_k=32, sinks=32, dense_below=256
+    ),
     # The 1.3B baseline with HiP v1.2-like serving settings (64-token blocks, 256 sinks, 512 window;
     # 32 blocks = 2048 selected keys, HiP's second-stage k).
-    "1.3b": _from_transformer(TRANSFORMER_PRESETS["1.3b"], window=512, k_blocks=32, block_q=64, block_k=64,
-                              sinks=256, dense_below=4096),
+    "1.3b": _from_transformer(
+        TRANSFORMER_PRESETS["1.3b"], window=512, k_blocks=32, block_q=64, block_k=64, sinks=256, dense_below=4096
+    ),
 }
 
 

@@ -35,6 +35,7 @@ Dk = Dv = D / H fast-weight head dim, Dh = inter_multi * Dk fast hidden, C chunk
 Differences from the original, by choice: linear layers use the zoo's init (std 1/sqrt(d_in));
 the ttt_prenorm variant and the fused Triton kernels are not ported.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels import dispatch
-from zoo.layers import (AttentionSpec, Embed, Linear, RMSNorm, SwiGLU, apply_rope, attend, lm_logits, param, rms_norm,
-                        self_attention)
+from zoo.layers import (
+    AttentionSpec,
+    Embed,
+    Linear,
+    RMSNorm,
+    SwiGLU,
+    apply_rope,
+    attend,
+    lm_logits,
+    param,
+    rms_norm,
+    self_attention,
+)
 from zoo.models import registry
 from zoo.models.base import Block, Context, LanguageModel, LMConfig, make_stack, scan_over_time
 
@@ -63,27 +75,27 @@ NS_COEFFS = (
 
 @dataclasses.dataclass(frozen=True)
 class LaCTConfig(LMConfig):
-    n_heads: int = 4                 # attention heads of the window branch
-    n_lact_heads: int = 2            # fast-weight heads
-    inter_multi: float = 1.0         # fast-weight hidden width Dh = inter_multi * Dk
-    d_ff: int = 384                  # block MLP width
-    window: int = 64                 # sliding-window size (keys, including the query's own)
-    chunk_size: int = 64             # TTT chunk size C
+    n_heads: int = 4  # attention heads of the window branch
+    n_lact_heads: int = 2  # fast-weight heads
+    inter_multi: float = 1.0  # fast-weight hidden width Dh = inter_multi * Dk
+    d_ff: int = 384  # block MLP width
+    window: int = 64  # sliding-window size (keys, including the query's own)
+    chunk_size: int = 64  # TTT chunk size C
     use_muon: bool = True
     use_momentum: bool = True
     learnable_ttt_scale: bool = True
-    w0_w2_low_rank: int = 8          # rank of the low-rank + 0.5 I init of W0, W2; -1 = full matrices
+    w0_w2_low_rank: int = 8  # rank of the low-rank + 0.5 I init of W0, W2; -1 = full matrices
     fw_init_gain: float = 0.5
-    qkv_silu: bool = True            # silu on the fast-weight q, k, v
-    no_v_silu: bool = False          # with qkv_silu: silu on q, k only
-    attn_qk_norm: bool = False       # RMSNorm on q, k over the full width (the released configs: off)
-    ttt_nope: bool = False           # no RoPE on the fast-weight q, k
-    base_lr: float = 1e-3            # per-token learning rate at init
+    qkv_silu: bool = True  # silu on the fast-weight q, k, v
+    no_v_silu: bool = False  # with qkv_silu: silu on q, k only
+    attn_qk_norm: bool = False  # RMSNorm on q, k over the full width (the released configs: off)
+    ttt_nope: bool = False  # no RoPE on the fast-weight q, k
+    base_lr: float = 1e-3  # per-token learning rate at init
     rope_theta: float = 10_000.0
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
-    ttt_norm_eps: float = 1e-5       # per-head output RMSNorm (fla's RMSNorm default)
-    scan_unroll: bool = False        # unroll the chunk scan (XLA's cost analysis counts a rolled body once)
+    ttt_norm_eps: float = 1e-5  # per-head output RMSNorm (fla's RMSNorm default)
+    scan_unroll: bool = False  # unroll the chunk scan (XLA's cost analysis counts a rolled body once)
 
     def __post_init__(self):
         super().__post_init__()
@@ -120,10 +132,25 @@ def _released(d_model: int) -> LaCTConfig:
     The block MLP is fla's GatedMLP with hidden_ratio 4: width round_up(8/3 D, 256).
     """
     d_ff = 256 * math.ceil(int(d_model * 4 * 2 / 3) / 256)
-    return LaCTConfig(vocab_size=32_000, d_model=d_model, n_layers=24, n_heads=24, n_lact_heads=4,
-                      inter_multi=1.0, d_ff=d_ff, window=2048, chunk_size=2048, use_muon=True,
-                      use_momentum=True, learnable_ttt_scale=True, w0_w2_low_rank=32, fw_init_gain=0.5,
-                      rope_theta=1e6, tie_embeddings=False, dtype="bfloat16")
+    return LaCTConfig(
+        vocab_size=32_000,
+        d_model=d_model,
+        n_layers=24,
+        n_heads=24,
+        n_lact_heads=4,
+        inter_multi=1.0,
+        d_ff=d_ff,
+        window=2048,
+        chunk_size=2048,
+        use_muon=True,
+        use_momentum=True,
+        learnable_ttt_scale=True,
+        w0_w2_low_rank=32,
+        fw_init_gain=0.5,
+        rope_theta=1e6,
+        tie_embeddings=False,
+        dtype="bfloat16",
+    )
 
 
 PRESETS = {
@@ -136,6 +163,7 @@ PRESETS = {
 
 # ---------------------------------------------------------------------------- the fast-weight op
 
+
 def _mm(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
     """einsum in the compute dtype with fp32 accumulation and fp32 result."""
     return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
@@ -147,8 +175,7 @@ def l2_normalize(x: jax.Array, eps: float = 1e-5) -> jax.Array:
     return (x32 / (jnp.linalg.norm(x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
-def fast_weight_apply(w0: jax.Array, w1: jax.Array, w2: jax.Array, x: jax.Array,
-                      dtype=jnp.float32) -> jax.Array:
+def fast_weight_apply(w0: jax.Array, w1: jax.Array, w2: jax.Array, x: jax.Array, dtype=jnp.float32) -> jax.Array:
     """f_W(x) = W1 (silu(W0 x) * (W2 x)) row-wise.
 
     Args:
@@ -251,8 +278,9 @@ def fast_weight_update(weights, momentum, norms, k, v, lr, m, *, use_muon: bool,
     return new, momentum
 
 
-def block_causal_lact(weights, q, k, v, lr, m=None, *, chunk_size: int, use_muon: bool,
-                      dtype=jnp.float32, unroll: bool = False) -> jax.Array:
+def block_causal_lact(
+    weights, q, k, v, lr, m=None, *, chunk_size: int, use_muon: bool, dtype=jnp.float32, unroll: bool = False
+) -> jax.Array:
     """Shifted block-causal LaCT over a whole sequence: a `lax.scan` of apply-then-update per chunk.
 
     Token t in chunk c = t // C is answered by the fast weights updated with chunks 0..c-1 only.
@@ -296,8 +324,15 @@ def block_causal_lact(weights, q, k, v, lr, m=None, *, chunk_size: int, use_muon
     return out[:, :, :t]
 
 
-def window_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int, positions: jax.Array,
-                     segment_ids: jax.Array | None = None, implementation: str = "auto") -> jax.Array:
+def window_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    window: int,
+    positions: jax.Array,
+    segment_ids: jax.Array | None = None,
+    implementation: str = "auto",
+) -> jax.Array:
     """Causal sliding-window attention of q [B, T, A, P] over k, v [B, T, A, P] in O(T * window).
 
     On TPU/GPU through the attention dispatch (a cuDNN / splash sliding window). On the XLA path,
@@ -308,8 +343,9 @@ def window_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int, posi
     b, t, a, p = q.shape
     spec = AttentionSpec("window", window=window)
     if dispatch.resolve(implementation) != "xla" or t <= window:
-        return self_attention(q, k, v, spec=spec, positions=positions, segment_ids=segment_ids,
-                              implementation=implementation)
+        return self_attention(
+            q, k, v, spec=spec, positions=positions, segment_ids=segment_ids, implementation=implementation
+        )
     w = window
     n = -(-t // w)
     pad = n * w - t
@@ -325,13 +361,22 @@ def window_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int, posi
 
     # Padding keys get position -1 and are never visible.
     kpos = with_previous(blocks(positions, -1), -1)
-    o = attend(blocks(q).reshape(b * n, w, a, p), with_previous(blocks(k)), with_previous(blocks(v)),
-               q_pos=blocks(positions).reshape(b * n, w), k_pos=kpos, spec=spec, k_valid=kpos >= 0,
-               q_seg=blocks(seg).reshape(b * n, w), k_seg=with_previous(blocks(seg)))
+    o = attend(
+        blocks(q).reshape(b * n, w, a, p),
+        with_previous(blocks(k)),
+        with_previous(blocks(v)),
+        q_pos=blocks(positions).reshape(b * n, w),
+        k_pos=kpos,
+        spec=spec,
+        k_valid=kpos >= 0,
+        q_seg=blocks(seg).reshape(b * n, w),
+        k_seg=with_previous(blocks(seg)),
+    )
     return o.reshape(b, n * w, a, p)[:, :t]
 
 
 # ---------------------------------------------------------------------------- modules
+
 
 class FastWeightInit(nnx.Module):
     """Learned initial fast weights [H, out, in]: full, or W = L R + 0.5 I (low rank; LowRankFastWeight)."""
@@ -339,13 +384,16 @@ class FastWeightInit(nnx.Module):
     def __init__(self, heads: int, d_out: int, d_in: int, *, rank: int, gain: float, rngs: nnx.Rngs):
         self.rank = rank
         if rank > 0:
-            self.left = param(rngs, nnx.initializers.normal(gain / math.sqrt(rank)), (heads, d_out, rank),
-                              ("heads", None, None))
-            self.right = param(rngs, nnx.initializers.normal(gain / math.sqrt(d_in)), (heads, rank, d_in),
-                               ("heads", None, None))
+            self.left = param(
+                rngs, nnx.initializers.normal(gain / math.sqrt(rank)), (heads, d_out, rank), ("heads", None, None)
+            )
+            self.right = param(
+                rngs, nnx.initializers.normal(gain / math.sqrt(d_in)), (heads, rank, d_in), ("heads", None, None)
+            )
         else:
-            self.weight = param(rngs, nnx.initializers.normal(1.0 / math.sqrt(d_in)), (heads, d_out, d_in),
-                                ("heads", None, None))
+            self.weight = param(
+                rngs, nnx.initializers.normal(1.0 / math.sqrt(d_in)), (heads, d_out, d_in), ("heads", None, None)
+            )
 
     def __call__(self) -> jax.Array:  # [H, out, in] fp32
         if self.rank > 0:
@@ -363,8 +411,9 @@ class LaCTLayer(nnx.Module):
         self.wq = Linear(d, d, axes=("embed", "heads"), rngs=rngs, dtype=cfg.dtype)
         self.wk = Linear(d, d, axes=("embed", "heads"), rngs=rngs, dtype=cfg.dtype)
         self.wv = Linear(d, d, axes=("embed", "heads"), rngs=rngs, dtype=cfg.dtype)
-        self.wo = Linear(d, d, axes=("heads", "embed"), rngs=rngs, dtype=cfg.dtype,
-                         init_std=d ** -0.5 / (2 * cfg.n_layers) ** 0.5)
+        self.wo = Linear(
+            d, d, axes=("heads", "embed"), rngs=rngs, dtype=cfg.dtype, init_std=d**-0.5 / (2 * cfg.n_layers) ** 0.5
+        )
         self.q_norm = RMSNorm(d, rngs=rngs, eps=cfg.norm_eps) if cfg.attn_qk_norm else None
         self.k_norm = RMSNorm(d, rngs=rngs, eps=cfg.norm_eps) if cfg.attn_qk_norm else None
         # Learned initial fast weights.
@@ -376,10 +425,14 @@ class LaCTLayer(nnx.Module):
         self.qk_scale = param(rngs, nnx.initializers.ones, (d, 2), ("embed", None), wd=False)
         self.qk_offset = param(rngs, nnx.initializers.zeros, (d, 2), ("embed", None), wd=False)
         self.ttt_norm = RMSNorm(dk, rngs=rngs, eps=cfg.ttt_norm_eps)
-        self.ttt_scale_proj = (Linear(d, h, axes=("embed", None), rngs=rngs, use_bias=True, dtype=cfg.dtype)
-                               if cfg.learnable_ttt_scale else None)
-        self.momentum_proj = (Linear(d, h, axes=("embed", None), rngs=rngs, use_bias=True, dtype=cfg.dtype)
-                              if cfg.use_momentum else None)
+        self.ttt_scale_proj = (
+            Linear(d, h, axes=("embed", None), rngs=rngs, use_bias=True, dtype=cfg.dtype)
+            if cfg.learnable_ttt_scale
+            else None
+        )
+        self.momentum_proj = (
+            Linear(d, h, axes=("embed", None), rngs=rngs, use_bias=True, dtype=cfg.dtype) if cfg.use_momentum else None
+        )
 
     def initial_fast_weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(W0 [H, Dh, Dk], W1 [H, Dv, Dh], W2 [H, Dh, Dk]) fp32."""
@@ -409,13 +462,16 @@ class LaCTLayer(nnx.Module):
         # Per-token learning rates ("mamba" parameterisation) and momentum, fp32.
         inv_sp = self.cfg.base_lr + math.log(-math.expm1(-self.cfg.base_lr))
         lr = jax.nn.softplus(self.lr_proj(x).astype(jnp.float32) + inv_sp).reshape(b, t, h, 3)
-        mom = (jax.nn.sigmoid(self.momentum_proj(x).astype(jnp.float32)) if cfg.use_momentum else None)
+        mom = jax.nn.sigmoid(self.momentum_proj(x).astype(jnp.float32)) if cfg.use_momentum else None
         to_bhtd = lambda z: jnp.moveaxis(z, 1, 2)  # noqa: E731  [B, T, H, ...] -> [B, H, T, ...]
         return {
             "q": apply_rope(attn_heads(q), positions, cfg.rope_theta),
             "k": apply_rope(attn_heads(k), positions, cfg.rope_theta),
             "v": attn_heads(v),
-            "fq": to_bhtd(fq), "fk": to_bhtd(fk), "fv": to_bhtd(fv), "lr": to_bhtd(lr),
+            "fq": to_bhtd(fq),
+            "fk": to_bhtd(fk),
+            "fv": to_bhtd(fv),
+            "lr": to_bhtd(lr),
             "mom": to_bhtd(mom) if mom is not None else None,
         }
 
@@ -437,12 +493,20 @@ class LaCTLayer(nnx.Module):
         if ctx.segment_ids is not None:
             return scan_over_time(self.decode, x, self.init_state(b, t), ctx)[0]
         z = self.project(x, ctx.positions)
-        o_attn = window_attention(z["q"], z["k"], z["v"], cfg.window, ctx.positions,
-                                  implementation=cfg.implementation)
+        o_attn = window_attention(z["q"], z["k"], z["v"], cfg.window, ctx.positions, implementation=cfg.implementation)
         weights = tuple(jnp.broadcast_to(w, (b,) + w.shape) for w in self.initial_fast_weights())
-        o_ttt = block_causal_lact(weights, z["fq"], z["fk"], z["fv"], z["lr"], z["mom"],
-                                  chunk_size=cfg.chunk_size, use_muon=cfg.use_muon, dtype=jnp.dtype(cfg.dtype),
-                                  unroll=cfg.scan_unroll)
+        o_ttt = block_causal_lact(
+            weights,
+            z["fq"],
+            z["fk"],
+            z["fv"],
+            z["lr"],
+            z["mom"],
+            chunk_size=cfg.chunk_size,
+            use_muon=cfg.use_muon,
+            dtype=jnp.dtype(cfg.dtype),
+            unroll=cfg.scan_unroll,
+        )
         return self.combine(x, o_attn, o_ttt)
 
     def init_state(self, batch_size: int, max_length: int) -> dict[str, jax.Array]:
@@ -456,9 +520,11 @@ class LaCTLayer(nnx.Module):
             "k": jnp.zeros((b, s, cfg.n_heads, cfg.head_dim), dt),
             "v": jnp.zeros((b, s, cfg.n_heads, cfg.head_dim), dt),
             "kpos": jnp.full((b, s), -1, jnp.int32),  # position held by each ring-buffer slot (-1: empty)
-            "w0": jnp.broadcast_to(ws[0], (b,) + ws[0].shape), "w1": jnp.broadcast_to(ws[1], (b,) + ws[1].shape),
+            "w0": jnp.broadcast_to(ws[0], (b,) + ws[0].shape),
+            "w1": jnp.broadcast_to(ws[1], (b,) + ws[1].shape),
             "w2": jnp.broadcast_to(ws[2], (b,) + ws[2].shape),
-            "kbuf": jnp.zeros((b, h, c, dk), dt), "vbuf": jnp.zeros((b, h, c, dk), dt),
+            "kbuf": jnp.zeros((b, h, c, dk), dt),
+            "vbuf": jnp.zeros((b, h, c, dk), dt),
             "lrbuf": jnp.zeros((b, h, c, 3), jnp.float32),
         }
         if cfg.use_momentum:
@@ -477,13 +543,15 @@ class LaCTLayer(nnx.Module):
         b = x.shape[0]
         pos = ctx.positions[:, 0]  # [B]
         fresh = self.init_state(b, state["k"].shape[1])
-        state = jax.tree.map(lambda f, s: jnp.where((pos == 0).reshape((-1,) + (1,) * (s.ndim - 1)), f, s),
-                             fresh, state)
+        state = jax.tree.map(
+            lambda f, s: jnp.where((pos == 0).reshape((-1,) + (1,) * (s.ndim - 1)), f, s), fresh, state
+        )
         z = self.project(x, ctx.positions)
 
         def put(buf, val, idx, axis):  # write val [B, ..., 1, ...] at index idx [B] of `axis`, per row
             hit = jax.nn.one_hot(idx, buf.shape[axis], dtype=bool).reshape(
-                (b,) + (1,) * (axis - 1) + (buf.shape[axis],) + (1,) * (buf.ndim - axis - 1))
+                (b,) + (1,) * (axis - 1) + (buf.shape[axis],) + (1,) * (buf.ndim - axis - 1)
+            )
             return jnp.where(hit, val.astype(buf.dtype), buf)
 
         # Window branch: ring buffer of the last S keys, slot pos mod S, with the positions they hold.
@@ -491,8 +559,15 @@ class LaCTLayer(nnx.Module):
         slot = pos % s
         state["k"], state["v"] = put(state["k"], z["k"], slot, 1), put(state["v"], z["v"], slot, 1)
         state["kpos"] = put(state["kpos"], pos[:, None], slot, 1)
-        o_attn = attend(z["q"], state["k"], state["v"], q_pos=ctx.positions, k_pos=state["kpos"],
-                        spec=AttentionSpec("window", window=cfg.window), k_valid=state["kpos"] >= 0)
+        o_attn = attend(
+            z["q"],
+            state["k"],
+            state["v"],
+            q_pos=ctx.positions,
+            k_pos=state["kpos"],
+            spec=AttentionSpec("window", window=cfg.window),
+            k_valid=state["kpos"] >= 0,
+        )
         # TTT branch: answer with the current fast weights, then buffer k, v, lr (and momentum).
         weights = (state["w0"], state["w1"], state["w2"])
         o_ttt = fast_weight_apply(*weights, z["fq"], dt)  # [B, H, 1, Dv]
@@ -507,8 +582,17 @@ class LaCTLayer(nnx.Module):
 
         def update(operand):
             ws, mom = operand
-            new_ws, new_mom = fast_weight_update(ws, mom, norms, state["kbuf"], state["vbuf"], state["lrbuf"],
-                                                 state.get("mbuf"), use_muon=cfg.use_muon, dtype=dt)
+            new_ws, new_mom = fast_weight_update(
+                ws,
+                mom,
+                norms,
+                state["kbuf"],
+                state["vbuf"],
+                state["lrbuf"],
+                state.get("mbuf"),
+                use_muon=cfg.use_muon,
+                dtype=dt,
+            )
             keep = lambda new, old: jnp.where(full.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)  # noqa: E731
             return jax.tree.map(keep, (new_ws, new_mom), (ws, mom))
 
@@ -525,8 +609,9 @@ class LaCTBlock(Block):
         self.attn_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
         self.attn = LaCTLayer(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, rngs=rngs, dtype=cfg.dtype,
-                          out_init_std=cfg.d_ff ** -0.5 / (2 * cfg.n_layers) ** 0.5)
+        self.mlp = SwiGLU(
+            cfg.d_model, cfg.d_ff, rngs=rngs, dtype=cfg.dtype, out_init_std=cfg.d_ff**-0.5 / (2 * cfg.n_layers) ** 0.5
+        )
 
     def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:  # x [B, T, D] fp32 residual stream
         x = x + self.attn(self.attn_norm(x), ctx).astype(jnp.float32)
@@ -550,11 +635,14 @@ class LaCT(LanguageModel):
         self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=cfg.dtype)
         self.blocks = make_stack(cfg, lambda i: LaCTBlock(cfg, rngs=rngs))
         self.final_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
-        self.unembed = None if cfg.tie_embeddings else Linear(
-            cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), rngs=rngs, dtype=cfg.dtype)
+        self.unembed = (
+            None
+            if cfg.tie_embeddings
+            else Linear(cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), rngs=rngs, dtype=cfg.dtype)
+        )
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         return self.embed(tokens).astype(jnp.float32)
 
     def logits(self, x: jax.Array) -> jax.Array:
-        return lm_logits(self.final_norm(x), self.embed, self.unembed, self.config.d_model ** -0.5)
+        return lm_logits(self.final_norm(x), self.embed, self.unembed, self.config.d_model**-0.5)

@@ -56,6 +56,7 @@ trained model with `model.set_inference_options(...)`):
 Diagnostic: `state_norm_trace(model, tokens, every)` returns ||h||_F per layer and head after every
 `every` tokens (plotted by `scripts/stuffed_mamba.py`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -83,7 +84,7 @@ class Mamba2Config(LMConfig):
     expand: int = 2
     headdim: int = 16
     ngroups: int = 1
-    chunk_size: int = 64                      # SSD chunk length Q
+    chunk_size: int = 64  # SSD chunk length Q
     pad_vocab_size_multiple: int = 16
     A_init_range: tuple[float, float] = (1.0, 16.0)
     dt_min: float = 1e-3
@@ -93,28 +94,32 @@ class Mamba2Config(LMConfig):
     norm_eps: float = 1e-5
     # Stuffed-Mamba inference options (see the module docstring); defaults leave the model unchanged.
     b_scale: float = 1.0
-    b_clip: float = 0.0                       # 0 = off
+    b_clip: float = 0.0  # 0 = off
     dt_scale: float = 1.0
     dt_offset: float = 0.0
     a_scale: float = 1.0
     a_offset: float = 0.0
-    state_norm_thresholds: tuple[float, ...] = ()   # () = off; 1 or n_layers * n_heads values
+    state_norm_thresholds: tuple[float, ...] = ()  # () = off; 1 or n_layers * n_heads values
     state_norm_chunk: int = 128
-    window: int = 0                           # 0 = off; R > 0 keeps only the last R tokens in the state
+    window: int = 0  # 0 = off; R > 0 keeps only the last R tokens in the state
 
     def __post_init__(self):
         super().__post_init__()
         if self.d_inner % self.headdim:
-            raise ValueError(f"d_inner = expand * d_model = {self.d_inner} must be a multiple of headdim "
-                             f"({self.headdim}); change headdim or d_model")
+            raise ValueError(
+                f"d_inner = expand * d_model = {self.d_inner} must be a multiple of headdim "
+                f"({self.headdim}); change headdim or d_model"
+            )
         if self.n_heads % self.ngroups:
             raise ValueError(f"ngroups ({self.ngroups}) must divide the number of heads ({self.n_heads})")
         if len(self.A_init_range) != 2 or not 0 < self.A_init_range[0] <= self.A_init_range[1]:
             raise ValueError(f"A_init_range {self.A_init_range} must be (low, high) with 0 < low <= high")
         n = len(self.state_norm_thresholds)
         if n not in (0, 1, self.n_layers * self.n_heads):
-            raise ValueError(f"state_norm_thresholds has {n} values; give 1 or n_layers * n_heads = "
-                             f"{self.n_layers * self.n_heads} (see calibrate_state_norm)")
+            raise ValueError(
+                f"state_norm_thresholds has {n} values; give 1 or n_layers * n_heads = "
+                f"{self.n_layers * self.n_heads} (see calibrate_state_norm)"
+            )
         if any(t <= 0 for t in self.state_norm_thresholds):
             raise ValueError(f"state_norm_thresholds {self.state_norm_thresholds} must all be > 0")
         for name in ("state_norm_chunk", "chunk_size", "d_conv"):
@@ -142,8 +147,17 @@ class Mamba2Config(LMConfig):
 
 
 def _official(d_model: int, n_layers: int) -> Mamba2Config:
-    return Mamba2Config(vocab_size=50277, d_model=d_model, n_layers=n_layers, d_state=128, headdim=64,
-                        expand=2, ngroups=1, chunk_size=256, dtype="bfloat16")
+    return Mamba2Config(
+        vocab_size=50277,
+        d_model=d_model,
+        n_layers=n_layers,
+        d_state=128,
+        headdim=64,
+        expand=2,
+        ngroups=1,
+        chunk_size=256,
+        dtype="bfloat16",
+    )
 
 
 PRESETS = {
@@ -161,12 +175,14 @@ PRESETS = {
 def _uniform(bound: float):
     def init(key, shape, dtype):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
+
     return init
 
 
 def _a_log_init(lo: float, hi: float):
     def init(key, shape, dtype):
         return jnp.log(jax.random.uniform(key, shape, dtype, lo, hi))
+
     return init
 
 
@@ -176,26 +192,28 @@ def _dt_bias_init(dt_min: float, dt_max: float, floor: float):
         dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = jnp.maximum(dt, floor)
         return dt + jnp.log(-jnp.expm1(-dt))  # inverse softplus
+
     return init
 
 
 def gated_rms_norm(y: jax.Array, z: jax.Array, weight: jax.Array, group_size: int, eps: float) -> jax.Array:
     """RMSNorm(y * silu(z)) * weight, normalised over groups of `group_size` channels, in fp32."""
-    g = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))        # [..., E]
-    gs = g.reshape(*g.shape[:-1], -1, group_size)                          # [..., G, E/G]
+    g = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))  # [..., E]
+    gs = g.reshape(*g.shape[:-1], -1, group_size)  # [..., G, E/G]
     gs = gs * jax.lax.rsqrt(jnp.mean(jnp.square(gs), -1, keepdims=True) + eps)
     return (gs.reshape(g.shape) * weight.astype(jnp.float32)).astype(y.dtype)
 
 
 def cap_state_norm(h: jax.Array, thr: jax.Array) -> jax.Array:
     """h [B,H,P,N] <- h * min(1, thr / ||h||_F) per head; thr [H]."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(h), axis=(-2, -1)))                 # [B,H]
+    norm = jnp.sqrt(jnp.sum(jnp.square(h), axis=(-2, -1)))  # [B,H]
     scale = jnp.minimum(1.0, thr / jnp.maximum(norm, 1e-30))
     return h * scale[..., None, None]
 
 
-def windowed_ssd(x, dt, A, B, C, D, *, window: int, h0, hist_x, hist_B, hist_dt, chunk_size: int = 64,
-                 implementation: str = "xla"):
+def windowed_ssd(
+    x, dt, A, B, C, D, *, window: int, h0, hist_x, hist_B, hist_dt, chunk_size: int = 64, implementation: str = "xla"
+):
     """SSD whose state holds only the last `window` tokens (Stuffed-Mamba Method 3), in parallel form.
 
     h^R_t = sum_{s=t-R+1..t} (prod_{k=s+1..t} alpha_k) dt_s x_s B_s^T (+ the decayed part of h0 that
@@ -210,20 +228,37 @@ def windowed_ssd(x, dt, A, B, C, D, *, window: int, h0, hist_x, hist_B, hist_dt,
       y [B,T,H,P] float32, the final windowed state [B,H,P,N], and the new history (x, B, dt).
     """
     r, t = window, x.shape[1]
-    xs = jnp.concatenate([hist_x.astype(jnp.float32), x.astype(jnp.float32)], 1)     # [B,R+T,H,P]
-    bs = jnp.concatenate([hist_B.astype(jnp.float32), B.astype(jnp.float32)], 1)     # [B,R+T,G,N]
+    xs = jnp.concatenate([hist_x.astype(jnp.float32), x.astype(jnp.float32)], 1)  # [B,R+T,H,P]
+    bs = jnp.concatenate([hist_B.astype(jnp.float32), B.astype(jnp.float32)], 1)  # [B,R+T,G,N]
     dts = jnp.concatenate([hist_dt.astype(jnp.float32), dt.astype(jnp.float32)], 1)  # [B,R+T,H]
-    cs = jnp.cumsum(dts, axis=1)                                                      # [B,R+T,H]
+    cs = jnp.cumsum(dts, axis=1)  # [B,R+T,H]
     # Decay over the window of each token leaving it: prod_{k=s+1..s+R} alpha_k for s = tau - R.
-    w = jnp.exp(A * (cs[:, r:] - cs[:, :t]))                                          # [B,T,H]
+    w = jnp.exp(A * (cs[:, r:] - cs[:, :t]))  # [B,T,H]
     dt32 = dt.astype(jnp.float32)
     # The token leaving the window at tau enters the second scan with dt_tau as its step.
-    x_lag = xs[:, :t] * (dts[:, :t] * w / jnp.maximum(dt32, _DT_FLOOR))[..., None]    # [B,T,H,P]
-    y_in, h_in = ssd(x.astype(jnp.float32), dt32, A, B.astype(jnp.float32), C.astype(jnp.float32),
-                     chunk_size=chunk_size, D=D, initial_states=h0, return_final_states=True,
-                     implementation=implementation)
-    y_out, h_out = ssd(x_lag, dt32, A, bs[:, :t], C.astype(jnp.float32), chunk_size=chunk_size,
-                       return_final_states=True, implementation=implementation)
+    x_lag = xs[:, :t] * (dts[:, :t] * w / jnp.maximum(dt32, _DT_FLOOR))[..., None]  # [B,T,H,P]
+    y_in, h_in = ssd(
+        x.astype(jnp.float32),
+        dt32,
+        A,
+        B.astype(jnp.float32),
+        C.astype(jnp.float32),
+        chunk_size=chunk_size,
+        D=D,
+        initial_states=h0,
+        return_final_states=True,
+        implementation=implementation,
+    )
+    y_out, h_out = ssd(
+        x_lag,
+        dt32,
+        A,
+        bs[:, :t],
+        C.astype(jnp.float32),
+        chunk_size=chunk_size,
+        return_final_states=True,
+        implementation=implementation,
+    )
     return y_in - y_out, h_in - h_out, (xs[:, t:], bs[:, t:], dts[:, t:])
 
 
@@ -235,19 +270,18 @@ class Mamba2Mixer(nnx.Module):
         e, h, gn = cfg.d_inner, cfg.n_heads, cfg.ngroups * cfg.d_state
         d_in_proj = 2 * e + 2 * gn + h
         self.in_proj = Linear(cfg.d_model, d_in_proj, axes=("embed", "mlp"), rngs=rngs, dtype=cfg.dtype)
-        self.in_proj.kernel[...] = _uniform(cfg.d_model ** -0.5)(rngs.params(), (cfg.d_model, d_in_proj),
-                                                                 jnp.float32)
-        bound = cfg.d_conv ** -0.5  # torch Conv1d default, fan_in = 1 * K (depthwise)
+        self.in_proj.kernel[...] = _uniform(cfg.d_model**-0.5)(rngs.params(), (cfg.d_model, d_in_proj), jnp.float32)
+        bound = cfg.d_conv**-0.5  # torch Conv1d default, fan_in = 1 * K (depthwise)
         self.conv_weight = param(rngs, _uniform(bound), (cfg.d_conv, cfg.conv_dim), ("conv", "mlp"))
         self.conv_bias = param(rngs, _uniform(bound), (cfg.conv_dim,), ("mlp",), wd=False) if cfg.conv_bias else None
-        self.dt_bias = param(rngs, _dt_bias_init(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor), (h,), ("heads",),
-                             wd=False)
+        self.dt_bias = param(rngs, _dt_bias_init(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor), (h,), ("heads",), wd=False)
         self.A_log = param(rngs, _a_log_init(*cfg.A_init_range), (h,), ("heads",), wd=False)
         self.D = param(rngs, nnx.initializers.ones, (h,), ("heads",), wd=False)
         self.norm_weight = param(rngs, nnx.initializers.ones, (e,), ("mlp",), wd=False)
         self.out_proj = Linear(e, cfg.d_model, axes=("mlp", "embed"), rngs=rngs, dtype=cfg.dtype)
-        self.out_proj.kernel[...] = _uniform(e ** -0.5 / math.sqrt(cfg.n_layers))(
-            rngs.params(), (e, cfg.d_model), jnp.float32)
+        self.out_proj.kernel[...] = _uniform(e**-0.5 / math.sqrt(cfg.n_layers))(
+            rngs.params(), (e, cfg.d_model), jnp.float32
+        )
 
     # ---- pieces shared by the parallel and the recurrent forms
     def _thresholds(self, layer) -> jax.Array | None:
@@ -275,15 +309,15 @@ class Mamba2Mixer(nnx.Module):
         cfg = self.cfg
         e, gn = cfg.d_inner, cfg.ngroups * cfg.d_state
         zxbcdt = self.in_proj(u)
-        return zxbcdt[..., :e], zxbcdt[..., e:2 * e + 2 * gn], zxbcdt[..., 2 * e + 2 * gn:]
+        return zxbcdt[..., :e], zxbcdt[..., e : 2 * e + 2 * gn], zxbcdt[..., 2 * e + 2 * gn :]
 
     def _split_xbc(self, xbc):
         cfg = self.cfg
         e, gn = cfg.d_inner, cfg.ngroups * cfg.d_state
         lead = xbc.shape[:-1]
         x = xbc[..., :e].reshape(*lead, cfg.n_heads, cfg.headdim)
-        B = xbc[..., e:e + gn].reshape(*lead, cfg.ngroups, cfg.d_state)
-        C = xbc[..., e + gn:].reshape(*lead, cfg.ngroups, cfg.d_state)
+        B = xbc[..., e : e + gn].reshape(*lead, cfg.ngroups, cfg.d_state)
+        C = xbc[..., e + gn :].reshape(*lead, cfg.ngroups, cfg.d_state)
         return x, B, C
 
     def _out(self, y, z):
@@ -297,13 +331,35 @@ class Mamba2Mixer(nnx.Module):
         cfg = self.cfg
         D = self.D[...]
         if cfg.window:
-            y, h, (hx, hb, hdt) = windowed_ssd(x, dt, A, B, C, D, window=cfg.window, h0=state["ssm"],
-                                               hist_x=state["hist_x"], hist_B=state["hist_B"],
-                                               hist_dt=state["hist_dt"], chunk_size=cfg.chunk_size,
-                                               implementation=dispatch.resolve(cfg.implementation))
+            y, h, (hx, hb, hdt) = windowed_ssd(
+                x,
+                dt,
+                A,
+                B,
+                C,
+                D,
+                window=cfg.window,
+                h0=state["ssm"],
+                hist_x=state["hist_x"],
+                hist_B=state["hist_B"],
+                hist_dt=state["hist_dt"],
+                chunk_size=cfg.chunk_size,
+                implementation=dispatch.resolve(cfg.implementation),
+            )
             return y, {"ssm": h, "hist_x": hx, "hist_B": hb, "hist_dt": hdt}
-        y, h = ssd(x, dt, A, B.astype(x.dtype), C, chunk_size=cfg.chunk_size, D=D, initial_states=state["ssm"],
-                   seq_idx=seq_idx, return_final_states=True, implementation=dispatch.resolve(cfg.implementation))
+        y, h = ssd(
+            x,
+            dt,
+            A,
+            B.astype(x.dtype),
+            C,
+            chunk_size=cfg.chunk_size,
+            D=D,
+            initial_states=state["ssm"],
+            seq_idx=seq_idx,
+            return_final_states=True,
+            implementation=dispatch.resolve(cfg.implementation),
+        )
         return y, {"ssm": h}
 
     # ---- parallel form over a stretch of tokens, continuing from `state`
@@ -316,22 +372,26 @@ class Mamba2Mixer(nnx.Module):
         t = u.shape[1]
         seg = ctx.segment_ids
         if seg is not None and (cfg.window or cfg.state_norm_thresholds):
-            raise ValueError("the Stuffed-Mamba window / state-norm options are inference options and do not "
-                             "take packed documents (segment_ids); run them on unpacked sequences")
+            raise ValueError(
+                "the Stuffed-Mamba window / state-norm options are inference options and do not "
+                "take packed documents (segment_ids); run them on unpacked sequences"
+            )
         z, xbc, dt_raw = self._split_in(u)
         # Depthwise causal conv over x, B, C, continuing from the last K-1 inputs; tap k reads the
         # token K-1-k steps back, masked when it lies in another document.
-        xpad = jnp.concatenate([state["conv"].astype(xbc.dtype), xbc], 1)       # [B,K-1+T,C]
+        xpad = jnp.concatenate([state["conv"].astype(xbc.dtype), xbc], 1)  # [B,K-1+T,C]
         w = self.conv_weight[...].astype(xbc.dtype)
         if seg is None:
-            conv = sum(xpad[:, k:k + t] * w[k] for k in range(cfg.d_conv))
+            conv = sum(xpad[:, k : k + t] * w[k] for k in range(cfg.d_conv))
         else:
             segpad = jnp.concatenate([jnp.repeat(seg[:, :1], cfg.d_conv - 1, 1), seg], 1)  # [B,K-1+T]
-            conv = sum(jnp.where((segpad[:, k:k + t] == seg)[..., None], xpad[:, k:k + t] * w[k], 0)
-                       for k in range(cfg.d_conv))
+            conv = sum(
+                jnp.where((segpad[:, k : k + t] == seg)[..., None], xpad[:, k : k + t] * w[k], 0)
+                for k in range(cfg.d_conv)
+            )
         if self.conv_bias is not None:
             conv = conv + self.conv_bias[...].astype(xbc.dtype)
-        new_conv = xpad[:, xpad.shape[1] - (cfg.d_conv - 1):]
+        new_conv = xpad[:, xpad.shape[1] - (cfg.d_conv - 1) :]
         x, B, C = self._split_xbc(jax.nn.silu(conv))
         dt, A, B = self._discretise(dt_raw, B)
         ssm_state = {k: v for k, v in state.items() if k != "conv"}
@@ -350,7 +410,7 @@ class Mamba2Mixer(nnx.Module):
                 return carry, y_c
 
             def chunks(a):  # [B, n_full*q, ...] -> [n_full, B, q, ...]
-                a = a[:, :n_full * q].reshape(a.shape[0], n_full, q, *a.shape[2:])
+                a = a[:, : n_full * q].reshape(a.shape[0], n_full, q, *a.shape[2:])
                 return jnp.moveaxis(a, 1, 0)
 
             ys = []
@@ -380,15 +440,17 @@ class Mamba2Mixer(nnx.Module):
             x32 = x.astype(jnp.float32)
             rep = cfg.n_heads // cfg.ngroups
             # u_t - (prod of the window's decays) u_{t-R}: add the new token, drop the leaving one.
-            w = jnp.exp(A * (jnp.sum(state["hist_dt"][:, 1:], 1) + dt))              # [B,H]
-            b_old = jnp.repeat(state["hist_B"][:, 0], rep, axis=1)                   # [B,H,N]
+            w = jnp.exp(A * (jnp.sum(state["hist_dt"][:, 1:], 1) + dt))  # [B,H]
+            b_old = jnp.repeat(state["hist_B"][:, 0], rep, axis=1)  # [B,H,N]
             u_old = (state["hist_dt"][:, 0] * w)[..., None, None] * state["hist_x"][:, 0][..., None] * b_old[:, :, None]
             y, h = ssd_step(state["ssm"], x32, dt, A, B, C.astype(jnp.float32), D=self.D[...])
             h = h - u_old
             y = y - jnp.einsum("bhpn,bhn->bhp", u_old, jnp.repeat(C.astype(jnp.float32), rep, axis=1))
-            new.update(hist_x=jnp.concatenate([state["hist_x"][:, 1:], x32[:, None]], 1),
-                       hist_B=jnp.concatenate([state["hist_B"][:, 1:], B[:, None]], 1),
-                       hist_dt=jnp.concatenate([state["hist_dt"][:, 1:], dt[:, None]], 1))
+            new.update(
+                hist_x=jnp.concatenate([state["hist_x"][:, 1:], x32[:, None]], 1),
+                hist_B=jnp.concatenate([state["hist_B"][:, 1:], B[:, None]], 1),
+                hist_dt=jnp.concatenate([state["hist_dt"][:, 1:], dt[:, None]], 1),
+            )
         else:
             y, h = ssd_step(state["ssm"], x, dt, A, B.astype(x.dtype), C, D=self.D[...])
         thr = self._thresholds(ctx.layer)
@@ -398,12 +460,16 @@ class Mamba2Mixer(nnx.Module):
     def init_state(self, batch_size: int) -> dict:
         cfg = self.cfg
         h, p, g, n, r = cfg.n_heads, cfg.headdim, cfg.ngroups, cfg.d_state, cfg.window
-        state = {"conv": jnp.zeros((batch_size, cfg.d_conv - 1, cfg.conv_dim), jnp.dtype(cfg.dtype)),
-                 "ssm": jnp.zeros((batch_size, h, p, n), jnp.float32)}
+        state = {
+            "conv": jnp.zeros((batch_size, cfg.d_conv - 1, cfg.conv_dim), jnp.dtype(cfg.dtype)),
+            "ssm": jnp.zeros((batch_size, h, p, n), jnp.float32),
+        }
         if r:
-            state.update(hist_x=jnp.zeros((batch_size, r, h, p), jnp.float32),
-                         hist_B=jnp.zeros((batch_size, r, g, n), jnp.float32),
-                         hist_dt=jnp.zeros((batch_size, r, h), jnp.float32))
+            state.update(
+                hist_x=jnp.zeros((batch_size, r, h, p), jnp.float32),
+                hist_B=jnp.zeros((batch_size, r, g, n), jnp.float32),
+                hist_dt=jnp.zeros((batch_size, r, h), jnp.float32),
+            )
         return state
 
 
@@ -436,8 +502,7 @@ class Mamba2(LanguageModel):
 
     def __init__(self, cfg: Mamba2Config, *, rngs: nnx.Rngs):
         self.config = cfg
-        self.embedding = param(rngs, nnx.initializers.normal(0.02), (cfg.padded_vocab, cfg.d_model),
-                               ("vocab", "embed"))
+        self.embedding = param(rngs, nnx.initializers.normal(0.02), (cfg.padded_vocab, cfg.d_model), ("vocab", "embed"))
         self.blocks = make_stack(cfg, lambda i: self.make_block(cfg, i, rngs))
         self.final_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
 
@@ -456,13 +521,13 @@ class Mamba2(LanguageModel):
         return cfg
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], tokens, axis=0).astype(jnp.float32)   # fp32 residual stream
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(jnp.float32)  # fp32 residual stream
 
     def logits(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         x = self.final_norm(x).astype(jnp.dtype(cfg.dtype))
         logits = jnp.dot(x, self.embedding[...].astype(x.dtype).T).astype(jnp.float32)
-        return logits[..., :cfg.vocab_size]
+        return logits[..., : cfg.vocab_size]
 
 
 def ssm_states(model: Mamba2, cache: dict) -> jax.Array:
@@ -473,7 +538,7 @@ def ssm_states(model: Mamba2, cache: dict) -> jax.Array:
 @nnx.jit
 def _prefill_norms(model, tokens, cache):
     _, cache = model.prefill(tokens, cache)
-    return cache, jnp.sqrt(jnp.sum(jnp.square(ssm_states(model, cache)), axis=(-2, -1)))   # [L,B,H]
+    return cache, jnp.sqrt(jnp.sum(jnp.square(ssm_states(model, cache)), axis=(-2, -1)))  # [L,B,H]
 
 
 def state_norm_trace(model: Mamba2, tokens: jax.Array, every: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -486,7 +551,7 @@ def state_norm_trace(model: Mamba2, tokens: jax.Array, every: int = 16) -> tuple
     cache = model.init_cache(tokens.shape[0], t)
     out = []
     for s in range(0, t, every):
-        cache, n = _prefill_norms(model, tokens[:, s:s + every], cache)
+        cache, n = _prefill_norms(model, tokens[:, s : s + every], cache)
         out.append(np.asarray(n))
     return np.minimum(np.arange(every, t + every, every), t), np.stack(out, -1)
 

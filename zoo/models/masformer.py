@@ -95,14 +95,21 @@ PRESETS = {
     # `transformer:tiny` checkpoint converts directly.
     "tiny": _masformer(TRANSFORMER_PRESETS["tiny"], ("window", "full"), window=32, block=32, sparse_from=512),
     # 4 layers, one full: the shape of the recall experiment (scripts/masformer_recall.py).
-    "small": _masformer(TRANSFORMER_PRESETS["small"], ("window", "full", "window", "window"), window=64,
-                        block=64, sparse_from=512),
+    "small": _masformer(
+        TRANSFORMER_PRESETS["small"], ("window", "full", "window", "window"), window=64, block=64, sparse_from=512
+    ),
     # The paper's 1.3B decoder (24 x 2048). Our choice (placement and b not verified from the
     # paper): 4 full layers, one every 6 layers (5, 11, 17, 23), block-local b = 1024 elsewhere;
     # at 8k tokens this keeps (4 * 8192 + 20 * 1024) / (24 * 8192) = 27% of the attention cost,
     # the "up to 75%" saving of the abstract.
-    "1.3b": _masformer(TRANSFORMER_PRESETS["1.3b"], make_schedule(24, (5, 11, 17, 23), "block"), window=1024,
-                       block=1024, sparse_from=2048, tile=128),
+    "1.3b": _masformer(
+        TRANSFORMER_PRESETS["1.3b"],
+        make_schedule(24, (5, 11, 17, 23), "block"),
+        window=1024,
+        block=1024,
+        sparse_from=2048,
+        tile=128,
+    ),
 }
 
 
@@ -116,8 +123,15 @@ class LocalAttention(Attention):
         position_grid = spec.kind == "block" and ctx.segment_ids is not None  # see zoo.layers.attention
         if dispatch.resolve(cfg.implementation) != "xla" or t < cfg.sparse_from or position_grid:
             return super().attention(q, k, v, ctx)
-        return sparse_attention(q, k, v, causal=True, segment_ids=ctx.segment_ids, implementation="xla",
-                                **sparse_pattern_kwargs(spec, t, b, h, cfg.tile))
+        return sparse_attention(
+            q,
+            k,
+            v,
+            causal=True,
+            segment_ids=ctx.segment_ids,
+            implementation="xla",
+            **sparse_pattern_kwargs(spec, t, b, h, cfg.tile),
+        )
 
 
 @registry.register("masformer", PRESETS)

@@ -53,6 +53,7 @@ k/v [B,M,Hn,Pn], and on cross layers the cross pool); `model.prefill(tokens, cac
 `model.decode_step(tokens_t, cache)`. Packed documents (`segment_ids`) empty both pools at every
 document start, besides the Mamba-2 resets.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,32 +72,36 @@ _EMPTY = -1.0  # priority of an empty slot (scores lie in (0, 1))
 
 @dataclasses.dataclass(frozen=True)
 class MemMambaConfig(Mamba2Config):
-    pool_size: int = 50                 # M notes per pool (secondary sources)
-    summary_dim: int = 64               # S (secondary sources)
-    tau1: float = 0.5                   # write threshold on s_t (secondary sources)
-    tau2: float = 0.3                   # retrieval threshold on s_t (secondary sources)
-    cross_layer_interval: int = 4       # 0 = no cross-layer attention (secondary sources)
-    cross_layer_window: int = 0         # earlier layers feeding a cross layer; 0 = all (ours)
-    note_heads: int = 4                 # ours
-    scorer_hidden: int = 0              # 0 = d_model // 4 (secondary sources)
-    note_source: str = "mixer_out"      # mixer_out | block_in (ours)
+    pool_size: int = 50  # M notes per pool (secondary sources)
+    summary_dim: int = 64  # S (secondary sources)
+    tau1: float = 0.5  # write threshold on s_t (secondary sources)
+    tau2: float = 0.3  # retrieval threshold on s_t (secondary sources)
+    cross_layer_interval: int = 4  # 0 = no cross-layer attention (secondary sources)
+    cross_layer_window: int = 0  # earlier layers feeding a cross layer; 0 = all (ours)
+    note_heads: int = 4  # ours
+    scorer_hidden: int = 0  # 0 = d_model // 4 (secondary sources)
+    note_source: str = "mixer_out"  # mixer_out | block_in (ours)
     weight_notes_by_score: bool = True  # ours
-    trigger: str = "score"              # score | always (ours)
-    priority_decay: float = 1.0         # ours
-    scan_unroll: int = 1                # lax.scan unroll of the pool update (speed only)
+    trigger: str = "score"  # score | always (ours)
+    priority_decay: float = 1.0  # ours
+    scan_unroll: int = 1  # lax.scan unroll of the pool update (speed only)
 
     def __post_init__(self):
         super().__post_init__()
         if self.pool_size < 1:
             raise ValueError(f"pool_size={self.pool_size} must be >= 1")
         if self.summary_dim < 1 or self.note_heads < 1 or self.summary_dim % self.note_heads:
-            raise ValueError(f"summary_dim ({self.summary_dim}) must be a positive multiple of note_heads "
-                             f"({self.note_heads}); change one of them")
+            raise ValueError(
+                f"summary_dim ({self.summary_dim}) must be a positive multiple of note_heads "
+                f"({self.note_heads}); change one of them"
+            )
         if not 0.0 <= self.tau1 <= 1.0 or not 0.0 <= self.tau2 <= 1.0:
             raise ValueError(f"tau1 ({self.tau1}) and tau2 ({self.tau2}) must lie in [0, 1] (scores are sigmoids)")
         if self.cross_layer_interval < 0 or self.cross_layer_window < 0:
-            raise ValueError(f"cross_layer_interval ({self.cross_layer_interval}) and cross_layer_window "
-                             f"({self.cross_layer_window}) must be >= 0 (0 = off / all layers)")
+            raise ValueError(
+                f"cross_layer_interval ({self.cross_layer_interval}) and cross_layer_window "
+                f"({self.cross_layer_window}) must be >= 0 (0 = off / all layers)"
+            )
         if self.note_source not in ("mixer_out", "block_in"):
             raise ValueError(f"note_source={self.note_source!r}; choose 'mixer_out' or 'block_in'")
         if self.trigger not in ("score", "always"):
@@ -129,8 +134,17 @@ class MemMambaConfig(Mamba2Config):
 
 
 def _official(d_model: int, n_layers: int) -> MemMambaConfig:
-    return MemMambaConfig(vocab_size=50277, d_model=d_model, n_layers=n_layers, d_state=128, headdim=64,
-                          expand=2, ngroups=1, chunk_size=256, dtype="bfloat16")
+    return MemMambaConfig(
+        vocab_size=50277,
+        d_model=d_model,
+        n_layers=n_layers,
+        d_state=128,
+        headdim=64,
+        expand=2,
+        ngroups=1,
+        chunk_size=256,
+        dtype="bfloat16",
+    )
 
 
 PRESETS = {
@@ -146,16 +160,18 @@ PRESETS = {
 def init_pool(batch_size: int, cfg: MemMambaConfig) -> dict:
     """An empty pool: prio [B,M] = -1, k, v [B,M,Hn,Pn] zeros (fp32)."""
     m, h, p = cfg.pool_size, cfg.note_heads, cfg.note_head_dim
-    return {"prio": jnp.full((batch_size, m), _EMPTY, jnp.float32),
-            "k": jnp.zeros((batch_size, m, h, p), jnp.float32),
-            "v": jnp.zeros((batch_size, m, h, p), jnp.float32)}
+    return {
+        "prio": jnp.full((batch_size, m), _EMPTY, jnp.float32),
+        "k": jnp.zeros((batch_size, m, h, p), jnp.float32),
+        "v": jnp.zeros((batch_size, m, h, p), jnp.float32),
+    }
 
 
 def pool_read(q: jax.Array, pool: dict) -> jax.Array:
     """Softmax attention of q [B,Hn,Pn] over the stored slots of the pool -> [B,Hn,Pn] (0 if empty)."""
-    valid = pool["prio"] > _EMPTY / 2                                          # [B,M]
+    valid = pool["prio"] > _EMPTY / 2  # [B,M]
     s = jnp.einsum("bhp,bmhp->bhm", q.astype(jnp.float32), pool["k"]) * q.shape[-1] ** -0.5
-    mask = valid[:, None]                                                       # [B,1,M]
+    mask = valid[:, None]  # [B,1,M]
     # Max-subtraction (no gradient needed); the double `where` keeps every branch finite, so
     # neither forward- nor reverse-mode derivatives see inf or NaN, even for an empty pool.
     mx = jax.lax.stop_gradient(jnp.max(jnp.where(mask, s, -1e30), -1, keepdims=True))
@@ -170,13 +186,15 @@ def pool_insert(pool: dict, score: jax.Array, k: jax.Array, v: jax.Array, tau1: 
     slots first) iff score > tau1 and score > that slot's priority."""
     prio = pool["prio"]
     score = jax.lax.stop_gradient(score.astype(jnp.float32))
-    slot = jnp.argmin(prio, axis=-1)                                           # [B]
+    slot = jnp.argmin(prio, axis=-1)  # [B]
     lowest = jnp.take_along_axis(prio, slot[:, None], axis=-1)[:, 0]
     write = (score > tau1) & (score > lowest)
     hit = (jnp.arange(prio.shape[1])[None] == slot[:, None]) & write[:, None]  # [B,M]
-    return {"prio": jnp.where(hit, score[:, None], prio),
-            "k": jnp.where(hit[..., None, None], k[:, None].astype(jnp.float32), pool["k"]),
-            "v": jnp.where(hit[..., None, None], v[:, None].astype(jnp.float32), pool["v"])}
+    return {
+        "prio": jnp.where(hit, score[:, None], prio),
+        "k": jnp.where(hit[..., None, None], k[:, None].astype(jnp.float32), pool["k"]),
+        "v": jnp.where(hit[..., None, None], v[:, None].astype(jnp.float32), pool["v"]),
+    }
 
 
 def decay_pool(pool: dict, decay: float) -> dict:
@@ -191,8 +209,11 @@ def pool_scan(pool: dict, q, score, k, v, *, tau1: float, decay: float, unroll: 
     in the order c = 0..C-1 after the read (a candidate scored below 0 is never written). With
     `reset` [B,T] bool, the pool is emptied before the read of every token that starts a new
     document. Returns (reads [B,T,Hn,Pn], final pool)."""
-    empty = {"prio": jnp.full_like(pool["prio"], _EMPTY), "k": jnp.zeros_like(pool["k"]),
-             "v": jnp.zeros_like(pool["v"])}
+    empty = {
+        "prio": jnp.full_like(pool["prio"], _EMPTY),
+        "k": jnp.zeros_like(pool["k"]),
+        "v": jnp.zeros_like(pool["v"]),
+    }
     if reset is None:
         reset = jnp.zeros(q.shape[:2], bool)
 
@@ -220,8 +241,7 @@ class PoolAttention(nnx.Module):
         self.wq = Linear(d, s, axes=("embed", "heads"), rngs=rngs, dtype=dt)
         self.wk = Linear(s, s, axes=(None, "heads"), rngs=rngs, dtype=dt)
         self.wv = Linear(s, s, axes=(None, "heads"), rngs=rngs, dtype=dt)
-        self.wo = Linear(s, d, axes=("heads", "embed"), rngs=rngs, dtype=dt,
-                         init_std=s ** -0.5 / cfg.n_layers ** 0.5)
+        self.wo = Linear(s, d, axes=("heads", "embed"), rngs=rngs, dtype=dt, init_std=s**-0.5 / cfg.n_layers**0.5)
         self.gate = Linear(2 * d, d, axes=("mlp", "embed"), rngs=rngs, dtype=dt, use_bias=True)
 
     def heads(self, a: jax.Array) -> jax.Array:
@@ -265,14 +285,26 @@ class NoteBlock(nnx.Module):
         s, n = self.notes(src)
         loc = self.local
         scan = dict(tau1=cfg.tau1, decay=cfg.priority_decay, unroll=cfg.scan_unroll, reset=reset)
-        reads, pool = pool_scan(state["pool"], loc.heads(loc.wq(y)), s[..., None], loc.heads(loc.wk(n))[:, :, None],
-                                loc.heads(loc.wv(n))[:, :, None], **scan)
+        reads, pool = pool_scan(
+            state["pool"],
+            loc.heads(loc.wq(y)),
+            s[..., None],
+            loc.heads(loc.wk(n))[:, :, None],
+            loc.heads(loc.wv(n))[:, :, None],
+            **scan,
+        )
         extra = loc.fuse(y, reads)
         new = {"pool": pool}
         if self.cross is not None:
             xa = self.cross
-            xreads, new["xpool"] = pool_scan(state["xpool"], xa.heads(xa.wq(y)), prev_scores,
-                                             xa.heads(xa.wk(prev_notes)), xa.heads(xa.wv(prev_notes)), **scan)
+            xreads, new["xpool"] = pool_scan(
+                state["xpool"],
+                xa.heads(xa.wq(y)),
+                prev_scores,
+                xa.heads(xa.wk(prev_notes)),
+                xa.heads(xa.wv(prev_notes)),
+                **scan,
+            )
             extra = extra + xa.fuse(y, xreads)
         trig = jnp.ones_like(s) if cfg.trigger == "always" else (s > cfg.tau2).astype(jnp.float32)
         fused = y.astype(jnp.float32) + trig[..., None] * extra
@@ -324,12 +356,11 @@ class MemMambaBlock(Block):
                 sources = slice(None)
                 j = jnp.arange(cfg.n_layers)[:, None, None]
                 scores = jnp.where((j >= lo) & (j < layer), h["scores"], -1.0)
-            prev_scores = jnp.moveaxis(scores, 0, -1)                            # [B,T,J]
-            prev_notes = jnp.moveaxis(h["notes"][sources], 0, -2)                # [B,T,J,S]
+            prev_scores = jnp.moveaxis(scores, 0, -1)  # [B,T,J]
+            prev_notes = jnp.moveaxis(h["notes"][sources], 0, -2)  # [B,T,J,S]
         fused, new, s, n = self.note(src, y, state, prev_scores, prev_notes, segment_starts_of(ctx, u))
         new["mixer"] = mixer_state
-        return {"x": h["x"] + fused, "scores": h["scores"].at[layer].set(s),
-                "notes": h["notes"].at[layer].set(n)}, new
+        return {"x": h["x"] + fused, "scores": h["scores"].at[layer].set(s), "notes": h["notes"].at[layer].set(n)}, new
 
 
 def segment_starts_of(ctx: Context, u: jax.Array) -> jax.Array | None:
@@ -358,8 +389,11 @@ class MemMamba(Mamba2):
     def carry_from_embeddings(self, x: jax.Array) -> dict:
         cfg = self.config
         b, t = x.shape[:2]
-        return {"x": x.astype(jnp.float32), "scores": jnp.zeros((cfg.n_layers, b, t), jnp.float32),
-                "notes": jnp.zeros((cfg.n_layers, b, t, cfg.summary_dim), jnp.float32)}
+        return {
+            "x": x.astype(jnp.float32),
+            "scores": jnp.zeros((cfg.n_layers, b, t), jnp.float32),
+            "notes": jnp.zeros((cfg.n_layers, b, t, cfg.summary_dim), jnp.float32),
+        }
 
     def residual(self, h: dict) -> jax.Array:
         return h["x"]

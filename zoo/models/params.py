@@ -4,9 +4,11 @@ The trainer is functional: it holds the parameters as `{"blocks/0/attn/wq/kernel
 a plain dict that optax, Orbax and sharding trees all handle, and rebuilds the module inside the
 jitted step with `merge`. Metadata (logical axes, weight-decay and LR groups) comes along.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from flax import nnx

@@ -70,7 +70,7 @@ def _entry(name: str) -> tuple[type, dict[str, Any]]:
 
 
 def model_kind(name: str) -> str:
-    """"lm", "forecaster" or "classifier" (`zoo.models.base.kind_of`)."""
+    """ "lm", "forecaster" or "classifier" (`zoo.models.base.kind_of`)."""
     return kind_of(_entry(name)[0])
 
 

@@ -16,6 +16,7 @@ Layer (as the original S4 block): y = FFTConv(u, K) + D u -> GELU -> Linear(H, 2
 Shapes: B batch, T time, H = d_model channels, N2 = d_state/2 stored modes, N = d_state, C kernel
 channels (2 when bidirectional).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,17 @@ from pallas_kernels import dispatch
 from pallas_kernels.cauchy import cauchy, vandermonde
 from zoo.layers import Embed, Linear, RMSNorm, fft_conv, lm_logits
 from zoo.models import registry
-from zoo.models.base import (Block, Classifier, Context, LanguageModel, LMConfig, check_tokens, make_context,
-                             make_stack, scan_over_time)
+from zoo.models.base import (
+    Block,
+    Classifier,
+    Context,
+    LanguageModel,
+    LMConfig,
+    check_tokens,
+    make_context,
+    make_stack,
+    scan_over_time,
+)
 
 MODES = ("dplr", "diag")
 INITS = {"dplr": ("legs",), "diag": ("lin", "inv", "real", "legs")}
@@ -42,17 +52,17 @@ DISCS = ("zoh", "bilinear")
 @dataclasses.dataclass(frozen=True)
 class S4Config(LMConfig):
     d_model: int = 64
-    d_state: int = 64             # N: N/2 complex modes are stored (conjugate-symmetric)
-    mode: str = "dplr"            # dplr (S4, HiPPO-LegS NPLR) | diag (S4D)
-    init: str = "legs"            # dplr: legs; diag: lin | inv | real | legs
-    disc: str = "bilinear"        # diag: zoh | bilinear; dplr is always bilinear
-    n_ssm: int = 1                # independent (A, B, P) copies shared across H/n_ssm channels
-    l_max: int = 256              # kernel length that C~ = C (I - dA^L) refers to (dplr)
+    d_state: int = 64  # N: N/2 complex modes are stored (conjugate-symmetric)
+    mode: str = "dplr"  # dplr (S4, HiPPO-LegS NPLR) | diag (S4D)
+    init: str = "legs"  # dplr: legs; diag: lin | inv | real | legs
+    disc: str = "bilinear"  # diag: zoh | bilinear; dplr is always bilinear
+    n_ssm: int = 1  # independent (A, B, P) copies shared across H/n_ssm channels
+    l_max: int = 256  # kernel length that C~ = C (I - dA^L) refers to (dplr)
     dt_min: float = 1e-3
     dt_max: float = 1e-1
-    b_clip: float = 2.0           # dplr: clip Im(V^* B) to [-b_clip, b_clip] as upstream (0 = off)
-    bidirectional: bool = False   # classifier only: a second kernel channel runs backwards in time
-    n_classes: int = 10           # classifier head size
+    b_clip: float = 2.0  # dplr: clip Im(V^* B) to [-b_clip, b_clip] as upstream (0 = off)
+    bidirectional: bool = False  # classifier only: a second kernel channel runs backwards in time
+    n_classes: int = 10  # classifier head size
     norm_eps: float = 1e-6
 
     def __post_init__(self):
@@ -60,8 +70,10 @@ class S4Config(LMConfig):
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} must be one of {MODES}")
         if self.init not in INITS[self.mode]:
-            raise ValueError(f"init={self.init!r} is not valid for mode={self.mode!r}; use one of "
-                             f"{INITS[self.mode]} (S4D inits need mode='diag')")
+            raise ValueError(
+                f"init={self.init!r} is not valid for mode={self.mode!r}; use one of "
+                f"{INITS[self.mode]} (S4D inits need mode='diag')"
+            )
         if self.disc not in DISCS:
             raise ValueError(f"disc={self.disc!r} must be one of {DISCS}")
         if self.d_state < 2 or self.d_state % 2:
@@ -84,17 +96,29 @@ CLASSIFIER_PRESETS = {
     # A small bidirectional classifier for CPU tests.
     "tiny": S4Config(vocab_size=20, d_model=32, n_layers=2, d_state=8, l_max=256, bidirectional=True, n_classes=10),
     # LRA ListOps as upstream's experiment config: 6 x 256, d_state 4, bidirectional, L = 2048.
-    "lra-listops": S4Config(vocab_size=20, d_model=256, n_layers=6, d_state=4, l_max=2048,
-                            bidirectional=True, n_classes=10),
+    "lra-listops": S4Config(
+        vocab_size=20, d_model=256, n_layers=6, d_state=4, l_max=2048, bidirectional=True, n_classes=10
+    ),
     # S4D sequential-CIFAR example: 4 x 128, N = 64, S4D-Lin ZOH, L = 1024 pixels.
-    "s4d-scifar": S4Config(vocab_size=256, d_model=128, n_layers=4, d_state=64, mode="diag", init="lin",
-                           disc="zoh", l_max=1024, bidirectional=False, n_classes=10),
+    "s4d-scifar": S4Config(
+        vocab_size=256,
+        d_model=128,
+        n_layers=4,
+        d_state=64,
+        mode="diag",
+        init="lin",
+        disc="zoh",
+        l_max=1024,
+        bidirectional=False,
+        n_classes=10,
+    ),
 }
 
 
 # --------------------------------------------------------------------------------------------------
 # Initialisation (float64 NumPy)
 # --------------------------------------------------------------------------------------------------
+
 
 def hippo_legs(n: int) -> tuple[np.ndarray, np.ndarray]:
     """HiPPO-LegS (A [N,N], B [N]) in float64 (S4 Eq. 2): A_nk = -sqrt(2n+1)sqrt(2k+1) for n>k,
@@ -164,6 +188,7 @@ def _matrix_power(m: jax.Array, e: int) -> jax.Array:
 # The SSM kernel
 # --------------------------------------------------------------------------------------------------
 
+
 class SSMKernel(nnx.Module):
     """Per-channel SSM parameters and their convolution kernel / recurrent step.
 
@@ -177,14 +202,14 @@ class SSMKernel(nnx.Module):
         ssm = dict(wd=False, lr_group="ssm")
         # dt log-uniform in [dt_min, dt_max], one per channel
         u = jax.random.uniform(rngs.params(), (h,), jnp.float32)
-        self.log_dt = nnx.Param(math.log(cfg.dt_min) + u * (math.log(cfg.dt_max) - math.log(cfg.dt_min)),
-                                axes=("embed",), **ssm)
+        self.log_dt = nnx.Param(
+            math.log(cfg.dt_min) + u * (math.log(cfg.dt_max) - math.log(cfg.dt_min)), axes=("embed",), **ssm
+        )
         if cfg.mode == "dplr":
             w, pt, bt, _ = nplr_legs(n)
             if cfg.b_clip:
                 bt = bt.real + 1j * np.clip(bt.imag, -cfg.b_clip, cfg.b_clip)
-            self.P = nnx.Param(jnp.tile(_complex_param(pt)[None], (cfg.n_ssm, 1, 1)),
-                               axes=(None, "state", None), **ssm)
+            self.P = nnx.Param(jnp.tile(_complex_param(pt)[None], (cfg.n_ssm, 1, 1)), axes=(None, "state", None), **ssm)
         else:
             w, bt = init_diag(n, cfg.init)
             self.P = None
@@ -192,11 +217,12 @@ class SSMKernel(nnx.Module):
         # Re(A) = -exp(log_a_real) keeps the real part negative; Im(A) is free
         self.log_a_real = nnx.Param(tile(np.log(-w.real)), axes=(None, "state"), **ssm)
         self.a_imag = nnx.Param(tile(w.imag), axes=(None, "state"), **ssm)
-        self.B = nnx.Param(jnp.tile(_complex_param(bt)[None], (cfg.n_ssm, 1, 1)),
-                           axes=(None, "state", None), **ssm)
+        self.B = nnx.Param(jnp.tile(_complex_param(bt)[None], (cfg.n_ssm, 1, 1)), axes=(None, "state", None), **ssm)
         # C (C~ for dplr) ~ complex normal with unit variance
-        self.C = nnx.Param(jax.random.normal(rngs.params(), (channels, h, n2, 2), jnp.float32) * 0.5 ** 0.5,
-                           axes=(None, "embed", "state", None))
+        self.C = nnx.Param(
+            jax.random.normal(rngs.params(), (channels, h, n2, 2), jnp.float32) * 0.5**0.5,
+            axes=(None, "embed", "state", None),
+        )
 
     def _op_kwargs(self) -> dict:
         """The Cauchy / Vandermonde op's implementation for this config."""
@@ -210,8 +236,12 @@ class SSMKernel(nnx.Module):
     def ssm_params(self) -> dict:
         """dt [H], A [H,N2], B [H,N2], P [H,N2] (dplr), C [C,H,N2] as float32 / complex64."""
         a = jax.lax.complex(-jnp.exp(self.log_a_real[...]), self.a_imag[...])
-        out = {"dt": jnp.exp(self.log_dt[...]), "A": self._expand(a), "B": self._expand(_as_complex(self.B[...])),
-               "C": _as_complex(self.C[...])}
+        out = {
+            "dt": jnp.exp(self.log_dt[...]),
+            "A": self._expand(a),
+            "B": self._expand(_as_complex(self.B[...])),
+            "C": _as_complex(self.C[...]),
+        }
         if self.P is not None:
             out["P"] = self._expand(_as_complex(self.P[...]))
         return out
@@ -263,7 +293,7 @@ class SSMKernel(nnx.Module):
         v = jnp.concatenate([c_t * b, c_t * p, (jnp.conj(p) * b)[None], (jnp.conj(p) * p)[None]], 0)
         v = v * dt[:, None]  # [2C+2,H,N2]
         r = cauchy(v, z, w, conj=True, **self._op_kwargs())  # [2C+2,H,K]
-        r00, r01, r10, r11 = r[:n_c], r[n_c:2 * n_c], r[2 * n_c], r[2 * n_c + 1]
+        r00, r01, r10, r11 = r[:n_c], r[n_c : 2 * n_c], r[2 * n_c], r[2 * n_c + 1]
         # Woodbury (rank 1): k = r00 - r01 r10 / (1 + r11); bilinear factor 2/(1 + w)
         k_f = (r00 - r01 * r10 / (1 + r11)) * jnp.asarray(2 / (1 + omega), jnp.complex64)  # [C,H,K]
         if n_fin < n_nodes:
@@ -329,6 +359,7 @@ class SSMKernel(nnx.Module):
 # The S4 layer and blocks
 # --------------------------------------------------------------------------------------------------
 
+
 class S4Layer(nnx.Module):
     """FFTConv(u, K) + D u -> GELU -> Linear(H, 2H) -> GLU, on u [B,T,H]."""
 
@@ -336,8 +367,9 @@ class S4Layer(nnx.Module):
         self.cfg, self.bidirectional = cfg, bidirectional
         self.kernel = SSMKernel(cfg, 2 if bidirectional else 1, rngs=rngs)
         self.D = nnx.Param(jax.random.normal(rngs.params(), (cfg.d_model,), jnp.float32), axes=("embed",))
-        self.out = Linear(cfg.d_model, 2 * cfg.d_model, axes=("embed", "mlp"), rngs=rngs, use_bias=True,
-                          dtype=cfg.dtype)
+        self.out = Linear(
+            cfg.d_model, 2 * cfg.d_model, axes=("embed", "mlp"), rngs=rngs, use_bias=True, dtype=cfg.dtype
+        )
 
     def _head(self, y: jax.Array, dtype) -> jax.Array:  # y [B,T,H] fp32 -> [B,T,H]
         y = jax.nn.gelu(y, approximate=False)
@@ -405,11 +437,9 @@ class S4Classifier(Classifier):
     def __init__(self, cfg: S4Config, *, rngs: nnx.Rngs):
         self.config = cfg
         self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=cfg.dtype)
-        self.blocks = nnx.List([S4Block(cfg, bidirectional=cfg.bidirectional, rngs=rngs)
-                                for _ in range(cfg.n_layers)])
+        self.blocks = nnx.List([S4Block(cfg, bidirectional=cfg.bidirectional, rngs=rngs) for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
-        self.head = Linear(cfg.d_model, cfg.n_classes, axes=("embed", None), rngs=rngs, use_bias=True,
-                           dtype=cfg.dtype)
+        self.head = Linear(cfg.d_model, cfg.n_classes, axes=("embed", None), rngs=rngs, use_bias=True, dtype=cfg.dtype)
 
     def __call__(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """tokens int32 [B,T], mask bool [B,T] (True = real token; None = all) -> logits [B, n_classes]."""
@@ -438,8 +468,9 @@ class S4LM(LanguageModel):
 
     def __init__(self, cfg: S4Config, *, rngs: nnx.Rngs):
         if cfg.bidirectional:
-            raise ValueError("the S4 LM is causal; set bidirectional=False (bidirectional is for the "
-                             "s4_classifier model)")
+            raise ValueError(
+                "the S4 LM is causal; set bidirectional=False (bidirectional is for the s4_classifier model)"
+            )
         self.config = cfg
         self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=cfg.dtype)
         self.blocks = make_stack(cfg, lambda i: S4Block(cfg, bidirectional=False, rngs=rngs))
@@ -449,4 +480,4 @@ class S4LM(LanguageModel):
         return self.embed(tokens).astype(jnp.float32)
 
     def logits(self, x: jax.Array) -> jax.Array:
-        return lm_logits(self.final_norm(x), self.embed, None, self.config.d_model ** -0.5)
+        return lm_logits(self.final_norm(x), self.embed, None, self.config.d_model**-0.5)

@@ -60,6 +60,7 @@ mixed channels) -> encoder blocks [preprocess -> companion SSM (+skip) -> GELU-M
 + block residual] -> closed-loop companion decoder -> output MLP (GELU, dropout, linear D -> 1).
 Inputs are centred on their lag-window mean and the forecast is shifted back ("data_transform mean").
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -86,12 +87,13 @@ LOSSES = ("mse", "rmse", "mae")
 # Functional core: companion matrices, Krylov kernels, FFT convolution
 # --------------------------------------------------------------------------------------------------
 
+
 def companion_matrix(a: jax.Array) -> jax.Array:
     """A = S + a e_N^T (paper eq. 3): down-shift plus the last column a. a [..., N] -> A [..., N, N]."""
     n = a.shape[-1]
-    shift = jnp.eye(n, k=-1, dtype=a.dtype)                        # S[i+1, i] = 1
-    last = jnp.zeros((n,), a.dtype).at[n - 1].set(1.0)             # e_N
-    return shift + a[..., :, None] * last                          # column N-1 holds a
+    shift = jnp.eye(n, k=-1, dtype=a.dtype)  # S[i+1, i] = 1
+    last = jnp.zeros((n,), a.dtype).at[n - 1].set(1.0)  # e_N
+    return shift + a[..., :, None] * last  # column N-1 holds a
 
 
 def shift_matrix(n: int, dtype=jnp.float32) -> jax.Array:
@@ -104,12 +106,13 @@ def krylov_sequential(length: int, A: jax.Array, b: jax.Array, c: jax.Array | No
 
     A [..., N, N], b [..., N], c [..., N] or None. Returns [..., L] (with c) or [..., N, L].
     """
+
     def step(x, _):
         out = x if c is None else jnp.sum(c * x, axis=-1)
         return jnp.einsum("...ij,...j->...i", A, x), out
 
     x0 = jnp.broadcast_to(b, jnp.broadcast_shapes(b.shape, A.shape[:-1]))
-    _, outs = jax.lax.scan(step, x0, None, length=length)          # [L, ..., (N)]
+    _, outs = jax.lax.scan(step, x0, None, length=length)  # [L, ..., (N)]
     return jnp.moveaxis(outs, 0, -1)
 
 
@@ -119,11 +122,11 @@ def krylov_squaring(length: int, A: jax.Array, b: jax.Array, c: jax.Array | None
     Same signature and result as `krylov_sequential`.
     """
     x = jnp.broadcast_to(b, jnp.broadcast_shapes(b.shape, A.shape[:-1]))[..., None]  # [..., N, 1]
-    power = A                                                      # A^m with m = x.shape[-1]
+    power = A  # A^m with m = x.shape[-1]
     while x.shape[-1] < length:
         m = x.shape[-1]
         take = min(m, length - m)
-        x = jnp.concatenate([x, power @ x[..., :take]], axis=-1)   # append A^m [b, .., A^{take-1} b]
+        x = jnp.concatenate([x, power @ x[..., :take]], axis=-1)  # append A^m [b, .., A^{take-1} b]
         if x.shape[-1] < length:
             power = power @ power
     x = x[..., :length]
@@ -143,7 +146,7 @@ def companion_powers(length: int, a: jax.Array, b: jax.Array) -> jax.Array:
         nxt = jnp.concatenate([jnp.zeros_like(x[..., :1]), x[..., :-1]], axis=-1) + a * x[..., -1:]
         return nxt, x
 
-    _, xs = jax.lax.scan(step, b, None, length=length)             # [L, ..., N]
+    _, xs = jax.lax.scan(step, b, None, length=length)  # [L, ..., N]
     return jnp.moveaxis(xs, 0, -1)
 
 
@@ -158,7 +161,7 @@ def closed_loop_rows(length: int, a: jax.Array, b: jax.Array, k: jax.Array, r: j
         nxt = jnp.concatenate([row[..., 1:], jnp.sum(row * a, -1, keepdims=True)], axis=-1)
         return nxt + jnp.sum(row * b, -1, keepdims=True) * k, row
 
-    _, rows = jax.lax.scan(step, r, None, length=length)           # [H, ..., N]
+    _, rows = jax.lax.scan(step, r, None, length=length)  # [H, ..., N]
     return jnp.moveaxis(rows, 0, -1)
 
 
@@ -170,7 +173,7 @@ def _poly_mul(p: jax.Array, q: jax.Array, n: int) -> jax.Array:
     """First n coefficients of the product of polynomials p [..., P] and q [..., Q] (via FFT)."""
     full = p.shape[-1] + q.shape[-1] - 1
     size = _next_pow2(full)
-    r = jnp.fft.irfft(jnp.fft.rfft(p, size) * jnp.fft.rfft(q, size), size)[..., :min(n, full)]
+    r = jnp.fft.irfft(jnp.fft.rfft(p, size) * jnp.fft.rfft(q, size), size)[..., : min(n, full)]
     if n > full:
         r = jnp.pad(r, [(0, 0)] * (r.ndim - 1) + [(0, n - full)])
     return r
@@ -182,7 +185,7 @@ def _series_inverse(f: jax.Array, n: int) -> jax.Array:
     m = 1
     while m < n:
         m = min(2 * m, n)
-        fg = _poly_mul(f[..., :m], g, m)                           # 1 + O(z^{m/2})
+        fg = _poly_mul(f[..., :m], g, m)  # 1 + O(z^{m/2})
         g = _poly_mul(g, (-fg).at[..., 0].add(2.0), m)
     return g
 
@@ -190,7 +193,7 @@ def _series_inverse(f: jax.Array, n: int) -> jax.Array:
 def _correlate(u: jax.Array, v: jax.Array) -> jax.Array:
     """Q(u, v)_k = u^T S^k v = sum_i u_i v_{i-k}, k = 0..N-1 (one FFT cross-correlation)."""
     n = u.shape[-1]
-    size = _next_pow2(2 * n)                                       # no wrap-around for |lag| < N
+    size = _next_pow2(2 * n)  # no wrap-around for |lag| < N
     spec = jnp.fft.rfft(u, size) * jnp.conj(jnp.fft.rfft(v, size))
     return jnp.fft.irfft(spec, size)[..., :n]
 
@@ -202,16 +205,16 @@ def companion_kernel_fft(length: int, a: jax.Array, b: jax.Array, c: jax.Array) 
     a, b, c [..., N] (broadcastable) -> [..., L].
     """
     a, b, c = jnp.broadcast_arrays(a, b, c)
-    q_cb = _correlate(c, b)                                        # [..., N]
-    q_ca = _correlate(c, a)                                        # [..., N]
-    q_eb = b[..., ::-1]                                            # Q(e_N, b)_k = b_{N-1-k}
+    q_cb = _correlate(c, b)  # [..., N]
+    q_ca = _correlate(c, a)  # [..., N]
+    q_eb = b[..., ::-1]  # Q(e_N, b)_k = b_{N-1-k}
     denom = jnp.concatenate([jnp.ones_like(a[..., :1]), -a[..., ::-1]], axis=-1)  # D(z), [..., N+1]
-    inv = _series_inverse(denom, length)                           # 1 / D mod z^L
-    numer = _poly_mul(q_ca, q_eb, 2 * a.shape[-1] - 1)             # Q(c,a) Q(e_N,b)
-    tail = _poly_mul(numer, inv, max(length - 1, 1))[..., :length - 1]
+    inv = _series_inverse(denom, length)  # 1 / D mod z^L
+    numer = _poly_mul(q_ca, q_eb, 2 * a.shape[-1] - 1)  # Q(c,a) Q(e_N,b)
+    tail = _poly_mul(numer, inv, max(length - 1, 1))[..., : length - 1]
     n = a.shape[-1]
     head = q_cb[..., :length] if length <= n else jnp.pad(q_cb, [(0, 0)] * (q_cb.ndim - 1) + [(0, length - n)])
-    return head.at[..., 1:].add(tail)                              # times z: shift by one
+    return head.at[..., 1:].add(tail)  # times z: shift by one
 
 
 def companion_kernel(length: int, a: jax.Array, b: jax.Array, c: jax.Array, method: str = "fft") -> jax.Array:
@@ -247,6 +250,7 @@ def normalize(x: jax.Array, order: int) -> jax.Array:
 # Fixed preprocessing kernels (paper sec. 3.1.2)
 # --------------------------------------------------------------------------------------------------
 
+
 def differencing_kernel(order: int) -> np.ndarray:
     """Coefficients of (1 - z)^order: conv with it is the order-th difference. [order + 1]."""
     return np.array([(-1) ** j * math.comb(order, j) for j in range(order + 1)], np.float32)
@@ -259,8 +263,9 @@ def moving_average_residual_kernel(window: int) -> np.ndarray:
     return kernel
 
 
-def preprocess_kernels(kind: str, d_model: int, n_kernels: int, max_diff_order: int,
-                       windows: tuple[int, ...]) -> np.ndarray:
+def preprocess_kernels(
+    kind: str, d_model: int, n_kernels: int, max_diff_order: int, windows: tuple[int, ...]
+) -> np.ndarray:
     """The fixed kernel of every channel, [D, max(max_diff_order, max window)].
 
     Channel d uses kernel d % n_kernels of its repeat group r = d // n_kernels (the reference layout):
@@ -281,7 +286,7 @@ def preprocess_kernels(kind: str, d_model: int, n_kernels: int, max_diff_order: 
             k = moving_average_residual_kernel(windows[r * n_ma + j - max_diff_order])
         else:
             raise ValueError(f"preprocess kind {kind!r} is not one of {PREPROCESS_KINDS[1:]}")
-        out[d, :len(k)] = k
+        out[d, : len(k)] = k
     return out
 
 
@@ -292,10 +297,22 @@ class PreprocessSSM(nnx.Module):
     as in the reference; they are static (part of the graph), not parameters.
     """
 
-    def __init__(self, kind: str, d_model: int, n_kernels: int, *, max_diff_order: int, min_window: int,
-                 max_window: int, rngs: nnx.Rngs):
-        n_windows = {"differencing": 0, "ma_residual": d_model,
-                     "residual": (d_model // n_kernels) * (n_kernels - max_diff_order)}[kind]
+    def __init__(
+        self,
+        kind: str,
+        d_model: int,
+        n_kernels: int,
+        *,
+        max_diff_order: int,
+        min_window: int,
+        max_window: int,
+        rngs: nnx.Rngs,
+    ):
+        n_windows = {
+            "differencing": 0,
+            "ma_residual": d_model,
+            "residual": (d_model // n_kernels) * (n_kernels - max_diff_order),
+        }[kind]
         key = rngs.params()
         draws = jax.random.randint(key, (n_windows,), min_window, max_window) if n_windows else []
         self.windows = tuple(int(w) for w in np.asarray(draws))
@@ -303,8 +320,9 @@ class PreprocessSSM(nnx.Module):
 
     def kernel(self) -> jax.Array:
         """[D, width] fixed kernels (a constant built from the static windows)."""
-        return jnp.asarray(preprocess_kernels(self.kind, self.d_model, self.n_kernels, self.max_diff_order,
-                                              self.windows))
+        return jnp.asarray(
+            preprocess_kernels(self.kind, self.d_model, self.n_kernels, self.max_diff_order, self.windows)
+        )
 
     def __call__(self, u: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
         return fft_conv(u, self.kernel())
@@ -313,6 +331,7 @@ class PreprocessSSM(nnx.Module):
 # --------------------------------------------------------------------------------------------------
 # SSM layers
 # --------------------------------------------------------------------------------------------------
+
 
 def _ssm_param(rngs: nnx.Rngs, shape: tuple[int, ...]) -> nnx.Param:
     # the reference's kernel_init="normal": standard normal entries
@@ -325,8 +344,18 @@ class CompanionSSM(nnx.Module):
     K kernels of state size N shared by D / K consecutive channels; y = K * u (+ skip * u).
     """
 
-    def __init__(self, d_model: int, n_kernels: int, kernel_dim: int, *, kind: str = "companion",
-                 norm_order: int = 1, skip: bool = True, kernel_method: str = "fft", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_model: int,
+        n_kernels: int,
+        kernel_dim: int,
+        *,
+        kind: str = "companion",
+        norm_order: int = 1,
+        skip: bool = True,
+        kernel_method: str = "fft",
+        rngs: nnx.Rngs,
+    ):
         if d_model % n_kernels:
             raise ValueError(f"n_kernels ({n_kernels}) must divide d_model ({d_model})")
         self.kind, self.norm_order, self.kernel_method = kind, norm_order, kernel_method
@@ -347,7 +376,7 @@ class CompanionSSM(nnx.Module):
     def kernel(self, length: int) -> jax.Array:
         """K_l = c^T A^l b per kernel, [K, L] (fp32)."""
         a, b, c = self.abc()
-        if self.kind == "shift":                                   # S^l e_1 = e_{l+1}: K = c, zero-padded
+        if self.kind == "shift":  # S^l e_1 = e_{l+1}: K = c, zero-padded
             return c[:, :length] if length <= self.kernel_dim else jnp.pad(c, ((0, 0), (0, length - self.kernel_dim)))
         return companion_kernel(length, a, b, c, self.kernel_method)
 
@@ -368,8 +397,18 @@ class ClosedLoopSSM(nnx.Module):
     unless normalize_bck=False (then they start at their normalised values and train freely).
     """
 
-    def __init__(self, d_model: int, n_kernels: int, kernel_dim: int, *, kind: str = "companion",
-                 norm_order: int = 1, normalize_bck: bool = True, kernel_method: str = "fft", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_model: int,
+        n_kernels: int,
+        kernel_dim: int,
+        *,
+        kind: str = "companion",
+        norm_order: int = 1,
+        normalize_bck: bool = True,
+        kernel_method: str = "fft",
+        rngs: nnx.Rngs,
+    ):
         if d_model % n_kernels:
             raise ValueError(f"n_kernels ({n_kernels}) must divide d_model ({d_model})")
         self.kind, self.norm_order, self.kernel_method = kind, norm_order, kernel_method
@@ -380,7 +419,7 @@ class ClosedLoopSSM(nnx.Module):
         self.b = _ssm_param(rngs, shape) if kind == "companion" else None
         self.c = _ssm_param(rngs, shape)
         self.k = _ssm_param(rngs, shape)
-        if not normalize_bck and norm_order > 0:                   # start where the normalised layer starts
+        if not normalize_bck and norm_order > 0:  # start where the normalised layer starts
             for v in (self.b, self.c, self.k):
                 if v is not None:
                     v[...] = normalize(v[...], norm_order)
@@ -403,16 +442,17 @@ class ClosedLoopSSM(nnx.Module):
     def state(self, u: jax.Array) -> jax.Array:
         """x_lag = sum_{i<T} A^{T-1-i} b u_i: the state after the input window. u [B,T,D] -> [B,D,N]."""
         a, b, _, _ = self.abck()
-        powers = companion_powers(u.shape[1], a, b)                       # [K, N, T]: A^l b
-        powers = self._per_channel(powers)                                # [D, N, T]
+        powers = companion_powers(u.shape[1], a, b)  # [K, N, T]: A^l b
+        powers = self._per_channel(powers)  # [D, N, T]
         return jnp.einsum("dnl,bld->bdn", powers, u[:, ::-1].astype(jnp.float32))
 
     def rollout(self, x: jax.Array, horizon: int) -> tuple[jax.Array, jax.Array]:
         """From the state x [B, D, N]: (y, u_hat) [B, H, D] with y_h = c^T (A + b k^T)^h x."""
         a, b, c, k = self.abck()
-        rows = closed_loop_rows(horizon, a[:, None], b[:, None], k[:, None],
-                                jnp.stack([c, k], axis=1))                # [K, 2, N, H]: r^T (A + b k^T)^h
-        rows = self._per_channel(rows)                                    # [D, 2, N, H]
+        rows = closed_loop_rows(
+            horizon, a[:, None], b[:, None], k[:, None], jnp.stack([c, k], axis=1)
+        )  # [K, 2, N, H]: r^T (A + b k^T)^h
+        rows = self._per_channel(rows)  # [D, 2, N, H]
         out = jnp.einsum("dsnh,bdn->sbhd", rows, x)
         return out[0], out[1]
 
@@ -424,15 +464,16 @@ class ClosedLoopSSM(nnx.Module):
         """Open loop over the window: u [B, T, D] -> (y [B, T, D], u_hat_next [B, T, D])."""
         a, b, c, k = self.abck()
         t = u.shape[1]
-        kernels = companion_kernel(t, a[:, None], b[:, None], jnp.stack([c, k], axis=1),
-                                   self.kernel_method)                     # [K, 2, T]
-        kernels = self._per_channel(kernels)                               # [D, 2, T]
+        kernels = companion_kernel(
+            t, a[:, None], b[:, None], jnp.stack([c, k], axis=1), self.kernel_method
+        )  # [K, 2, T]
+        kernels = self._per_channel(kernels)  # [D, 2, T]
         return fft_conv(u, kernels[:, 0]), fft_conv(u, kernels[:, 1])
 
     def step(self, x: jax.Array, u_t: jax.Array) -> jax.Array:
         """One open-loop recurrence step x <- A x + b u_t. x [B, D, N], u_t [B, D]."""
         a, b, _, _ = self.abck()
-        A = self._per_channel(companion_matrix(a))                         # [D, N, N]
+        A = self._per_channel(companion_matrix(a))  # [D, N, N]
         return jnp.einsum("dij,bdj->bdi", A, x) + self._per_channel(b) * u_t[..., None]
 
 
@@ -440,53 +481,63 @@ class ClosedLoopSSM(nnx.Module):
 # The SpaceTime forecaster
 # --------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class SpaceTimeConfig:
-    lag: int = 32                       # input window length (lag terms)
-    horizon: int = 16                   # forecast length
-    n_channels: int = 1                 # C in x [B, lag, C]
-    channel_independent: bool = True    # share one univariate model over channels (repeat embedding)
-    d_model: int = 16                   # D
-    kernel_dim: int = 8                 # N, the state size of every SSM
+    lag: int = 32  # input window length (lag terms)
+    horizon: int = 16  # forecast length
+    n_channels: int = 1  # C in x [B, lag, C]
+    channel_independent: bool = True  # share one univariate model over channels (repeat embedding)
+    d_model: int = 16  # D
+    kernel_dim: int = 8  # N, the state size of every SSM
     n_encoder_blocks: int = 1
-    first_block_kernels: int = 4        # kernels in encoder block 1 (later blocks and decoder: D)
-    encoder_ssm: str = "companion"      # companion | shift
-    decoder_ssm: str = "companion"      # companion | shift
-    preprocess: str = "residual"        # first block's fixed SSM: none | residual | differencing | ma_residual
-    preprocess_kernels: int = 8         # distinct preprocessing kernels per repeat group
+    first_block_kernels: int = 4  # kernels in encoder block 1 (later blocks and decoder: D)
+    encoder_ssm: str = "companion"  # companion | shift
+    decoder_ssm: str = "companion"  # companion | shift
+    preprocess: str = "residual"  # first block's fixed SSM: none | residual | differencing | ma_residual
+    preprocess_kernels: int = 8  # distinct preprocessing kernels per repeat group
     max_diff_order: int = 4
     min_avg_window: int = 4
     max_avg_window: int = 16
-    norm_order: int = 1                 # L1-normalise a (and b, c, k in the decoder if abck); 0 = off
-    decoder_norm: str = "abck"          # decoder vectors normalised: abck (reference) | a (b, c, k free)
-    kernel_method: str = "fft"          # fft | squaring | sequential
+    norm_order: int = 1  # L1-normalise a (and b, c, k in the decoder if abck); 0 = off
+    decoder_norm: str = "abck"  # decoder vectors normalised: abck (reference) | a (b, c, k free)
+    kernel_method: str = "fft"  # fft | squaring | sequential
     dropout: float = 0.0
-    input_transform: str = "mean"       # mean (subtract the lag-window mean) | none
-    loss: str = "rmse"                  # per-term criterion: mse | rmse | mae
+    input_transform: str = "mean"  # mean (subtract the lag-window mean) | none
+    loss: str = "rmse"  # per-term criterion: mse | rmse | mae
     loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # horizon, lag (open loop), next input
-    dtype: str = "float32"              # compute dtype of the MLPs; kernels and FFTs run in fp32
+    dtype: str = "float32"  # compute dtype of the MLPs; kernels and FFTs run in fp32
 
     def __post_init__(self):
         def bad(name, value, fix):
             raise ValueError(f"SpaceTimeConfig.{name}={value!r} is invalid: {fix}")
+
         if self.lag <= self.kernel_dim:
             bad("lag", self.lag, f"the lag-term loss needs lag > kernel_dim ({self.kernel_dim})")
         if self.horizon < 1:
             bad("horizon", self.horizon, "use horizon >= 1")
         if self.d_model % self.first_block_kernels:
             bad("first_block_kernels", self.first_block_kernels, f"it must divide d_model ({self.d_model})")
-        for name, kinds in (("encoder_ssm", SSM_KINDS), ("decoder_ssm", SSM_KINDS),
-                            ("preprocess", PREPROCESS_KINDS), ("kernel_method", KERNEL_METHODS),
-                            ("loss", LOSSES), ("input_transform", ("mean", "none")),
-                            ("decoder_norm", ("abck", "a"))):
+        for name, kinds in (
+            ("encoder_ssm", SSM_KINDS),
+            ("decoder_ssm", SSM_KINDS),
+            ("preprocess", PREPROCESS_KINDS),
+            ("kernel_method", KERNEL_METHODS),
+            ("loss", LOSSES),
+            ("input_transform", ("mean", "none")),
+            ("decoder_norm", ("abck", "a")),
+        ):
             if getattr(self, name) not in kinds:
                 bad(name, getattr(self, name), f"choose one of {kinds}")
         if self.preprocess != "none":
             if self.d_model % self.preprocess_kernels:
                 bad("preprocess_kernels", self.preprocess_kernels, f"it must divide d_model ({self.d_model})")
             if self.preprocess == "residual" and self.preprocess_kernels <= self.max_diff_order:
-                bad("preprocess_kernels", self.preprocess_kernels,
-                    f"'residual' needs more than max_diff_order ({self.max_diff_order}) kernels")
+                bad(
+                    "preprocess_kernels",
+                    self.preprocess_kernels,
+                    f"'residual' needs more than max_diff_order ({self.max_diff_order}) kernels",
+                )
             if not 1 <= self.min_avg_window < self.max_avg_window:
                 bad("min_avg_window", self.min_avg_window, f"need 1 <= min < max_avg_window ({self.max_avg_window})")
         if self.n_encoder_blocks < 1:
@@ -504,20 +555,36 @@ PRESETS = {
     "tiny": SpaceTimeConfig(),
     # The ETT command of the reference README (lag 336, horizon 720, n_blocks 1 = one encoder block
     # + the decoder, kernel_dim 64, width 128 from 4 heads x 32 kernels, dropout 0.25).
-    "ett": SpaceTimeConfig(lag=336, horizon=720, d_model=128, kernel_dim=64, n_encoder_blocks=1,
-                           first_block_kernels=16, preprocess_kernels=8, max_avg_window=64, dropout=0.25),
+    "ett": SpaceTimeConfig(
+        lag=336,
+        horizon=720,
+        d_model=128,
+        kernel_dim=64,
+        n_encoder_blocks=1,
+        first_block_kernels=16,
+        preprocess_kernels=8,
+        max_avg_window=64,
+        dropout=0.25,
+    ),
     # configs/model/encoder/default.yaml: two encoder blocks (preprocessing + companion, companion).
-    "default": SpaceTimeConfig(lag=336, horizon=720, d_model=128, kernel_dim=64, n_encoder_blocks=2,
-                               first_block_kernels=16, preprocess_kernels=8, max_avg_window=64,
-                               dropout=0.2),
+    "default": SpaceTimeConfig(
+        lag=336,
+        horizon=720,
+        d_model=128,
+        kernel_dim=64,
+        n_encoder_blocks=2,
+        first_block_kernels=16,
+        preprocess_kernels=8,
+        max_avg_window=64,
+        dropout=0.2,
+    ),
 }
 
 
 class MLP(nnx.Module):
     """The reference MLP: pre-activation GELU, dropout, linear (+ input when residual)."""
 
-    def __init__(self, d_in: int, d_out: int, *, residual: bool, dropout: float, axes, rngs: nnx.Rngs,
-                 dtype: str):
+    def __init__(self, d_in: int, d_out: int, *, residual: bool, dropout: float, axes, rngs: nnx.Rngs, dtype: str):
         self.linear = Linear(d_in, d_out, axes=axes, rngs=rngs, use_bias=True, dtype=dtype)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.residual = residual
@@ -532,14 +599,38 @@ class EncoderBlock(nnx.Module):
 
     def __init__(self, cfg: SpaceTimeConfig, index: int, *, rngs: nnx.Rngs):
         first = index == 0
-        self.pre = PreprocessSSM(cfg.preprocess, cfg.d_model, cfg.preprocess_kernels,
-                                 max_diff_order=cfg.max_diff_order, min_window=cfg.min_avg_window,
-                                 max_window=cfg.max_avg_window, rngs=rngs) if first and cfg.preprocess != "none" else None
-        self.ssm = CompanionSSM(cfg.d_model, cfg.first_block_kernels if first else cfg.d_model,
-                                cfg.kernel_dim, kind=cfg.encoder_ssm, norm_order=cfg.norm_order,
-                                skip=True, kernel_method=cfg.kernel_method, rngs=rngs)
-        self.mlp = MLP(cfg.d_model, cfg.d_model, residual=True, dropout=cfg.dropout, axes=("embed", "mlp"),
-                       rngs=rngs, dtype=cfg.dtype)
+        self.pre = (
+            PreprocessSSM(
+                cfg.preprocess,
+                cfg.d_model,
+                cfg.preprocess_kernels,
+                max_diff_order=cfg.max_diff_order,
+                min_window=cfg.min_avg_window,
+                max_window=cfg.max_avg_window,
+                rngs=rngs,
+            )
+            if first and cfg.preprocess != "none"
+            else None
+        )
+        self.ssm = CompanionSSM(
+            cfg.d_model,
+            cfg.first_block_kernels if first else cfg.d_model,
+            cfg.kernel_dim,
+            kind=cfg.encoder_ssm,
+            norm_order=cfg.norm_order,
+            skip=True,
+            kernel_method=cfg.kernel_method,
+            rngs=rngs,
+        )
+        self.mlp = MLP(
+            cfg.d_model,
+            cfg.d_model,
+            residual=True,
+            dropout=cfg.dropout,
+            axes=("embed", "mlp"),
+            rngs=rngs,
+            dtype=cfg.dtype,
+        )
 
     def __call__(self, u: jax.Array) -> jax.Array:  # [B, T, D] fp32
         z = u if self.pre is None else self.pre(u)
@@ -547,10 +638,10 @@ class EncoderBlock(nnx.Module):
 
 
 class SpaceTimeOutput(NamedTuple):
-    forecast: jax.Array          # [B, H, C] closed-loop forecast (input scale)
-    lag_pred: jax.Array          # [B, lag, C] open-loop one-step-ahead predictions of x[t+1]
-    next_input_pred: jax.Array   # [B*, lag, D] decoder's predictions k^T x_{t+1} of its next input
-    next_input: jax.Array        # [B*, lag, D] the decoder's actual inputs (B* = B*C if channel-independent)
+    forecast: jax.Array  # [B, H, C] closed-loop forecast (input scale)
+    lag_pred: jax.Array  # [B, lag, C] open-loop one-step-ahead predictions of x[t+1]
+    next_input_pred: jax.Array  # [B*, lag, D] decoder's predictions k^T x_{t+1} of its next input
+    next_input: jax.Array  # [B*, lag, D] the decoder's actual inputs (B* = B*C if channel-independent)
 
 
 @registry.register("spacetime", PRESETS)
@@ -564,20 +655,33 @@ class SpaceTime(Forecaster):
     def __init__(self, cfg: SpaceTimeConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         d = cfg.d_model
-        self.embed = None if cfg.channel_independent else Linear(
-            cfg.n_channels, d, axes=(None, "embed"), rngs=rngs, use_bias=True, dtype=cfg.dtype)
+        self.embed = (
+            None
+            if cfg.channel_independent
+            else Linear(cfg.n_channels, d, axes=(None, "embed"), rngs=rngs, use_bias=True, dtype=cfg.dtype)
+        )
         self.encoder = nnx.List([EncoderBlock(cfg, i, rngs=rngs) for i in range(cfg.n_encoder_blocks)])
-        self.decoder = ClosedLoopSSM(d, d, cfg.kernel_dim, kind=cfg.decoder_ssm, norm_order=cfg.norm_order,
-                                     normalize_bck=cfg.decoder_norm == "abck", kernel_method=cfg.kernel_method,
-                                     rngs=rngs)
-        self.output = MLP(d, cfg.in_dim, residual=False, dropout=cfg.dropout, axes=("embed", None),
-                          rngs=rngs, dtype=cfg.dtype)
+        self.decoder = ClosedLoopSSM(
+            d,
+            d,
+            cfg.kernel_dim,
+            kind=cfg.decoder_ssm,
+            norm_order=cfg.norm_order,
+            normalize_bck=cfg.decoder_norm == "abck",
+            kernel_method=cfg.kernel_method,
+            rngs=rngs,
+        )
+        self.output = MLP(
+            d, cfg.in_dim, residual=False, dropout=cfg.dropout, axes=("embed", None), rngs=rngs, dtype=cfg.dtype
+        )
 
     def _check(self, x: jax.Array) -> None:
         cfg = self.config
         if x.ndim != 3 or x.shape[1] != cfg.lag or x.shape[2] != cfg.n_channels:
-            raise ValueError(f"x has shape {x.shape}; SpaceTime expects [B, lag={cfg.lag}, "
-                             f"C={cfg.n_channels}] (set lag/n_channels in the config to match)")
+            raise ValueError(
+                f"x has shape {x.shape}; SpaceTime expects [B, lag={cfg.lag}, "
+                f"C={cfg.n_channels}] (set lag/n_channels in the config to match)"
+            )
 
     def _encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Centre, embed, encode. x [B, lag, C] -> (decoder input z [B*, lag, D], offset [B, 1, C])."""
@@ -585,7 +689,7 @@ class SpaceTime(Forecaster):
         x = x.astype(jnp.float32)
         offset = x.mean(axis=1, keepdims=True) if cfg.input_transform == "mean" else jnp.zeros_like(x[:, :1])
         u = x - offset
-        if cfg.channel_independent:                                       # [B, T, C] -> [B*C, T, D]
+        if cfg.channel_independent:  # [B, T, C] -> [B*C, T, D]
             u = jnp.moveaxis(u, 2, 1).reshape(-1, cfg.lag, 1)
             z = jnp.broadcast_to(u, u.shape[:2] + (cfg.d_model,))
         else:
@@ -597,7 +701,7 @@ class SpaceTime(Forecaster):
     def _readout(self, y: jax.Array, offset: jax.Array, batch: int) -> jax.Array:
         """Output MLP and un-centring: y [B*, T, D] -> [B, T, C]."""
         cfg = self.config
-        out = self.output(y)                                              # [B*, T, in_dim]
+        out = self.output(y)  # [B*, T, in_dim]
         if cfg.channel_independent:
             out = jnp.moveaxis(out[..., 0].reshape(batch, cfg.n_channels, -1), 1, 2)
         return out + offset
@@ -615,8 +719,9 @@ class SpaceTime(Forecaster):
         z, offset = self._encode(x)
         y_closed, _ = self.decoder(z, self.config.horizon)
         y_open, z_pred = self.decoder.open_loop(z)
-        return SpaceTimeOutput(self._readout(y_closed, offset, x.shape[0]),
-                               self._readout(y_open, offset, x.shape[0]), z_pred, z)
+        return SpaceTimeOutput(
+            self._readout(y_closed, offset, x.shape[0]), self._readout(y_open, offset, x.shape[0]), z_pred, z
+        )
 
     def loss(self, x: jax.Array, y: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The training loss w0 L(forecast, y) + w1 L(lag preds, x[t+1]) + w2 L(u_hat, next input).
@@ -626,14 +731,15 @@ class SpaceTime(Forecaster):
         """
         cfg = self.config
         if y.shape != (x.shape[0], cfg.horizon, cfg.n_channels):
-            raise ValueError(f"y has shape {y.shape}; expected [B={x.shape[0]}, horizon={cfg.horizon}, "
-                             f"C={cfg.n_channels}]")
+            raise ValueError(
+                f"y has shape {y.shape}; expected [B={x.shape[0]}, horizon={cfg.horizon}, C={cfg.n_channels}]"
+            )
         out = self.forward(x)
         n = cfg.kernel_dim
-        full = jnp.concatenate([x, y], axis=1).astype(jnp.float32)        # [B, lag + H, C]
+        full = jnp.concatenate([x, y], axis=1).astype(jnp.float32)  # [B, lag + H, C]
         l_h = criterion(cfg.loss, out.forecast, y.astype(jnp.float32))
-        l_lag = criterion(cfg.loss, out.lag_pred[:, n - 1:], full[:, n:cfg.lag + 1])
-        l_next = criterion(cfg.loss, out.next_input_pred[:, n - 1:-1], out.next_input[:, n:])
+        l_lag = criterion(cfg.loss, out.lag_pred[:, n - 1 :], full[:, n : cfg.lag + 1])
+        l_next = criterion(cfg.loss, out.next_input_pred[:, n - 1 : -1], out.next_input[:, n:])
         w0, w1, w2 = cfg.loss_weights
         total = w0 * l_h + w1 * l_lag + w2 * l_next
         mse = jnp.mean(jnp.square(out.forecast - y))

@@ -32,10 +32,10 @@ class TransformerConfig(LMConfig):
     d_ff: int = 384
     rope_theta: float = 10_000.0
     tie_embeddings: bool = True
-    attention: str = "full"                # pattern of every layer: full | window | block
+    attention: str = "full"  # pattern of every layer: full | window | block
     layer_attention: tuple[str, ...] = ()  # per-layer patterns (overrides `attention`), len n_layers
-    window: int = 256                      # sliding-window size for "window" layers
-    block: int = 256                       # block size for "block" layers
+    window: int = 256  # sliding-window size for "window" layers
+    block: int = 256  # block size for "block" layers
     norm_eps: float = 1e-6
 
     def __post_init__(self):
@@ -45,8 +45,10 @@ class TransformerConfig(LMConfig):
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
         if self.layer_attention and len(self.layer_attention) != self.n_layers:
-            raise ValueError(f"layer_attention has {len(self.layer_attention)} entries but n_layers is "
-                             f"{self.n_layers}; give one pattern per layer or leave it empty")
+            raise ValueError(
+                f"layer_attention has {len(self.layer_attention)} entries but n_layers is "
+                f"{self.n_layers}; give one pattern per layer or leave it empty"
+            )
         self.layer_specs()  # validates the kinds, window and block
 
     @property
@@ -64,8 +66,9 @@ PRESETS = {
     "small": TransformerConfig(d_model=256, n_layers=4, n_heads=8, n_kv_heads=8, d_ff=768),
     # A 1.3B decoder in the shape of GPT-3 XL / the MASFormer paper's model (24 x 2048, 16 heads),
     # with a GPT-NeoX-sized tied vocabulary and SwiGLU width ~8/3 D (1.32B parameters).
-    "1.3b": TransformerConfig(vocab_size=50_304, d_model=2048, n_layers=24, n_heads=16, n_kv_heads=16,
-                              d_ff=5504, dtype="bfloat16"),
+    "1.3b": TransformerConfig(
+        vocab_size=50_304, d_model=2048, n_layers=24, n_heads=16, n_kv_heads=16, d_ff=5504, dtype="bfloat16"
+    ),
 }
 
 
@@ -82,8 +85,14 @@ class Attention(nnx.Module):
         self.wq = Linear(d, h * p, axes=("embed", "heads"), rngs=rngs, dtype=cfg.dtype)
         self.wk = Linear(d, kh * p, axes=("embed", "kv_heads"), rngs=rngs, dtype=cfg.dtype)
         self.wv = Linear(d, kh * p, axes=("embed", "kv_heads"), rngs=rngs, dtype=cfg.dtype)
-        self.wo = Linear(h * p, d, axes=("heads", "embed"), rngs=rngs, dtype=cfg.dtype,
-                         init_std=(h * p) ** -0.5 / (2 * cfg.n_layers) ** 0.5)
+        self.wo = Linear(
+            h * p,
+            d,
+            axes=("heads", "embed"),
+            rngs=rngs,
+            dtype=cfg.dtype,
+            init_std=(h * p) ** -0.5 / (2 * cfg.n_layers) ** 0.5,
+        )
 
     def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [B, T, D] at positions [B, T] -> q [B, T, H, P], k, v [B, T, K, P] (RoPE on q, k)."""
@@ -96,8 +105,15 @@ class Attention(nnx.Module):
 
     def attention(self, q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context) -> jax.Array:
         """The parallel pattern: q [B, T, H, P], k, v [B, T, K, P] -> [B, T, H, P]."""
-        return self_attention(q, k, v, spec=self.spec, positions=ctx.positions, segment_ids=ctx.segment_ids,
-                              implementation=self.cfg.implementation)
+        return self_attention(
+            q,
+            k,
+            v,
+            spec=self.spec,
+            positions=ctx.positions,
+            segment_ids=ctx.segment_ids,
+            implementation=self.cfg.implementation,
+        )
 
     def cached_attention(self, q: jax.Array, state: dict, ctx: Context) -> jax.Array:
         """q [B, T, H, P] of the tokens at cache slots index .. index+T-1 against the filled cache."""
@@ -120,8 +136,10 @@ class Attention(nnx.Module):
         """x [B, T, D] at cache slots ctx.index.. -> (out [B, T, D], cache with their keys and values)."""
         b, t, _ = x.shape
         q, k, v = self.qkv(x, ctx.positions)
-        state = {name: jax.lax.dynamic_update_slice_in_dim(state[name], new.astype(state[name].dtype), ctx.index, 1)
-                 for name, new in (("k", k), ("v", v))}
+        state = {
+            name: jax.lax.dynamic_update_slice_in_dim(state[name], new.astype(state[name].dtype), ctx.index, 1)
+            for name, new in (("k", k), ("v", v))
+        }
         return self.wo(self.cached_attention(q, state, ctx).reshape(b, t, -1)), state
 
 
@@ -132,8 +150,9 @@ class TransformerBlock(Block):
         self.attn_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
         self.attn = attention(cfg, spec, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, rngs=rngs, dtype=cfg.dtype,
-                          out_init_std=cfg.d_ff ** -0.5 / (2 * cfg.n_layers) ** 0.5)
+        self.mlp = SwiGLU(
+            cfg.d_model, cfg.d_ff, rngs=rngs, dtype=cfg.dtype, out_init_std=cfg.d_ff**-0.5 / (2 * cfg.n_layers) ** 0.5
+        )
 
     def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:  # x [B, T, D] fp32 residual stream
         x = x + self.attn(self.attn_norm(x), ctx).astype(jnp.float32)
@@ -156,11 +175,15 @@ class Transformer(LanguageModel):
         self.config = cfg
         self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=cfg.dtype)
         specs = cfg.layer_specs()
-        self.blocks = make_stack(cfg, lambda i: TransformerBlock(cfg, specs[i], rngs=rngs,
-                                                                 attention=self.attention_module(specs[i])))
+        self.blocks = make_stack(
+            cfg, lambda i: TransformerBlock(cfg, specs[i], rngs=rngs, attention=self.attention_module(specs[i]))
+        )
         self.final_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
-        self.unembed = None if cfg.tie_embeddings else Linear(
-            cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), rngs=rngs, dtype=cfg.dtype)
+        self.unembed = (
+            None
+            if cfg.tie_embeddings
+            else Linear(cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), rngs=rngs, dtype=cfg.dtype)
+        )
 
     def attention_module(self, spec: AttentionSpec) -> type[Attention]:
         """The attention class of a layer with pattern `spec` (the baseline: `Attention` everywhere)."""
@@ -171,16 +194,18 @@ class Transformer(LanguageModel):
         return self.embed(tokens).astype(jnp.float32)
 
     def logits(self, x: jax.Array) -> jax.Array:
-        return lm_logits(self.final_norm(x), self.embed, self.unembed, self.config.d_model ** -0.5)
+        return lm_logits(self.final_norm(x), self.embed, self.unembed, self.config.d_model**-0.5)
 
     @classmethod
     def describe(cls, cfg: TransformerConfig, seq_len: int) -> list[str]:
         """`zoo info`: the attention cost of the layer schedule vs all-full attention."""
         f = attention_flops(cfg, seq_len)
         n_full = sum(k == "full" for k in f["kinds"])
-        return [f"attention  {f['total'] / 1e9:,.3f} GFLOP forward at length {seq_len} with {n_full}/"
-                f"{len(f['kinds'])} full layers vs {f['all_full'] / 1e9:,.3f} GFLOP all-full "
-                f"({100 * f['ratio']:.1f}%)"]
+        return [
+            f"attention  {f['total'] / 1e9:,.3f} GFLOP forward at length {seq_len} with {n_full}/"
+            f"{len(f['kinds'])} full layers vs {f['all_full'] / 1e9:,.3f} GFLOP all-full "
+            f"({100 * f['ratio']:.1f}%)"
+        ]
 
 
 def pairs_per_layer(kind: str, seq_len: int, window: int, block: int) -> int:
@@ -212,5 +237,11 @@ def attention_flops(cfg: TransformerConfig, seq_len: int) -> dict:
     per_layer = [per_pair * pairs_per_layer(k, seq_len, cfg.window, cfg.block) for k in kinds]
     full = per_pair * pairs_per_layer("full", seq_len, cfg.window, cfg.block) * cfg.n_layers
     total = sum(per_layer)
-    return {"seq_len": int(seq_len), "kinds": list(kinds), "per_layer": per_layer, "total": total,
-            "all_full": full, "ratio": total / full}
+    return {
+        "seq_len": int(seq_len),
+        "kinds": list(kinds),
+        "per_layer": per_layer,
+        "total": total,
+        "all_full": full,
+        "ratio": total / full,
+    }

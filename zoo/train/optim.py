@@ -4,6 +4,7 @@ Groups come from parameter metadata: `wd=False` (norm scales, biases, and the SS
 papers exempt) gets no weight decay; `lr_group="ssm"` gets `optim.ssm_lr` instead of `optim.lr`
 (S4's A, B, dt), also without weight decay.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,8 +19,9 @@ def lr_schedule(peak: float, warmup_tokens: int, total_tokens: int, min_ratio: f
     length of each step (dataset decomposition keeps tokens per step constant).
     """
     warmup_tokens = max(int(warmup_tokens), 1)
-    base = optax.warmup_cosine_decay_schedule(0.0, peak, warmup_tokens, max(total_tokens, warmup_tokens + 1),
-                                              peak * min_ratio)
+    base = optax.warmup_cosine_decay_schedule(
+        0.0, peak, warmup_tokens, max(total_tokens, warmup_tokens + 1), peak * min_ratio
+    )
     return lambda count: base(count * tokens_per_step)
 
 
@@ -35,11 +37,19 @@ def make_optimizer(optim: Any, total_steps: int, tokens_per_step: int, labels: d
     warmup = optim.warmup_steps * tokens_per_step
 
     def adamw(peak, wd):
-        return optax.adamw(lr_schedule(peak, warmup, total_tokens, optim.min_lr_ratio, tokens_per_step),
-                           b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=wd)
+        return optax.adamw(
+            lr_schedule(peak, warmup, total_tokens, optim.min_lr_ratio, tokens_per_step),
+            b1=optim.b1,
+            b2=optim.b2,
+            eps=optim.eps,
+            weight_decay=wd,
+        )
 
-    groups = {"decay": adamw(optim.lr, optim.weight_decay), "no_decay": adamw(optim.lr, 0.0),
-              "ssm": adamw(optim.ssm_lr, 0.0)}
+    groups = {
+        "decay": adamw(optim.lr, optim.weight_decay),
+        "no_decay": adamw(optim.lr, 0.0),
+        "ssm": adamw(optim.ssm_lr, 0.0),
+    }
     used = {g: t for g, t in groups.items() if g in set(labels.values())}
     return optax.chain(optax.clip_by_global_norm(optim.clip_norm), optax.multi_transform(used, labels))
 

@@ -4,6 +4,7 @@ Parameters carry logical axis names (`nnx.Param(..., axes=("embed", "mlp"))`); `
 maps each name to mesh axes. A dimension whose size the mesh axes do not divide is replicated
 instead, so tiny test models shard wherever they can and never fail to compile.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,8 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -37,11 +39,14 @@ def maybe_initialize_distributed() -> None:
 
     Cloud TPU pods, SLURM and Open MPI set these variables; a single process does nothing.
     """
-    multi = (int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1
-             or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-             or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-             or "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"]
-             or "JAX_COORDINATOR_ADDRESS" in os.environ)
+    multi = (
+        int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1
+        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+        or "TPU_WORKER_HOSTNAMES" in os.environ
+        and "," in os.environ["TPU_WORKER_HOSTNAMES"]
+        or "JAX_COORDINATOR_ADDRESS" in os.environ
+    )
     if multi and not jax.distributed.is_initialized():
         jax.distributed.initialize()
 
@@ -59,8 +64,10 @@ def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int
             raise ValueError(f"cannot fill the mesh: {num_devices} devices are not divisible by {known}")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} "
-                         f"but there are {num_devices} devices; set one of them to -1")
+        raise ValueError(
+            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} "
+            f"but there are {num_devices} devices; set one of them to -1"
+        )
     return tuple(sizes)
 
 

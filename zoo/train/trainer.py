@@ -8,11 +8,13 @@ data x fsdp. Re-running the same command resumes from the latest checkpoint: par
 optimizer state, data-iterator state and step are restored, so the continued run is identical
 to an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +22,8 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from zoo import checkpoint as ckpt_lib
 from zoo import io
@@ -36,8 +39,12 @@ def lm_loss(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, 
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
     lm, am = batch["loss_mask"], batch["answer_mask"]
     correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
-    stats = {"loss_sum": jnp.sum(ce * lm), "loss_weight": jnp.sum(lm),
-             "correct": jnp.sum(correct * am), "answers": jnp.sum(am)}
+    stats = {
+        "loss_sum": jnp.sum(ce * lm),
+        "loss_weight": jnp.sum(lm),
+        "correct": jnp.sum(correct * am),
+        "answers": jnp.sum(am),
+    }
     return stats["loss_sum"] / jnp.maximum(stats["loss_weight"], 1.0), stats
 
 
@@ -72,16 +79,21 @@ def make_setup(config: ml_collections.ConfigDict) -> Setup:
     cls = registry.model_class(config.model_name)
     kind = registry.model_kind(config.model_name)
     if kind != "lm":
-        raise ValueError(f"model {config.model_name!r} is a {kind}, not a language model; `zoo train` trains "
-                         "language models (see the model's card in docs/models/)")
+        raise ValueError(
+            f"model {config.model_name!r} is a {kind}, not a language model; `zoo train` trains "
+            "language models (see the model's card in docs/models/)"
+        )
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     seed = config.train.seed
     abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(seed)))
     view = ParamView(abstract)
     param_sh = view.tree(lambda n, meta, s: NamedSharding(mesh, sharding.logical_to_spec(meta["axes"], s.shape, mesh)))
     labels = view.tree(lambda n, meta, s: optim.param_label(meta, len(s.shape)))
-    tokens_per_step = (config.data.tokens_per_step if config.data.mode == "decomposition"
-                       else config.data.batch_size * config.data.seq_len)
+    tokens_per_step = (
+        config.data.tokens_per_step
+        if config.data.mode == "decomposition"
+        else config.data.batch_size * config.data.seq_len
+    )
     tx = optim.make_optimizer(config.optim, config.train.steps, tokens_per_step, labels)
     init = jax.jit(lambda: view.flat(cls(cfg, rngs=nnx.Rngs(seed))), out_shardings=param_sh)
     return Setup(config, mesh, view, param_sh, tx, init, tokens_per_step)
@@ -105,20 +117,28 @@ def make_train_step(setup: Setup, opt_sh) -> Callable:
                 w = s["loss_weight"]  # weight each micro-batch by its loss tokens
                 return jax.tree.map(jnp.add, carry, (jax.tree.map(lambda x: x * w, g), s)), None
 
-            zeros = (jax.tree.map(jnp.zeros_like, params),
-                     {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "loss_weight", "correct", "answers")})
+            zeros = (
+                jax.tree.map(jnp.zeros_like, params),
+                {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "loss_weight", "correct", "answers")},
+            )
             (grads, stats), _ = jax.lax.scan(body, zeros, micro)
             grads = jax.tree.map(lambda g: g / jnp.maximum(stats["loss_weight"], 1.0), grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": stats["loss_sum"] / jnp.maximum(stats["loss_weight"], 1.0),
-                   "accuracy": stats["correct"] / jnp.maximum(stats["answers"], 1.0),
-                   "grad_norm": optax.global_norm(grads)}
+        metrics = {
+            "loss": stats["loss_sum"] / jnp.maximum(stats["loss_weight"], 1.0),
+            "accuracy": stats["correct"] / jnp.maximum(stats["answers"], 1.0),
+            "grad_norm": optax.global_norm(grads),
+        }
         return params, opt_state, metrics
 
     batch_sh = sharding.batch_sharding(setup.mesh, 2)
-    jitted = jax.jit(step, in_shardings=(setup.param_shardings, opt_sh, batch_sh),
-                     out_shardings=(setup.param_shardings, opt_sh, None), donate_argnums=(0, 1))
+    jitted = jax.jit(
+        step,
+        in_shardings=(setup.param_shardings, opt_sh, batch_sh),
+        out_shardings=(setup.param_shardings, opt_sh, None),
+        donate_argnums=(0, 1),
+    )
 
     def run(params, opt_state, batch):
         with jax.set_mesh(setup.mesh):  # the kernels see the mesh while tracing (shard_map)
@@ -137,12 +157,17 @@ def initial_params(setup: Setup, source: str) -> dict:
     """Parameters to start training from: a model directory (`zoo convert`, pretrained weights) or
     another run's work directory (its latest checkpoint), in this run's layout and shardings."""
     is_model_dir = (io.path(source) / ckpt_lib.MODEL_FILE).is_file()
-    model = (ckpt_lib.load_pretrained(source, **_layout(setup)) if is_model_dir
-             else ckpt_lib.load_model(source, **_layout(setup)))[0]
+    model = (
+        ckpt_lib.load_pretrained(source, **_layout(setup))
+        if is_model_dir
+        else ckpt_lib.load_model(source, **_layout(setup))
+    )[0]
     params = ParamView(model).flat(model)
     ckpt_lib.check_same_tree(params, setup.view.shapes, f"train.init_from={source!r} vs {setup.config.model_name}")
-    return {n: jax.device_put(params[n].astype(setup.view.shapes[n].dtype), setup.param_shardings[n])
-            for n in setup.view.shapes}
+    return {
+        n: jax.device_put(params[n].astype(setup.view.shapes[n].dtype), setup.param_shardings[n])
+        for n in setup.view.shapes
+    }
 
 
 def _layout(setup: Setup) -> dict:
@@ -155,13 +180,16 @@ def global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     dp = sharding.data_parallel_size(mesh)
     n = batch["inputs"].shape[0] * jax.process_count()
     if n % dp:
-        raise ValueError(f"global batch {n} is not divisible by data x fsdp = {dp}; change data.batch_size "
-                         "(or data.tokens_per_step) or the mesh")
+        raise ValueError(
+            f"global batch {n} is not divisible by data x fsdp = {dp}; change data.batch_size "
+            "(or data.tokens_per_step) or the mesh"
+        )
     return {k: jax.make_array_from_process_local_data(sh, v) for k, v in batch.items()}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
-          stop_after: int | None = None) -> dict:
+def train(
+    config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, stop_after: int | None = None
+) -> dict:
     """Trains (or resumes) the run in `workdir`; returns {"train": last logged metrics, "step"}.
 
     Args:
@@ -170,8 +198,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     sharding.maybe_initialize_distributed()
     # Everything that can fail on user input is checked before the work directory is touched.
     setup = make_setup(config)
-    batches = make_batches(config.data, "train", process_index=jax.process_index(),
-                           process_count=jax.process_count())
+    batches = make_batches(config.data, "train", process_index=jax.process_index(), process_count=jax.process_count())
     vocab = model_config(config).vocab_size
     initial_state = batches.get_state()
     check_vocab(next(batches), vocab, f"data.source={config.data.source!r}")  # peek, then rewind
@@ -183,8 +210,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         io.write_json_atomic(io.path(workdir) / ckpt_lib.CONFIG_FILE, config.to_dict())
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
 
-    abstract_params = {n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=setup.param_shardings[n])
-                       for n, s in setup.view.shapes.items()}
+    abstract_params = {
+        n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=setup.param_shardings[n])
+        for n, s in setup.view.shapes.items()
+    }
     abstract_opt = jax.eval_shape(setup.tx.init, abstract_params)
     opt_sh = setup.opt_shardings(abstract_opt)
     start = checkpointer.latest_step()
@@ -208,11 +237,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     bar = None
     if progress and jax.process_index() == 0:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=total, initial=start, desc=f"train {config.model_name}", unit="step", dynamic_ncols=True)
     last = {}
     t0, tokens_since = time.perf_counter(), 0
-    lr = optim.lr_schedule(config.optim.lr, config.optim.warmup_steps * setup.tokens_per_step,
-                           total * setup.tokens_per_step, config.optim.min_lr_ratio, setup.tokens_per_step)
+    lr = optim.lr_schedule(
+        config.optim.lr,
+        config.optim.warmup_steps * setup.tokens_per_step,
+        total * setup.tokens_per_step,
+        config.optim.min_lr_ratio,
+        setup.tokens_per_step,
+    )
     step = start
     try:
         while step < total:
@@ -225,8 +260,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
             if step % config.train.log_every == 0 or step == total:
                 now = time.perf_counter()
                 last = {k: float(v) for k, v in metrics.items()}
-                last.update(tokens_per_sec=tokens_since / (now - t0), lr=float(lr(step - 1)),
-                            seq_len=int(batch["inputs"].shape[1]))
+                last.update(
+                    tokens_per_sec=tokens_since / (now - t0),
+                    lr=float(lr(step - 1)),
+                    seq_len=int(batch["inputs"].shape[1]),
+                )
                 t0, tokens_since = now, 0
                 writer.write(step, last)
                 if bar is not None:
@@ -237,8 +275,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
                 checkpointer.wait()
                 return {"train": last, "step": step}
             if step % config.train.checkpoint_every == 0 or step == total:
-                checkpointer.save(step, params, opt_state, batches.get_state(),
-                                  {"step": step, "model_name": config.model_name})
+                checkpointer.save(
+                    step, params, opt_state, batches.get_state(), {"step": step, "model_name": config.model_name}
+                )
         checkpointer.wait()
     finally:
         if bar is not None:
