@@ -5,6 +5,8 @@
     zoo info  --config mamba2:130m [--seq-len 2048] [--config.a.b=value ...]
     zoo models
     zoo convert masformer --src runs/base --out runs/mas-init [--schedule window,full]
+    zoo data prepare --input DIR --output SHARDS [--tokenizer tokenizer.json] [--workers N]
+    zoo bench train mamba2:130m transformer:small [--batch-size 16 --seq-len 2048]
 
 The CLI orchestrates: `zoo train` trains (zoo.train), then evaluates the final checkpoint
 (zoo.eval); neither package imports the other. Any user error (unknown key, model, preset, missing
@@ -39,6 +41,19 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--src", required=True, help="work directory of a transformer run")
     m.add_argument("--out", required=True, help="new model directory (train from it with train.init_from)")
     m.add_argument("--schedule", default="", help="e.g. window,full or full@5,11:block (default: the tiny preset's)")
+    d = sub.add_parser("data", help="prepare corpora: tokenized ArrayRecord shards")
+    dsub = d.add_subparsers(dest="what", required=True)
+    from zoo.data import prepare
+
+    prepare.add_arguments(dsub.add_parser("prepare", help="tokenize a corpus into ArrayRecord shards (resumable)"))
+    b = sub.add_parser("bench", help="benchmarks measured in one run")
+    bsub = b.add_subparsers(dest="what", required=True)
+    bt = bsub.add_parser("train", help="the training step: time, tokens/s, peak memory, MFU vs a matmul")
+    bt.add_argument("configs", nargs="*", help="<model>:<preset> (default: every language-model preset)")
+    bt.add_argument("--batch-size", type=int, default=16)
+    bt.add_argument("--seq-len", type=int, default=2048)
+    bt.add_argument("--reps", type=int, default=5)
+    bt.add_argument("--json", default="", help="also write the rows to this JSON file")
     return p
 
 
@@ -59,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, overrides) -> int:
     from zoo.config import load_config
 
-    if overrides and args.command not in ("train", "info"):
-        raise ValueError(f"--config.* overrides only apply to train and info, got {overrides}")
+    if overrides and args.command not in ("train", "info", "bench"):
+        raise ValueError(f"--config.* overrides only apply to train, info and bench, got {overrides}")
     if args.command == "train":
         from zoo.train.trainer import train
 
@@ -82,6 +97,26 @@ def _run(args, overrides) -> int:
         return 0
     if args.command == "convert":
         return _convert(args)
+    if args.command == "data":
+        from zoo.data import prepare
+
+        return prepare.run(args)
+    if args.command == "bench":
+        from zoo import bench
+
+        rows = bench.bench_train(
+            args.configs or bench.lm_presets(),
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            overrides=overrides,
+            reps=args.reps,
+        )
+        print(bench.format_rows(rows))
+        if args.json:
+            from zoo import io
+
+            io.write_json_atomic(args.json, rows)
+        return 0
     from zoo.info import describe
 
     print(describe(load_config(args.config, overrides), args.seq_len))

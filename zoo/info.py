@@ -57,16 +57,21 @@ def describe(config: ml_collections.ConfigDict, seq_len: int | None = None) -> s
         )
     except ValueError as e:
         lines.append(f"mesh       invalid on this machine: {e}")
-    lines.append(data_stats(config.data))
+    lines.append(data_stats(config.data, config.train.steps))
     return "\n".join(lines)
 
 
-def data_stats(d) -> str:
-    """The data layout; for decomposition on text/TFDS, the bucket table of the training split."""
-    if d.mode == "fixed":
-        return (
-            f"data       {d.source}: fixed length {d.seq_len} x batch {d.batch_size} "
-            f"= {d.seq_len * d.batch_size:,} tokens/step (concat-and-chunk for text)"
+def data_stats(d, steps: int = 0) -> str:
+    """The corpus, tokenizer and tokens a run uses, then the data layout; for decomposition on
+    documents, the bucket table of the training split."""
+    from zoo.data.pipeline import describe
+
+    corpus = describe(d, steps)
+    if d.mode in ("fixed", "packed"):
+        how = "concat-and-chunk with EOS between documents" if d.mode == "fixed" else "packed documents, segment ids"
+        return corpus + (
+            f"\ndata       {d.source}: {d.mode} length {d.seq_len} x batch {d.batch_size} "
+            f"= {d.seq_len * d.batch_size:,} tokens/step ({how} for document sources)"
         )
     from zoo.data import decomposition as dd
     from zoo.data.pipeline import DecompositionBatches
@@ -78,5 +83,7 @@ def data_stats(d) -> str:
         + ", ".join(f"{1 << k}:{b}" for k, b in batches.schedule.batch_sizes.items())
     )
     if batches.index is None:
-        return head
-    return head + "\n" + dd.format_stats(dd.decomposition_stats(batches.index, schedule=batches.schedule))
+        return corpus + "\n" + head
+    return (
+        corpus + "\n" + head + "\n" + dd.format_stats(dd.decomposition_stats(batches.index, schedule=batches.schedule))
+    )

@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels import dispatch
+from zoo.layers import RMSNorm, SwiGLU
 
 REMAT_POLICIES = ("none", "full", "dots_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -176,6 +177,44 @@ def scan_over_time(decode: Callable, h: jax.Array, state, ctx: Context):
 
     state, hs = jax.lax.scan(step, state, jnp.arange(h.shape[1]))
     return jnp.moveaxis(hs, 0, 1), state
+
+
+class PreNormBlock(Block):
+    """x = x + mixer(RMSNorm(x)); x = x + SwiGLU(RMSNorm(x)), the residual stream in fp32: the block of
+    the transformer family and LaCT around any mixer with the block interface (`__call__(x, ctx)`,
+    `init_state`, and `prefill` and/or `decode`).
+
+    Args:
+      make_mixer: builds the mixer (called after the first norm, so parameters draw in block order).
+      cfg: a config with d_model, d_ff, n_layers, norm_eps and dtype.
+    """
+
+    def __init__(self, make_mixer: Callable[[], nnx.Module], cfg, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
+        self.attn = make_mixer()
+        self.mlp_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
+        out_std = cfg.d_ff**-0.5 / (2 * cfg.n_layers) ** 0.5  # GPT-2 rescaling of the residual output
+        self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, rngs=rngs, dtype=cfg.dtype, out_init_std=out_std)
+
+    def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:  # x [B, T, D] fp32 residual stream
+        x = x + self.attn(self.attn_norm(x), ctx).astype(jnp.float32)
+        return x + self.mlp(self.mlp_norm(x)).astype(jnp.float32)
+
+    def init_state(self, batch_size: int, max_length: int):
+        return self.attn.init_state(batch_size, max_length)
+
+    def _residual(self, method: str, x: jax.Array, state, ctx: Context):
+        h, state = getattr(self.attn, method)(self.attn_norm(x), state, ctx)
+        x = x + h.astype(jnp.float32)
+        return x + self.mlp(self.mlp_norm(x)).astype(jnp.float32), state
+
+    def prefill(self, x: jax.Array, state, ctx: Context):
+        if not hasattr(self.attn, "prefill"):  # a mixer with a one-token form only
+            return scan_over_time(self.decode, x, state, ctx)
+        return self._residual("prefill", x, state, ctx)
+
+    def decode(self, x: jax.Array, state, ctx: Context):
+        return self._residual("decode" if hasattr(self.attn, "decode") else "prefill", x, state, ctx)
 
 
 # ------------------------------------------------------------------------------------------- the stack

@@ -24,7 +24,7 @@ by the search granularity, as in the paper's serving setup. While the context is
 `dense_below` (t + 1 < dense_below) decoding is dense, matching prefill of a short prompt.
 
 `use_hip(model, settings)` swaps the full-attention layers of any zoo model built from
-`zoo.models.transformer.TransformerBlock`s (the baseline, MASFormer, ...) for HiP, keeping its
+`PreNormBlock`s of attention (the baseline, MASFormer, ...) for HiP, keeping its
 parameters; the registered model `hip` is the baseline transformer with HiP in every full-attention
 layer, with the same parameter names and shapes, so a trained transformer's checkpoint loads
 unchanged (`zoo.convert.convert_model(model, "hip", ...)`). A multi-token prefill into an empty
@@ -224,7 +224,7 @@ class HiPAttention(Attention):
 
 
 def use_hip(model: nnx.Module, settings: HiPSettings) -> nnx.Module:
-    """Swaps every full-attention layer of `model` (a model of `TransformerBlock`s) for HiP, in
+    """Swaps every full-attention layer of `model` (a model of attention `PreNormBlock`s) for HiP, in
     place, keeping its parameters; window / block-local layers are already sparse and stay."""
     for block in model.blocks.modules():
         attn = block.attn

@@ -51,7 +51,6 @@ from zoo.layers import (
     Embed,
     Linear,
     RMSNorm,
-    SwiGLU,
     apply_rope,
     attend,
     lm_logits,
@@ -60,7 +59,7 @@ from zoo.layers import (
     self_attention,
 )
 from zoo.models import registry
-from zoo.models.base import Block, Context, LanguageModel, LMConfig, make_stack, scan_over_time
+from zoo.models.base import Context, LanguageModel, LMConfig, PreNormBlock, make_stack, scan_over_time
 
 # Per-step (a, b, c) of the quintic Newton-Schulz iteration X <- a X + (b A + c A^2) X, A = X X^T,
 # as published with the LaCT code (ttt_operation.py::zeropower_via_newtonschulz5).
@@ -604,28 +603,6 @@ class LaCTLayer(nnx.Module):
         return self.combine(x, o_attn, o_ttt), state
 
 
-class LaCTBlock(Block):
-    def __init__(self, cfg: LaCTConfig, *, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
-        self.attn = LaCTLayer(cfg, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(
-            cfg.d_model, cfg.d_ff, rngs=rngs, dtype=cfg.dtype, out_init_std=cfg.d_ff**-0.5 / (2 * cfg.n_layers) ** 0.5
-        )
-
-    def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:  # x [B, T, D] fp32 residual stream
-        x = x + self.attn(self.attn_norm(x), ctx).astype(jnp.float32)
-        return x + self.mlp(self.mlp_norm(x)).astype(jnp.float32)
-
-    def init_state(self, batch_size: int, max_length: int) -> dict:
-        return self.attn.init_state(batch_size, max_length)
-
-    def decode(self, x: jax.Array, state: dict, ctx: Context):
-        h, state = self.attn.decode(self.attn_norm(x), state, ctx)
-        x = x + h.astype(jnp.float32)
-        return x + self.mlp(self.mlp_norm(x)).astype(jnp.float32), state
-
-
 @registry.register("lact", PRESETS)
 class LaCT(LanguageModel):
     """Decoder-only LaCT LM following the zoo's model protocol."""
@@ -633,7 +610,7 @@ class LaCT(LanguageModel):
     def __init__(self, cfg: LaCTConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=cfg.dtype)
-        self.blocks = make_stack(cfg, lambda i: LaCTBlock(cfg, rngs=rngs))
+        self.blocks = make_stack(cfg, lambda i: PreNormBlock(lambda: LaCTLayer(cfg, rngs=rngs), cfg, rngs=rngs))
         self.final_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
         self.unembed = (
             None

@@ -65,6 +65,7 @@ from flax import nnx
 from zoo.layers import Linear, RMSNorm
 from zoo.models import registry
 from zoo.models.base import Block, Context, segment_starts
+from zoo.models.mamba2 import PRESETS as MAMBA2_PRESETS
 from zoo.models.mamba2 import Mamba2, Mamba2Config, Mamba2Mixer
 
 _EMPTY = -1.0  # priority of an empty slot (scores lie in (0, 1))
@@ -133,26 +134,12 @@ class MemMambaConfig(Mamba2Config):
         return tuple(i for i in range(self.n_layers) if self.is_cross_layer(i))
 
 
-def _official(d_model: int, n_layers: int) -> MemMambaConfig:
-    return MemMambaConfig(
-        vocab_size=50277,
-        d_model=d_model,
-        n_layers=n_layers,
-        d_state=128,
-        headdim=64,
-        expand=2,
-        ngroups=1,
-        chunk_size=256,
-        dtype="bfloat16",
-    )
-
-
 PRESETS = {
     # Mamba-2 `tiny` (2 layers, D 64) + a 16-note pool of 32-dim summaries; layer 1 is a cross layer.
     "tiny": MemMambaConfig(pool_size=16, summary_dim=32, cross_layer_interval=2),
     # Mamba-2 130m / 370m bodies with the secondary-source defaults for the Note Block.
-    "130m": _official(768, 24),
-    "370m": _official(1024, 48),
+    "130m": MemMambaConfig(**dataclasses.asdict(MAMBA2_PRESETS["130m"])),
+    "370m": MemMambaConfig(**dataclasses.asdict(MAMBA2_PRESETS["370m"])),
 }
 
 

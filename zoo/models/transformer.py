@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from zoo.layers import AttentionSpec, Embed, Linear, RMSNorm, SwiGLU, apply_rope, attend, lm_logits, self_attention
+from zoo.layers import AttentionSpec, Embed, Linear, RMSNorm, apply_rope, attend, lm_logits, self_attention
 from zoo.models import registry
-from zoo.models.base import Block, Context, LanguageModel, LMConfig, make_stack
+from zoo.models.base import Context, LanguageModel, LMConfig, PreNormBlock, make_stack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,30 +143,6 @@ class Attention(nnx.Module):
         return self.wo(self.cached_attention(q, state, ctx).reshape(b, t, -1)), state
 
 
-class TransformerBlock(Block):
-    """Pre-norm attention + SwiGLU block; `attention` replaces the attention module (HiP, MASFormer)."""
-
-    def __init__(self, cfg: TransformerConfig, spec: AttentionSpec, *, rngs: nnx.Rngs, attention=Attention):
-        self.attn_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
-        self.attn = attention(cfg, spec, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(
-            cfg.d_model, cfg.d_ff, rngs=rngs, dtype=cfg.dtype, out_init_std=cfg.d_ff**-0.5 / (2 * cfg.n_layers) ** 0.5
-        )
-
-    def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:  # x [B, T, D] fp32 residual stream
-        x = x + self.attn(self.attn_norm(x), ctx).astype(jnp.float32)
-        return x + self.mlp(self.mlp_norm(x)).astype(jnp.float32)
-
-    def init_state(self, batch_size: int, max_length: int) -> dict:
-        return self.attn.init_state(batch_size, max_length)
-
-    def prefill(self, x: jax.Array, state: dict, ctx: Context) -> tuple[jax.Array, dict]:
-        h, state = self.attn.prefill(self.attn_norm(x), state, ctx)
-        x = x + h.astype(jnp.float32)
-        return x + self.mlp(self.mlp_norm(x)).astype(jnp.float32), state
-
-
 @registry.register("transformer", PRESETS)
 class Transformer(LanguageModel):
     """Decoder-only LM; `attention(cfg, spec, layer)` picks each layer's attention module (subclasses)."""
@@ -176,7 +152,8 @@ class Transformer(LanguageModel):
         self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=cfg.dtype)
         specs = cfg.layer_specs()
         self.blocks = make_stack(
-            cfg, lambda i: TransformerBlock(cfg, specs[i], rngs=rngs, attention=self.attention_module(specs[i]))
+            cfg,
+            lambda i: PreNormBlock(lambda: self.attention_module(specs[i])(cfg, specs[i], rngs=rngs), cfg, rngs=rngs),
         )
         self.final_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
         self.unembed = (

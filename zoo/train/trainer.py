@@ -29,6 +29,7 @@ from zoo import checkpoint as ckpt_lib
 from zoo import io
 from zoo.config import model_config
 from zoo.data.pipeline import check_vocab, make_batches
+from zoo.data.pipeline import tokens_per_step as data_tokens_per_step
 from zoo.models import registry
 from zoo.models.params import ParamView
 from zoo.train import optim, sharding
@@ -89,11 +90,7 @@ def make_setup(config: ml_collections.ConfigDict) -> Setup:
     view = ParamView(abstract)
     param_sh = view.tree(lambda n, meta, s: NamedSharding(mesh, sharding.logical_to_spec(meta["axes"], s.shape, mesh)))
     labels = view.tree(lambda n, meta, s: optim.param_label(meta, len(s.shape)))
-    tokens_per_step = (
-        config.data.tokens_per_step
-        if config.data.mode == "decomposition"
-        else config.data.batch_size * config.data.seq_len
-    )
+    tokens_per_step = data_tokens_per_step(config.data)
     tx = optim.make_optimizer(config.optim, config.train.steps, tokens_per_step, labels)
     init = jax.jit(lambda: view.flat(cls(cfg, rngs=nnx.Rngs(seed))), out_shardings=param_sh)
     return Setup(config, mesh, view, param_sh, tx, init, tokens_per_step)
@@ -103,7 +100,11 @@ def make_train_step(setup: Setup, opt_sh) -> Callable:
     view, tx, accum = setup.view, setup.tx, setup.config.train.grad_accum
 
     def loss_fn(params, batch):
-        return lm_loss(view.merge(params)(batch["inputs"]), batch)
+        # Packed rows carry document ids and positions: no token sees another document.
+        logits = view.merge(params)(
+            batch["inputs"], segment_ids=batch.get("segment_ids"), positions=batch.get("positions")
+        )
+        return lm_loss(logits, batch)
 
     def step(params, opt_state, batch):
         grad_fn = jax.grad(loss_fn, has_aux=True)
