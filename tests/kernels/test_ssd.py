@@ -176,9 +176,10 @@ class TestSSDParity:
         assert_close(y, y_ref, jnp.float32)
         assert_close(h, h_ref, jnp.float32)
 
+
+@pytest.mark.parametrize("impl", CHUNKED)  # the reference computes in fp32 whatever the input dtype
+class TestSSDChunked:
     def test_forward_bf16(self, impl):
-        if impl == "reference":
-            pytest.skip("the reference computes in fp32 whatever the input dtype (the fp32 cases cover it)")
         args, kw = make_inputs(1, seqlen=100, dtype=jnp.bfloat16)
         y, h = run(impl, 32, **args, **kw)
         y_ref, h_ref = numpy_oracle(**args, **kw)  # the oracle sees the same bf16-rounded inputs
@@ -187,9 +188,8 @@ class TestSSDParity:
         assert_close(h, h_ref, jnp.bfloat16)
 
     def test_final_state_chaining(self, impl):
-        """Two halves with the carried state == one pass (split not on a chunk boundary)."""
-        if impl == "reference":
-            pytest.skip("the reference is one lax.scan: its carried state is the scan carry")
+        """Two halves with the carried state == one pass (split not on a chunk boundary); the reference
+        is one lax.scan whose carried state is the scan carry, so only the chunked paths are checked."""
         args, kw = make_inputs(2, seqlen=150, groups=2)
         y_full, h_full = run(impl, 16, **args, **kw)
         split = 75  # two equal halves (one compile), not a multiple of the chunk
@@ -198,6 +198,7 @@ class TestSSDParity:
         y1, h1 = run(impl, 16, **first, **dict(kw, z=kw["z"][:, :split]))
         y2, h2 = run(impl, 16, **second, **dict(kw, z=kw["z"][:, split:], initial_states=h1))
         assert_close(jnp.concatenate([y1, y2], axis=1), y_full, jnp.float32)
+        assert_close(h2, h_full, jnp.float32)
         assert_close(h2, h_full, jnp.float32)
 
     def test_seq_idx_packing(self, impl):
@@ -312,12 +313,10 @@ def _grad_case(case):
 GRAD_CASES = ["fp32-Q32-every-option", "bf16-Q256-T300-y-only"]
 
 
-@pytest.mark.parametrize("case", GRAD_CASES)
-@pytest.mark.parametrize("impl", CHUNKED)
+# The XLA path is plain JAX autodiff: one case covers it; the Pallas backward kernels get both.
+@pytest.mark.parametrize("impl,case", [(i, c) for i in CHUNKED for c in GRAD_CASES if i != "xla" or c == GRAD_CASES[0]])
 def test_gradients(impl, case):
     """jax.vjp of every input (through y and, where returned, the final state) == the fp32 reference's."""
-    if impl == "xla" and case != GRAD_CASES[0]:
-        pytest.skip("the XLA path is plain JAX autodiff; one case covers it")
     args, kw, seq_idx, chunk, with_final, dtype = _grad_case(case)
     # The every-option case runs the Triton family with 16-wide tiles (the bf16 case with the chosen ones).
     tiles = SMALL_TILES if case == GRAD_CASES[0] else None
