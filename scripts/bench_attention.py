@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import statistics
-import time
 import traceback
 
 import jax
@@ -41,20 +40,14 @@ from pallas_kernels.sparse_attention import (
     hip_block_indices,
     sparse_attention,
 )
+from zoo.bench import time_fn
 
 HIP = {"k_blocks": 32, "block_q": 64, "block_k": 64, "window": 256, "sinks": 64}
 
 
 def _time(fn, args, repeats):
     """Median wall time (s) of `repeats` synchronised calls after two warm-up calls."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return time_fn(fn, *args, reps=repeats)
 
 
 def _rel(a, b):

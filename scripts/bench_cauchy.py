@@ -11,13 +11,13 @@ kernel runs in interpret mode, so its time there says nothing about accelerator 
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.cauchy import cauchy, vandermonde
+from zoo.bench import compiled_memory, time_fn
 
 
 def _operands(batch, n, length, seed=0):
@@ -30,22 +30,46 @@ def _operands(batch, n, length, seed=0):
     return jnp.asarray(v), jnp.asarray(z), jnp.asarray(w)
 
 
-def _time(fn, args, repeats):
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def _temp_bytes(fn, args):
-    try:
-        mem = fn.lower(*args).compile().memory_analysis()
-        return int(mem.temp_size_in_bytes) if mem is not None else -1
-    except Exception:  # memory analysis is backend dependent
-        return -1
+def run(shapes=((32, 1024), (64, 4096), (256, 4096), (64, 16384)), batch=8, repeats=3, verbose=True):
+    """One row per (op, N, L, implementation): fwd and fwd+bwd seconds, the ratio to the reference
+    measured in this run, and the compiled temporary memory of fwd+bwd (XLA's memory analysis)."""
+    interpret = jax.default_backend() == "cpu"
+    rows = []
+    for op in ("cauchy", "vandermonde"):
+        for n, length in shapes:
+            v, z, w = _operands(batch, n, length)
+            base = None
+            for impl in ("reference", "xla", "pallas"):
+                if op == "cauchy":
+                    f = lambda v, w, impl=impl: cauchy(v, z, w, implementation=impl, interpret=interpret)
+                else:
+                    f = lambda v, w, impl=impl: vandermonde(v, w, length, implementation=impl, interpret=interpret)
+                fwd = jax.jit(f)
+                fb = jax.jit(jax.grad(lambda v, w, f=f: jnp.sum(jnp.abs(f(v, w)) ** 2), argnums=(0, 1)))
+                tf, tb = time_fn(fwd, v, w, reps=repeats), time_fn(fb, v, w, reps=repeats)
+                mem = compiled_memory(fb.lower(v, w).compile())
+                base = base or (tf, tb)
+                row = dict(
+                    op=op,
+                    kind="time",
+                    N=n,
+                    L=length,
+                    batch=batch,
+                    impl=impl,
+                    fwd_ms=tf * 1e3,
+                    fb_ms=tb * 1e3,
+                    fwd_speedup=base[0] / tf,
+                    fb_speedup=base[1] / tb,
+                    temp_mib=mem["temp_size_in_bytes"] / 2**20 if mem else float("nan"),
+                )
+                rows.append(row)
+                if verbose:
+                    print(
+                        f"{op:<12}{n:>5}{length:>6} {impl:<10} fwd {tf * 1e3:9.2f} ms (x{row['fwd_speedup']:.2f})"
+                        f"  f+b {tb * 1e3:9.2f} ms (x{row['fb_speedup']:.2f})  tmp {row['temp_mib']:.1f} MiB",
+                        flush=True,
+                    )
+    return rows
 
 
 def main() -> None:
@@ -53,31 +77,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    interpret = jax.default_backend() == "cpu"
-    impls = ["reference", "xla", "pallas"]
-    print(f"backend={jax.default_backend()} batch={args.batch} (pallas interpret={interpret})")
-    header = f"{'op':<12}{'N':>5}{'L':>6}  " + "  ".join(
-        f"{i + ' fwd ms':>15}{'x':>6}{i + ' f+b ms':>15}{'x':>6}{'tmp MiB':>9}" for i in impls
-    )
-    print(header)
-    for op in ("cauchy", "vandermonde"):
-        for n, length in [(32, 1024), (64, 4096), (256, 4096), (64, 16384)]:
-            v, z, w = _operands(args.batch, n, length)
-            row = f"{op:<12}{n:>5}{length:>6}  "
-            base_f = base_b = None
-            for impl in impls:
-                if op == "cauchy":
-                    f = lambda v, w, impl=impl: cauchy(v, z, w, implementation=impl, interpret=interpret)
-                else:
-                    f = lambda v, w, impl=impl: vandermonde(v, w, length, implementation=impl, interpret=interpret)
-                fwd = jax.jit(f)
-                fb = jax.jit(jax.grad(lambda v, w, f=f: jnp.sum(jnp.abs(f(v, w)) ** 2), argnums=(0, 1)))
-                tf, tb = _time(fwd, (v, w), args.repeats), _time(fb, (v, w), args.repeats)
-                mem = _temp_bytes(fb, (v, w))
-                base_f, base_b = base_f or tf, base_b or tb
-                row += f"{tf * 1e3:>15.2f}{base_f / tf:>6.2f}{tb * 1e3:>15.2f}{base_b / tb:>6.2f}{mem / 2**20:>9.1f}  "
-            print(row, flush=True)
-    print("x = speed-up vs reference in this run (higher is faster); tmp = XLA temp buffer of fwd+bwd.")
+    print(f"backend={jax.default_backend()} batch={args.batch} (pallas interpreted on CPU)")
+    run(batch=args.batch, repeats=args.repeats)
+    print("x = speed-up vs the reference in this run (higher is faster); tmp = XLA temp buffer of fwd+bwd.")
 
 
 if __name__ == "__main__":

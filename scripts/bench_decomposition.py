@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zoo.bench import time_fn
 from zoo.data.decomposition import BucketIndex, BucketSchedule, decomposition_stats, format_stats
 
 
@@ -112,17 +113,12 @@ def main() -> None:
         t0 = time.perf_counter()
         compiled = step.lower(params, x).compile()  # one compile per bucket shape
         compile_s = time.perf_counter() - t0
-        jax.block_until_ready(compiled(params, x))  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(compiled(params, x))
-            times.append(time.perf_counter() - t0)
+        seconds = time_fn(compiled, params, x, reps=args.repeats, warmup=1)
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
         attn, total = analytic_flops(b, t, args.d_model)
-        rows[k] = dict(b=b, t=t, time=float(np.median(times)), attn=attn, total=total, xla=xla_flops, compile=compile_s)
+        rows[k] = dict(b=b, t=t, time=seconds, attn=attn, total=total, xla=xla_flops, compile=compile_s)
 
     cc = rows[index.max_log2]  # concat-and-chunk at the same max length has the longest bucket's shape
     print(

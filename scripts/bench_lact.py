@@ -14,32 +14,21 @@ this run; nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from zoo.bench import matmul_flops, time_fn
 from zoo.models import registry
 
 
 def _time(fn, *args, reps: int) -> float:
-    """Median wall time (s) of fn(*args) after one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return time_fn(fn, *args, reps=reps, warmup=1)
 
 
 def matmul_flops_per_s(n: int, reps: int) -> float:
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f = jax.jit(jnp.matmul)
-    return 2 * n**3 / _time(f, a, b, reps=reps)
+    return matmul_flops(jnp.float32, n=n, reps=reps)
 
 
 def _functions(model: nnx.Module):

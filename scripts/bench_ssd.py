@@ -28,13 +28,13 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.ssd import pallas_gpu, pallas_tpu, ssd
+from zoo.bench import matmul_flops, time_fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,14 +114,7 @@ def make_inputs(s: Shape, dtype, seed=0):
 
 
 def _median_time(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return time_fn(fn, *args, reps=repeats)
 
 
 def _rel(a, b):
@@ -216,9 +209,7 @@ def _peer_rows(s: Shape, dtype, inputs, ref_y, ref_grads, repeats, modes):
 
 def matmul_ceiling(dtype, repeats=5) -> float:
     """FLOP/s of one square matmul in `dtype` on this backend (n = 8192 on accelerators, 1024 on CPU)."""
-    n = 1024 if jax.default_backend() == "cpu" else 8192
-    a = jnp.ones((n, n), dtype)
-    return 2 * n**3 / _median_time(jax.jit(jnp.matmul), a, a, repeats=repeats)
+    return matmul_flops(dtype, reps=repeats)
 
 
 def run(shapes=None, dtypes=("bfloat16",), impls=("pallas", "xla"), modes=("fwd", "fwd+bwd"), repeats=5, peer=True):
