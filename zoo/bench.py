@@ -167,6 +167,54 @@ def bench_train(
     return rows
 
 
+def compile_train_memory(
+    spec: str, *, batch_size: int, seq_len: int, overrides: Sequence[str] = (), dtype: str = "bfloat16"
+) -> dict:
+    """XLA's memory analysis of the compiled training step, without allocating anything: the step is
+    lowered on abstract parameters, optimizer state and batch (what `zoo bench train --compile-only`
+    prints; on CPU the numbers are the CPU compiler's, indicative of, not equal to, a GPU's)."""
+    ov = [
+        f"--config.data.batch_size={batch_size}",
+        f"--config.data.seq_len={seq_len}",
+        f"--config.model.dtype={dtype}",
+        "--config.data.source=passkey",
+        *overrides,
+    ]
+    config = load_config(spec, ov)
+    setup = trainer.make_setup(config)
+    abstract = {
+        n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=setup.param_shardings[n])
+        for n, s in setup.view.shapes.items()
+    }
+    abstract_opt = jax.eval_shape(setup.tx.init, abstract)
+    opt_sh = setup.opt_shardings(abstract_opt)
+    abstract_opt = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract_opt, opt_sh)
+    bsh = trainer.sharding.batch_sharding(setup.mesh, 2)
+    batch = {
+        k: jax.ShapeDtypeStruct((batch_size, seq_len), d, sharding=bsh)
+        for k, d in (
+            ("inputs", jnp.int32),
+            ("targets", jnp.int32),
+            ("loss_mask", jnp.float32),
+            ("answer_mask", jnp.float32),
+        )
+    }
+    t0 = time.perf_counter()
+    compiled = trainer.make_train_step(setup, opt_sh).lower(abstract, abstract_opt, batch).compile()
+    n = sum(int(np.prod(s.shape)) for s in setup.view.shapes.values())
+    return {
+        "config": spec,
+        "batch": batch_size,
+        "seq_len": seq_len,
+        "params": n,
+        "dtype": dtype,
+        "overrides": list(overrides),
+        "backend": jax.default_backend(),
+        "compile_s": time.perf_counter() - t0,
+        "memory": compiled_memory(compiled),
+    }
+
+
 def lm_presets() -> list[str]:
     """Every language-model preset, as `name:preset` specs."""
     return [f"{n}:{p}" for n in registry.list_models("lm") for p in registry.list_presets(n)]

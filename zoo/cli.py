@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     bt.add_argument("--seq-len", type=int, default=2048)
     bt.add_argument("--reps", type=int, default=5)
     bt.add_argument("--json", default="", help="also write the rows to this JSON file")
+    bt.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="only compile (abstract inputs, nothing allocated) and print XLA's memory analysis",
+    )
     return p
 
 
@@ -104,14 +109,23 @@ def _run(args, overrides) -> int:
     if args.command == "bench":
         from zoo import bench
 
-        rows = bench.bench_train(
-            args.configs or bench.lm_presets(),
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            overrides=overrides,
-            reps=args.reps,
-        )
-        print(bench.format_rows(rows))
+        specs = args.configs or bench.lm_presets()
+        if args.compile_only:
+            rows = [
+                bench.compile_train_memory(s, batch_size=args.batch_size, seq_len=args.seq_len, overrides=overrides)
+                for s in specs
+            ]
+            for r in rows:
+                gib = ", ".join(
+                    f"{k.replace('_in_bytes', '')} {v / 2**30:.2f} GiB" for k, v in (r["memory"] or {}).items()
+                )
+                head = f"{r['config']:22s} params {r['params']:,}, compiled in {r['compile_s']:.0f} s"
+                print(f"{head} on {r['backend']}: {gib}")
+        else:
+            rows = bench.bench_train(
+                specs, batch_size=args.batch_size, seq_len=args.seq_len, overrides=overrides, reps=args.reps
+            )
+            print(bench.format_rows(rows))
         if args.json:
             from zoo import io
 
