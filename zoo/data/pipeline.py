@@ -28,14 +28,14 @@ import grain
 import numpy as np
 
 from zoo.data import decomposition as dd
-from zoo.data import synthetic
+from zoo.data import ruler, synthetic
 from zoo.data.offsets import BlockCumsum, document_lengths, read_tokens
 from zoo.data.packing import DocumentPieces, packed_inputs
 from zoo.data.shards import ShardDocuments, read_manifest
 from zoo.data.text import TextFiles, TfdsDocuments
 from zoo.data.tokenizers import load_tokenizer, tokenizer_for
 
-SOURCES = ("passkey", "recall", "selective_copy", "text", "tfds", "shards")
+SOURCES = ("passkey", "recall", "selective_copy", *ruler.TASKS, "text", "tfds", "shards")
 DOCUMENT_SOURCES = ("text", "tfds", "shards")
 MODES = ("fixed", "decomposition", "packed")
 PACKED_KEYS = ("inputs", "targets", "loss_mask", "answer_mask", "segment_ids", "positions")
@@ -137,6 +137,8 @@ def example_source(data: Any, split: str, length: int, depth: float | None = Non
         return synthetic.AssociativeRecall(length, data.num_pairs, data.num_queries, seed=seed)
     if data.source == "selective_copy":
         return synthetic.SelectiveCopy(length, data.num_data, seed=seed)
+    if data.source in ruler.TASKS:
+        return ruler.TASKS[data.source](length, seed=seed)
     if data.source in DOCUMENT_SOURCES:
         docs = documents(data, split)
         return ConcatChunks(docs, length, docs.eos_id)
