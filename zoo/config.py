@@ -17,6 +17,7 @@ import ast
 import dataclasses
 import importlib
 import importlib.util
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -87,6 +88,9 @@ def make_config(
             grad_accum=1,
             eval_batches=4,
             init_from="",  # start from these parameters: a model directory (zoo convert) or a work dir
+            on_nonfinite="skip",  # a NaN/Inf loss or gradient: skip the update | stop | rollback (last checkpoint)
+            max_nonfinite=10,  # consecutive non-finite steps tolerated before the run stops
+            profile_steps=[],  # [start, stop]: write a jax.profiler trace of these steps to <workdir>/profile
         )
     )
     c.optim = ml_collections.ConfigDict(
@@ -112,6 +116,86 @@ def make_config(
         )
     )
     return update(c, (runs or {}).get(preset, {}))
+
+
+NONFINITE_POLICIES = ("skip", "stop", "rollback")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Range checks of every run setting, before anything runs or is written: one ValueError naming the
+    key, its value and the fix. (Data sources and the model's own fields are checked where they are
+    built: `zoo.data.pipeline`, the model config dataclasses.)"""
+
+    def need(ok: bool, key: str, value: Any, rule: str) -> None:
+        if not ok:
+            raise ValueError(f"config key {key}={value!r} is invalid: {rule}")
+
+    def positive_int(section: str, key: str, minimum: int = 1) -> None:
+        v = config[section][key]
+        need(
+            isinstance(v, int) and not isinstance(v, bool) and v >= minimum,
+            f"{section}.{key}",
+            v,
+            f"it must be an int >= {minimum}",
+        )
+
+    def finite(section: str, key: str, lo: float | None = None, hi: float | None = None, strict: bool = False) -> None:
+        v = config[section][key]
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (lo is None or (v > lo if strict else v >= lo)) and (hi is None or v <= hi)
+        bounds = f"{'>' if strict else '>='} {lo}" if lo is not None else ""
+        need(
+            ok, f"{section}.{key}", v, f"it must be a finite number {bounds}{f' and <= {hi}' if hi is not None else ''}"
+        )
+
+    t, o, d = config.train, config.optim, config.data
+    for key in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "grad_accum", "max_nonfinite"):
+        positive_int("train", key)
+    positive_int("train", "seed", 0)
+    need(
+        t.on_nonfinite in NONFINITE_POLICIES,
+        "train.on_nonfinite",
+        t.on_nonfinite,
+        f"choose one of {NONFINITE_POLICIES}",
+    )
+    ps = list(t.profile_steps)
+    need(
+        ps == [] or (len(ps) == 2 and all(isinstance(x, int) for x in ps) and 1 <= ps[0] < ps[1]),
+        "train.profile_steps",
+        ps,
+        "give [] or [start, stop] with 1 <= start < stop",
+    )
+    finite("optim", "lr", 0.0, strict=True)
+    finite("optim", "ssm_lr", 0.0, strict=True)
+    finite("optim", "min_lr_ratio", 0.0, 1.0)
+    finite("optim", "weight_decay", 0.0)
+    finite("optim", "eps", 0.0, strict=True)
+    finite("optim", "clip_norm", 0.0, strict=True)
+    for key in ("b1", "b2"):
+        finite("optim", key, 0.0, 1.0)
+        need(o[key] < 1.0, f"optim.{key}", o[key], "it must be < 1")
+    positive_int("optim", "warmup_steps", 0)
+    for key in ("seq_len", "batch_size", "tokens_per_step"):
+        positive_int("data", key)
+    need(
+        d.batch_size % t.grad_accum == 0,
+        "train.grad_accum",
+        t.grad_accum,
+        f"it must divide data.batch_size={d.batch_size}",
+    )
+    for key in ("data", "fsdp", "tensor"):
+        v = config.mesh[key]
+        need(isinstance(v, int) and (v >= 1 or v == -1), f"mesh.{key}", v, "it must be a positive int or -1")
+    for key in ("samples", "batch_size"):
+        positive_int("eval", key)
+    lengths = list(config.eval.lengths)
+    need(
+        bool(lengths) and all(isinstance(x, int) and x >= 1 for x in lengths),
+        "eval.lengths",
+        lengths,
+        "give a non-empty list of ints >= 1",
+    )
+    return config
 
 
 def update(config: ml_collections.ConfigDict, overrides: dict, where: str = "") -> ml_collections.ConfigDict:
@@ -228,6 +312,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         raise ValueError(f"config {path!r} has no get_config(preset) function")
     config = module.get_config(preset) if preset else module.get_config()
     config = apply_overrides(config, overrides)
+    validate(config)
     model_config(config)  # validates the model fields early
     return config
 
