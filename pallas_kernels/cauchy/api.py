@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Complex, Float
 
-from pallas_kernels import dispatch
+from pallas_kernels import dispatch, sharding
 
 from . import pallas_cauchy as pallas_impl
 from . import reference, xla
@@ -57,6 +57,16 @@ def _batch_shape(v: jax.Array, u: jax.Array, name: str) -> tuple[int, ...]:
 def _flatten(a: jax.Array, batch: tuple[int, ...]) -> jax.Array:
     """[..., N] broadcast to `batch` and flattened to [B, N]."""
     return jnp.broadcast_to(a, (*batch, a.shape[-1])).reshape(-1, a.shape[-1])
+
+
+def _rows_sharded(fn, impl: str, *operands):
+    """fn(*operands) -> [B, L] from [B, N] rows and an optional [L] node vector, with the Pallas
+    kernels' rows split over the mesh (every axis whose size divides B) and the [B, L] result
+    all-gathered: it is a parameter-sized kernel (S4's), needed whole by the convolution."""
+    if impl != "pallas":
+        return fn(*operands)
+    dims = tuple(("rows", None) if a.ndim == 2 else (None,) for a in operands)
+    return sharding.shard_map_kernel(fn, operands, dims, ("rows", None))
 
 
 def _sum_fn(impl: str, interpret):
@@ -127,7 +137,7 @@ def cauchy(
     vb, wb = _flatten(v, batch), _flatten(w, batch)  # [B,N]
     if vb.shape[0] == 0 or z.shape[0] == 0:
         return jnp.zeros((*batch, z.shape[0]), jnp.complex64)
-    out = _cauchy_flat(vb, z, wb, conj, impl, interpret)  # [B,L]
+    out = _rows_sharded(lambda v_, z_, w_: _cauchy_flat(v_, z_, w_, conj, impl, interpret), impl, vb, z, wb)  # [B,L]
     return out.reshape(*batch, z.shape[0])
 
 
@@ -203,5 +213,5 @@ def vandermonde(
     vb, xb = _flatten(v, batch), _flatten(x, batch)  # [B,N]
     if vb.shape[0] == 0 or length == 0:
         return jnp.zeros((*batch, length), jnp.float32 if conj else jnp.complex64)
-    out = _vandermonde_flat(vb, xb, length, conj, impl, interpret)  # [B,L]
+    out = _rows_sharded(lambda v_, x_: _vandermonde_flat(v_, x_, length, conj, impl, interpret), impl, vb, xb)  # [B,L]
     return out.reshape(*batch, length)

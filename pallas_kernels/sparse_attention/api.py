@@ -18,7 +18,7 @@ import jax
 from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import dispatch
+from pallas_kernels import dispatch, sharding
 from pallas_kernels.dispatch import Implementation
 from pallas_kernels.sparse_attention import (
     common,
@@ -229,7 +229,28 @@ def sparse_attention(
         if cfg.dense:
             # Dense blocks are pure tiles: the backward takes its own from the tile table.
             bwd_cfg = cfg.with_blocks(_clamp_tile(tiles.bwd_block_q, tq), _clamp_tile(tiles.bwd_block_k, tk))
-    dense_kernel = impl == "pallas" and cfg.dense
-    table = None if dense_kernel else common.slot_table(block_indices, cfg, b, h)
     plan = _Plan(impl=impl, backend=kb, interpret=interpret, cfg=cfg, bwd_cfg=bwd_cfg, tiles=tiles)
+    if impl == "xla":
+        return _attend_local(plan, q, k, v, q_seg, k_seg, block_indices)
+    # Under a mesh the kernels (forward and backward, the slot table too) run on per-device blocks.
+    seq = ("batch", None)
+    return sharding.shard_map_kernel(
+        functools.partial(_attend_local, plan),
+        (q, k, v, q_seg, k_seg, block_indices),
+        (
+            seq + ("heads", None),
+            seq + ("groups", None),
+            seq + ("groups", None),
+            seq,
+            seq,
+            ("batch", "heads", None, None),
+        ),
+        seq + ("heads", None),
+    )
+
+
+def _attend_local(plan: _Plan, q, k, v, q_seg, k_seg, block_indices):
+    """The op on one device's blocks: the slot table of its (batch, head) rows, then the kernels."""
+    dense_kernel = plan.impl == "pallas" and plan.cfg.dense
+    table = None if dense_kernel else common.slot_table(block_indices, plan.cfg, q.shape[0], q.shape[2])
     return _attend(plan, q, k, v, q_seg, k_seg, table)

@@ -28,6 +28,7 @@ and the top-k of every round are XLA ops on [B, H, nq, 2 k_blocks] arrays.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import dispatch
+from pallas_kernels import dispatch, sharding
 from pallas_kernels.dispatch import Implementation
 from pallas_kernels.sparse_attention import api, common, pallas_gpu, pallas_tpu
 
@@ -171,14 +172,30 @@ def hip_block_indices(
     )
     impl = dispatch.resolve(implementation)
     interpret = dispatch.resolve_interpret(impl, interpret)
+    # The block ids are piecewise constant in q and k: no gradient flows through the search, and
+    # JAX must not try to differentiate the scoring kernel (it cannot) when the caller is.
+    q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
+    search = functools.partial(_search_local, cfg=cfg, k_blocks=k_blocks, window=window, sinks=sinks, causal=causal)
+    if impl != "pallas":
+        return search(q, k, lambda q_, k_, cand: score_blocks_xla(q_, k_, cand, cfg))
+    kb = api.kernel_backend(interpret, backend)
+    api._check_tiles(kb, interpret, block_q, block_k)  # pylint: disable=protected-access
+    kernel = pallas_gpu.score_blocks if kb == "gpu" else pallas_tpu.score_blocks
+    score = lambda q_, k_, cand: kernel(q_, k_, cand, cfg, interpret=interpret)  # noqa: E731
+    # Under a mesh the search (its scoring kernel included) runs on per-device blocks.
+    return sharding.shard_map_kernel(
+        lambda q_, k_: search(q_, k_, score),
+        (q, k),
+        (("batch", None, "heads", None), ("batch", None, "groups", None)),
+        ("batch", "heads", None, None),
+    )
+
+
+def _search_local(q, k, score, *, cfg: common.Config, k_blocks: int, window, sinks: int, causal: bool):
+    """`hip_block_indices` on one device's blocks; `score(q, k, cand)` scores candidate blocks."""
     b, _, h, _ = q.shape
-    if impl == "pallas":
-        kb = api.kernel_backend(interpret, backend)
-        api._check_tiles(kb, interpret, block_q, block_k)  # pylint: disable=protected-access
-        kernel = pallas_gpu.score_blocks if kb == "gpu" else pallas_tpu.score_blocks
-        score_fn = lambda cand: kernel(q, k, cand, cfg, interpret=interpret)
-    else:
-        score_fn = lambda cand: score_blocks_xla(q, k, cand, cfg)
+    block_k = cfg.block_k
+    score_fn = lambda cand: score(q, k, cand)  # noqa: E731
     _, p_last = common.query_block_positions(cfg)
     lo, hi = search_range(
         p_last, num_blocks=cfg.nk, seq_k=cfg.seq_k, block_k=block_k, window=window, sinks=sinks, causal=causal

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import dispatch
+from pallas_kernels import dispatch, sharding
 from pallas_kernels.dispatch import IMPLEMENTATIONS, Implementation
 from pallas_kernels.ssd import common, reference, xla
 
@@ -263,7 +263,27 @@ def ssd_pallas(
     backend = backend or kernel_backend(interpret)
     check_pallas_config(chunk_size, backend, interpret, explicit_backend)
     cfg = _PallasConfig(chunk_size, bool(dt_softplus), backend, interpret, block_sizes)
-    return _pallas_vjp(cfg, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
+    # Under a mesh the kernels (and the custom VJP, so the backward kernels too) run per device.
+    seq = ("batch", None)
+    dims = (
+        seq + ("heads", None),  # x [B,T,H,P]
+        seq + ("heads",),  # dt [B,T,H]
+        ("heads",),  # A [H]
+        seq + ("groups", None),  # B [B,T,G,N]
+        seq + ("groups", None),  # C [B,T,G,N]
+        None if D is None else ("heads",) + (None,) * (D.ndim - 1),  # D [H] or [H,P]
+        seq + ("heads", None),  # z [B,T,H,P]
+        ("heads",),  # dt_bias [H]
+        ("batch", "heads", None, None),  # initial_states [B,H,P,N]
+        seq,  # seq_idx [B,T]
+    )
+    out_dims = (seq + ("heads", None), ("batch", "heads", None, None))  # y [B,T,H,P], final [B,H,P,N]
+    return sharding.shard_map_kernel(
+        functools.partial(_pallas_vjp, cfg),
+        (x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx),
+        dims,
+        out_dims,
+    )
 
 
 def _pallas_forward(cfg: _PallasConfig, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, save_ypre):
