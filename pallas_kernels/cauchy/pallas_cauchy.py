@@ -60,11 +60,17 @@ def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
     return jnp.pad(x, widths)
 
 
-def _compiler_params():
-    if jax.default_backend() == "tpu":
+def _compiler_params(backend: str):
+    """Mosaic (TPU) or Triton (GPU) parameters; Triton ones also pick the Triton lowering on GPU,
+    which the tiles here are written for (without them jax may choose its Mosaic GPU backend)."""
+    if backend == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
         return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
+    if backend == "gpu":
+        from jax.experimental.pallas import triton as pltriton
+
+        return pltriton.CompilerParams(num_warps=4, num_stages=2)
     return None
 
 
@@ -80,6 +86,7 @@ def _pairwise_sum(
     block_sizes: BlockSizes,
     interpret,
     name: str,
+    backend: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:  # ([B,I], [B,I]) float32 real and imaginary parts
     """out[b,i] = sum_j tile_fn(j-operands[b,j], i-operands[b,i], j, i) as a tiled Pallas kernel."""
     block_sizes.validate()
@@ -128,7 +135,7 @@ def _pairwise_sum(
         in_specs=[j_spec] * n_jarr + [i_spec] * len(i_p),
         out_specs=(i_spec, i_spec),
         interpret=interpret,
-        compiler_params=None if interpret else _compiler_params(),
+        compiler_params=None if interpret else _compiler_params(backend or jax.default_backend()),
         name=name,
     )(*j_p, *i_p)
     return out_re[:batch, :n_i], out_im[:batch, :n_i]
@@ -171,9 +178,10 @@ def cauchy_sum(
     conj: bool = True,
     block_sizes: BlockSizes | None = None,
     interpret=False,
+    backend: str | None = None,
 ) -> jax.Array:  # [B,I] complex64
     """out[b,i] = sum_j a[b,j]/(x[b,i]-y[b,j])^p (+ conj(a)/(x-conj(y))^p) as a Pallas kernel."""
-    bs = block_sizes or BlockSizes.for_backend()
+    bs = block_sizes or BlockSizes.for_backend(backend)
     re, im = _pairwise_sum(
         _cauchy_tile(power, conj),
         [a.real, a.imag, y.real, y.imag],
@@ -182,6 +190,7 @@ def cauchy_sum(
         n_i=x.shape[-1],
         block_sizes=bs,
         interpret=interpret,
+        backend=backend,
         name=f"cauchy_p{power}{'_conj' if conj else ''}",
     )
     return lax.complex(re, im)
@@ -217,9 +226,10 @@ def vandermonde_sum(
     *,
     block_sizes: BlockSizes | None = None,
     interpret=False,
+    backend: str | None = None,
 ) -> jax.Array:  # [B,L] complex64
     """out[b,l] = sum_n v[b,n] exp(x[b,n] l) as a Pallas kernel."""
-    bs = block_sizes or BlockSizes.for_backend()
+    bs = block_sizes or BlockSizes.for_backend(backend)
     re, im = _pairwise_sum(
         _vandermonde_tile,
         [v.real, v.imag, x.real, x.imag],
@@ -228,6 +238,7 @@ def vandermonde_sum(
         n_i=length,
         block_sizes=bs,
         interpret=interpret,
+        backend=backend,
         name="vandermonde",
     )
     return lax.complex(re, im)
@@ -240,9 +251,10 @@ def vandermonde_transpose(
     power: int = 0,
     block_sizes: BlockSizes | None = None,
     interpret=False,
+    backend: str | None = None,
 ) -> jax.Array:  # [B,N] complex64
     """out[b,n] = sum_l g[b,l] l^p exp(x[b,n] l) as a Pallas kernel (the backward of the sum)."""
-    bs = block_sizes or BlockSizes.for_backend()
+    bs = block_sizes or BlockSizes.for_backend(backend)
     re, im = _pairwise_sum(
         _vandermonde_transpose_tile(power),
         [g.real, g.imag],
@@ -251,6 +263,7 @@ def vandermonde_transpose(
         n_i=x.shape[-1],
         block_sizes=bs,
         interpret=interpret,
+        backend=backend,
         name=f"vandermonde_transpose_p{power}",
     )
     return lax.complex(re, im)

@@ -188,3 +188,28 @@ def test_errors_name_the_argument(call, match):
     v, z, w = _s4_like(np.random.default_rng(0), (2,), 4, 5)
     with pytest.raises(ValueError, match=match):
         call(v, z, w)
+
+
+@pytest.mark.parametrize("platform,backend", [("cuda", "gpu"), ("tpu", "tpu")])
+def test_pallas_lowers_for_gpu_and_tpu(platform, backend, monkeypatch):
+    """The Cauchy and Vandermonde kernels lower to Triton IR (GPU) and Mosaic (TPU) via jax.export (not
+    compiled: no such device here). On GPU the Triton compiler parameters pick the Triton lowering."""
+    from jax import export
+    from jax._src.pallas.mosaic import tpu_info
+
+    monkeypatch.setattr(tpu_info, "get_device_kind", lambda: "TPU v5 lite")
+    monkeypatch.setattr(tpu_info, "get_num_device_cores", lambda: 1)
+    c = jax.ShapeDtypeStruct((8, 64), jnp.complex64)
+    zs = jax.ShapeDtypeStruct((8, 256), jnp.complex64)
+
+    def f(v, z, w):
+        return (
+            pallas_cauchy.cauchy_sum(v, z, w, backend=backend),
+            pallas_cauchy.vandermonde_sum(v, w, 256, backend=backend),
+            pallas_cauchy.vandermonde_transpose(z, w, power=1, backend=backend),
+        )
+
+    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    text = export.export(jax.jit(f), platforms=(platform,), disabled_checks=checks)(c, zs, c).mlir_module()
+    marker = "__gpu$xla.gpu.triton" if backend == "gpu" else "tpu_custom_call"
+    assert text.count(marker) >= 3, "all three kernels must be lowered"
