@@ -14,11 +14,18 @@ A model directory (`save_pretrained` / `load_pretrained`, what `zoo convert` wri
 
 Parameters load into either layer layout: a checkpoint written with `model.scan_layers` loads into a
 looped model and back (`zoo.models.base.to_scanned` / `to_looped`).
+
+Several processes: every process constructs the `Checkpointer` and calls `save` / `restore`; Orbax
+writes each step once (each process its own array blocks, process 0 the JSON items and the
+metadata, then one commit) and restores into whatever shardings the caller gives, whatever the
+number of processes that wrote it. `load_model` in a multi-process job therefore restores on every
+process, onto shardings that span the processes (never one process's device).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -153,11 +160,22 @@ def check_same_tree(params: dict[str, Any], shapes: dict[str, Any], what: str) -
             raise ValueError(f"{what}: {n!r} has shape {tuple(np.shape(params[n]))}, expected {tuple(s.shape)}")
 
 
-def load_model(workdir, step: int | None = None, **model_overrides):
-    """(model, run config) from a work directory, params restored on the default device.
+def load_model(
+    workdir,
+    step: int | None = None,
+    *,
+    shardings: jax.sharding.Sharding | Mapping[str, jax.sharding.Sharding] | None = None,
+    **model_overrides,
+):
+    """(model, run config) from a work directory.
 
-    `model_overrides` change model fields at load time, e.g. `scan_layers=False` (a scanned run's
-    checkpoint loaded into a looped model) or an inference option.
+    Args:
+      step: the checkpoint step (default: the latest).
+      shardings: where the parameters are restored: one sharding for all, or one per flat name of
+        the run's saved layout. Default: the first device in a single process; in a job of several
+        processes (which must all call this), replicated over every device of every process.
+      **model_overrides: model fields changed at load time, e.g. `scan_layers=False` (a scanned
+        run's checkpoint loaded into a looped model) or an inference option.
     """
     config = read_config(workdir)
     saved_cfg = registry.config_from_run(config)
@@ -170,14 +188,32 @@ def load_model(workdir, step: int | None = None, **model_overrides):
             raise ValueError(f"{str(workdir)!r} has no checkpoint yet")
         if step not in ckpt.all_steps():
             raise ValueError(f"{str(workdir)!r} has no checkpoint at step {step}; it has steps {ckpt.all_steps()}")
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = {n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding) for n, s in view.shapes.items()}
+        if shardings is None:
+            shardings = default_sharding()
+        if not isinstance(shardings, Mapping):
+            shardings = dict.fromkeys(view.shapes, shardings)
+        if set(shardings) != set(view.shapes):
+            raise ValueError(
+                f"shardings name {len(shardings)} parameters but {str(workdir)!r} holds {len(view.shapes)} "
+                f"(e.g. missing {sorted(set(view.shapes) - set(shardings))[:3]}); give one per parameter of "
+                "the run's saved layout, or one sharding for all"
+            )
+        target = {n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings[n]) for n, s in view.shapes.items()}
         restored = ckpt.restore(step, target)
     finally:
         ckpt.close()
     for k, v in model_overrides.items():
         config.model[k] = list(v) if isinstance(v, tuple) else v
     return bind(config.model_name, cfg, restored["params"], saved_cfg), config
+
+
+def default_sharding() -> jax.sharding.Sharding:
+    """Where `load_model` puts parameters by default: the first device in a single process,
+    replicated over all devices of all processes in a multi-process job."""
+    if jax.process_count() == 1:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("devices",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 def save_pretrained(model: nnx.Module, out_dir, *, tokenizer: dict | None = None, source: dict | None = None) -> None:

@@ -82,13 +82,17 @@ def _run(args, overrides) -> int:
     if overrides and args.command not in ("train", "info", "bench"):
         raise ValueError(f"--config.* overrides only apply to train, info and bench, got {overrides}")
     if args.command == "train":
+        import jax
+
         from zoo.train.trainer import train
 
         result = train(load_config(args.config, overrides), args.workdir)
-        print(json.dumps({"step": result["step"], **result["train"]}, indent=None))
-        if not args.no_eval:
+        if jax.process_index() == 0:
+            print(json.dumps({"step": result["step"], **result["train"]}, indent=None))
+        if not args.no_eval:  # every process evaluates (the parameters may span them); process 0 writes
             _evaluate(args.workdir, None)
-            print(f"evaluation written to {args.workdir}/eval.json and eval.png")
+            if jax.process_index() == 0:
+                print(f"evaluation written to {args.workdir}/eval.json and eval.png")
         return 0
     if args.command == "eval":
         _evaluate(args.workdir, args.step)
@@ -138,12 +142,24 @@ def _run(args, overrides) -> int:
 
 
 def _evaluate(workdir: str, step: int | None) -> None:
+    """Evaluates a run's checkpoint on every process of the job; process 0 writes and prints.
+
+    One process: the parameters on one device. Several (`zoo train` on a pod, or `zoo eval` started
+    like it): restored into the run's own shardings over all processes' devices, never gathered
+    onto one process.
+    """
     import jax
 
+    from zoo.checkpoint import read_config
     from zoo.eval.evaluate import evaluate_workdir
+    from zoo.train.sharding import maybe_initialize_distributed
+    from zoo.train.trainer import run_param_shardings
 
+    maybe_initialize_distributed()
+    shardings = run_param_shardings(read_config(workdir)) if jax.process_count() > 1 else None
+    result = evaluate_workdir(workdir, step=step, shardings=shardings)
     if jax.process_index() == 0:
-        _print_eval(evaluate_workdir(workdir, step=step))
+        _print_eval(result)
 
 
 def _convert(args) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import ml_collections
 
 from zoo import io
@@ -22,11 +23,19 @@ def evaluate(model, config: ml_collections.ConfigDict) -> dict:
     return out
 
 
-def evaluate_workdir(workdir: str, model=None, config=None, step: int | None = None) -> dict:
-    """Evaluates the run in `workdir` (loading its checkpoint unless a model is given)."""
+def evaluate_workdir(workdir: str, model=None, config=None, step: int | None = None, *, shardings=None) -> dict:
+    """Evaluates the run in `workdir` (loading its checkpoint unless a model is given) and writes
+    eval.json, eval.png and training.png there.
+
+    In a job of several processes every process calls this (the evaluation's computations span
+    them); `shardings` (see `zoo.checkpoint.load_model`) places the restored parameters, and only
+    process 0 writes the files. Every process returns the same result.
+    """
     if model is None:
-        model, config = load_model(workdir, step)
+        model, config = load_model(workdir, step, shardings=shardings)
     result = evaluate(model, config)
+    if jax.process_index() != 0:
+        return result
     out = io.path(workdir)
     io.write_json_atomic(out / "eval.json", result)
     title = f"{config.model_name} ({config.preset}) on {config.data.source}"

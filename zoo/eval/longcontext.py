@@ -6,23 +6,61 @@
   loss beyond the training length is visible.
 Exact match under teacher forcing equals greedy decoding's exact match: if every answer digit is
 the argmax given the true previous digits, greedy decoding emits exactly those digits.
+
+The model's parameters may live on one device or be sharded over a mesh that spans several
+processes (a multi-process run): the inputs are then placed replicated on that mesh, the forward
+runs under it, and the per-token results come back replicated, so every process computes the same
+numbers without fetching an array it does not hold. Only [B, T] arrays (loss, prediction) leave
+the devices, never the logits [B, T, V].
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from zoo.data.pipeline import example_source, to_model_inputs
 
 
-@nnx.jit
-def _forward(model, inputs):
-    return model(inputs)
+@functools.partial(nnx.jit, static_argnames="replicated")
+def _token_stats(model, inputs, targets, replicated: NamedSharding | None = None):
+    logits = model(inputs).astype(jnp.float32)  # [B, T, V]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, T]
+    pred = jnp.argmax(logits, -1).astype(jnp.int32)  # [B, T]
+    if replicated is not None:
+        ce, pred = jax.lax.with_sharding_constraint((ce, pred), replicated)
+    return ce, pred
+
+
+def model_mesh(model) -> jax.sharding.Mesh | None:
+    """The mesh the model's parameters are sharded over (None: they live on one device)."""
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    sharding = getattr(leaves[0], "sharding", None) if leaves else None
+    return sharding.mesh if isinstance(sharding, NamedSharding) else None
+
+
+def token_stats(model, inputs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Next-token loss (fp32) and argmax prediction (int32), both [B, T], for token ids [B, T].
+
+    Every process of a multi-process job must call this with the same arrays; each gets the result.
+    """
+    mesh = model_mesh(model)
+    if mesh is None:
+        ce, pred = _token_stats(model, jnp.asarray(inputs), jnp.asarray(targets))
+    else:
+        replicated = NamedSharding(mesh, P())
+        x, y = (jax.make_array_from_callback(a.shape, replicated, lambda idx, a=a: a[idx]) for a in (inputs, targets))
+        with jax.set_mesh(mesh):  # the kernels see the mesh while tracing, as in training
+            ce, pred = _token_stats(model, x, y, replicated)
+    return np.asarray(ce), np.asarray(pred)  # replicated: every process holds all of it
 
 
 def _batches(source, n: int, batch_size: int):
@@ -35,10 +73,9 @@ def answer_stats(model, source, n: int, batch_size: int) -> dict[str, float]:
     """Per-answer-token accuracy, exact match of all answer tokens, and mean answer loss."""
     tok_correct = tok_total = exact = loss_sum = 0.0
     for b in _batches(source, n, batch_size):
-        logits = np.asarray(_forward(model, jnp.asarray(b["inputs"])))
-        correct = (logits.argmax(-1) == b["targets"]) | (b["answer_mask"] == 0)
-        ce = np.asarray(optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits), jnp.asarray(b["targets"])))
-        tok_correct += float(((logits.argmax(-1) == b["targets"]) * b["answer_mask"]).sum())
+        ce, pred = token_stats(model, b["inputs"], b["targets"])  # [B, T] each
+        correct = (pred == b["targets"]) | (b["answer_mask"] == 0)
+        tok_correct += float(((pred == b["targets"]) * b["answer_mask"]).sum())
         tok_total += float(b["answer_mask"].sum())
         exact += float(correct.all(-1).sum())
         loss_sum += float((ce * b["answer_mask"]).sum())
@@ -77,8 +114,7 @@ def loss_by_position(model, data: Any, length: int, samples: int, batch_size: in
     total = np.zeros(length)
     weight = np.zeros(length)
     for b in _batches(source, samples, batch_size):
-        logits = _forward(model, jnp.asarray(b["inputs"]))
-        ce = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(b["targets"])))
+        ce, _ = token_stats(model, b["inputs"], b["targets"])  # [B, T]
         total += (ce * b["loss_mask"]).sum(0)
         weight += b["loss_mask"].sum(0)
     edges = np.linspace(0, length, min(bins, length) + 1).astype(int)

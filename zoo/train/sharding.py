@@ -37,18 +37,82 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
 def maybe_initialize_distributed() -> None:
     """Calls `jax.distributed.initialize()` when the environment describes several processes.
 
-    Cloud TPU pods, SLURM and Open MPI set these variables; a single process does nothing.
+    Two ways to describe them:
+    - by hand (any machines, CPU included): `JAX_COORDINATOR_ADDRESS=host:port` (process 0's
+      address, reachable from every process), `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` (0 ..
+      JAX_NUM_PROCESSES - 1), the same on every process but the id;
+    - a cluster JAX detects by itself: Cloud TPU pod slices, SLURM, Open MPI.
+    A single process (none of these) does nothing, and a second call does nothing.
+
+    On CPU, computations that span processes need a cross-process collectives implementation:
+    JAX's `jax_cpu_collectives_implementation` is "gloo" by default (TCP through the coordinator's
+    key-value store); when it has been switched off (None) it is set to "gloo" here, and "mpi" is
+    left alone. This must run before anything creates a JAX backend (before `jax.devices()`).
+
+    Raises:
+      ValueError: a partial or inconsistent hand-written description (one clear line naming the
+        variable and its value).
     """
-    multi = (
-        int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1
-        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-        or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-        or "TPU_WORKER_HOSTNAMES" in os.environ
-        and "," in os.environ["TPU_WORKER_HOSTNAMES"]
-        or "JAX_COORDINATOR_ADDRESS" in os.environ
+    if jax.distributed.is_initialized():
+        return
+    env = os.environ
+    by_hand = [k for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k in env]
+    cluster = (
+        int(env.get("SLURM_NTASKS", "1")) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
     )
-    if multi and not jax.distributed.is_initialized():
+    if len(by_hand) == 3:
+        count, index = _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID")
+        address = env["JAX_COORDINATOR_ADDRESS"]
+        if count < 1 or not 0 <= index < count:
+            raise ValueError(
+                f"JAX_PROCESS_ID={index} with JAX_NUM_PROCESSES={count}: the id must be in [0, {count}) "
+                "and the count >= 1"
+            )
+        if ":" not in address:
+            raise ValueError(f"JAX_COORDINATOR_ADDRESS={address!r} must be host:port (process 0's address)")
+        if count > 1:
+            _use_cpu_collectives()
+            jax.distributed.initialize(address, num_processes=count, process_id=index)
+            _first_barrier()
+    elif cluster:  # JAX finds the processes (and reads JAX_COORDINATOR_ADDRESS itself when it is set)
+        _use_cpu_collectives()
         jax.distributed.initialize()
+        _first_barrier()
+    elif "JAX_COORDINATOR_ADDRESS" in by_hand or _env_int("JAX_NUM_PROCESSES", 1) > 1:
+        missing = sorted({"JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"} - set(by_hand))
+        raise ValueError(
+            f"{', '.join(f'{k}={env[k]!r}' for k in by_hand)} is set but {', '.join(missing)} is not; a "
+            "multi-process run needs all three (coordinator host:port, number of processes, this process's id)"
+        )
+
+
+def _use_cpu_collectives() -> None:
+    """Cross-process computations on CPU need a collectives implementation (gloo unless one is set)."""
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+def _first_barrier() -> None:
+    """One collective over all devices while the processes are still in step.
+
+    On CPU the first cross-process computation sets up gloo's context, which waits at most 30 s for
+    every process to arrive; later collectives wait as long as it takes. Made here, at start-up, it
+    cannot fail because process 0 is busy writing the work directory while the others wait at
+    Orbax's first barrier (which is itself such a collective).
+    """
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("zoo: processes started")
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+    value = os.environ.get(name, default)
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not an integer") from None
 
 
 def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
@@ -91,6 +155,11 @@ def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
         else:
             spec.append(None)
     return P(*spec)
+
+
+def param_shardings(view, mesh: Mesh) -> dict[str, NamedSharding]:
+    """Each parameter's sharding on `mesh` from its logical axes (`view`: a `zoo.models.params.ParamView`)."""
+    return view.tree(lambda n, meta, s: NamedSharding(mesh, logical_to_spec(meta["axes"], s.shape, mesh)))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

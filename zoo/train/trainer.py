@@ -7,11 +7,20 @@
 data x fsdp. Re-running the same command resumes from the latest checkpoint: parameters,
 optimizer state, data-iterator state and step are restored, so the continued run is identical
 to an uninterrupted one.
+
+Several processes (hosts) run the same loop (`zoo.train.sharding.maybe_initialize_distributed`):
+each reads only its own shard of every global batch, every process takes part in each checkpoint
+save and restore (Orbax coordinates them), and only process 0 writes the work directory's own files
+(config.json, metrics). A checkpoint restores into the current process count's shardings, so a run
+can resume on another number of processes with the same global batch (fixed-length and
+decomposition modes; packed mode packs each host's own documents and resumes on as many processes
+as it was saved with).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -88,12 +97,21 @@ def make_setup(config: ml_collections.ConfigDict) -> Setup:
     seed = config.train.seed
     abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(seed)))
     view = ParamView(abstract)
-    param_sh = view.tree(lambda n, meta, s: NamedSharding(mesh, sharding.logical_to_spec(meta["axes"], s.shape, mesh)))
+    param_sh = sharding.param_shardings(view, mesh)
     labels = view.tree(lambda n, meta, s: optim.param_label(meta, len(s.shape)))
     tokens_per_step = data_tokens_per_step(config.data)
     tx = optim.make_optimizer(config.optim, config.train.steps, tokens_per_step, labels)
     init = jax.jit(lambda: view.flat(cls(cfg, rngs=nnx.Rngs(seed))), out_shardings=param_sh)
     return Setup(config, mesh, view, param_sh, tx, init, tokens_per_step)
+
+
+def run_param_shardings(config: ml_collections.ConfigDict) -> dict[str, NamedSharding]:
+    """The run's parameter shardings on the current devices (its mesh and logical-axis rules), keyed
+    by flat names in the run's layer layout: what evaluation of a multi-process run restores into."""
+    cls = registry.model_class(config.model_name)
+    abstract = nnx.eval_shape(lambda: cls(model_config(config), rngs=nnx.Rngs(0)))
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    return sharding.param_shardings(ParamView(abstract), mesh)
 
 
 def make_train_step(setup: Setup, opt_sh) -> Callable:
@@ -165,10 +183,13 @@ def initial_params(setup: Setup, source: str) -> dict:
     )[0]
     params = ParamView(model).flat(model)
     ckpt_lib.check_same_tree(params, setup.view.shapes, f"train.init_from={source!r} vs {setup.config.model_name}")
-    return {
-        n: jax.device_put(params[n].astype(setup.view.shapes[n].dtype), setup.param_shardings[n])
-        for n in setup.view.shapes
-    }
+    out = {}
+    for n, s in setup.view.shapes.items():
+        # Via the host: every process holds the whole array (one device, or replicated over all
+        # processes' devices) and places the blocks of its own devices.
+        host = np.asarray(params[n]).astype(s.dtype)
+        out[n] = jax.make_array_from_callback(host.shape, setup.param_shardings[n], lambda idx, h=host: h[idx])
+    return out
 
 
 def _layout(setup: Setup) -> dict:
@@ -186,6 +207,46 @@ def global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
             "(or data.tokens_per_step) or the mesh"
         )
     return {k: jax.make_array_from_process_local_data(sh, v) for k, v in batch.items()}
+
+
+def gather_data_states(state: dict) -> dict:
+    """The data-iterator states of all processes (each a small JSON dict), as saved in a checkpoint:
+    {"process_count": P, "hosts": [state of process 0, ..., state of process P - 1]}.
+
+    Every process calls this (it is a collective when P > 1) and gets the same dict.
+    """
+    count = jax.process_count()
+    if count == 1:
+        return {"process_count": 1, "hosts": [state]}
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(state, sort_keys=True).encode(), np.uint8)  # [n]
+    sizes = multihost_utils.process_allgather(np.array([raw.size], np.int32)).reshape(count)  # [P]
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: raw.size] = raw
+    rows = multihost_utils.process_allgather(padded).reshape(count, -1)  # [P, max n]
+    return {"process_count": count, "hosts": [json.loads(r[:n].tobytes()) for r, n in zip(rows, sizes)]}
+
+
+def host_data_state(saved: dict, mode: str, process_index: int, process_count: int) -> dict:
+    """This process's data-iterator state from a checkpoint's (see `gather_data_states`).
+
+    Fixed-length and decomposition batches are a function of the step alone (every process's state
+    is the step), so they resume on any number of processes with the same global batches. Packed
+    mode packs each process's own documents: its states resume only on as many processes.
+    """
+    if "hosts" not in saved:  # written by one process before states were kept per process
+        saved = {"process_count": 1, "hosts": [saved]}
+    hosts = saved["hosts"]
+    if len(hosts) == process_count:
+        return hosts[process_index]
+    if mode in ("fixed", "decomposition"):
+        return hosts[0]
+    raise ValueError(
+        f"the checkpoint was written by {len(hosts)} processes and this run has {process_count}: "
+        f"data.mode={mode!r} packs each process's own documents, so its data position cannot move to "
+        f"another number of processes; resume with {len(hosts)} processes (or use a new --workdir)"
+    )
 
 
 def train(
@@ -206,10 +267,11 @@ def train(
     batches.set_state(initial_state)
     ckpt_lib.check_resume_config(workdir, config)
 
-    io.path(workdir).mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0 and not (io.path(workdir) / ckpt_lib.CONFIG_FILE).is_file():
-        io.write_json_atomic(io.path(workdir) / ckpt_lib.CONFIG_FILE, config.to_dict())
-    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    if jax.process_index() == 0:
+        io.path(workdir).mkdir(parents=True, exist_ok=True)
+        if not (io.path(workdir) / ckpt_lib.CONFIG_FILE).is_file():
+            io.write_json_atomic(io.path(workdir) / ckpt_lib.CONFIG_FILE, config.to_dict())
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)  # all processes wait here
 
     abstract_params = {
         n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=setup.param_shardings[n])
@@ -230,7 +292,7 @@ def train(
         target_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_opt, opt_sh)
         restored = checkpointer.restore(start, abstract_params, target_opt)
         params, opt_state = restored["params"], restored["opt_state"]
-        batches.set_state(restored["data"])
+        batches.set_state(host_data_state(restored["data"], config.data.mode, jax.process_index(), jax.process_count()))
     step_fn = make_train_step(setup, opt_sh)
 
     writer = io.MetricsWriter(workdir)
@@ -276,9 +338,10 @@ def train(
                 checkpointer.wait()
                 return {"train": last, "step": step}
             if step % config.train.checkpoint_every == 0 or step == total:
-                checkpointer.save(
-                    step, params, opt_state, batches.get_state(), {"step": step, "model_name": config.model_name}
-                )
+                data_states = gather_data_states(batches.get_state())
+                meta = {"step": step, "model_name": config.model_name, "process_count": jax.process_count()}
+                checkpointer.save(step, params, opt_state, data_states, meta)
+                writer.flush()
         checkpointer.wait()
     finally:
         if bar is not None:
