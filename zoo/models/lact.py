@@ -278,8 +278,19 @@ def fast_weight_update(weights, momentum, norms, k, v, lr, m, *, use_muon: bool,
 
 
 def block_causal_lact(
-    weights, q, k, v, lr, m=None, *, chunk_size: int, use_muon: bool, dtype=jnp.float32, unroll: bool = False
-) -> jax.Array:
+    weights,
+    q,
+    k,
+    v,
+    lr,
+    m=None,
+    *,
+    chunk_size: int,
+    use_muon: bool,
+    dtype=jnp.float32,
+    unroll: bool = False,
+    return_state: bool = False,
+):
     """Shifted block-causal LaCT over a whole sequence: a `lax.scan` of apply-then-update per chunk.
 
     Token t in chunk c = t // C is answered by the fast weights updated with chunks 0..c-1 only.
@@ -288,9 +299,12 @@ def block_causal_lact(
       weights: initial (W0, W1, W2) fp32, [B, H, Dh, Dk], [B, H, Dv, Dh], [B, H, Dh, Dk].
       q, k: [B, H, T, Dk]; v: [B, H, T, Dv]; lr: [B, H, T, 3] fp32; m: [B, H, T] fp32 or None.
       unroll: fully unroll the scan over chunks.
+      return_state: also return the fast weights and momentum after every *complete* chunk has
+        updated them, as token-by-token decoding holds them after the last token (a final
+        complete chunk updates them too; a partial one does not).
 
     Returns:
-      [B, H, T, Dv] fp32.
+      [B, H, T, Dv] fp32; with `return_state`, (that, (W0, W1, W2), momentum or None).
     """
     t = q.shape[2]
     c = chunk_size
@@ -315,12 +329,16 @@ def block_causal_lact(
         ws, mom = fast_weight_update(ws, mom, norms, k_i, v_i, lr_i, m_i, use_muon=use_muon, dtype=dtype)
         return (ws, mom), out
 
-    head = jax.tree.map(lambda x: x[:-1], (qc, kc, vc, lrc, mc))
-    (weights, _), out = jax.lax.scan(body, (weights, momentum), head, unroll=unroll)  # [N-1, B, H, C, Dv]
-    last = fast_weight_apply(*weights, qc[-1], dtype)  # the last chunk is applied only
-    out = jnp.concatenate([out, last[None]], axis=0)
-    out = jnp.moveaxis(out, 0, 2).reshape(q.shape[:2] + (n * c, v.shape[-1]))
-    return out[:, :, :t]
+    # Apply-then-update over the chunks that update (all but the last; with `return_state`, every
+    # complete chunk), then apply only on what is left.
+    n_scan = t // c if return_state else n - 1
+    head = jax.tree.map(lambda x: x[:n_scan], (qc, kc, vc, lrc, mc))
+    (weights, momentum), out = jax.lax.scan(body, (weights, momentum), head, unroll=unroll)  # [n_scan,B,H,C,Dv]
+    if n_scan < n:
+        last = fast_weight_apply(*weights, qc[-1], dtype)  # the last chunk is applied only
+        out = jnp.concatenate([out, last[None]], axis=0)
+    out = jnp.moveaxis(out, 0, 2).reshape(q.shape[:2] + (n * c, v.shape[-1]))[:, :, :t]
+    return (out, weights, momentum) if return_state else out
 
 
 def window_attention(
@@ -530,6 +548,67 @@ class LaCTLayer(nnx.Module):
             state.update({f"m{j}": jnp.zeros_like(state[f"w{j}"]) for j in range(3)})
             state["mbuf"] = jnp.zeros((b, h, c), jnp.float32)
         return state
+
+    def prefill(self, x: jax.Array, state: dict[str, jax.Array], ctx: Context):
+        """T tokens continuing from `state`. Into an empty cache (ctx.index == 0: a prompt) the
+        parallel form runs and the decoding state is built from its pieces; continuing a filled
+        cache decodes token by token (the chunk grid and the ring buffer follow the positions)."""
+        if x.shape[1] == 1:
+            return self.decode(x, state, ctx)
+
+        def sequential(x, state, ctx):
+            return scan_over_time(self.decode, x, state, ctx)
+
+        if isinstance(ctx.index, int):  # known when tracing (e.g. `zoo.generate`'s prompt): one branch
+            return (self._prefill_empty if ctx.index == 0 else sequential)(x, state, ctx)
+        return jax.lax.cond(ctx.index == 0, self._prefill_empty, sequential, x, state, ctx)
+
+    def _prefill_empty(self, x: jax.Array, state: dict[str, jax.Array], ctx: Context):
+        """The parallel form of T tokens at positions 0..T-1 and the state decoding them would leave:
+        the fast weights (and momentum) after every complete chunk, the partial chunk's buffers, and
+        the ring buffer of the last S keys at slots position mod S."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        dt = jnp.dtype(cfg.dtype)
+        z = self.project(x, ctx.positions)
+        o_attn = window_attention(z["q"], z["k"], z["v"], cfg.window, ctx.positions, implementation=cfg.implementation)
+        weights = tuple(jnp.broadcast_to(w, (b,) + w.shape) for w in self.initial_fast_weights())
+        o_ttt, weights, momentum = block_causal_lact(
+            weights,
+            z["fq"],
+            z["fk"],
+            z["fv"],
+            z["lr"],
+            z["mom"],
+            chunk_size=cfg.chunk_size,
+            use_muon=cfg.use_muon,
+            dtype=dt,
+            unroll=cfg.scan_unroll,
+            return_state=True,
+        )
+        new = dict(state)
+        new["w0"], new["w1"], new["w2"] = weights
+        if cfg.use_momentum:
+            new["m0"], new["m1"], new["m2"] = momentum
+        # The chunk buffers as decoding leaves them: the partial chunk after the last complete one at
+        # indices 0..r-1, the last complete chunk's tokens (already used) after it.
+        c = cfg.chunk_size
+        done = (t // c) * c
+        for name, key in (("kbuf", "fk"), ("vbuf", "fv"), ("lrbuf", "lr")) + (
+            (("mbuf", "mom"),) if cfg.use_momentum else ()
+        ):
+            if done:
+                new[name] = z[key][:, :, done - c : done].astype(new[name].dtype)
+            if t > done:
+                new[name] = new[name].at[:, :, : t - done].set(z[key][:, :, done:].astype(new[name].dtype))
+        # Ring buffer: the last S keys (positions t - S' .. t - 1) at slots position mod S.
+        s = state["k"].shape[1]
+        keep = min(s, t)
+        slots = jnp.arange(t - keep, t) % s  # [S']
+        new["k"] = new["k"].at[:, slots].set(z["k"][:, t - keep :].astype(new["k"].dtype))
+        new["v"] = new["v"].at[:, slots].set(z["v"][:, t - keep :].astype(new["v"].dtype))
+        new["kpos"] = new["kpos"].at[:, slots].set(ctx.positions[:, t - keep :])
+        return self.combine(x, o_attn, o_ttt), new
 
     def decode(self, x: jax.Array, state: dict[str, jax.Array], ctx: Context):
         """One token x [B, 1, D] at positions ctx.positions [B, 1] -> (output [B, 1, D], new state).

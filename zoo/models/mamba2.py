@@ -15,7 +15,8 @@ Block (as `mamba_ssm/modules/mamba2.py`, d_ssm = d_inner, no MLP split, rmsnorm,
     y = RMSNorm_G(y * silu(z)) * w                        # gated RMSNorm over groups of E/G channels
     out = out_proj(y)
 LM (as `mamba_ssm/models/mixer_seq_simple.py`): embedding, pre-norm residual blocks
-x = x + Mixer(RMSNorm(x)) with the residual stream in fp32, final RMSNorm, tied head. The
+x = x + Mixer(RMSNorm(x)) with the residual stream in fp32, final RMSNorm, tied head (or, with
+`tie_embeddings=False`, a separate `lm_head` as Hugging Face's untied Mamba2ForCausalLM). The
 vocabulary is padded to a multiple of `pad_vocab_size_multiple` (16 as the released checkpoints);
 the logits are returned for the `vocab_size` real tokens only.
 
@@ -92,6 +93,7 @@ class Mamba2Config(LMConfig):
     dt_init_floor: float = 1e-4
     conv_bias: bool = True
     norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # False: a separate head `lm_head` [padded vocab, D] (HF's untied Mamba2)
     # Stuffed-Mamba inference options (see the module docstring); defaults leave the model unchanged.
     b_scale: float = 1.0
     b_clip: float = 0.0  # 0 = off
@@ -505,6 +507,11 @@ class Mamba2(LanguageModel):
         self.embedding = param(rngs, nnx.initializers.normal(0.02), (cfg.padded_vocab, cfg.d_model), ("vocab", "embed"))
         self.blocks = make_stack(cfg, lambda i: self.make_block(cfg, i, rngs))
         self.final_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
+        self.lm_head = (
+            None
+            if cfg.tie_embeddings
+            else param(rngs, _uniform(cfg.d_model**-0.5), (cfg.padded_vocab, cfg.d_model), ("vocab", "embed"))
+        )
 
     def make_block(self, cfg: Mamba2Config, layer: int, rngs: nnx.Rngs) -> Block:
         """Layer `layer`'s block (MemMamba builds its own)."""
@@ -526,7 +533,8 @@ class Mamba2(LanguageModel):
     def logits(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         x = self.final_norm(x).astype(jnp.dtype(cfg.dtype))
-        logits = jnp.dot(x, self.embedding[...].astype(x.dtype).T).astype(jnp.float32)
+        head = self.embedding if self.lm_head is None else self.lm_head
+        logits = jnp.dot(x, head[...].astype(x.dtype).T).astype(jnp.float32)
         return logits[..., : cfg.vocab_size]
 
 

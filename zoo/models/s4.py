@@ -345,6 +345,23 @@ class SSMKernel(nnx.Module):
         n = self.cfg.d_state if self.cfg.mode == "dplr" else self.cfg.d_state // 2
         return jnp.zeros((batch_size, self.cfg.d_model, n), jnp.complex64)
 
+    def final_state(self, u: jax.Array, mats: dict) -> jax.Array:
+        """The recurrent state after u [B,T,H] (float32) from the empty state, in parallel:
+        x_T = sum_s dA^(T-1-s) dB u_s = sum_j K_j u_(T-1-j) with the Krylov vectors K_j = dA^j dB
+        [T,H,N*], built by doubling (K_(m..2m-1) = dA^m K_(0..m-1)): log2(T) batched products."""
+        t = u.shape[1]
+        dense = self.cfg.mode == "dplr"
+        krylov, power = mats["dB"][None], mats["dA"]  # [1,H,N*], dA^1
+        while krylov.shape[0] < t:
+            if dense:
+                more = jnp.einsum("hnm,jhm->jhn", power, krylov)
+                power = jnp.einsum("hnm,hmk->hnk", power, power)
+            else:
+                more, power = power[None] * krylov, power * power
+            krylov = jnp.concatenate([krylov, more], 0)
+        krylov = krylov[:t]  # [T,H,N*]
+        return jnp.einsum("jhn,bjh->bhn", krylov, u[:, ::-1].astype(krylov.dtype))
+
     def step(self, u: jax.Array, state: jax.Array, mats: dict) -> tuple[jax.Array, jax.Array]:
         """One step: u [B,H] float32, state [B,H,N*] complex64 -> (y [B,C,H], new state)."""
         if self.cfg.mode == "dplr":
@@ -421,6 +438,26 @@ class S4Block(Block):
     def init_state(self, batch_size: int, max_length: int) -> dict:
         """The empty recurrent state and the step matrices; `max_length` does not change its size."""
         return {"ssm": self.layer.kernel.init_state(batch_size), "step": self.layer.setup_step()}
+
+    def prefill(self, x: jax.Array, state: dict, ctx: Context) -> tuple[jax.Array, dict]:
+        """T tokens continuing from `state`. Into an empty cache (ctx.index == 0: a prompt) the
+        convolution gives the outputs and `SSMKernel.final_state` the state, in parallel; continuing
+        a filled cache runs the recurrence token by token."""
+        if x.shape[1] == 1:
+            return self.decode(x, state, ctx)
+
+        def parallel(x, state):
+            u = self.norm(x).astype(self.dtype)  # [B,T,H]
+            y = x + self.layer(u).astype(jnp.float32)
+            ssm = self.layer.kernel.final_state(u.astype(jnp.float32), state["step"])
+            return y, {"ssm": ssm.astype(state["ssm"].dtype), "step": state["step"]}
+
+        def sequential(x, state):
+            return scan_over_time(self.decode, x, state, ctx)
+
+        if isinstance(ctx.index, int):  # known when tracing (e.g. `zoo.generate`'s prompt): one branch
+            return (parallel if ctx.index == 0 else sequential)(x, state)
+        return jax.lax.cond(ctx.index == 0, parallel, sequential, x, state)
 
     def decode(self, x: jax.Array, state: dict, ctx: Context) -> tuple[jax.Array, dict]:  # x [B,1,H]
         """One token; a row at position 0 starts a document from the empty state."""

@@ -7,6 +7,9 @@ Block (pre-norm, residual stream in fp32):
     x = x + Attn(RMSNorm(x))       # causal, RoPE on q and k, pattern from the config
     x = x + SwiGLU(RMSNorm(x))
 logits = RMSNorm(x) E^T / sqrt(D) when the embeddings are tied, else RMSNorm(x) W_out.
+The options of the Llama-family checkpoints it imports (`zoo.convert.hf`: Llama, Qwen2, Mistral) are
+config fields whose defaults keep the zoo's own model: scaled RoPE, q/k/v and output biases, an
+explicit head width, unscaled tied logits (`scale_tied_logits=False`), the sliding window.
 
 Training attention goes through `zoo.layers.self_attention` (cuDNN on GPU, splash on TPU, the XLA
 oracle on CPU); decoding and prefill attend over a KV cache [B, S, K, P] per layer.
@@ -18,20 +21,54 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from zoo.layers import AttentionSpec, Embed, Linear, RMSNorm, apply_rope, attend, lm_logits, self_attention
+from zoo.layers.rope import rope_inv_freq
 from zoo.models import registry
 from zoo.models.base import Context, LanguageModel, LMConfig, PreNormBlock, make_stack
 
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig(LMConfig):
+    """The transformer's shape and the options of the Llama-family checkpoints it imports.
+
+    Attributes:
+      n_heads, n_kv_heads, d_ff: attention heads, key/value heads (GQA) and SwiGLU width.
+      head_dim_override: per-head width when it is not d_model / n_heads (0 = d_model / n_heads).
+      rope_theta: RoPE base. rope_scaling: "none" | "linear" | "llama3" | "yarn" (`zoo.layers.rope`),
+        with rope_factor, rope_low_freq_factor / rope_high_freq_factor (llama3),
+        rope_original_max_position (llama3, yarn), rope_beta_fast / rope_beta_slow / rope_truncate
+        (yarn) and rope_attention_factor (multiplies RoPE's cos and sin; yarn's 0.1 ln(factor) + 1).
+      qkv_bias, o_bias: biases on the q/k/v projections (Qwen2; Llama's attention_bias sets both)
+        and on the output projection.
+      tie_embeddings: the output head is the transposed embedding.
+      scale_tied_logits: multiply tied logits by d_model^-0.5 (the zoo's own models; Hugging Face
+        checkpoints do not scale).
+      attention, layer_attention, window, block: the attention pattern of every layer (window: the
+        keys i - window < j <= i, Mistral's sliding window).
+      norm_eps: RMSNorm epsilon.
+    """
+
     n_heads: int = 4
     n_kv_heads: int = 4
     d_ff: int = 384
+    head_dim_override: int = 0
     rope_theta: float = 10_000.0
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 0
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_truncate: bool = True
+    rope_attention_factor: float = 1.0
+    qkv_bias: bool = False
+    o_bias: bool = False
     tie_embeddings: bool = True
+    scale_tied_logits: bool = True
     attention: str = "full"  # pattern of every layer: full | window | block
     layer_attention: tuple[str, ...] = ()  # per-layer patterns (overrides `attention`), len n_layers
     window: int = 256  # sliding-window size for "window" layers
@@ -40,7 +77,11 @@ class TransformerConfig(LMConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.d_model % self.n_heads:
+        if self.head_dim_override < 0 or self.head_dim_override % 2:
+            raise ValueError(
+                f"head_dim_override={self.head_dim_override} must be 0 (d_model / n_heads) or a positive even width"
+            )
+        if not self.head_dim_override and self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
@@ -49,11 +90,35 @@ class TransformerConfig(LMConfig):
                 f"layer_attention has {len(self.layer_attention)} entries but n_layers is "
                 f"{self.n_layers}; give one pattern per layer or leave it empty"
             )
+        if self.rope_theta <= 0 or self.rope_attention_factor <= 0:
+            raise ValueError(
+                f"rope_theta ({self.rope_theta}) and rope_attention_factor ({self.rope_attention_factor}) must be > 0"
+            )
+        self.rope_frequencies()  # validates the RoPE scaling
         self.layer_specs()  # validates the kinds, window and block
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.head_dim_override or self.d_model // self.n_heads
+
+    def rope_frequencies(self) -> np.ndarray | None:
+        """RoPE's inverse frequencies [P/2] for a scaled RoPE; None for the plain theta^(-2j/P)."""
+        if self.rope_scaling == "none":
+            if self.head_dim % 2:
+                raise ValueError(f"the head dim ({self.head_dim}) must be even for RoPE")
+            return None
+        return rope_inv_freq(
+            self.head_dim,
+            self.rope_theta,
+            self.rope_scaling,
+            factor=self.rope_factor,
+            low_freq_factor=self.rope_low_freq_factor,
+            high_freq_factor=self.rope_high_freq_factor,
+            original_max_position=self.rope_original_max_position,
+            beta_fast=self.rope_beta_fast,
+            beta_slow=self.rope_beta_slow,
+            truncate=self.rope_truncate,
+        )
 
     def layer_specs(self) -> tuple[AttentionSpec, ...]:
         kinds = self.layer_attention or (self.attention,) * self.n_layers
@@ -82,9 +147,10 @@ class Attention(nnx.Module):
     def __init__(self, cfg: TransformerConfig, spec: AttentionSpec, *, rngs: nnx.Rngs):
         d, h, kh, p = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.cfg, self.spec = cfg, spec
-        self.wq = Linear(d, h * p, axes=("embed", "heads"), rngs=rngs, dtype=cfg.dtype)
-        self.wk = Linear(d, kh * p, axes=("embed", "kv_heads"), rngs=rngs, dtype=cfg.dtype)
-        self.wv = Linear(d, kh * p, axes=("embed", "kv_heads"), rngs=rngs, dtype=cfg.dtype)
+        bias = cfg.qkv_bias
+        self.wq = Linear(d, h * p, axes=("embed", "heads"), rngs=rngs, dtype=cfg.dtype, use_bias=bias)
+        self.wk = Linear(d, kh * p, axes=("embed", "kv_heads"), rngs=rngs, dtype=cfg.dtype, use_bias=bias)
+        self.wv = Linear(d, kh * p, axes=("embed", "kv_heads"), rngs=rngs, dtype=cfg.dtype, use_bias=bias)
         self.wo = Linear(
             h * p,
             d,
@@ -92,6 +158,7 @@ class Attention(nnx.Module):
             rngs=rngs,
             dtype=cfg.dtype,
             init_std=(h * p) ** -0.5 / (2 * cfg.n_layers) ** 0.5,
+            use_bias=cfg.o_bias,
         )
 
     def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -101,7 +168,8 @@ class Attention(nnx.Module):
         q = self.wq(x).reshape(b, t, cfg.n_heads, cfg.head_dim)
         k = self.wk(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
         v = self.wv(x).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-        return apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta), v
+        rope = dict(inv_freq=cfg.rope_frequencies(), scale=cfg.rope_attention_factor)
+        return apply_rope(q, positions, cfg.rope_theta, **rope), apply_rope(k, positions, cfg.rope_theta, **rope), v
 
     def attention(self, q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context) -> jax.Array:
         """The parallel pattern: q [B, T, H, P], k, v [B, T, K, P] -> [B, T, H, P]."""
@@ -170,8 +238,15 @@ class Transformer(LanguageModel):
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         return self.embed(tokens).astype(jnp.float32)
 
+    def cache_capacity(self, cache: dict) -> int:
+        """The KV cache's slots S (k is [B, S, K, P] per layer, [n / p, B, S, K, P] when scanned)."""
+        return int(cache["layers"][0]["k"].shape[-3])
+
     def logits(self, x: jax.Array) -> jax.Array:
-        return lm_logits(self.final_norm(x), self.embed, self.unembed, self.config.d_model**-0.5)
+        cfg = self.config
+        return lm_logits(
+            self.final_norm(x), self.embed, self.unembed, cfg.d_model**-0.5 if cfg.scale_tied_logits else 1.0
+        )
 
     @classmethod
     def describe(cls, cfg: TransformerConfig, seq_len: int) -> list[str]:
