@@ -4,9 +4,12 @@ import zoo
 zoo.list_models()
 model = zoo.create_model("transformer", "tiny", seed=0)
 model, config = zoo.load("runs/default")           # a trained run's checkpoint, ready for inference
-model, meta = zoo.from_pretrained("models/mamba2")  # a model directory (zoo convert)
+model, meta = zoo.from_pretrained("models/mamba2")  # a model directory (zoo convert), meta = its model.json
+tokenizer = zoo.load_tokenizer("models/mamba2")     # the tokenizer that travelled with it (or None)
+out = zoo.generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=16, temperature=0.7, top_p=0.9, eos=2, seed=0)
 """
 
+from zoo.generate import Generation, generate, generate_text
 from zoo.models.registry import create_model, get_model_config, list_models
 
 
@@ -18,10 +21,34 @@ def load(workdir: str, step: int | None = None, **model_overrides):
 
 
 def from_pretrained(model_dir: str, **model_overrides):
-    """The model and its description (model.json) from a model directory."""
+    """(model, meta) of a model directory, or of its model.json / params.safetensors file.
+
+    `meta` is its model.json: {"model_name", "model": the config's fields (`model.config` is the
+    config itself), "tokenizer": the tokenizer's spec, "source": what it was converted from}. A
+    Hugging Face or mamba_ssm checkpoint is converted first: `zoo convert --from hf SRC --out DIR`.
+    """
     from zoo.checkpoint import load_pretrained
 
     return load_pretrained(model_dir, **model_overrides)
 
 
-__all__ = ["create_model", "from_pretrained", "get_model_config", "list_models", "load"]
+def load_tokenizer(model_dir: str):
+    """The tokenizer stored in a model directory (`zoo.data.tokenizers.Tokenizer`), or None."""
+    from zoo.checkpoint import tokenizer_spec
+    from zoo.generate import tokenizer_from_spec
+
+    spec = tokenizer_spec(model_dir)
+    return None if spec is None else tokenizer_from_spec(spec)
+
+
+__all__ = [
+    "Generation",
+    "create_model",
+    "from_pretrained",
+    "generate",
+    "generate_text",
+    "get_model_config",
+    "list_models",
+    "load",
+    "load_tokenizer",
+]
