@@ -11,6 +11,7 @@ A model directory (`save_pretrained` / `load_pretrained`, what `zoo convert` wri
 `zoo.from_pretrained` reads):
     model.json             {"format": "zoo-model", "model_name", "model": config fields, "tokenizer", "source"}
     params.safetensors     the parameters, flat names of the looped layout (`zoo.models.params`)
+    tokenizer.json | *.model   the tokenizer (its spec in model.json names the file relative to the directory)
 
 Parameters load into either layer layout: a checkpoint written with `model.scan_layers` loads into a
 looped model and back (`zoo.models.base.to_scanned` / `to_looped`).
@@ -25,19 +26,27 @@ process, onto shardings that span the processes (never one process's device).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from zoo import io
 from zoo.models import registry
 from zoo.models.base import to_looped, to_scanned
 from zoo.models.params import ParamView
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.json"
@@ -72,13 +81,53 @@ def check_resume_config(workdir, config: ml_collections.ConfigDict) -> None:
         )
 
 
-class Checkpointer:
-    """A thin wrapper over `ocp.CheckpointManager` for the trainer's state."""
+def checksums(tree: Mapping[str, Any]) -> dict[str, list[int]]:
+    """Content checksums of a flat {name: array} tree (or of a pytree of them), computed on the
+    devices in one jitted pass: per array [sum of its words, position-weighted sum of its words]
+    mod 2^32, over the raw bits (uint32 words; 16-bit dtypes widened). A changed byte changes them."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
 
-    def __init__(self, workdir, keep: int = 2, create: bool = True):
-        self.directory = io.path(workdir) / "checkpoints"
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+    def one(x):
+        bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize])
+        w = bits.astype(jnp.uint32).reshape(-1)
+        pos = (jnp.arange(w.size, dtype=jnp.uint32) % jnp.uint32(65521)) + jnp.uint32(1)
+        return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * pos, dtype=jnp.uint32)])
+
+    sums = jax.jit(lambda xs: [one(x) for x in xs])([x for _, x in leaves])
+    return {jax.tree_util.keystr(k): [int(v) for v in np.asarray(c)] for (k, _), c in zip(leaves, sums)}
+
+
+def all_finite(tree) -> bool:
+    """Every floating-point leaf finite (one jitted reduction; a host sync)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(leaves))
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint step that cannot be used: unreadable, or its contents differ from their checksums."""
+
+
+class Checkpointer:
+    """Orbax checkpoints of the trainer's state that are good or not used.
+
+    Every save records content checksums of the parameters and optimizer state in the step's `meta`
+    (written in the same atomic Orbax commit). `restore` recomputes them on the restored arrays; a step
+    that fails to read or to match is moved aside to `<workdir>/damaged/<step>` (nothing is deleted)
+    and the next older step is tried (`restore_latest`). Retention is ours, not Orbax's: a step is
+    deleted only when `keep` newer steps have been read back and verified, so the last verified
+    checkpoint is never rotated out. Non-finite states are refused by `save`.
+    """
+
+    def __init__(self, workdir, keep: int = 2, create: bool = True, log=None):
+        if keep < 1:
+            raise ValueError(f"keep_checkpoints={keep} must be >= 1: a run always keeps its last good checkpoint")
+        self.workdir, self.keep, self.log = io.path(workdir), keep, log or _to_stderr
+        self.directory = self.workdir / "checkpoints"
+        options = ocp.CheckpointManagerOptions(max_to_keep=None, create=create)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.pending: int | None = None  # saved, not yet read back
+        self.verified: list[int] = []
+        self.targets = None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -87,6 +136,11 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, params, opt_state, data_state: dict, meta: dict) -> None:
+        """Saves asynchronously after verifying the previous save; refuses non-finite states."""
+        if not all_finite((params, opt_state)):
+            raise ValueError(f"refusing to save a non-finite state at step {step}: the run diverged")
+        self._finish_pending()
+        meta = {**meta, "checksums": checksums({"params": params, "opt_state": opt_state})}
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -96,9 +150,51 @@ class Checkpointer:
                 meta=ocp.args.JsonSave(meta),
             ),
         )
+        self.pending = step
+
+    def _finish_pending(self) -> None:
+        """Waits for the last save, reads it back, and only then rotates out older steps."""
+        self.manager.wait_until_finished()
+        if self.pending is None:
+            return
+        step, self.pending = self.pending, None
+        self.verify(step)
+        self.verified.append(step)
+        good = sorted(set(self.verified))
+        for old in self.all_steps():
+            if old < step and len([v for v in good if v > old]) >= self.keep:
+                self.manager.delete(old)
+
+    def bind(self, abstract_params, abstract_opt_state) -> None:
+        """The abstract state (shapes, dtypes, the run's shardings) that saves are read back into."""
+        self.targets = (abstract_params, abstract_opt_state)
+
+    def verify(self, step: int) -> None:
+        """Reads step back into the bound abstract state (`bind`) and compares its checksums."""
+        if self.targets is None:
+            raise ValueError("Checkpointer.verify needs the abstract state: call bind(params, opt_state) first")
+        self.restore(step, *self.targets)
+
+    def _read(self, step: int, items: dict):
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001 -- Orbax and tensorstore raise many types; one clear reason
+            raise DamagedCheckpoint(f"step {step} cannot be read ({type(e).__name__}: {_first_line(e)})") from e
+
+    @staticmethod
+    def _compare(step: int, meta: dict, tree) -> None:
+        got = checksums(tree)
+        want = meta["checksums"]
+        bad = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+        if bad:
+            raise DamagedCheckpoint(
+                f"step {step} is damaged: the contents of {bad[0]} (and {len(bad) - 1} more "
+                "arrays) differ from the checksums written with it"
+            )
 
     def restore(self, step: int, abstract_params, abstract_opt_state=None):
-        """Restores into the given abstract trees (ShapeDtypeStructs carrying shardings)."""
+        """Restores one step into the given abstract trees (ShapeDtypeStructs carrying shardings),
+        verified against its checksums (DamagedCheckpoint otherwise)."""
         items = {
             "params": ocp.args.StandardRestore(abstract_params),
             "data": ocp.args.JsonRestore(),
@@ -106,13 +202,78 @@ class Checkpointer:
         }
         if abstract_opt_state is not None:
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
-        return self.manager.restore(step, args=ocp.args.Composite(**items))
+        restored = self._read(step, items)
+        meta = restored["meta"]
+        if not isinstance(meta, dict) or "checksums" not in meta:
+            raise DamagedCheckpoint(f"step {step} has no checksums (written by an older zoo or damaged)")
+        tree = {"params": restored["params"]}
+        if abstract_opt_state is not None:
+            tree["opt_state"] = restored["opt_state"]
+        want = {k: v for k, v in meta["checksums"].items() if abstract_opt_state is not None or "opt_state" not in k}
+        self._compare(step, {"checksums": want}, tree)
+        return restored
+
+    def restore_latest(
+        self, abstract_params, abstract_opt_state=None, before: int | None = None, move_aside: bool = True
+    ):
+        """(step, restored) of the newest good step (older than `before` if given), or (None, None).
+
+        Every step that fails is skipped with one line saying which step and why, and moved aside when
+        `move_aside` (a training run; a read-only evaluation leaves the directory as it is)."""
+        for step in reversed(self.all_steps()):
+            if before is not None and step >= before:
+                continue
+            try:
+                restored = self.restore(step, abstract_params, abstract_opt_state)
+            except DamagedCheckpoint as e:
+                if move_aside:
+                    self.set_aside(step, str(e))
+                elif jax.process_index() == 0:
+                    self.log(f"zoo: checkpoint {e}; skipped it")
+                continue
+            self.verified.append(step)
+            return step, restored
+        return None, None
+
+    def set_aside(self, step: int, reason: str) -> None:
+        """Moves a damaged step out of the checkpoint directory (kept for inspection) and says so."""
+        target = self.workdir / "damaged"
+        dest = target / str(step)
+        if jax.process_index() == 0:
+            self.log(f"zoo: checkpoint {reason}; skipped it (moved to {dest})")
+            target.mkdir(parents=True, exist_ok=True)
+            if dest.exists():
+                dest = target / f"{step}-{len(list(target.iterdir()))}"
+            (self.directory / str(step)).rename(dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"zoo checkpoint set aside {step}")
+        self.manager.reload()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._finish_pending()
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self._finish_pending()
+        finally:
+            self.manager.close()
+
+
+def _abstract_tree(metadata) -> Any:
+    """Host-local ShapeDtypeStructs for an item from Orbax's saved metadata (for verification reads)."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+        metadata,
+        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"),
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else ""
 
 
 def abstract_model(model_name: str, cfg: Any) -> nnx.Module:
@@ -183,10 +344,9 @@ def load_model(
     view = ParamView(abstract_model(config.model_name, saved_cfg))
     ckpt = Checkpointer(workdir, create=False)
     try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
+        if not ckpt.all_steps():
             raise ValueError(f"{str(workdir)!r} has no checkpoint yet")
-        if step not in ckpt.all_steps():
+        if step is not None and step not in ckpt.all_steps():
             raise ValueError(f"{str(workdir)!r} has no checkpoint at step {step}; it has steps {ckpt.all_steps()}")
         if shardings is None:
             shardings = default_sharding()
@@ -199,9 +359,14 @@ def load_model(
                 "the run's saved layout, or one sharding for all"
             )
         target = {n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings[n]) for n, s in view.shapes.items()}
-        restored = ckpt.restore(step, target)
+        if step is None:  # the newest good step; damaged ones are skipped with one line each
+            step, restored = ckpt.restore_latest(target, move_aside=False)
+            if step is None:
+                raise ValueError(f"{str(workdir)!r} holds no usable checkpoint (every step is damaged)")
+        else:
+            restored = ckpt.restore(step, target)
     finally:
-        ckpt.close()
+        ckpt.manager.close()
     for k, v in model_overrides.items():
         config.model[k] = list(v) if isinstance(v, tuple) else v
     return bind(config.model_name, cfg, restored["params"], saved_cfg), config
@@ -216,8 +381,33 @@ def default_sharding() -> jax.sharding.Sharding:
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
+# Files of a tokenizer that travel with it into a model directory: the model file named by its
+# spec, and for a Hugging Face tokenizer.json the configuration files beside it (EOS/BOS tokens).
+TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+def _copy_tokenizer(spec: dict, out) -> dict:
+    """Copies the tokenizer's files into model directory `out`; the spec with a relative path."""
+    if not spec.get("path"):
+        return dict(spec)
+    src = io.path(spec["path"])
+    if not src.is_file():
+        raise ValueError(f"tokenizer file {spec['path']!r} does not exist; it cannot travel with the model")
+    (out / src.name).write_bytes(src.read_bytes())
+    if spec.get("kind") == "hf":
+        for name in TOKENIZER_COMPANIONS:
+            if (src.parent / name).is_file():
+                (out / name).write_bytes((src.parent / name).read_bytes())
+    return {**spec, "path": src.name}
+
+
 def save_pretrained(model: nnx.Module, out_dir, *, tokenizer: dict | None = None, source: dict | None = None) -> None:
-    """Writes a model directory: model.json and params.safetensors (looped layout, fp32 as held)."""
+    """Writes a model directory: model.json and params.safetensors (looped layout, fp32 as held).
+
+    `tokenizer` is a tokenizer spec (`zoo.data.tokenizers.Tokenizer.spec()`): its model file (and a
+    tokenizer.json's tokenizer_config.json) is copied into the directory and model.json keeps the
+    spec with the file's name relative to the directory, so the directory is self-contained.
+    """
     out = io.path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -233,30 +423,56 @@ def save_pretrained(model: nnx.Module, out_dir, *, tokenizer: dict | None = None
             "version": 1,
             "model_name": model.model_name,
             "model": fields,
-            "tokenizer": tokenizer,
+            "tokenizer": None if tokenizer is None else _copy_tokenizer(tokenizer, out),
             "source": source or {},
         },
     )
 
 
+def model_dir_of(path) -> epath.Path:
+    """The model directory of `path`: the directory itself, or the directory of its model.json /
+    params.safetensors."""
+    p = io.path(path)
+    if p.is_file() and p.name in (MODEL_FILE, PARAMS_FILE):
+        return p.parent
+    return p
+
+
 def read_model_dir(model_dir) -> dict:
     """The model.json of a model directory (one clear error when it is not one)."""
-    file = io.path(model_dir) / MODEL_FILE
+    directory = model_dir_of(model_dir)
+    file = directory / MODEL_FILE
     if not file.is_file():
-        raise ValueError(
-            f"{str(model_dir)!r} is not a zoo model directory (no {MODEL_FILE}); write one with "
-            "`zoo convert` or zoo.checkpoint.save_pretrained"
-        )
+        hint = "write one with `zoo convert` or zoo.checkpoint.save_pretrained"
+        if (directory / "config.json").is_file():
+            hint = (
+                "it looks like a Hugging Face / mamba_ssm checkpoint: convert it first with "
+                f"`zoo convert --from hf {str(model_dir)} --out DIR` (or --from mamba_ssm)"
+            )
+        raise ValueError(f"{str(model_dir)!r} is not a zoo model directory (no {MODEL_FILE}); {hint}")
     meta = io.read_json(file)
     if meta.get("format") != "zoo-model":
         raise ValueError(f"{str(file)!r} is not a zoo model description (format {meta.get('format')!r})")
     return meta
 
 
+def tokenizer_spec(model_dir, meta: dict | None = None) -> dict | None:
+    """The tokenizer spec of a model directory with its file path resolved (None: no tokenizer)."""
+    meta = read_model_dir(model_dir) if meta is None else meta
+    spec = meta.get("tokenizer")
+    if not spec:
+        return None
+    spec = dict(spec)
+    if spec.get("path") and not io.path(spec["path"]).is_absolute():
+        spec["path"] = str(model_dir_of(model_dir) / spec["path"])
+    return spec
+
+
 def load_pretrained(model_dir, **model_overrides):
-    """(model, model.json dict) from a model directory; `model_overrides` as in `load_model`."""
+    """(model, model.json dict) from a model directory (or its model.json / params.safetensors);
+    `model_overrides` as in `load_model`."""
     meta = read_model_dir(model_dir)
     saved_cfg = registry.config_from_dict(meta["model_name"], meta["model"])
     cfg = registry.config_with_overrides(saved_cfg, model_overrides)
-    params = io.load_flat(io.path(model_dir) / PARAMS_FILE)
+    params = io.load_flat(model_dir_of(model_dir) / PARAMS_FILE)
     return bind(meta["model_name"], cfg, params, saved_cfg), meta

@@ -5,6 +5,9 @@
     zoo info  --config mamba2:130m [--seq-len 2048] [--config.a.b=value ...]
     zoo models
     zoo convert masformer --src runs/base --out runs/mas-init [--schedule window,full]
+    zoo convert --from hf|mamba_ssm SRC --out DIR [--model NAME] [--tokenizer auto] [--set FIELD=VALUE]
+    zoo convert --to hf MODEL_DIR --out DIR [--dtype float32]
+    zoo generate --workdir DIR | --pretrained DIR --prompt TEXT [--max-new-tokens N --temperature T ...]
     zoo data prepare --input DIR --output SHARDS [--tokenizer tokenizer.json] [--workers N]
     zoo bench train mamba2:130m transformer:small [--batch-size 16 --seq-len 2048]
 
@@ -36,11 +39,37 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--seq-len", type=int, default=None, help="length for FLOPs (default: data.seq_len)")
     sub.add_parser("models", help="list the registered models and their presets")
     c = sub.add_parser("convert", help="convert checkpoints between zoo models and other formats")
-    csub = c.add_subparsers(dest="what", required=True)
+    c.add_argument("--from", dest="from_", nargs=2, metavar=("FORMAT", "SRC"), help="import: hf|mamba_ssm SRC")
+    c.add_argument("--to", nargs=2, metavar=("FORMAT", "SRC"), help="export a zoo model directory: hf SRC")
+    c.add_argument(
+        "--model", default=None, help="import: the zoo model (transformer, hip, masformer, mamba2, memmamba)"
+    )
+    c.add_argument("--out", dest="out_dir", default=None, help="--from/--to: the directory to write")
+    c.add_argument("--tokenizer", default="auto", help="import: auto (the source's), none, bytes or a tokenizer file")
+    c.add_argument("--eos-token", default=None, help="import: the end-of-text token of a tokenizer.json")
+    c.add_argument("--dtype", default="float32", help="import: compute dtype; export: tensor dtype")
+    c.add_argument("--seed", type=int, default=0, help="import: seed of parameters the source lacks")
+    c.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="import: a target config field")
+    csub = c.add_subparsers(dest="what", required=False)
     m = csub.add_parser("masformer", help="a trained full-attention transformer run -> a MASFormer model directory")
     m.add_argument("--src", required=True, help="work directory of a transformer run")
     m.add_argument("--out", required=True, help="new model directory (train from it with train.init_from)")
     m.add_argument("--schedule", default="", help="e.g. window,full or full@5,11:block (default: the tiny preset's)")
+    g = sub.add_parser("generate", help="generate text from a trained run or a model directory")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="a `zoo train` work directory (its latest checkpoint, its data tokenizer)")
+    src.add_argument("--pretrained", help="a model directory (`zoo convert`; its tokenizer)")
+    g.add_argument("--step", type=int, default=None, help="--workdir: the checkpoint step (default: latest)")
+    g.add_argument("--prompt", action="append", default=[], help="a text prompt (repeat for a batch)")
+    g.add_argument("--prompt-ids", action="append", default=[], help="a prompt as token ids, e.g. 1,2,3")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--eos", default="tokenizer", help="tokenizer (its EOS), none, or token ids 2,3")
+    g.add_argument("--no-special-tokens", action="store_true", help="encode prompts without BOS etc.")
+    g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     d = sub.add_parser("data", help="prepare corpora: tokenized ArrayRecord shards")
     dsub = d.add_subparsers(dest="what", required=True)
     from zoo.data import prepare
@@ -74,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"zoo: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file system error on the user's paths: one line, not a traceback
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"zoo: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
 
 
 def _run(args, overrides) -> int:
@@ -89,6 +122,8 @@ def _run(args, overrides) -> int:
         result = train(load_config(args.config, overrides), args.workdir)
         if jax.process_index() == 0:
             print(json.dumps({"step": result["step"], **result["train"]}, indent=None))
+        if result.get("preempted"):  # SIGTERM: the checkpoint is written; exit cleanly, evaluate later
+            return 0
         if not args.no_eval:  # every process evaluates (the parameters may span them); process 0 writes
             _evaluate(args.workdir, None)
             if jax.process_index() == 0:
@@ -105,7 +140,9 @@ def _run(args, overrides) -> int:
             print(f"{name:14s} {kind:10s} presets: {', '.join(registry.list_presets(name))}")
         return 0
     if args.command == "convert":
-        return _convert(args)
+        return _convert(args) if args.what else _convert_pretrained(args)
+    if args.command == "generate":
+        return _generate(args)
     if args.command == "data":
         from zoo.data import prepare
 
@@ -180,6 +217,106 @@ def _convert(args) -> int:
         f"wrote {args.out}: masformer with schedule {','.join(schedule)}; train it with "
         f"--config.train.init_from={args.out}"
     )
+    return 0
+
+
+def _field_value(text: str):
+    """--set FIELD=VALUE: the value as JSON (numbers, booleans, lists), else the string."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _convert_pretrained(args) -> int:
+    """zoo convert --from hf|mamba_ssm SRC --out DIR [--model NAME] / zoo convert --to hf SRC --out DIR."""
+    if bool(args.from_) == bool(args.to):
+        raise ValueError("zoo convert needs one of: a subcommand (masformer), --from FORMAT SRC, --to hf SRC")
+    if not args.out_dir:
+        raise ValueError("zoo convert --from/--to needs --out DIR")
+    from zoo.convert import pretrained
+
+    if args.to:
+        fmt, src = args.to
+        if fmt != "hf":
+            raise ValueError(f"--to {fmt!r}: the zoo exports to 'hf' (Hugging Face safetensors + config.json)")
+        out = pretrained.export_hf(src, args.out_dir, dtype=args.dtype)
+        print(f"wrote {out['path']}: {out['config']['architectures'][0]}, {out['tensors']} tensors ({args.dtype})")
+        return 0
+    fmt, src = args.from_
+    fields = {}
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--set {item!r}: write FIELD=VALUE")
+        fields[key] = _field_value(value)
+    info = pretrained.convert_checkpoint(
+        src,
+        args.out_dir,
+        fmt,
+        args.model,
+        tokenizer=args.tokenizer,
+        eos_token=args.eos_token,
+        dtype=args.dtype,
+        seed=args.seed,
+        **fields,
+    )
+    print(pretrained.describe(info))
+    print(f"wrote {args.out_dir}: load it with zoo.from_pretrained({args.out_dir!r}) or `zoo generate --pretrained`")
+    return 0
+
+
+def _generate(args) -> int:
+    """zoo generate --workdir DIR | --pretrained DIR --prompt TEXT ...: prints the continuations."""
+    from zoo.data.tokenizers import from_spec, tokenizer_for
+    from zoo.generate import encode_prompt, generate
+
+    if args.workdir:
+        from zoo.checkpoint import load_model
+
+        model, config = load_model(args.workdir, args.step)
+        tok = tokenizer_for(config.data)
+    else:
+        from zoo.checkpoint import load_pretrained, tokenizer_spec
+
+        model, meta = load_pretrained(args.pretrained)
+        spec = tokenizer_spec(args.pretrained, meta)
+        tok = None if spec is None else from_spec(spec)
+    if not args.prompt and not args.prompt_ids:
+        raise ValueError("give at least one --prompt TEXT or --prompt-ids 1,2,3")
+    if args.prompt and tok is None:
+        raise ValueError(f"{args.pretrained!r} has no tokenizer; give --prompt-ids, or convert it with --tokenizer")
+    prompts = [encode_prompt(tok, p, not args.no_special_tokens) for p in args.prompt]
+    for ids in args.prompt_ids:
+        try:
+            prompts.append([int(x) for x in ids.split(",") if x.strip()])
+        except ValueError as e:
+            raise ValueError(f"--prompt-ids {ids!r}: give comma-separated integers") from e
+    if args.eos == "tokenizer":
+        eos = None if tok is None else tok.eos_id
+    elif args.eos == "none":
+        eos = None
+    else:
+        eos = [int(x) for x in args.eos.split(",")]
+    out = generate(
+        model,
+        prompts,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos=eos,
+        seed=args.seed,
+    )
+    stop = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+    for i, row in enumerate(out.rows()):
+        text = None if tok is None else tok.decode([t for t in row if t not in stop])
+        if args.json:
+            print(json.dumps({"prompt": i, "prompt_ids": [int(t) for t in prompts[i]], "ids": row, "text": text}))
+        else:
+            print(f"--- prompt {i} ({len(prompts[i])} tokens) -> {len(row)} new tokens")
+            print(text if text is not None else " ".join(map(str, row)))
     return 0
 
 
