@@ -25,6 +25,7 @@ import numpy as np
 from zoo.config import load_config, model_config
 from zoo.models import registry
 from zoo.train import trainer
+from zoo.train.trainer import compiled_memory
 
 
 def time_fn(fn: Callable, *args, reps: int = 10, warmup: int = 2) -> float:
@@ -45,31 +46,6 @@ def matmul_flops(dtype=jnp.bfloat16, n: int | None = None, reps: int = 10) -> fl
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
     return 2 * n**3 / time_fn(jax.jit(jnp.matmul), a, b, reps=reps)
-
-
-def compiled_memory(compiled) -> dict[str, int] | None:
-    """XLA's memory analysis of a compiled function (bytes), where the backend offers one."""
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 -- some backends do not implement it
-        return None
-    if m is None:
-        return None
-    fields = (
-        "argument_size_in_bytes",
-        "output_size_in_bytes",
-        "temp_size_in_bytes",
-        "alias_size_in_bytes",
-        "generated_code_size_in_bytes",
-    )
-    out = {f: int(getattr(m, f, 0) or 0) for f in fields}
-    out["peak_bytes"] = (
-        out["argument_size_in_bytes"]
-        + out["output_size_in_bytes"]
-        + out["temp_size_in_bytes"]
-        - out["alias_size_in_bytes"]
-    )
-    return out
 
 
 def attention_train_flops_per_token(cfg: Any, seq_len: int) -> float:

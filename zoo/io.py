@@ -11,6 +11,9 @@ event files are kept in memory and each file is rewritten whole at every flush.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import tempfile
 import threading
 import time
 from typing import Any
@@ -67,16 +70,21 @@ class MetricsWriter:
     checkpoint, and `close` flushes).
     """
 
-    def __init__(self, workdir, flush_every_s: float = 30.0):
+    def __init__(self, workdir, flush_every_s: float = 30.0, resume_at: int | None = None):
+        """`resume_at`: the step a resumed run continues from; records of later steps (which the run
+        replays) are dropped first, so the log never holds a step twice."""
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
         self.file = path(workdir) / "metrics.jsonl"
         self.remote = is_remote(workdir)
         self.flush_every_s, self.flushed_at = flush_every_s, time.monotonic()
+        lines = self.file.read_text().splitlines(keepends=True) if self.file.exists() else []
+        kept = [ln for ln in lines if ln.strip() and (resume_at is None or json.loads(ln)["step"] <= resume_at)]
+        if len(kept) != len(lines):
+            write_text_atomic(self.file, "".join(kept))
         if self.remote:
-            self.lines = self.file.read_text().splitlines(keepends=True) if self.file.exists() else []
-            self.dirty = False
+            self.lines, self.dirty = kept, False
         else:
             self.jsonl = self.file.open("a")
         from tensorboardX import SummaryWriter
@@ -183,3 +191,88 @@ def load_flat(file) -> dict[str, np.ndarray]:
     from safetensors.numpy import load
 
     return load(path(file).read_bytes())
+
+
+def check_writable_dir(workdir, what: str = "the work directory") -> None:
+    """One clear ValueError when `workdir` is a file or cannot be written.
+
+    Permission bits are not enough (root passes `os.access` on a read-only mount), so a hidden
+    empty file is created and removed in the nearest existing directory; nothing else is touched.
+    """
+    p = path(workdir)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{what} {str(p)!r} is a file, not a directory; pass a directory for --workdir")
+    if is_remote(p):
+        return  # object stores: permissions show only when writing
+    local = os.path.abspath(str(p))
+    while not os.path.exists(local):  # the nearest existing ancestor must be writable to create it
+        local = os.path.dirname(local)
+    if not os.path.isdir(local):
+        raise ValueError(f"{what} {str(p)!r} cannot be created: {local!r} is a file")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".zoo-write-probe-", dir=local)
+    except OSError as e:
+        raise ValueError(
+            f"{what} {str(p)!r} is not writable ({local!r}: {e.strerror}); choose another --workdir"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+class WorkdirLock:
+    """One writer per work directory: a lock file `<workdir>/.zoo.lock` holding the host, the process id
+    and the start time, created exclusively by process 0. A lock left by a run that died (kill -9) is
+    recognised as stale when its host is this one and its process is gone, and taken over. Remote work
+    directories (no exclusive create on object stores) are not locked."""
+
+    NAME = ".zoo.lock"
+
+    def __init__(self, workdir):
+        self.file = path(workdir) / self.NAME
+        self.held = False
+
+    def __enter__(self) -> WorkdirLock:
+        if jax.process_index() != 0 or is_remote(self.file):
+            return self
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(str(self.file), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                other = self._holder()
+                if other is not None and not self._stale(other):
+                    raise ValueError(
+                        f"{str(self.file.parent)!r} is in use by process {other.get('pid')} on {other.get('host')} "
+                        f"(since {other.get('since')}); wait for it, or delete {str(self.file)!r} if that run is gone"
+                    ) from None
+                self.file.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise ValueError(f"could not take the lock {str(self.file)!r}; another run is starting in the same directory")
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.file.read_text())
+        except (OSError, ValueError):
+            return None  # unreadable: half-written by a run killed while taking it
+
+    @staticmethod
+    def _stale(holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return False  # another host's process cannot be checked from here
+        try:
+            os.kill(int(holder.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError):
+            return False
+        return False
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.file.unlink(missing_ok=True)
+            self.held = False

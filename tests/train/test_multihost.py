@@ -140,7 +140,9 @@ def _check_checkpoint(workdir, step: int, processes: int, next_index: int) -> No
     data = json.loads((d / "data" / "metadata").read_text())
     assert data == {"process_count": processes, "hosts": [{"next_index": next_index}] * processes}
     meta = json.loads((d / "meta" / "metadata").read_text())
+    checksums = meta.pop("checksums")  # content checksums of every saved array, verified on restore
     assert meta == {"step": step, "model_name": "transformer", "process_count": processes}
+    assert any("blocks/layers/0/attn/wq/kernel" in k for k in checksums) and len(checksums) > 20
 
 
 def test_two_processes_equal_one_process_and_resume_across_process_counts(tmp_path):
@@ -167,16 +169,14 @@ def test_two_processes_equal_one_process_and_resume_across_process_counts(tmp_pa
     assert '"step": 3' in out_a[0] and '"step": 3' not in out_a[1]  # only process 0 prints
 
     b, _ = _launch(tmp_path, "b", work, 1, *MESH, "--no-eval", stop_after=5)  # 1 process resumes at 3
-    new = _lines(work / "metrics.jsonl")[len(lines) :]
-    _check_losses(new, reference, [3, 4, 5])
+    _check_losses(_lines(work / "metrics.jsonl"), reference, [1, 2, 3, 4, 5])  # step 3's record replaced
     _check_rows(b, index, first_step=3)
     assert _checkpoint_steps(work) == [2, 4]
     _check_checkpoint(work, 4, processes=1, next_index=4)
     assert b[0]["saves"][0]["spanning"] == 0
 
-    lines += new
     c, out_c = _launch(tmp_path, "c", work, 2, *MESH)  # 2 processes resume at 5, finish, evaluate
-    _check_losses(_lines(work / "metrics.jsonl")[len(lines) :], reference, [5, 6])
+    _check_losses(_lines(work / "metrics.jsonl"), reference, [1, 2, 3, 4, 5, 6])
     _check_rows(c, index, first_step=5)
     assert _checkpoint_steps(work) == [4, 6]
     _check_checkpoint(work, 6, processes=2, next_index=6)
@@ -222,8 +222,9 @@ def test_packed_mode_keeps_each_process_data_position(tmp_path):
     resumed, _ = _launch(tmp_path, "resumed", work, 2, *packed)  # from 2: steps 3 and 4 again
     for p in (0, 1):  # the same rows on the same process
         assert resumed[p]["steps"] == full[p]["steps"][2:]
-    again = _lines(work / "metrics.jsonl")[len(first) :]
-    assert {r["step"]: r["loss"] for r in again} == {3: first[3], 4: first[4]}
+    lines = _lines(work / "metrics.jsonl")  # the replayed steps' records replace the earlier ones
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    assert {r["step"]: r["loss"] for r in lines} == first
 
 
 def _serve_gcs(monkeypatch, port: int, bucket: str):
@@ -302,6 +303,7 @@ def test_gcs_work_directory_creates_no_local_folder(tmp_path, monkeypatch):
         _launch(tmp_path, "first", workdir, 2, "--no-eval", stop_after=3, env=env, cwd=cwd, devices=2)
         bucket = _Bucket(url, "zoo-test")
         at_2 = bucket.names("runs/tiny/checkpoints/2/")
+        first = [json.loads(line) for line in bucket.read("runs/tiny/metrics.jsonl").decode().splitlines()]
         _launch(tmp_path, "second", workdir, 1, env=env, cwd=cwd, devices=2)
         names = bucket.names("runs/tiny/")
         metrics = [json.loads(line) for line in bucket.read("runs/tiny/metrics.jsonl").decode().splitlines()]
@@ -321,10 +323,11 @@ def test_gcs_work_directory_creates_no_local_folder(tmp_path, monkeypatch):
             assert any(n.startswith(f"runs/tiny/checkpoints/2/{item}/ocdbt.process_{p}/") for n in at_2), (item, p)
     assert "runs/tiny/checkpoints/2/commit_success.txt" in at_2
     # The first run's records survive the resume (an object store cannot append: the log is rewritten
-    # whole), and the replayed step 3 (one process) equals the first run's (two processes).
-    assert [r["step"] for r in metrics] == [1, 2, 3, 3, 4, 5, 6]
-    _check_losses(metrics[3:4], {3: metrics[2]}, [3])
-    assert (metrics[3]["accuracy"], metrics[3]["lr"]) == (metrics[2]["accuracy"], metrics[2]["lr"])
+    # whole), the replayed step 3 replaces its first record, and equals it (one process vs two).
+    assert [r["step"] for r in first] == [1, 2, 3] and [r["step"] for r in metrics] == [1, 2, 3, 4, 5, 6]
+    assert metrics[:2] == first[:2]
+    _check_losses(metrics[2:3], {3: first[2]}, [3])
+    assert (metrics[2]["accuracy"], metrics[2]["lr"]) == (first[2]["accuracy"], first[2]["lr"])
     assert len(events) == 2 and all(b"brain.Event:2" in d and b"loss" in d for d in event_data)
     assert "loss_by_position" in ev and "passkey" in ev
     assert os.listdir(cwd) == []  # no local folder named like the URI ("gs:/zoo-test/...")

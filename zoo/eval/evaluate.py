@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import ml_collections
 
@@ -31,6 +33,12 @@ def evaluate_workdir(workdir: str, model=None, config=None, step: int | None = N
     them); `shardings` (see `zoo.checkpoint.load_model`) places the restored parameters, and only
     process 0 writes the files. Every process returns the same result.
     """
+    if jax.process_index() == 0:  # check before computing that the results can be written
+        io.check_writable_dir(workdir, "the run's work directory")
+        out = io.path(workdir)
+        for name in ("eval.json", "eval.png", "training.png"):
+            if (out / name).exists() and not io.is_remote(out) and not os.access(str(out / name), os.W_OK):
+                raise ValueError(f"{str(out / name)!r} is read-only; evaluation results could not be written")
     if model is None:
         model, config = load_model(workdir, step, shardings=shardings)
     result = evaluate(model, config)

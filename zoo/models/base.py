@@ -483,9 +483,24 @@ class LanguageModel(nnx.Module):
             raise ValueError(f"init_cache(batch_size={batch_size}, max_length={max_length}): both must be >= 1")
         return {"layers": self.blocks.init_state(batch_size, max_length), "pos": jnp.zeros((), jnp.int32)}
 
+    def cache_capacity(self, cache: dict) -> int | None:
+        """The tokens a cache can hold (None: a fixed-size state, which decodes without end)."""
+        del cache
+        return None
+
+    def _check_room(self, cache: dict, n: int) -> None:
+        """A concrete cache position must leave room for n more tokens (a ValueError, not wrong logits)."""
+        cap, pos = self.cache_capacity(cache), cache["pos"]
+        if cap is not None and not isinstance(pos, jax.core.Tracer) and int(pos) + n > cap:
+            raise ValueError(
+                f"the cache holds {cap} tokens and is at position {int(pos)}: {n} more do not fit; build "
+                f"it with init_cache(batch_size, max_length >= {int(pos) + n})"
+            )
+
     def prefill(self, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
         """tokens int32 [B, T] continuing from `cache` -> (logits [B, T, V], cache after the last token)."""
         tokens = check_tokens(tokens, 2)
+        self._check_room(cache, tokens.shape[1])
         ctx = make_context(tokens, index=cache["pos"])
         h, layers = self.blocks.prefill(self.embed_tokens(tokens), cache["layers"], ctx)
         return self.logits(h), {"layers": layers, "pos": cache["pos"] + tokens.shape[1]}
@@ -493,6 +508,7 @@ class LanguageModel(nnx.Module):
     def decode_step(self, tokens_t: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
         """tokens_t int32 [B] -> (logits [B, V], updated cache)."""
         tokens_t = check_tokens(tokens_t, 1, "tokens_t")[:, None]
+        self._check_room(cache, 1)
         ctx = make_context(tokens_t, index=cache["pos"])
         h, layers = self.blocks.decode(self.embed_tokens(tokens_t), cache["layers"], ctx)
         return self.logits(h)[:, 0], {"layers": layers, "pos": cache["pos"] + 1}

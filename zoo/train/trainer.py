@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,8 +39,8 @@ from jax.sharding import PartitionSpec as P
 
 from zoo import checkpoint as ckpt_lib
 from zoo import io
-from zoo.config import model_config
-from zoo.data.pipeline import check_vocab, make_batches
+from zoo.config import model_config, validate
+from zoo.data.pipeline import DOCUMENT_SOURCES, PACKED_KEYS, check_vocab, make_batches
 from zoo.data.pipeline import tokens_per_step as data_tokens_per_step
 from zoo.models import registry
 from zoo.models.params import ParamView
@@ -142,12 +145,22 @@ def make_train_step(setup: Setup, opt_sh) -> Callable:
             )
             (grads, stats), _ = jax.lax.scan(body, zeros, micro)
             grads = jax.tree.map(lambda g: g / jnp.maximum(stats["loss_weight"], 1.0), grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        loss = stats["loss_sum"] / jnp.maximum(stats["loss_weight"], 1.0)
+        grad_norm = optax.global_norm(grads)
+        # The non-finite guard: a NaN/Inf loss or gradient skips the update (parameters and optimizer
+        # state unchanged); the host learns it from the metrics when it next looks, no sync per step.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        params, opt_state = jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt, opt_state)
         metrics = {
-            "loss": stats["loss_sum"] / jnp.maximum(stats["loss_weight"], 1.0),
+            "loss": loss,
             "accuracy": stats["correct"] / jnp.maximum(stats["answers"], 1.0),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
+            "nonfinite": ~finite,
+            # per parameter (in `view.names` order): its gradient is not finite
+            "bad_grads": jnp.stack([~jnp.all(jnp.isfinite(grads[n])) for n in view.names]),
         }
         return params, opt_state, metrics
 
@@ -159,11 +172,23 @@ def make_train_step(setup: Setup, opt_sh) -> Callable:
         donate_argnums=(0, 1),
     )
 
+    compiled = {}  # batch shape -> ahead-of-time compiled step (`precompile`)
+
     def run(params, opt_state, batch):
+        exe = compiled.get(batch["inputs"].shape)
+        if exe is not None:
+            return exe(params, opt_state, batch)
         with jax.set_mesh(setup.mesh):  # the kernels see the mesh while tracing (shard_map)
             return jitted(params, opt_state, batch)
 
+    def precompile(params, opt_state, batch):
+        """Compiles the step for these (abstract) inputs; later calls with this batch shape use it."""
+        exe = _lower_under_mesh(jitted, setup.mesh, params, opt_state, batch).compile()
+        compiled[batch["inputs"].shape] = exe
+        return exe
+
     run.lower = lambda *a: _lower_under_mesh(jitted, setup.mesh, *a)
+    run.precompile = precompile
     return run
 
 
@@ -249,103 +274,359 @@ def host_data_state(saved: dict, mode: str, process_index: int, process_count: i
     )
 
 
+class NonFinite(ValueError):
+    """The run met non-finite losses or gradients that its `train.on_nonfinite` policy does not absorb."""
+
+
 def train(
     config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, stop_after: int | None = None
 ) -> dict:
-    """Trains (or resumes) the run in `workdir`; returns {"train": last logged metrics, "step"}.
+    """Trains (or resumes) the run in `workdir`; returns {"train": last logged metrics, "step", and
+    "preempted": True when a SIGTERM stopped it after a checkpoint}.
+
+    Everything that can fail on user input is checked before the work directory is touched (the
+    config's ranges, the model, the data and its splits, the mesh, writability, and the compiled
+    step's memory against the device's). Then one writer holds the work directory (`WorkdirLock`);
+    a resume starts from the newest checkpoint that reads back and matches its checksums (damaged
+    steps are moved aside with one line each); changed run settings are recorded.
 
     Args:
       stop_after: stop after this global step without a final checkpoint (tests simulate preemption).
     """
     sharding.maybe_initialize_distributed()
-    # Everything that can fail on user input is checked before the work directory is touched.
+    validate(config)
     setup = make_setup(config)
     batches = make_batches(config.data, "train", process_index=jax.process_index(), process_count=jax.process_count())
+    step_fn, opt_sh, abstract_params, abstract_opt = _preflight(config, setup, batches, workdir)
+
+    with io.WorkdirLock(workdir):
+        _record_config(workdir, config)
+        checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints, log=_log)
+        checkpointer.bind(abstract_params, abstract_opt)
+        start, restored = checkpointer.restore_latest(abstract_params, abstract_opt)
+        if restored is not None:
+            params, opt_state = restored["params"], restored["opt_state"]
+            batches.set_state(
+                host_data_state(restored["data"], config.data.mode, jax.process_index(), jax.process_count())
+            )
+        else:
+            params = initial_params(setup, config.train.init_from) if config.train.init_from else setup.init_params()
+            opt_state = jax.jit(setup.tx.init, out_shardings=opt_sh)(params)
+            start = 0
+        loop = _Loop(config, setup, step_fn, batches, checkpointer, workdir, start, progress)
+        try:
+            return loop.run(params, opt_state, stop_after)
+        finally:
+            loop.close()
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _preflight(config, setup: Setup, batches, workdir):
+    """The checks that need no work directory: data, splits, mesh, writability, compiled memory.
+
+    Returns (step function, optimizer shardings, abstract params, abstract optimizer state)."""
     vocab = model_config(config).vocab_size
     initial_state = batches.get_state()
     check_vocab(next(batches), vocab, f"data.source={config.data.source!r}")  # peek, then rewind
     batches.set_state(initial_state)
-    ckpt_lib.check_resume_config(workdir, config)
-
-    if jax.process_index() == 0:
-        io.path(workdir).mkdir(parents=True, exist_ok=True)
-        if not (io.path(workdir) / ckpt_lib.CONFIG_FILE).is_file():
-            io.write_json_atomic(io.path(workdir) / ckpt_lib.CONFIG_FILE, config.to_dict())
-    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)  # all processes wait here
-
+    if config.data.source in DOCUMENT_SOURCES:  # the evaluation's split must exist before training
+        make_batches(config.data, "validation")
+    dp = sharding.data_parallel_size(setup.mesh)
+    sizes = batches.schedule.batch_sizes.values() if config.data.mode == "decomposition" else [config.data.batch_size]
+    for b in sizes:
+        if b % dp:
+            raise ValueError(
+                f"a global batch of {b} sequences is not divisible by the mesh's data x fsdp = {dp}; "
+                "change data.batch_size (or data.tokens_per_step) or the mesh"
+            )
+    io.check_writable_dir(workdir)
+    if config.train.init_from:
+        src = io.path(config.train.init_from)
+        if not (src / ckpt_lib.MODEL_FILE).is_file() and not (src / ckpt_lib.CONFIG_FILE).is_file():
+            raise ValueError(
+                f"train.init_from={config.train.init_from!r} is neither a model directory nor a work directory"
+            )
     abstract_params = {
         n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=setup.param_shardings[n])
         for n, s in setup.view.shapes.items()
     }
     abstract_opt = jax.eval_shape(setup.tx.init, abstract_params)
     opt_sh = setup.opt_shardings(abstract_opt)
-    start = checkpointer.latest_step()
-    if start is None and config.train.init_from:
-        params = initial_params(setup, config.train.init_from)
-        opt_state = jax.jit(setup.tx.init, out_shardings=opt_sh)(params)
-        start = 0
-    elif start is None:
-        params = setup.init_params()
-        opt_state = jax.jit(setup.tx.init, out_shardings=opt_sh)(params)
-        start = 0
-    else:
-        target_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_opt, opt_sh)
-        restored = checkpointer.restore(start, abstract_params, target_opt)
-        params, opt_state = restored["params"], restored["opt_state"]
-        batches.set_state(host_data_state(restored["data"], config.data.mode, jax.process_index(), jax.process_count()))
+    abstract_opt = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract_opt, opt_sh)
     step_fn = make_train_step(setup, opt_sh)
+    # The largest step (fixed: the one shape; decomposition: the longest bucket) compiled now, and
+    # its memory compared with the device's before anything is written.
+    if config.data.mode == "decomposition":
+        k = max(batches.schedule.batch_sizes)
+        shape = (batches.schedule.batch_size(k), 1 << k)
+    else:
+        shape = (config.data.batch_size, config.data.seq_len)
+    bsh = sharding.batch_sharding(setup.mesh, 2)
+    keys = PACKED_KEYS if config.data.mode == "packed" else PACKED_KEYS[:4]
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct(shape, jnp.float32 if k.endswith("mask") else jnp.int32, sharding=bsh) for k in keys
+    }
+    check_memory(step_fn.precompile(abstract_params, abstract_opt, abstract_batch), config)
+    return step_fn, opt_sh, abstract_params, abstract_opt
 
-    writer = io.MetricsWriter(workdir)
-    total = config.train.steps
-    bar = None
-    if progress and jax.process_index() == 0:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, initial=start, desc=f"train {config.model_name}", unit="step", dynamic_ncols=True)
-    last = {}
-    t0, tokens_since = time.perf_counter(), 0
-    lr = optim.lr_schedule(
-        config.optim.lr,
-        config.optim.warmup_steps * setup.tokens_per_step,
-        total * setup.tokens_per_step,
-        config.optim.min_lr_ratio,
-        setup.tokens_per_step,
-    )
-    step = start
+def compiled_memory(compiled) -> dict[str, int] | None:
+    """XLA's memory analysis of a compiled function (bytes), where the backend offers one."""
     try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 -- some backends do not implement it
+        return None
+    if m is None:
+        return None
+    fields = (
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "temp_size_in_bytes",
+        "alias_size_in_bytes",
+        "generated_code_size_in_bytes",
+    )
+    out = {f: int(getattr(m, f, 0) or 0) for f in fields}
+    out["peak_bytes"] = (
+        out["argument_size_in_bytes"]
+        + out["output_size_in_bytes"]
+        + out["temp_size_in_bytes"]
+        - out["alias_size_in_bytes"]
+    )
+    return out
+
+
+def check_memory(compiled, config) -> None:
+    """One clear error when the compiled step needs more memory than a device has (where known)."""
+    need = (compiled_memory(compiled) or {}).get("peak_bytes")
+    have = device_memory_bytes()
+    if need is not None and have is not None and need > have:
+        raise ValueError(
+            f"the training step needs {need / 2**30:.1f} GiB per device but a device has {have / 2**30:.1f} GiB; "
+            f"lower data.batch_size or data.seq_len (now {config.data.batch_size} x {config.data.seq_len}), set "
+            "--config.model.remat=full, or add devices to the mesh"
+        )
+
+
+def device_memory_bytes() -> int | None:
+    """Memory of one local device: the accelerator's limit, or the available host RAM on CPU."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    if jax.default_backend() == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                info = dict(line.split(":", 1) for line in f)
+            return int(info["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            return None
+    return None
+
+
+def _record_config(workdir, config) -> None:
+    """config.json: written for a new run; on a resume the model must match (`check_resume_config`)
+    and changed run settings are recorded (one line, `config_history.jsonl`, config.json updated)."""
+    ckpt_lib.check_resume_config(workdir, config)
+    if jax.process_index() != 0:
+        return
+    file = io.path(workdir) / ckpt_lib.CONFIG_FILE
+    io.path(workdir).mkdir(parents=True, exist_ok=True)
+    new = config.to_dict()
+    if not file.is_file():
+        io.write_json_atomic(file, new)
+        return
+    old = io.read_json(file)
+    changes = {k: [v, w] for k, (v, w) in _flat_diff(old, json.loads(json.dumps(new))).items()}
+    if not changes:
+        return
+    _log(
+        "zoo: resuming with changed settings (recorded in config_history.jsonl): "
+        + ", ".join(f"{k} {v!r} -> {w!r}" for k, (v, w) in sorted(changes.items()))
+    )
+    history = io.path(workdir) / "config_history.jsonl"
+    lines = history.read_text() if history.exists() else ""
+    entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "changes": changes}
+    io.write_text_atomic(history, lines + json.dumps(entry) + "\n")
+    io.write_json_atomic(file, new)
+
+
+def _flat_diff(a: dict, b: dict, prefix: str = "") -> dict:
+    out = {}
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out.update(_flat_diff(x, y, f"{prefix}{k}."))
+        elif x != y:
+            out[f"{prefix}{k}"] = (x, y)
+    return out
+
+
+class _Loop:
+    """The training loop proper: steps, logging, checkpoints, the non-finite policy, SIGTERM."""
+
+    def __init__(self, config, setup: Setup, step_fn, batches, checkpointer, workdir, start: int, progress: bool):
+        self.config, self.setup, self.step_fn, self.batches = config, setup, step_fn, batches
+        self.checkpointer, self.workdir, self.start = checkpointer, workdir, start
+        self.writer = io.MetricsWriter(workdir, resume_at=start)
+        self.vocab = model_config(config).vocab_size
+        self.bar = None
+        if progress and jax.process_index() == 0:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=config.train.steps,
+                initial=start,
+                desc=f"train {config.model_name}",
+                unit="step",
+                dynamic_ncols=True,
+            )
+        self.lr = optim.lr_schedule(
+            config.optim.lr,
+            config.optim.warmup_steps * setup.tokens_per_step,
+            config.train.steps * setup.tokens_per_step,
+            config.optim.min_lr_ratio,
+            setup.tokens_per_step,
+        )
+        self.unseen: list[tuple[int, int, dict]] = []  # (step, seq_len, device metrics) not yet looked at
+        self.consecutive = self.nonfinite_total = self.rollbacks = 0
+        self.term = False
+        self.previous_handler = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.profiling = False
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.term = True  # acted on after the current step: checkpoint, then a clean exit
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.profiling:
+            jax.profiler.stop_trace()
+        self.writer.close()
+        self.checkpointer.close()
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGTERM, self.previous_handler)
+
+    def _stop_requested(self) -> bool:
+        """SIGTERM on any process stops every process at the same step (a tiny collective when several)."""
+        if jax.process_count() == 1:
+            return self.term
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.term))))
+
+    def _look(self, step: int) -> None:
+        """Reads the guard flags of the steps since the last look and applies the policy."""
+        flags = jax.device_get([(m["nonfinite"], m["bad_grads"]) for _, _, m in self.unseen])
+        for (s, seq_len, _), (bad, groups) in zip(self.unseen, flags):
+            if not bad:
+                self.consecutive = 0
+                continue
+            self.consecutive += 1
+            self.nonfinite_total += 1
+            names = [n for n, g in zip(self.setup.view.names, groups) if g]
+            where = f"step {s} (sequence length {seq_len}): non-finite loss or gradient" + (
+                f", first in {names[0]}" if names else " (the loss; every gradient is finite)"
+            )
+            policy = self.config.train.on_nonfinite
+            if policy == "stop" or self.consecutive > self.config.train.max_nonfinite:
+                last = self.checkpointer.latest_step()
+                raise NonFinite(
+                    f"{where}; the update was skipped and training stopped (train.on_nonfinite="
+                    f"{policy}, {self.consecutive} in a row, limit train.max_nonfinite="
+                    f"{self.config.train.max_nonfinite}); the last checkpoint is step {last}"
+                )
+            if policy == "rollback":
+                self.unseen = []
+                raise _Rollback(where)
+            _log(f"zoo: {where}; the update was skipped (train.on_nonfinite=skip)")
+        self.unseen = []
+
+    def run(self, params, opt_state, stop_after: int | None) -> dict:
+        config, total = self.config, self.config.train.steps
+        step, last = self.start, {}
+        t0, tokens_since = time.perf_counter(), 0
+        profile = list(config.train.profile_steps)
         while step < total:
-            host_batch = next(batches)
-            check_vocab(host_batch, vocab, f"data.source={config.data.source!r}")
-            batch = global_batch(host_batch, setup.mesh)
-            params, opt_state, metrics = step_fn(params, opt_state, batch)
+            if profile and step + 1 == profile[0] and jax.process_index() == 0:
+                jax.profiler.start_trace(str(io.path(self.workdir) / "profile"))
+                self.profiling = True
+            host_batch = next(self.batches)
+            check_vocab(host_batch, self.vocab, f"data.source={config.data.source!r}")
+            batch = global_batch(host_batch, self.setup.mesh)
+            params, opt_state, metrics = self.step_fn(params, opt_state, batch)
             step += 1
+            seq_len = int(batch["inputs"].shape[1])
+            self.unseen.append((step, seq_len, metrics))
             tokens_since += int(np.prod(batch["inputs"].shape))
-            if step % config.train.log_every == 0 or step == total:
+            if self.profiling and step == profile[1]:
+                jax.block_until_ready(metrics)
+                jax.profiler.stop_trace()
+                self.profiling = False
+                _log(f"zoo: profile of steps {profile[0]}..{profile[1]} written to {io.path(self.workdir) / 'profile'}")
+            log_now = step % config.train.log_every == 0 or step == total
+            save_now = step % config.train.checkpoint_every == 0 or step == total
+            stop = self._stop_requested()
+            if log_now or save_now or stop:
+                try:
+                    self._look(step)
+                except _Rollback as e:
+                    step, params, opt_state = self._rollback(str(e), step)
+                    continue
+            if log_now:
                 now = time.perf_counter()
-                last = {k: float(v) for k, v in metrics.items()}
+                last = {k: float(v) for k, v in metrics.items() if k in ("loss", "accuracy", "grad_norm")}
                 last.update(
                     tokens_per_sec=tokens_since / (now - t0),
-                    lr=float(lr(step - 1)),
-                    seq_len=int(batch["inputs"].shape[1]),
+                    lr=float(self.lr(step - 1)),
+                    seq_len=seq_len,
+                    nonfinite_steps=self.nonfinite_total,
                 )
                 t0, tokens_since = now, 0
-                writer.write(step, last)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}")
-            if bar is not None:
-                bar.update(1)
+                self.writer.write(step, last)
+                if self.bar is not None:
+                    self.bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}")
+            if self.bar is not None:
+                self.bar.update(1)
             if stop_after is not None and step >= stop_after:
-                checkpointer.wait()
+                self.checkpointer.wait()
                 return {"train": last, "step": step}
-            if step % config.train.checkpoint_every == 0 or step == total:
-                data_states = gather_data_states(batches.get_state())
-                meta = {"step": step, "model_name": config.model_name, "process_count": jax.process_count()}
-                checkpointer.save(step, params, opt_state, data_states, meta)
-                writer.flush()
-        checkpointer.wait()
-    finally:
-        if bar is not None:
-            bar.close()
-        writer.close()
-        checkpointer.close()
-    return {"train": last, "step": step}
+            if save_now or stop:
+                self._save(step, params, opt_state)
+            if stop:
+                self.checkpointer.wait()
+                _log(f"zoo: stopped by SIGTERM at step {step}; checkpoint saved, rerun the same command to resume")
+                return {"train": last, "step": step, "preempted": True}
+        self.checkpointer.wait()
+        return {"train": last, "step": step}
+
+    def _save(self, step: int, params, opt_state) -> None:
+        data_states = gather_data_states(self.batches.get_state())
+        meta = {"step": step, "model_name": self.config.model_name, "process_count": jax.process_count()}
+        self.checkpointer.save(step, params, opt_state, data_states, meta)
+        self.writer.flush()
+
+    def _rollback(self, where: str, step: int):
+        """Back to the newest good checkpoint; the data stream goes on (the failing batches are not
+        replayed), so the run continues on new data from the checkpoint's parameters."""
+        self.rollbacks += 1
+        if self.rollbacks > self.config.train.max_nonfinite:
+            raise NonFinite(
+                f"{where}; {self.rollbacks - 1} rollbacks did not help (train.max_nonfinite="
+                f"{self.config.train.max_nonfinite})"
+            )
+        self.checkpointer.wait()
+        back, restored = self.checkpointer.restore_latest(*self.checkpointer.targets)
+        if restored is None:
+            raise NonFinite(f"{where}; there is no checkpoint to roll back to (train.on_nonfinite=rollback)")
+        _log(f"zoo: {where}; rolled back to step {back} (train.on_nonfinite=rollback), the data stream continues")
+        self.consecutive = 0
+        return back, restored["params"], restored["opt_state"]
+
+
+class _Rollback(Exception):
+    """Internal: the rollback policy asks the loop to return to the last checkpoint."""
