@@ -16,12 +16,11 @@
 # %% [markdown]
 # # zoo quickstart
 # Load the checkpoint that `zoo train` wrote (the README's main command writes `runs/default`),
-# evaluate it, decode a passkey prompt token by token, and show the plots.
+# evaluate it, generate from a passkey prompt, and show the plots.
 
 # %%
 import os
 
-import jax.numpy as jnp
 import numpy as np
 from IPython.display import Image, display
 
@@ -44,25 +43,25 @@ if "passkey" in result:
     print(np.round(np.asarray(grid["exact_match"]), 2))
 
 # %% [markdown]
-# ## Decode a prompt with the KV cache (`init_cache` / `decode_step`)
+# ## Generate: `zoo.generate` continues a batch of prompts
+# One jitted program: a parallel prefill of the prompts, then a `lax.while_loop` of `decode_step`
+# with the KV cache. Prompts may differ in length; greedy by default, or sampled with
+# `temperature`, `top_k`, `top_p` and a `seed`.
 
 # %%
 example = synthetic.Passkey(config.data.seq_len, depth=0.5, seed=123)[0]
-prompt = jnp.asarray(example["tokens"][None, : -synthetic.N_DIGITS])  # everything but the answer
-cache = model.init_cache(1, prompt.shape[1] + synthetic.N_DIGITS)
-for t in range(prompt.shape[1]):
-    logits, cache = model.decode_step(prompt[:, t], cache)
-generated = []
-for _ in range(synthetic.N_DIGITS):
-    token = jnp.argmax(logits, -1)
-    generated.append(int(token[0]))
-    logits, cache = model.decode_step(token, cache)
+prompt = example["tokens"][: -synthetic.N_DIGITS]  # everything but the answer
+out = zoo.generate(model, [prompt], max_new_tokens=synthetic.N_DIGITS)
 print(
     "true key:",
     bytes(example["tokens"][-synthetic.N_DIGITS :].astype(np.uint8)).decode(),
     "| generated:",
-    bytes(generated).decode(errors="replace"),
+    bytes(out.tokens[0].astype(np.uint8)).decode(errors="replace"),
 )
+# A batch of two prompts of different lengths, sampled (one seed per row).
+batch = zoo.generate(model, [prompt, prompt[-60:]], max_new_tokens=24, temperature=0.8, top_p=0.95, seed=[1, 2])
+for row in batch.tokens:
+    print(repr(bytes(row.astype(np.uint8)).decode(errors="replace")))
 
 # %% [markdown]
 # ## Plots written by training and evaluation

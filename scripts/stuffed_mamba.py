@@ -2,6 +2,7 @@
 
     python scripts/stuffed_mamba.py --workdir runs/stuffed_mamba [--steps 3000 --train_len 128 --loss answer]
     python scripts/stuffed_mamba.py --workdir runs/stuffed_mamba --run runs/mamba2   # a `zoo train` run
+    python scripts/stuffed_mamba.py --workdir runs/sm-130m --pretrained models/mamba2-130m --train_len 2048
 
 1. Trains the tiny Mamba-2 (`mamba2:tiny`) on passkey retrieval at a short length with
    the zoo's trainer (reuses the checkpoint when the work directory already has one). `--loss answer`
@@ -18,6 +19,16 @@
    length), `state_norms.png` (the diagnostic: per-layer, per-head state norm vs position) and
    `stuffed_mamba.json`, and prints a markdown table.
 Runtime on 2 idle CPU cores: ~8 min of training (3000 steps), ~3 min of evaluation.
+
+`--pretrained DIR` runs the paper's measurement on a released checkpoint converted into a model
+directory (`zoo convert --from mamba_ssm state-spaces/mamba2-130m --out DIR`; its tokenizer travels
+with it, or give `--tokenizer`): `--train_len` is the checkpoint's training length (2048 for the
+state-spaces mamba2 models). On real text (`--text DIR`, default the Python standard library's
+source) it records the state norms up to the longest length and, for the original model and each
+mitigation (`--mitigations` picks some by name), the next-token loss by position at the longest
+length, the loss within the training length, and passkey retrieval (the same template in the
+model's tokens, scored by greedy generation) at every length, with the needle at a random depth and
+as the last sentence. The state-norm caps and windows are calibrated at the training length.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import jax.numpy as jnp
@@ -41,6 +53,7 @@ from zoo.eval import longcontext  # noqa: E402
 from zoo.models.mamba2 import calibrate_state_norm, state_norm_trace  # noqa: E402
 from zoo.train.trainer import train  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # pretrained_tasks beside this script
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = dict(
     b_scale=1.0, b_clip=0.0, dt_scale=1.0, dt_offset=0.0, a_scale=1.0, a_offset=0.0, state_norm_thresholds=(), window=0
@@ -60,12 +73,11 @@ def run_config(args):
     return apply_overrides(load_config("mamba2:tiny"), overrides)
 
 
-def mitigations(model, data, train_len: int, chunk: int) -> dict[str, dict]:
-    """The inference options compared, name -> config fields (thresholds calibrated here)."""
+def mitigations(model, calib_tokens, train_len: int, chunk: int) -> dict[str, dict]:
+    """The inference options compared, name -> config fields (state-norm thresholds calibrated on
+    `calib_tokens` [B, train_len])."""
     model.set_inference_options(**DEFAULTS, state_norm_chunk=chunk)
-    calib = longcontext._batches(example_source(data, "train", train_len), 16, 16)
-    tokens = jnp.asarray(next(calib)["inputs"])
-    thr = calibrate_state_norm(model, tokens, multiplier=1.0)
+    thr = calibrate_state_norm(model, jnp.asarray(calib_tokens), multiplier=1.0)
     return {
         "original": {},
         "M1: B x0.5 (remember less)": dict(b_scale=0.5),
@@ -77,7 +89,71 @@ def mitigations(model, data, train_len: int, chunk: int) -> dict[str, dict]:
     }
 
 
-def main():
+def select(variants: dict, names: str) -> dict:
+    """The variants whose names start with one of the comma-separated `names` (all when empty)."""
+    if not names:
+        return variants
+    wanted = [n.strip() for n in names.split(",")]
+    chosen = {k: v for k, v in variants.items() if any(k.startswith(w) for w in wanted)}
+    if not chosen:
+        raise SystemExit(f"error: --mitigations {names!r} matches none of {list(variants)}")
+    return chosen
+
+
+def run_pretrained(args) -> None:
+    """The measurement on a converted checkpoint with its tokenizer (see the module docstring)."""
+    from pretrained_tasks import load, passkey_exact_match, text_windows, token_losses
+
+    t0 = time.perf_counter()
+    model, tok, meta = load(args.pretrained, args.tokenizer)
+    if meta["model_name"] not in ("mamba2", "memmamba"):
+        raise SystemExit(f"error: {args.pretrained} holds a {meta['model_name']} model; give a Mamba-2 checkpoint")
+    train_len = args.train_len
+    lengths = [train_len * int(f) for f in args.factors.split(",")]
+    longest = lengths[-1]
+    model.set_inference_options(**DEFAULTS)
+    probe = text_windows(tok, longest, 2, args.text, seed=1)
+    pos, norms = state_norm_trace(model, probe, every=max(1, train_len // 8))
+    plot_state_norms(pos, norms, train_len, os.path.join(args.workdir, "state_norms.png"))
+    calib = text_windows(tok, train_len, 4, args.text, seed=2)
+    variants = select(mitigations(model, calib, train_len, chunk=max(1, train_len // 2)), args.mitigations)
+    text = text_windows(tok, longest + 1, args.samples, args.text, seed=3)
+    rows = {}
+    for name, opts in variants.items():
+        t1 = time.perf_counter()
+        model.set_inference_options(**{**DEFAULTS, **opts})
+        losses = token_losses(model, text)  # [samples, longest]
+        edges = np.linspace(0, longest, min(32, longest) + 1).astype(int)
+        rows[name] = {
+            "exact_match": [passkey_exact_match(model, tok, n, None, args.samples, seed=4) for n in lengths],
+            "exact_match_recent": [passkey_exact_match(model, tok, n, 1.0, args.samples, seed=5) for n in lengths],
+            "position": [float((lo + hi - 1) / 2) for lo, hi in zip(edges[:-1], edges[1:])],
+            "loss": [float(losses[:, lo:hi].mean()) for lo, hi in zip(edges[:-1], edges[1:])],
+            "loss_train_len": float(losses[:, :train_len].mean()),
+        }
+        print(f"{name}: exact match {rows[name]['exact_match']} ({time.perf_counter() - t1:.0f}s)", flush=True)
+    with open(os.path.join(args.workdir, "stuffed_mamba.json"), "w") as f:
+        json.dump(
+            {
+                "pretrained": os.path.abspath(args.pretrained),
+                "source": meta.get("source", {}).get("path"),
+                "tokenizer": tok.spec(),
+                "lengths": lengths,
+                "train_len": train_len,
+                "rows": rows,
+                "options": {
+                    k: {a: list(b) if isinstance(b, tuple) else b for a, b in v.items()} for k, v in variants.items()
+                },
+            },
+            f,
+            indent=1,
+        )
+    plot_results(rows, lengths, train_len, os.path.join(args.workdir, "stuffed_mamba.png"))
+    print(markdown_table(rows, lengths, train_len))
+    print(f"total {time.perf_counter() - t0:.0f}s; figures in {args.workdir}")
+
+
+def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/stuffed_mamba")
     parser.add_argument("--steps", type=int, default=3000)
@@ -92,8 +168,14 @@ def main():
     parser.add_argument("--factors", default="1,4,8,16")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--run", default="", help="evaluate this `zoo train` work directory instead of training")
-    args = parser.parse_args()
+    parser.add_argument("--pretrained", default="", help="a converted Mamba-2 model directory (zoo convert)")
+    parser.add_argument("--tokenizer", default="", help="--pretrained: a tokenizer instead of the directory's")
+    parser.add_argument("--text", default="", help="--pretrained: a folder of text files (default: the stdlib)")
+    parser.add_argument("--mitigations", default="", help="only these variants, by name prefix: original,M1,M3")
+    args = parser.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
+    if args.pretrained:
+        return run_pretrained(args)
 
     t0 = time.perf_counter()
     if args.run:
@@ -123,7 +205,8 @@ def main():
     pos, norms = state_norm_trace(model, probe, every=max(1, args.train_len // 8))
     plot_state_norms(pos, norms, args.train_len, os.path.join(args.workdir, "state_norms.png"))
 
-    variants = mitigations(model, data, args.train_len, chunk=max(1, args.train_len // 2))
+    calib = next(longcontext._batches(example_source(data, "train", args.train_len), 16, 16))["inputs"]
+    variants = select(mitigations(model, calib, args.train_len, max(1, args.train_len // 2)), args.mitigations)
     rows = {}
     for name, opts in variants.items():
         t1 = time.perf_counter()
@@ -185,7 +268,7 @@ def markdown_table(rows: dict, lengths: list[int], train_len: int) -> str:
     lines = [head + " |", "|" + "---|" * (2 * len(lengths) + (5 if full else 2))]
     for name, r in rows.items():
         em = " | ".join(f"{v:.2f}" for v in r["exact_match"] + r["exact_match_recent"])
-        line = f"| {name} | {em} | {r['answer_loss'][-1]:.2f}"
+        line = f"| {name} | {em} | {r['answer_loss'][-1]:.2f}" if "answer_loss" in r else f"| {name} | {em} | -"
         if full:
             line += (
                 f" | {r['loss_train_len']:.3f} | {_loss_in(r, 0, train_len):.3f} | "

@@ -83,7 +83,7 @@ def test_export_reproduces_the_fixture_and_round_trips_bitwise(name, converted, 
         assert "time_step_limit" not in config  # transformers' default (0, inf), the fixtures' value
     # import -> export -> import: the same parameters, bitwise
     again, info = import_checkpoint(str(out), "hf")
-    assert info["report"]["ignored"] == {}
+    assert info["report"]["ignored"] == {} and again.config == model.config  # (HF 4's config spelling)
     first, second = _params(model), _params(again)
     assert sorted(first) == sorted(second)
     for k in first:

@@ -6,7 +6,7 @@ logits of each of its cached steps, and token-by-token decoding of the prompt an
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, decode_all, forward, golden_arrays
+from conftest import FIXTURES, decode_all, forward, golden_arrays, golden_dir
 
 from zoo.generate import generate
 
@@ -48,3 +48,18 @@ def test_the_fixtures_exercise_what_they_should(converted):
     assert converted("mamba2_hf_g2")[0].config.ngroups == 2
     ss = converted("mamba2_ss")[0].config
     assert ss.vocab_size == 256 and ss.tie_embeddings  # 250 padded to a multiple of 16: the reference's columns
+
+
+def test_training_free_hip_and_masformer_from_checkpoints():
+    """A Llama-family checkpoint converts straight into `hip` and `masformer` (the same parameters):
+    HiP below its dense threshold and MASFormer with the source's own pattern reproduce the reference."""
+    from zoo.convert.pretrained import import_checkpoint
+
+    hip, info = import_checkpoint(golden_dir("llama"), "hf", "hip", dense_below=64, k_blocks=2, block_q=8, block_k=8)
+    assert hip.model_name == "hip" and hip.config.rope_scaling == "llama3" and not info["report"]["initialised"]
+    np.testing.assert_allclose(np.asarray(forward(hip, golden_arrays("llama")["input_ids"])),
+                               golden_arrays("llama")["logits"], atol=ATOL, rtol=0)  # fmt: skip
+    mas, _ = import_checkpoint(golden_dir("mistral"), "hf", "masformer")
+    assert [s.kind for s in mas.config.layer_specs()] == ["window", "window"] and mas.config.window == 8
+    np.testing.assert_allclose(np.asarray(forward(mas, golden_arrays("mistral")["input_ids"])),
+                               golden_arrays("mistral")["logits"], atol=ATOL, rtol=0)  # fmt: skip
