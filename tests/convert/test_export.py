@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, forward, golden_dir, manifest
+from golden_testing import FIXTURES, converted, forward, golden_dir, manifest
 
 import zoo
 from zoo.checkpoint import save_pretrained
@@ -51,7 +51,7 @@ def _params(model) -> dict:
 
 
 @pytest.mark.parametrize("name", FIXTURES)
-def test_export_reproduces_the_fixture_and_round_trips_bitwise(name, converted, tmp_path):
+def test_export_reproduces_the_fixture_and_round_trips_bitwise(name, tmp_path):
     model, _ = converted(name)
     out = tmp_path / "hf"
     export_hf(None, str(out), model=model, meta={"source": {"config": {}}})
@@ -90,7 +90,7 @@ def test_export_reproduces_the_fixture_and_round_trips_bitwise(name, converted, 
         np.testing.assert_array_equal(second[k], first[k], err_msg=k)
 
 
-def test_bfloat16_export_and_import(converted, tmp_path):
+def test_bfloat16_export_and_import(tmp_path):
     model, _ = converted("llama")
     export_hf(None, str(tmp_path), model=model, meta={}, dtype="bfloat16")
     tensors = read_safetensors(tmp_path / "model.safetensors")

@@ -6,7 +6,7 @@ logits of each of its cached steps, and token-by-token decoding of the prompt an
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, decode_all, forward, golden_arrays, golden_dir
+from golden_testing import FIXTURES, converted, decode_all, forward, golden_arrays, golden_dir
 
 from zoo.generate import generate
 
@@ -14,7 +14,7 @@ ATOL = 1e-4
 
 
 @pytest.mark.parametrize("name", FIXTURES)
-def test_logits_greedy_and_decoding_match_the_reference(name, converted):
+def test_logits_greedy_and_decoding_match_the_reference(name):
     model, info = converted(name)
     g = golden_arrays(name)
     ids, n = g["input_ids"], g["greedy_ids"].shape[1]
@@ -32,7 +32,7 @@ def test_logits_greedy_and_decoding_match_the_reference(name, converted):
     assert report["used"] + len(report["ignored"]) == report["tensors"] and not report["initialised"]
 
 
-def test_the_fixtures_exercise_what_they_should(converted):
+def test_the_fixtures_exercise_what_they_should():
     """The configs the fixtures were made to test reach the zoo models."""
     llama = converted("llama")[0].config
     assert (llama.rope_scaling, llama.rope_factor, llama.rope_original_max_position) == ("llama3", 8.0, 128)

@@ -12,7 +12,7 @@ import zipfile
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import golden_dir
+from golden_testing import golden_dir
 
 from zoo.convert.pretrained import import_checkpoint
 from zoo.convert.sources import (

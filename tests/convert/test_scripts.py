@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import golden_dir
+from golden_testing import golden_dir
 
 from zoo.cli import main as zoo_main
 

@@ -12,8 +12,8 @@ import shutil
 import numpy as np
 import pytest
 import tokenizers
-from conftest import GOLDEN, golden_dir
 from flax import nnx
+from golden_testing import GOLDEN, golden_dir
 
 import zoo
 from zoo.checkpoint import save_pretrained

@@ -1,14 +1,15 @@
 """Shared helpers of the converter tests: the golden fixtures (tests/fixtures/golden, written by
-scripts/make_golden.py from PyTorch + transformers) and jitted calls of the model protocol."""
+scripts/make_golden.py from PyTorch + transformers), their conversions (once per session) and
+jitted calls of the model protocol."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "..", "fixtures", "golden")
@@ -58,16 +59,9 @@ def decode_all(model, tokens) -> np.ndarray:
     return np.asarray(jnp.stack(out, 1))
 
 
-@pytest.fixture(scope="session")
-def converted():
-    """fixture name -> (model, info) of its conversion (each converted once per session)."""
+@functools.cache
+def converted(name: str):
+    """(model, info) of a golden fixture's conversion, converted once per session."""
     from zoo.convert.pretrained import import_checkpoint
 
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            cache[name] = import_checkpoint(golden_dir(name), FIXTURES[name])
-        return cache[name]
-
-    return get
+    return import_checkpoint(golden_dir(name), FIXTURES[name])
