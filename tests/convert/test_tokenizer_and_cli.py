@@ -124,3 +124,17 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "o")
     with pytest.raises(SystemExit):
         main(["generate", "--prompt", "x"])  # --workdir or --pretrained is required
+
+
+def test_cli_generate_from_a_training_run(tmp_path, tiny, capsys):
+    """`zoo generate --workdir`: a `zoo train` run's checkpoint with its data tokenizer (bytes)."""
+    from zoo.train.trainer import train
+
+    train(tiny(steps=2), str(tmp_path / "run"), progress=False)
+    capsys.readouterr()
+    argv = ["generate", "--workdir", str(tmp_path / "run"), "--prompt", "The passkey is", "--max-new-tokens", "6"]
+    assert main([*argv, "--json", "--eos", "none"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["prompt_ids"] == list(b"The passkey is") and len(row["ids"]) == 6
+    model, _ = zoo.load(str(tmp_path / "run"))
+    assert row["ids"] == generate(model, [list(b"The passkey is")], 6).rows()[0]
