@@ -168,3 +168,14 @@ def test_a_bad_checkpoint_gives_one_clear_error(tmp_path):
         import_checkpoint(str(ss), "hf")
     with pytest.raises(ValueError, match="does not exist"):
         import_checkpoint(str(tmp_path / "nowhere"), "hf")
+
+
+def test_hf_mamba2_accepts_either_embedding_name(tmp_path):
+    """transformers loads a Mamba2ForCausalLM whose embedding carries mamba_ssm's name; so does the zoo."""
+    src = _copy_fixture("mamba2_hf", tmp_path)
+    tensors = read_safetensors(src / "model.safetensors")
+    tensors["backbone.embedding.weight"] = tensors.pop("backbone.embeddings.weight")
+    write_safetensors(src / "model.safetensors", tensors)
+    renamed, _ = import_checkpoint(str(src), "hf")
+    original, _ = import_checkpoint(golden_dir("mamba2_hf"), "hf")
+    np.testing.assert_array_equal(np.asarray(renamed.embedding[...]), np.asarray(original.embedding[...]))

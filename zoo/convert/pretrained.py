@@ -120,6 +120,9 @@ def import_checkpoint(
     cfg = _target_config(base, base_cfg, model_name, {"dtype": dtype, **fields})
 
     weights = SourceWeights(read_weights(src), where)
+    if base == "mamba2" and embedding_key not in weights:  # either name, as transformers accepts both
+        other = {"backbone.embeddings.weight": mamba_ssm.EMBEDDING_KEY}.get(embedding_key, "backbone.embeddings.weight")
+        embedding_key = other if other in weights else embedding_key
     if base == "transformer":
         table = hf.transformer_table(base_cfg)
         for i in range(base_cfg.n_layers):
