@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from zoo.models import registry
-from zoo.models.s4 import PRESETS, S4LM, S4Classifier, S4Config, S4Layer, SSMKernel, hippo_legs, nplr_legs
+from zoo.models.s4 import PRESETS, S4LM, S4Classifier, S4Config, S4Layer, SSMKernel, _solve, hippo_legs, nplr_legs
 
 DIAG_VARIANTS = [("lin", "zoh"), ("inv", "bilinear"), ("real", "zoh"), ("legs", "bilinear")]
 
@@ -99,6 +99,38 @@ def test_dplr_kernel_odd_l_max():
 def test_s4d_kernel_equals_power_series(init, disc):
     k = SSMKernel(_cfg(mode="diag", init=init, disc=disc), 1, rngs=nnx.Rngs(2))
     assert _rel(k.kernel(50), _power_series_kernel(k, 50)) < 1e-4
+
+
+@pytest.mark.parametrize("n", [2, 5, 32])
+def test_solve_with_pivoting_equals_numpy(n):
+    """The LAPACK-free solve (Gauss-Jordan, partial pivoting) == NumPy, also where the leading entry
+    is zero (no pivoting would divide by it), batched, complex."""
+    rng = np.random.default_rng(n)
+    a = rng.normal(size=(3, n, n)) + 1j * rng.normal(size=(3, n, n))
+    a[:, 0, 0] = 0
+    b = rng.normal(size=(3, n, 2)) + 1j * rng.normal(size=(3, n, 2))
+    got = _solve(jnp.asarray(a, jnp.complex64), jnp.asarray(b, jnp.complex64))
+    assert _rel(got, np.linalg.solve(a, b)) < 1e-5
+
+
+def test_dplr_discrete_matrices_equal_dense_inverses():
+    """dA, dB by Sherman-Morrison and C = C~ (I - dA^L)^{-1} == the dense float64 inverses."""
+    k = SSMKernel(_cfg(dt_min=0.01, dt_max=0.1), 2, rngs=nnx.Rngs(5))
+    prm = jax.tree.map(lambda x: np.asarray(x, np.complex128), k.ssm_params())
+    mats = k.setup_step()
+    for h in range(k.cfg.d_model):
+        lam = np.concatenate([prm["A"][h], prm["A"][h].conj()])
+        p = np.concatenate([prm["P"][h], prm["P"][h].conj()])
+        a = np.diag(lam) - np.outer(p, p.conj())
+        eye, half = np.eye(len(lam)), prm["dt"][h].real / 2
+        back = np.linalg.inv(eye - half * a)
+        d_a = back @ (eye + half * a)
+        np.testing.assert_allclose(mats["dA"][h], d_a, atol=1e-5)
+        b = np.concatenate([prm["B"][h], prm["B"][h].conj()])
+        np.testing.assert_allclose(mats["dB"][h], back @ (2 * half * b), atol=1e-5)
+        c_full = np.concatenate([prm["C"][:, h], prm["C"][:, h].conj()], -1)
+        c = c_full @ np.linalg.inv(eye - np.linalg.matrix_power(d_a, k.cfg.l_max))
+        assert _rel(mats["C"][:, h], c) < 1e-4
 
 
 @pytest.mark.parametrize("impl", ["reference", "pallas"])

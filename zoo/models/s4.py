@@ -184,6 +184,30 @@ def _matrix_power(m: jax.Array, e: int) -> jax.Array:
     return result
 
 
+def _solve(a: jax.Array, b: jax.Array) -> jax.Array:
+    """x = a^{-1} b for a [..., N, N], b [..., N, K] by Gauss-Jordan elimination with partial pivoting.
+
+    Not jnp.linalg.solve: XLA's CPU runtime runs a batched LAPACK getrf on its Eigen thread pool
+    and, with several such calls in one program on a 2-core machine, can wait on itself forever
+    (docs/platform.md). N is the state size (<= a few hundred), so N steps of rank-1 updates are cheap.
+    """
+    n = a.shape[-1]
+    rows = jnp.arange(n)
+    ab = jnp.concatenate([a, b], -1)  # [..., N, N+K]
+
+    def step(k, ab):
+        col = jnp.where(rows >= k, jnp.abs(ab[..., :, k]), -1.0)  # candidates at or below row k
+        piv = jnp.argmax(col, -1)[..., None]  # [..., 1]
+        swap = jnp.where(rows == k, piv, jnp.where(rows == piv, k, rows))  # [..., N]
+        ab = jnp.take_along_axis(ab, swap[..., None], axis=-2)
+        pivot_row = ab[..., k, :]  # [..., N+K]
+        factor = jnp.where(rows == k, 0, ab[..., :, k] / pivot_row[..., k, None])  # [..., N]
+        return ab - factor[..., None] * pivot_row[..., None, :]
+
+    ab = jax.lax.fori_loop(0, n, step, ab)
+    return ab[..., n:] / jnp.diagonal(ab[..., :n], axis1=-2, axis2=-1)[..., None]
+
+
 # --------------------------------------------------------------------------------------------------
 # The SSM kernel
 # --------------------------------------------------------------------------------------------------
@@ -250,17 +274,27 @@ class SSMKernel(nnx.Module):
     def dense_discrete(self, prm: dict) -> tuple[jax.Array, jax.Array]:
         """Bilinear dA [H,N,N], dB [H,N] of the full (conjugate-completed) DPLR system (S4 Eq. 3).
 
-        Full basis: A = diag(Lambda, conj Lambda) - [P; conj P][P; conj P]^*.
+        Full basis: A = diag(Lambda, conj Lambda) - p p^*, p = [P; conj P]. The backward step
+        (I - dt/2 A)^{-1} = (D + dt/2 p p^*)^{-1}, D = I - dt/2 diag(lam), is exact by Sherman-Morrison:
+        D^{-1} - (D^{-1} dt/2 p)(p^* D^{-1}) / (1 + dt/2 p^* D^{-1} p)  (S4 App. C.2).
         """
         lam = jnp.concatenate([prm["A"], jnp.conj(prm["A"])], -1)  # [H,N]
         p = jnp.concatenate([prm["P"], jnp.conj(prm["P"])], -1)  # [H,N]
         b = jnp.concatenate([prm["B"], jnp.conj(prm["B"])], -1)  # [H,N]
         a = jax.vmap(jnp.diag)(lam) - p[:, :, None] * jnp.conj(p)[:, None, :]  # [H,N,N]
-        half = (prm["dt"] / 2).astype(jnp.complex64)[:, None, None]
+        half = (prm["dt"] / 2).astype(jnp.complex64)[:, None]  # [H,1]
         eye = jnp.eye(a.shape[-1], dtype=jnp.complex64)
-        back = eye - half * a  # (I - dt/2 A)
-        d_a = jnp.linalg.solve(back, eye + half * a)  # [H,N,N]
-        d_b = jnp.linalg.solve(back, (prm["dt"][:, None] * b)[..., None])[..., 0]  # [H,N]
+        d_inv = 1 / (1 - half * lam)  # D^{-1} [H,N]
+        u = d_inv * half * p  # D^{-1} dt/2 p
+        w = jnp.conj(p) * d_inv  # p^* D^{-1}
+        denom = 1 + jnp.sum(w * half * p, -1)  # [H]
+
+        def back_solve(rhs):  # (I - dt/2 A)^{-1} rhs, rhs [H,N,K]
+            proj = jnp.einsum("hn,hnk->hk", w, rhs) / denom[:, None]  # [H,K]
+            return d_inv[..., None] * rhs - u[..., None] * proj[:, None, :]
+
+        d_a = back_solve(eye + half[..., None] * a)  # [H,N,N]
+        d_b = back_solve((prm["dt"][:, None] * b)[..., None])[..., 0]  # [H,N]
         return d_a, d_b
 
     def _dplr_c_tilde(self, prm: dict, length: int) -> tuple[jax.Array, int]:
@@ -336,7 +370,8 @@ class SSMKernel(nnx.Module):
             c_full = jnp.concatenate([prm["C"], jnp.conj(prm["C"])], -1)  # [C,H,N]
             m = jnp.eye(d_a.shape[-1], dtype=d_a.dtype) - _matrix_power(d_a, self.cfg.l_max)  # [H,N,N]
             # C = C~ M^{-1}  <=>  M^T C^T = C~^T
-            c = jnp.linalg.solve(jnp.swapaxes(m, -1, -2)[None], c_full[..., None])[..., 0]
+            c_t = _solve(jnp.swapaxes(m, -1, -2), jnp.moveaxis(c_full, 0, -1))  # [H,N,C]
+            c = jnp.transpose(c_t, (2, 0, 1))  # [C,H,N]
             return {"dA": d_a, "dB": d_b, "C": c}
         d_a, d_b, _ = self._diag_discrete(prm)
         return {"dA": d_a, "dB": d_b, "C": 2 * prm["C"]}
