@@ -160,7 +160,7 @@ def plan_tfds(name: str, data_dir: str, text_key: str, splits: str, docs_per_sha
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
-        raise ValueError("--source tfds needs tensorflow-datasets: pip install tensorflow-datasets") from e
+        raise ValueError("--source tfds needs tensorflow-datasets: pip install 'longcontext-zoo[tfds]'") from e
     try:
         info_splits = tfds.builder(name, data_dir=data_dir or None).info.splits
         counts = {s: int(info_splits[s].num_examples) for s in info_splits}
@@ -189,7 +189,10 @@ def plan_tfds(name: str, data_dir: str, text_key: str, splits: str, docs_per_sha
 
 def _open_arrow(path: str):
     """Record batches of an Arrow IPC file written by ``datasets`` (stream format; file format also read)."""
-    import pyarrow as pa
+    try:
+        import pyarrow as pa
+    except ImportError as e:
+        raise ValueError("--source hf needs pyarrow: pip install 'longcontext-zoo[hf-datasets]'") from e
 
     source = pa.memory_map(path)
     try:

@@ -91,7 +91,7 @@ class TfdsDocuments:
         try:
             import tensorflow_datasets as tfds
         except ImportError as e:
-            raise ValueError("data.source='tfds' needs tensorflow-datasets: pip install tensorflow-datasets") from e
+            raise ValueError("data.source='tfds' needs tensorflow-datasets: pip install 'longcontext-zoo[tfds]'") from e
         if not name:
             raise ValueError("data.source='tfds' needs data.tfds_name (e.g. 'pg19')")
         try:
