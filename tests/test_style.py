@@ -1,6 +1,7 @@
 """The code is ruff-clean: formatted (`ruff format`) and linted (`ruff check`, rules in pyproject.toml)."""
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -28,3 +29,17 @@ def test_test_module_names_are_unique():
     different folders fail collection ("import file mismatch") depending on what was collected first."""
     names = [p.name for p in pathlib.Path(ROOT, "tests").rglob("*.py") if p.name not in {"__init__.py", "conftest.py"}]
     assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+def test_relative_links_in_the_docs_resolve():
+    """Every relative markdown link in README.md, CHANGELOG.md, docs/ and notebooks/ names a file that exists."""
+    pages = [pathlib.Path(ROOT, "README.md"), pathlib.Path(ROOT, "CHANGELOG.md")]
+    pages += sorted(pathlib.Path(ROOT, "docs").rglob("*.md")) + sorted(pathlib.Path(ROOT, "notebooks").glob("*.md"))
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            if not (page.parent / target.split("#")[0]).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert broken == []

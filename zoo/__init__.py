@@ -9,6 +9,8 @@ tokenizer = zoo.load_tokenizer("models/mamba2")     # the tokenizer that travell
 out = zoo.generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=16, temperature=0.7, top_p=0.9, eos=2, seed=0)
 """
 
+import importlib.metadata
+
 from zoo.generate import Generation, generate, generate_text
 from zoo.models.registry import create_model, get_model_config, list_models
 
@@ -52,3 +54,8 @@ __all__ = [
     "load",
     "load_tokenizer",
 ]
+
+try:
+    __version__ = importlib.metadata.version("longcontext-zoo")
+except importlib.metadata.PackageNotFoundError:  # a checkout on sys.path, not installed
+    __version__ = "0+unknown"

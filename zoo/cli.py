@@ -10,6 +10,7 @@
     zoo generate --workdir DIR | --pretrained DIR --prompt TEXT [--max-new-tokens N --temperature T ...]
     zoo data prepare --input DIR --output SHARDS [--tokenizer tokenizer.json] [--workers N]
     zoo bench train mamba2:130m transformer:small [--batch-size 16 --seq-len 2048]
+    zoo compare --preset tiny --out docs/compare [--models transformer,mamba2 --steps N --workdir DIR]
 
 The CLI orchestrates: `zoo train` trains (zoo.train), then evaluates the final checkpoint
 (zoo.eval); neither package imports the other. Any user error (unknown key, model, preset, missing
@@ -23,9 +24,12 @@ import argparse
 import json
 import sys
 
+import zoo  # the package is imported before zoo.cli anyway
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo", description="JAX/Flax long-context model zoo")
+    p.add_argument("--version", action="version", version=f"zoo {zoo.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train (or resume) a model, then evaluate it")
     t.add_argument("--config", required=True, help="<model>[:preset] or path/to/config.py[:preset]")
@@ -75,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     from zoo.data import prepare
 
     prepare.add_arguments(dsub.add_parser("prepare", help="tokenize a corpus into ArrayRecord shards (resumable)"))
+    cmp = sub.add_parser("compare", help="every LM at one matched size: train, evaluate, one table per measure")
+    cmp.add_argument("--preset", default="tiny", help="tiny (CPU, ~30 min), paper (GPU/TPU) or test")
+    cmp.add_argument("--out", default="docs/compare", help="where compare.json, compare.md and the PNGs go")
+    cmp.add_argument("--workdir", default=None, help="training runs, one per row (default: a temporary dir)")
+    cmp.add_argument("--models", default=None, help="comma-separated rows (default: all), e.g. transformer,mamba2")
+    cmp.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
     b = sub.add_parser("bench", help="benchmarks measured in one run")
     bsub = b.add_subparsers(dest="what", required=True)
     bt = bsub.add_parser("train", help="the training step: time, tokens/s, peak memory, MFU vs a matmul")
@@ -147,6 +157,15 @@ def _run(args, overrides) -> int:
         from zoo.data import prepare
 
         return prepare.run(args)
+    if args.command == "compare":
+        from zoo import compare
+
+        models = None if args.models is None else [m.strip() for m in args.models.split(",") if m.strip()]
+        report = compare.run(
+            args.preset, args.out, args.workdir, models, args.steps, compare.command_line(sys.argv[1:])
+        )
+        print(f"wrote {args.out}/compare.md, compare.json and figures ({len(report['rows'])} models)")
+        return 0
     if args.command == "bench":
         from zoo import bench
 

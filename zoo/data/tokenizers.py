@@ -127,7 +127,7 @@ class SentencePieceTokenizer(Tokenizer):
             import sentencepiece
         except ImportError as e:
             raise ValueError(
-                "a SentencePiece tokenizer needs the sentencepiece package: pip install 'longcontext-zoo[sentencepiece]'"
+                "a SentencePiece tokenizer needs sentencepiece: pip install 'longcontext-zoo[sentencepiece]'"
             ) from e
         self.path = os.path.abspath(path)
         self.sha256 = file_sha256(self.path)
