@@ -87,7 +87,7 @@ class S4Config(LMConfig):
 
 
 PRESETS = {
-    # ~60K parameters: S4 (DPLR) LM for CPU tests.
+    # 35,616 parameters: S4 (DPLR) LM for CPU tests.
     "tiny": S4Config(d_model=64, n_layers=2, d_state=16, l_max=256),
     "tiny-s4d": S4Config(d_model=64, n_layers=2, d_state=16, mode="diag", init="lin", disc="zoh"),
 }
