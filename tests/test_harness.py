@@ -23,6 +23,7 @@ from zoo.checkpoint import save_pretrained
 from zoo.data.tokenizers import ByteTokenizer
 from zoo.eval import harness
 from zoo.eval.harness import ZooLM, parse_arg_string
+from zoo.eval.perplexity import _score as score_fn
 
 L = 16  # max_length of the adapters under test
 TOK = ByteTokenizer()
@@ -53,11 +54,11 @@ def lm(request):
 
 def test_loglikelihood_is_the_models_own_logprob_of_the_continuation(lm):
     eos = TOK.eos_id
-    # Whole sequences of 17 (= L + 1, after truncation), 12 and 6 tokens: few compilations of the oracle.
+    # Whole sequences of 17 (= L + 1, after truncation) and 12 tokens: two compilations of the oracle.
     cases = [
         ("The cat sat", " on the mat", b"The cat sat", b" on the mat"),  # 22 tokens: truncated on the left
         ("x" * 40 + "long context", " end", None, b" end"),  # truncated to its last 17 tokens
-        ("", "start", bytes([eos]), b"start"),  # empty context: the prefix token
+        ("", "start here!", bytes([eos]), b"start here!"),  # empty context: the prefix token
         ("Answers: ", "yes", b"Answers:", b" yes"),  # trailing whitespace moves to the continuation
         ("caf\u00e9 ", "na\u00efve", b"caf\xc3\xa9", " na\u00efve".encode()),  # multi-byte UTF-8
         ("Question: ", "hi", b"Question:", b" hi"),
@@ -196,3 +197,21 @@ def test_lm_eval_registration_or_a_clear_error():
             assert harness.main(["--tasks", "lambada_openai"]) == 2
         assert "lm-eval is not installed" in err.getvalue()
         assert ZooLM.__mro__[1] is object
+
+
+def test_exact_lengths_for_a_model_that_reads_past_a_position():
+    """HiP scores whole key blocks when it selects them, a block can straddle a query's position, so
+    the tokens after a position (right padding included) can change its log-probs; pad_to_bucket=False
+    feeds each row unpadded and gives the model's own (here from the same jitted scoring function on
+    the exact row, so one compilation serves both; the function itself is checked above)."""
+    model = zoo.create_model(
+        "hip", "tiny", seed=3, n_layers=1, dense_below=12, block_q=4, block_k=4, k_blocks=1, window=4, sinks=1
+    )
+    ctx, cont = "abcdefghijklmnopqrstu", "vwx"  # 24 tokens: 23 fed, padded to 24 in a bucket
+    options = dict(model=model, tokenizer=TOK, max_length=24, batch_size=1)
+    ((exact, _),) = ZooLM(**options, pad_to_bucket=False).loglikelihood([(ctx, cont)])
+    ((padded, _),) = ZooLM(**options).loglikelihood([(ctx, cont)])
+    seq = np.asarray([list((ctx + cont).encode())], np.int32)
+    lp, _ = score_fn(model, seq[:, :-1], seq[:, 1:])  # [1, 23]
+    np.testing.assert_allclose(exact, np.asarray(lp)[0, -3:].sum(), rtol=1e-6)
+    assert abs(padded - exact) > 1e-2

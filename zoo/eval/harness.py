@@ -17,7 +17,7 @@ Requests are what lm-eval passes (objects with an `.args` tuple; plain tuples wo
 (`python -m zoo.eval.harness` registers the class and hands its arguments to lm-eval's own command
 line, which cannot import a model class from another package by itself.) Without lm-eval it is a
 plain class with the same methods. model_args: pretrained=DIR or workdir=DIR (step=N), max_length,
-batch_size, max_gen_toks, prefix_token_id, seed; lm-eval's device and max_batch_size are accepted and
+batch_size, max_gen_toks, prefix_token_id, seed, pad_to_bucket; lm-eval's device and max_batch_size are accepted and
 ignored (JAX places the model on its default device).
 
 Semantics:
@@ -35,7 +35,10 @@ Semantics:
   window's tokens see everything before them, a later window's tokens see their window's start and
   the one token before it (the last window is filled up to `max_length` with more context).
 - Batching. Requests are sorted by length and batched `batch_size` at a time; rows are padded on
-  the right to a power-of-two bucket (causal models ignore right padding), see `score_rows`.
+  the right to a power-of-two bucket (causal models ignore right padding), see `score_rows`. HiP's
+  block selection scores whole key blocks, including keys after a query inside its block, and its
+  dense/sparse switch sees the padded length: pass pad_to_bucket=False (rows grouped by exact
+  length, unpadded) for it.
 - Generation uses the jitted `zoo.generate` (prompts of mixed lengths in one batch, each exactly as
   alone): greedy unless do_sample with a temperature > 0 (then top_k / top_p as given, per-request
   seeds from `seed`); a row stops at the tokenizer's EOS or after max_gen_toks (default
@@ -105,6 +108,8 @@ class ZooLM(_LMBase):
       max_gen_toks: the default number of new tokens of `generate_until`.
       prefix_token_id: the token before an empty context and a rolling text (default: EOS).
       seed: the sampling seed of `generate_until` (request i of a batch draws with seed + i).
+      pad_to_bucket: pad rows on the right to power-of-two buckets (False: batch only rows of one
+        exact length, unpadded; for models whose computation depends on the length, e.g. HiP).
     """
 
     def __init__(
@@ -120,6 +125,7 @@ class ZooLM(_LMBase):
         max_gen_toks: int = 256,
         prefix_token_id: int | None = None,
         seed: int = 0,
+        pad_to_bucket: bool = True,
         **lm_eval_options,
     ):
         if _LMBase is not object:
@@ -128,7 +134,7 @@ class ZooLM(_LMBase):
         if unknown:
             raise ValueError(
                 f"ZooLM got unknown options {unknown}; it takes pretrained, workdir, step, max_length, batch_size, "
-                "max_gen_toks, prefix_token_id, seed"
+                "max_gen_toks, prefix_token_id, seed, pad_to_bucket"
             )
         sources = sum(x is not None for x in (pretrained, workdir, model))
         if sources != 1:
@@ -169,6 +175,7 @@ class ZooLM(_LMBase):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be an int >= 1")
         self._batch_size, self._max_gen_toks, self.seed = batch_size, max_gen_toks, int(seed)
+        self.pad_to_bucket = bool(pad_to_bucket)
         self.prefix_token_id = tokenizer.eos_id if prefix_token_id is None else int(prefix_token_id)
         if not 0 <= self.prefix_token_id < model.config.vocab_size:
             raise ValueError(f"prefix_token_id={self.prefix_token_id} lies outside the vocabulary")
@@ -244,7 +251,7 @@ class ZooLM(_LMBase):
             whole = np.concatenate([np.asarray(ctx, np.int64), np.asarray(cont, np.int64)])
             rows.append(whole[-(self.max_length + 1) :])
             lengths.append(len(cont))
-        lp, greedy = score_rows(self.model, rows, self.batch_size, self.max_length)
+        lp, greedy = score_rows(self.model, rows, self.batch_size, self.max_length, self.pad_to_bucket)
         return [(float(a[-n:].sum()), bool(g[-n:].all())) for a, g, n in zip(lp, greedy, lengths)]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -269,7 +276,9 @@ class ZooLM(_LMBase):
             if not args or not isinstance(args[0], str):
                 raise ValueError(f"loglikelihood_rolling request {i} has args {args!r}; expected (text,)")
             seqs.append([self.prefix_token_id, *self.tok_encode(args[0])])
-        lp, _ = strided_logprobs(self.model, seqs, self.max_length, self.max_length, self.batch_size)
+        lp, _ = strided_logprobs(
+            self.model, seqs, self.max_length, self.max_length, self.batch_size, self.pad_to_bucket
+        )
         out = [float(a.sum()) for a in lp]
         for r, res in zip(requests, out):
             self._cache("loglikelihood_rolling", r, res)

@@ -16,8 +16,11 @@ document token (`prefix_token`) to score it as well.
 
 Rows of one batch are padded on the right to a common bucket length (powers of two, at most W):
 the models are causal, so a position's logits never depend on the padding after it; the buckets
-bound the number of compilations. Only the per-token log-probabilities and greedy flags [B, T]
-leave the device.
+bound the number of compilations. A model that is not strictly causal in this sense sees the
+padding: HiP is dense below `dense_below` tokens and sparse above, and selects key blocks by scores
+that include keys after a query inside its block. For it pass `pad_to_bucket=False`: rows are then
+grouped by exact length, unpadded. Only the per-token
+log-probabilities and greedy flags [B, T] leave the device.
 """
 
 from __future__ import annotations
@@ -53,14 +56,15 @@ def bucket_length(n: int, max_length: int) -> int:
 
 
 def score_rows(
-    model, rows: Sequence[np.ndarray], batch_size: int, max_length: int
+    model, rows: Sequence[np.ndarray], batch_size: int, max_length: int, pad_to_bucket: bool = True
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per-position target log-probs and greedy flags of token rows, batched.
 
     Row r (int [L_r + 1], 2 <= L_r + 1 <= max_length + 1) is fed as inputs row[:-1] with targets
-    row[1:]. Rows are sorted longest first, padded on the right to a bucket length and batched
-    `batch_size` at a time (a short last batch is padded with empty rows, so every batch of one
-    bucket has one shape).
+    row[1:]. Rows are grouped by their padded length (`bucket_length` of L_r, or L_r itself when
+    `pad_to_bucket` is False: no padding at all, one compilation per distinct length), taken longest
+    first, padded on the right and batched `batch_size` at a time (a short last batch is filled with
+    empty rows, so every batch of a group has one shape).
 
     Returns:
       (logprobs, greedy): for each row in the given order, float64 [L_r] and bool [L_r].
@@ -70,6 +74,7 @@ def score_rows(
     vocab = model.config.vocab_size
     out_lp: list[np.ndarray | None] = [None] * len(rows)
     out_greedy: list[np.ndarray | None] = [None] * len(rows)
+    groups: dict[int, list[int]] = {}
     for i, r in enumerate(rows):
         if len(r) < 2 or len(r) - 1 > max_length:
             raise ValueError(f"row {i} has {len(r)} tokens; score_rows needs 2 .. max_length + 1 = {max_length + 1}")
@@ -78,20 +83,22 @@ def score_rows(
                 f"row {i} holds a token id outside the vocabulary [0, {vocab}); check the tokenizer against "
                 "model.config.vocab_size"
             )
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = bucket_length(len(rows[idx[0]]) - 1, max_length)
-        inputs = np.zeros((batch_size, width), np.int32)
-        targets = np.zeros((batch_size, width), np.int32)
-        for j, i in enumerate(idx):
-            n = len(rows[i]) - 1
-            inputs[j, :n], targets[j, :n] = rows[i][:-1], rows[i][1:]
-        lp, greedy = _score(model, jnp.asarray(inputs), jnp.asarray(targets))
-        lp, greedy = np.asarray(lp, np.float64), np.asarray(greedy)
-        for j, i in enumerate(idx):
-            n = len(rows[i]) - 1
-            out_lp[i], out_greedy[i] = lp[j, :n], greedy[j, :n]
+        width = bucket_length(len(r) - 1, max_length) if pad_to_bucket else len(r) - 1
+        groups.setdefault(width, []).append(i)
+    for width in sorted(groups, reverse=True):
+        group = sorted(groups[width], key=lambda i: -len(rows[i]))
+        for start in range(0, len(group), batch_size):
+            idx = group[start : start + batch_size]
+            inputs = np.zeros((batch_size, width), np.int32)
+            targets = np.zeros((batch_size, width), np.int32)
+            for j, i in enumerate(idx):
+                n = len(rows[i]) - 1
+                inputs[j, :n], targets[j, :n] = rows[i][:-1], rows[i][1:]
+            lp, greedy = _score(model, jnp.asarray(inputs), jnp.asarray(targets))
+            lp, greedy = np.asarray(lp, np.float64), np.asarray(greedy)
+            for j, i in enumerate(idx):
+                n = len(rows[i]) - 1
+                out_lp[i], out_greedy[i] = lp[j, :n], greedy[j, :n]
     return out_lp, out_greedy
 
 
@@ -120,10 +127,15 @@ def strided_blocks(n_tokens: int, window: int, stride: int) -> list[Block]:
 
 
 def strided_logprobs(
-    model, sequences: Sequence[Sequence[int]], window: int, stride: int, batch_size: int = 8
+    model,
+    sequences: Sequence[Sequence[int]],
+    window: int,
+    stride: int,
+    batch_size: int = 8,
+    pad_to_bucket: bool = True,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Log-probability (float64) and greedy flag of every target s_1 .. s_{N-1} of each sequence under
-    the strided evaluation; the forwards of all sequences are batched together.
+    the strided evaluation; the forwards of all sequences are batched together (`score_rows`).
 
     Returns:
       (logprobs, greedy): one [N_i - 1] array of each per sequence (empty for a one-token sequence).
@@ -136,7 +148,7 @@ def strided_logprobs(
         for b in strided_blocks(len(s), window, stride):
             rows.append(s[b.start : b.hi])
             owners.append((k, b))
-    lp, greedy = score_rows(model, rows, batch_size, window) if rows else ([], [])
+    lp, greedy = score_rows(model, rows, batch_size, window, pad_to_bucket) if rows else ([], [])
     out_lp = [np.zeros(max(len(s) - 1, 0)) for s in seqs]
     out_greedy = [np.zeros(max(len(s) - 1, 0), bool) for s in seqs]
     for (k, b), row_lp, row_greedy in zip(owners, lp, greedy):
@@ -153,6 +165,7 @@ def perplexity(
     stride: int | None = None,
     batch_size: int = 8,
     prefix_token: int | None = None,
+    pad_to_bucket: bool = True,
 ) -> dict:
     """Strided perplexity of one token sequence (module docstring).
 
@@ -163,6 +176,7 @@ def perplexity(
       stride: S <= W targets scored per forward (default W // 2, at least 1).
       batch_size: forwards per batch.
       prefix_token: a token put before `tokens` so that their first token is scored too (e.g. EOS).
+      pad_to_bucket: pad rows to power-of-two buckets (False: exact lengths; see the module docstring).
 
     Returns:
       {"nll": mean negative log-likelihood per scored token (nats), "perplexity": exp(nll),
@@ -174,7 +188,7 @@ def perplexity(
         seq = np.concatenate([[prefix_token], seq])
     if len(seq) < 2:
         raise ValueError(f"tokens has {len(seq)} token(s) to read; perplexity needs at least one scored token")
-    (lp,), _ = strided_logprobs(model, [seq], window, stride, batch_size)
+    (lp,), _ = strided_logprobs(model, [seq], window, stride, batch_size, pad_to_bucket)
     nll = float(-lp.mean())
     return {
         "nll": nll,
