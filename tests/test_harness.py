@@ -10,17 +10,19 @@ loads through lm-eval's model_args; bad requests and options are one ValueError 
 """
 
 import io
+import os
 import types
 from contextlib import redirect_stderr
 
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT
 from flax import nnx
 
 import zoo
 from zoo.checkpoint import save_pretrained
-from zoo.data.tokenizers import ByteTokenizer
+from zoo.data.tokenizers import ByteTokenizer, HFTokenizer
 from zoo.eval import harness
 from zoo.eval.harness import ZooLM, parse_arg_string
 from zoo.eval.perplexity import _score as score_fn
@@ -158,6 +160,17 @@ def test_a_model_directory_through_lm_eval_model_args(tmp_path):
     req = [_request("context", " continuation")]
     np.testing.assert_allclose(lm.loglikelihood(req)[0][0], direct.loglikelihood(req)[0][0], rtol=1e-6)
     assert parse_arg_string("a=1,b=2.5,c=True,d=x/y") == {"a": 1, "b": 2.5, "c": True, "d": "x/y"}
+
+
+def test_pairs_split_where_the_contexts_encoding_ends_with_a_subword_tokenizer():
+    tok = HFTokenizer(os.path.join(ROOT, "tests", "fixtures", "golden", "tokenizer", "tokenizer.json"))
+    model = zoo.create_model("transformer", "tiny", seed=0, n_layers=1, vocab_size=tok.vocab_size)
+    lm = ZooLM(model=model, tokenizer=tok, max_length=32)
+    for ctx, cont in [("The cat", " sat"), ("Hello,", " world"), ("a b c", " d e")]:
+        c, x = lm.encode_pair(ctx, cont)
+        assert c + x == tok.encode(ctx + cont).tolist() and c == tok.encode(ctx).tolist()
+        assert lm.encode_pair(ctx + " ", cont.lstrip()) == (c, x)  # the context's trailing space moves over
+    assert lm.encode_pair("", "hello") == ([tok.eos_id], tok.encode("hello").tolist())
 
 
 def test_bad_options_and_requests_are_value_errors():
