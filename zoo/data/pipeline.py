@@ -35,7 +35,7 @@ from zoo.data.shards import ShardDocuments, read_manifest
 from zoo.data.text import TextFiles, TfdsDocuments
 from zoo.data.tokenizers import load_tokenizer, tokenizer_for
 
-SOURCES = ("passkey", "recall", "selective_copy", *ruler.TASKS, "text", "tfds", "shards")
+SOURCES = ("passkey", "recall", "selective_copy", "passkey_recall", *ruler.TASKS, "text", "tfds", "shards")
 DOCUMENT_SOURCES = ("text", "tfds", "shards")
 MODES = ("fixed", "decomposition", "packed")
 PACKED_KEYS = ("inputs", "targets", "loss_mask", "answer_mask", "segment_ids", "positions")
@@ -137,6 +137,10 @@ def example_source(data: Any, split: str, length: int, depth: float | None = Non
         return synthetic.AssociativeRecall(length, data.num_pairs, data.num_queries, seed=seed)
     if data.source == "selective_copy":
         return synthetic.SelectiveCopy(length, data.num_data, seed=seed)
+    if data.source == "passkey_recall":
+        return synthetic.PasskeyRecall(
+            length, seed=seed, answer_only=data.answer_only, num_pairs=data.num_pairs, num_queries=data.num_queries
+        )
     if data.source in ruler.TASKS:
         return ruler.TASKS[data.source](length, seed=seed)
     if data.source in DOCUMENT_SOURCES:

@@ -10,6 +10,8 @@ Tasks:
   5-digit key hidden at a chosen depth in repetitive filler text, asked for at the end.
 - `AssociativeRecall` (MQAR, Arora et al. 2023): key-value pairs, then queries of some keys.
 - `SelectiveCopy` (Gu & Dao 2023): data tokens scattered among noise tokens, to be copied in order.
+- `PasskeyRecall`: a mixture of the two retrieval tasks above, each example drawn from one of them
+  (`zoo compare` trains every model on it).
 """
 
 from __future__ import annotations
@@ -151,4 +153,49 @@ class SelectiveCopy:
         return {"tokens": tokens, "loss_mask": answer.copy(), "answer_mask": answer}
 
 
-TASKS = {"passkey": Passkey, "recall": AssociativeRecall, "selective_copy": SelectiveCopy}
+@dataclasses.dataclass(frozen=True)
+class PasskeyRecall:
+    """A mixture of `Passkey` and `AssociativeRecall` examples of `length` tokens.
+
+    Example i is recall with probability `recall_fraction` (drawn from (seed, i) on a stream of its
+    own), else passkey; either way it is exactly the component task's example i, so a model's scores
+    on the pure tasks measure what the mixture taught. Both are byte-level and disjoint in their
+    answer bytes (passkey digits are ASCII 48..57, recall values 192..255). Masks are the
+    component's: passkey loss on every target (or on the digits with `answer_only`), recall loss on
+    the recalled values.
+    """
+
+    length: int
+    seed: int = 0
+    answer_only: bool = False
+    num_pairs: int = 8
+    num_queries: int = 4
+    recall_fraction: float = 0.5
+    num_examples: int = 2**31 - 1
+
+    def __post_init__(self):
+        if not 0.0 <= self.recall_fraction <= 1.0:
+            raise ValueError(f"recall_fraction {self.recall_fraction} must lie in [0, 1]")
+        # the components check the length (passkey needs the longer sequence) and the recall sizes
+        Passkey(self.length)
+        AssociativeRecall(self.length, self.num_pairs, self.num_queries)
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def is_recall(self, index: int) -> bool:
+        """Whether example `index` is an associative-recall example (else passkey)."""
+        return bool(np.random.default_rng([self.seed, index, 1]).uniform() < self.recall_fraction)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if self.is_recall(index):
+            return AssociativeRecall(self.length, self.num_pairs, self.num_queries, seed=self.seed)[index]
+        return Passkey(self.length, seed=self.seed, answer_only=self.answer_only)[index]
+
+
+TASKS = {
+    "passkey": Passkey,
+    "recall": AssociativeRecall,
+    "selective_copy": SelectiveCopy,
+    "passkey_recall": PasskeyRecall,
+}
