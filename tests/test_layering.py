@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 
 # layer -> the layers it may import (besides itself). The floors, bottom up:
-# kernels; layers; models, data, io; config, checkpoint; convert, train, eval, generate; info; cli.
+# kernels; layers; models, data, io; config, checkpoint; convert, train, eval, generate; info; compare; cli.
 ALLOWED = {
     "pallas_kernels": set(),
     "zoo.io": set(),
@@ -25,6 +25,20 @@ ALLOWED = {
     "zoo.eval": {"zoo.models", "zoo.data", "zoo.config", "zoo.checkpoint", "zoo.io", "zoo.layers", "zoo.generate"},
     "zoo.bench": {"zoo.models", "zoo.config", "zoo.train", "zoo.checkpoint", "zoo.io"},
     "zoo.info": {"zoo.models", "zoo.data", "zoo.config", "zoo.checkpoint", "zoo.train"},
+    # `zoo compare`: the top floor beside the CLI (trains, converts, evaluates and benchmarks every model)
+    "zoo.compare": {
+        "zoo.models",
+        "zoo.data",
+        "zoo.config",
+        "zoo.configs",
+        "zoo.checkpoint",
+        "zoo.convert",
+        "zoo.train",
+        "zoo.eval",
+        "zoo.bench",
+        "zoo.info",
+        "zoo.io",
+    },
     "zoo": {"zoo.models", "zoo.checkpoint", "zoo.generate"},
 }
 LAYERS = sorted(ALLOWED, key=len, reverse=True)

@@ -161,9 +161,7 @@ def _run(args, overrides) -> int:
         from zoo import compare
 
         models = None if args.models is None else [m.strip() for m in args.models.split(",") if m.strip()]
-        report = compare.run(
-            args.preset, args.out, args.workdir, models, args.steps, compare.command_line(sys.argv[1:])
-        )
+        report = compare.run(args.preset, args.out, args.workdir, models, args.steps)
         print(f"wrote {args.out}/compare.md, compare.json and figures ({len(report['rows'])} models)")
         return 0
     if args.command == "bench":

@@ -53,7 +53,7 @@ def make_config(
     )
     c.data = ml_collections.ConfigDict(
         dict(
-            source="passkey",  # passkey | recall | selective_copy | text | tfds | shards (zoo data prepare)
+            source="passkey",  # passkey | recall | selective_copy | passkey_recall | text | tfds | shards
             seq_len=160,  # training length (fixed-length mode) / 2^max_log2 (decomposition)
             batch_size=16,  # global sequences per step (fixed-length mode)
             seed=0,
@@ -300,7 +300,9 @@ def _config_module(path: str):
 def packaged_configs() -> list[str]:
     """Names of the run configs shipped in the `zoo.configs` package (loaded by name, like plugins)."""
     (here,) = importlib.util.find_spec("zoo.configs").submodule_search_locations
-    return sorted(f[:-3] for f in os.listdir(here) if f.endswith(".py") and not f.startswith("_"))
+    names = sorted(f[:-3] for f in os.listdir(here) if f.endswith(".py") and not f.startswith("_"))
+    # a run config defines get_config(preset); other settings files there (compare.py) are not one
+    return [n for n in names if hasattr(importlib.import_module(f"zoo.configs.{n}"), "get_config")]
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

@@ -1,0 +1,510 @@
+"""`zoo compare`: every language model of the zoo at one matched size, trained on the same data and
+evaluated the same way, written as one JSON file, one markdown page and one figure per measure.
+
+    zoo compare --preset tiny --out docs/compare --workdir /tmp/zoo-compare [--models transformer,mamba2]
+
+The rows are the registered language models (`zoo.models.registry.list_models("lm")`: forecasters
+and classifiers are left out by their kind), the settings' extra rows (a registered model under
+other fields, e.g. a window-only transformer) and converted rows (another row's trained weights in
+another model, e.g. training-free HiP on the transformer's weights). Settings: `zoo/configs/compare.py`.
+
+Each trained row is a `zoo.train.trainer.train` run in `<workdir>/<row>` (rerunning resumes or, when
+finished, reuses it) on the passkey + MQAR mixture in decomposition buckets. Measures, all on the
+validation split:
+- passkey exact match by length x depth, lengths 1x..8x the training length (`passkey_grid`);
+- MQAR answer-token accuracy and exact match by length (`answer_accuracy_by_length`);
+- loss by position on full-loss passkey sequences of 8x the training length (`loss_by_position`);
+- prefill seconds of T tokens, decode seconds of one token after T, and XLA's compiled peak memory
+  of both, at batch 1 (jitted `prefill` / `decode_step`, timed by `zoo.bench.time_fn`);
+- parameters and forward FLOPs per token (XLA cost analysis, `zoo.info.forward_flops_per_token`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from io import BytesIO
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from zoo import io
+from zoo.bench import time_fn
+from zoo.checkpoint import load_model
+from zoo.config import make_config, update, validate
+from zoo.configs.compare import get_settings
+from zoo.convert import convert_model
+from zoo.eval import longcontext
+from zoo.info import count_params, forward_flops_per_token
+from zoo.models import registry
+from zoo.models.params import ParamView
+from zoo.train.trainer import compiled_memory, train
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One row of the comparison: `name` shown, `model` registered, built with `fields`; trained, or
+    converted from the trained row `source`."""
+
+    name: str
+    model: str
+    fields: dict
+    source: str = ""
+
+
+def rows_of(settings: dict, names: list[str] | None = None) -> list[Row]:
+    """The rows of the settings (every LM, extra and converted rows), or those named; trained rows
+    first, converted rows (which need their source's weights) last.
+
+    Raises:
+      ValueError: a name that is no row, or a converted row without its source row.
+    """
+    rows: dict[str, Row] = {}
+    converted = settings.get("converted", {})
+    for name in registry.list_models("lm"):
+        rows[name] = Row(name, name, _fields(settings, name, name))
+    for name, (model, extra) in settings.get("extra_rows", {}).items():
+        rows[name] = Row(name, model, {**_fields(settings, model, model), **extra})
+    for name, (source, extra) in converted.items():
+        if name in rows:
+            rows[name] = Row(name, rows[name].model, {**rows[name].fields, **extra}, source=source)
+    if names is None:
+        names = list(rows)
+    unknown = [n for n in names if n not in rows]
+    if unknown or not names:
+        raise ValueError(f"--models {','.join(names)!r}: unknown row(s) {unknown}; choose from {','.join(rows)}")
+    picked = [rows[n] for n in dict.fromkeys(names)]
+    for row in picked:
+        if row.source and row.source not in names:
+            raise ValueError(
+                f"--models: {row.name} is converted from the trained {row.source} row; add {row.source} to --models"
+            )
+    return [r for r in picked if not r.source] + [r for r in picked if r.source]  # sources are trained first
+
+
+def _fields(settings: dict, model: str, name: str) -> dict:
+    """The shared size fields the model's config has, then the row's own adjustments."""
+    have = {f.name for f in dataclasses.fields(type(registry.get_model_config(model, "tiny")))}
+    shared = {k: v for k, v in settings["model"].items() if k in have}
+    return {**shared, **settings["per_model"].get(name, {})}
+
+
+def run_config(settings: dict, row: Row) -> ml_collections.ConfigDict:
+    """The full run config of a row: the run defaults (`zoo.config.make_config`, none of the model's own
+    run settings, e.g. the SSM presets' answer-only passkey loss) with the comparison's settings, so
+    every row trains on the same data with the same optimizer."""
+    config = make_config(row.model, "tiny")
+    config = update(
+        config,
+        {
+            "model": row.fields,
+            "data": settings["data"],
+            "train": {**settings["train"], "checkpoint_every": settings["train"]["steps"], "keep_checkpoints": 1},
+            "optim": settings["optim"],
+        },
+    )
+    if "l_max" in config.model:  # S4: the kernel length C~ refers to (longer inputs extend it by doubling)
+        config.model.l_max = max(config.model.l_max, config.data.seq_len)
+    validate(config)
+    registry.config_from_run(config)  # the model dataclass checks its fields
+    return config
+
+
+def _data(config: ml_collections.ConfigDict, source: str) -> ml_collections.ConfigDict:
+    data = ml_collections.ConfigDict(config.data.to_dict())
+    data.source = source
+    data.depth = -1.0
+    data.answer_only = False
+    return data
+
+
+def bench_inference(model, length: int, reps: int) -> dict:
+    """Batch-1 prefill of `length` tokens and decode of one more token: median seconds and XLA's
+    compiled memory analysis (peak bytes of arguments + outputs + temporaries - aliased)."""
+    graphdef, state = nnx.split(model)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(32, 128, (1, length)), jnp.int32)  # [1, T]
+    cache = model.init_cache(1, length + 1)
+
+    def prefill(state, tokens, cache):
+        return nnx.merge(graphdef, state).prefill(tokens, cache)
+
+    def decode(state, token, cache):
+        return nnx.merge(graphdef, state).decode_step(token, cache)
+
+    pre = jax.jit(prefill).lower(state, tokens, cache).compile()
+    _, filled = pre(state, tokens, cache)
+    token = tokens[:, -1]  # [1]
+    dec = jax.jit(decode).lower(state, token, filled).compile()
+    pre_mem, dec_mem = compiled_memory(pre), compiled_memory(dec)
+    return {
+        "length": int(length),
+        "prefill_s": time_fn(pre, state, tokens, cache, reps=reps, warmup=1),
+        "decode_s": time_fn(dec, state, token, filled, reps=max(reps, 5), warmup=1),
+        "prefill_peak_bytes": None if pre_mem is None else pre_mem["peak_bytes"],
+        "decode_peak_bytes": None if dec_mem is None else dec_mem["peak_bytes"],
+    }
+
+
+def evaluate_row(model, config: ml_collections.ConfigDict, ev: dict) -> dict:
+    """Every measure of the comparison for one model (see the module docstring)."""
+    train_len = int(config.data.seq_len)
+    lengths = [m * train_len for m in ev["length_multiples"]]
+    out = {
+        "passkey": longcontext.passkey_grid(
+            model, _data(config, "passkey"), lengths, ev["depths"], ev["samples"], ev["batch_size"]
+        ),
+        "mqar": longcontext.answer_accuracy_by_length(
+            model, _data(config, "recall"), lengths, ev["samples"], ev["batch_size"]
+        ),
+        "loss_by_position": longcontext.loss_by_position(
+            model, _data(config, "passkey"), max(lengths), ev["loss_samples"], ev["batch_size"]
+        ),
+    }
+    lp = out["loss_by_position"]
+    inside = [x for p, x in zip(lp["position"], lp["loss"]) if p < train_len]
+    beyond = [x for p, x in zip(lp["position"], lp["loss"]) if p >= train_len]
+    lp["mean_within_train_length"] = float(np.mean(inside)) if inside else None
+    lp["mean_beyond_train_length"] = float(np.mean(beyond)) if beyond else None
+    out["inference"] = [bench_inference(model, t, ev["bench_reps"]) for t in ev["bench_lengths"]]
+    return out
+
+
+def run(
+    preset: str = "tiny",
+    out: str = "docs/compare",
+    workdir: str | None = None,
+    models: list[str] | None = None,
+    steps: int | None = None,
+    command: str = "",
+) -> dict:
+    """Trains and evaluates every row; writes compare.json, compare.md and the figures to `out`.
+
+    Args:
+      preset: a preset of `zoo/configs/compare.py` (tiny, paper, test).
+      out: the output directory (created).
+      workdir: where the training runs live, one directory per row (default: a new temporary
+        directory). A finished run there is reused, an unfinished one resumed.
+      models: the rows to run (default: all).
+      steps: training steps (default: the preset's).
+      command: the command line to print in compare.md (default: the `zoo compare` of these arguments).
+
+    Returns:
+      The dict written to compare.json.
+    """
+    settings = get_settings(preset)
+    if steps is not None:
+        if steps < 1:
+            raise ValueError(f"--steps {steps}: give a positive number of training steps")
+        settings["train"]["steps"] = int(steps)
+    rows = rows_of(settings, models)
+    configs = {row.name: run_config(settings, row) for row in rows}  # every config checked before training
+    io.check_writable_dir(out, "--out")
+    workdir_arg, workdir = workdir, workdir or tempfile.mkdtemp(prefix="zoo-compare-")
+    started = time.perf_counter()
+    results: dict[str, dict] = {}
+    trained: dict[str, object] = {}
+    for row in rows:
+        config = configs[row.name]
+        t0 = time.perf_counter()
+        entry: dict = {"model": row.model, "fields": row.fields}
+        if row.source:
+            model = convert_model(trained[row.source], row.model, **row.fields)
+            entry.update(how=f"converted from the trained {row.source} (training-free)", train={}, step=0)
+        else:
+            run_dir = os.path.join(workdir, row.name)
+            result = train(config, run_dir, progress=False)
+            model, _ = load_model(run_dir)
+            trained[row.name] = model
+            records = io.read_metrics(run_dir)  # the last logged metrics, also of a finished run reused
+            entry.update(how="trained", train=records[-1] if records else result["train"], step=result["step"])
+        entry["train_s"] = time.perf_counter() - t0
+        n_model = sum(int(np.prod(p.shape)) for p in ParamView(model).flat(model).values())
+        n_config = count_params(config)
+        if n_model != n_config:
+            raise ValueError(f"{row.name}: the model has {n_model} parameters but its config builds {n_config}")
+        train_len = int(config.data.seq_len)
+        entry["params"] = n_model
+        entry["flops_per_token"] = {
+            str(t): forward_flops_per_token(config, t) for t in (train_len, max(settings["eval"]["bench_lengths"]))
+        }
+        t0 = time.perf_counter()
+        entry.update(evaluate_row(model, config, settings["eval"]))
+        entry["eval_s"] = time.perf_counter() - t0
+        results[row.name] = entry
+        print(
+            f"zoo compare: {row.name}: {n_model:,} params, {entry['how']}, "
+            f"train {entry['train_s']:.0f} s, eval {entry['eval_s']:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+    any_config = next(iter(configs.values()))
+    report = {
+        "preset": preset,
+        "command": command or command_line(preset, out, workdir_arg, models, steps),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "wall_s": time.perf_counter() - started,
+        "settings": {
+            k: v for k, v in settings.items() if k in ("model", "per_model", "data", "train", "optim", "eval")
+        },
+        "train_length": int(any_config.data.seq_len),
+        "order": list(results),  # the rows' order (JSON objects are written with sorted keys)
+        "rows": results,
+    }
+    outdir = io.path(out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    io.write_json_atomic(outdir / "compare.json", report)
+    figures = write_figures(report, outdir)
+    (outdir / "compare.md").write_text(markdown(report, figures))
+    return report
+
+
+def machine() -> str:
+    """The backend, device and host this ran on, in words."""
+    dev = jax.devices()[0]
+    return (
+        f"{jax.default_backend()} ({dev.device_kind}, {jax.device_count()} device(s)), "
+        f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores visible, "
+        f"Python {platform.python_version()}, jax {jax.__version__}"
+    )
+
+
+# -------------------------------------------------------------------------------------------- the report
+
+
+def _summary(report: dict) -> list[dict]:
+    train_len = report["train_length"]
+    out = []
+    for name, r in _ordered(report).items():
+        pk = np.asarray(r["passkey"]["exact_match"]).mean(1)  # [lengths], mean over depths
+        mq = r["mqar"]["token_accuracy"]
+        inf = r["inference"][-1]
+        out.append(
+            {
+                "model": name,
+                "how": "converted" if r["how"].startswith("converted") else "trained",
+                "params": r["params"],
+                "flops": r["flops_per_token"][str(train_len)],
+                "pk_first": float(pk[0]),
+                "pk_last": float(pk[-1]),
+                "mq_first": float(mq[0]),
+                "mq_last": float(mq[-1]),
+                "loss_in": r["loss_by_position"]["mean_within_train_length"],
+                "loss_out": r["loss_by_position"]["mean_beyond_train_length"],
+                "prefill_ms": 1e3 * inf["prefill_s"],
+                "decode_ms": 1e3 * inf["decode_s"],
+                "peak_mib": None if inf["prefill_peak_bytes"] is None else inf["prefill_peak_bytes"] / 2**20,
+            }
+        )
+    return out
+
+
+def _ordered(report: dict) -> dict:
+    return {name: report["rows"][name] for name in report["order"]}
+
+
+def _f(x, fmt: str) -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def markdown(report: dict, figures: dict[str, str]) -> str:
+    """compare.md: the summary table, then one table and one figure per measure."""
+    train_len = report["train_length"]
+    rows = _ordered(report)
+    first = next(iter(rows.values()))
+    lengths = first["passkey"]["lengths"]
+    bench = [b["length"] for b in first["inference"]]
+    s = report["settings"]
+    lines = [
+        "# The zoo compared: every language model at one size, the same data, the same evaluation",
+        "",
+        f"Generated by `zoo compare` (preset `{report['preset']}`) on {report['date']}; {report['wall_s'] / 60:.1f} "
+        "minutes in all.",
+        "",
+        "```",
+        report["command"],
+        "```",
+        "",
+        f"Machine: {report['machine']}.",
+        "",
+        f"Training: {s['train']['steps']} steps of {s['data']['tokens_per_step']:,} tokens on "
+        f"`{s['data']['source']}` (passkey + multi-query associative recall, half each) in decomposition buckets "
+        f"2^{s['data']['min_log2']}..2^{s['data']['max_log2']} (training length {train_len}), AdamW lr "
+        f"{s['optim']['lr']}; shared sizes {s['model']}, per-model adjustments {s['per_model']}. "
+        "Evaluation on the validation split (other seeds than training).",
+        "",
+        "## Summary",
+        "",
+        f"Passkey: exact match (mean over depths) at {lengths[0]} and {lengths[-1]} tokens; MQAR: answer-token "
+        f"accuracy at {lengths[0]} and {lengths[-1]}; loss: mean next-token loss on passkey text within / beyond "
+        f"the training length ({train_len}); prefill, decode and peak memory at {bench[-1]} tokens, batch 1; "
+        f"FLOPs: forward per token at {train_len}.",
+        "",
+        f"| model | params | passkey @{lengths[0]} | passkey @{lengths[-1]} | MQAR @{lengths[0]} | MQAR @{lengths[-1]} "
+        f"| loss <{train_len} | loss >{train_len} | prefill ms | decode ms/token | peak MiB | MFLOP/token |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in _summary(report):
+        name = r["model"] + (" (converted)" if r["how"] == "converted" else "")
+        lines.append(
+            f"| {name} | {r['params']:,} | {r['pk_first']:.2f} | {r['pk_last']:.2f} | {r['mq_first']:.2f} | "
+            f"{r['mq_last']:.2f} | {_f(r['loss_in'], '.3f')} | {_f(r['loss_out'], '.3f')} | "
+            f"{r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | {_f(r['peak_mib'], '.1f')} | "
+            f"{_f(None if r['flops'] is None else r['flops'] / 1e6, '.2f')} |"
+        )
+    lines += ["", "## Parameters, FLOPs and training", ""]
+    flop_lengths = list(first["flops_per_token"])
+    lines.append(
+        "| model | how | params | "
+        + " | ".join(f"MFLOP/token @{t}" for t in flop_lengths)
+        + " | final train loss | train answer acc | train s |"
+    )
+    lines.append("|---|---|---:|" + "---:|" * len(flop_lengths) + "---:|---:|---:|")
+    for name, r in rows.items():
+        fl = " | ".join(_f(None if v is None else v / 1e6, ".2f") for v in r["flops_per_token"].values())
+        tr = r["train"]
+        lines.append(
+            f"| {name} | {r['how']} | {r['params']:,} | {fl} | {_f(tr.get('loss'), '.3f')} | "
+            f"{_f(tr.get('accuracy'), '.3f')} | {r['train_s']:.0f} |"
+        )
+    lines += [
+        "",
+        "## Passkey exact match by length (mean over depths "
+        + ", ".join(f"{d:g}" for d in first["passkey"]["depths"])
+        + ")",
+        "",
+    ]
+    lines += _length_table(rows, lengths, lambda r: np.asarray(r["passkey"]["exact_match"]).mean(1))
+    lines += ["", "The full length x depth grids are in compare.json (`rows.<model>.passkey.exact_match`).", ""]
+    lines += ["## Multi-query associative recall: answer-token accuracy by length", ""]
+    lines += _length_table(rows, lengths, lambda r: r["mqar"]["token_accuracy"])
+    lines += ["", "## Loss by position (passkey text, full loss)", ""]
+    lines += [
+        f"| model | mean loss < {train_len} | mean loss >= {train_len} | ratio |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, r in rows.items():
+        a, b = r["loss_by_position"]["mean_within_train_length"], r["loss_by_position"]["mean_beyond_train_length"]
+        ratio = None if a in (None, 0) or b is None else b / a
+        lines.append(f"| {name} | {_f(a, '.3f')} | {_f(b, '.3f')} | {_f(ratio, '.2f')} |")
+    for key, title, scale, fmt in (
+        ("prefill_s", "Prefill time (ms, batch 1)", 1e3, ".1f"),
+        ("decode_s", "Decode time per token after the context (ms, batch 1)", 1e3, ".2f"),
+        ("prefill_peak_bytes", "Peak memory of the compiled prefill (MiB, XLA memory analysis)", 2**-20, ".1f"),
+        ("decode_peak_bytes", "Peak memory of the compiled decode step (MiB, XLA memory analysis)", 2**-20, ".2f"),
+    ):
+        lines += ["", f"## {title}", ""]
+        lines += _length_table(
+            rows,
+            bench,
+            lambda r, key=key, scale=scale: [None if b[key] is None else b[key] * scale for b in r["inference"]],
+            fmt,
+        )
+    lines += ["", "## Figures", ""]
+    for key, file in figures.items():
+        lines.append(f"![{key}]({file})")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _length_table(rows: dict, lengths: list[int], values, fmt: str = ".2f") -> list[str]:
+    out = ["| model | " + " | ".join(str(t) for t in lengths) + " |", "|---|" + "---:|" * len(lengths)]
+    for name, r in rows.items():
+        out.append(f"| {name} | " + " | ".join(_f(None if v is None else float(v), fmt) for v in values(r)) + " |")
+    return out
+
+
+def write_figures(report: dict, outdir) -> dict[str, str]:
+    """One PNG per measure in `outdir`; returns {measure: file name}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, train_len = _ordered(report), report["train_length"]
+    files = {}
+
+    def save(fig, name):
+        buf = BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        (outdir / name).write_bytes(buf.getvalue())
+        files[name[:-4]] = name
+
+    def by_length(key, ylabel, title, name, values, logy=False, xs=None):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for model, r in rows.items():
+            x = xs(r)
+            y = values(r)
+            ax.plot(x, y, "o-", label=model)
+        ax.axvline(train_len, color="gray", ls="--", lw=1)
+        ax.set(xlabel="context length (tokens)", ylabel=ylabel, title=title, xscale="log")
+        if logy:
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        save(fig, name)
+
+    by_length(
+        "passkey",
+        "exact match (mean over depths)",
+        "passkey retrieval",
+        "passkey.png",
+        lambda r: np.asarray(r["passkey"]["exact_match"]).mean(1),
+        xs=lambda r: r["passkey"]["lengths"],
+    )
+    by_length(
+        "mqar",
+        "answer-token accuracy",
+        "multi-query associative recall",
+        "mqar.png",
+        lambda r: r["mqar"]["token_accuracy"],
+        xs=lambda r: r["mqar"]["lengths"],
+    )
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model, r in rows.items():
+        ax.plot(r["loss_by_position"]["position"], r["loss_by_position"]["loss"], label=model)
+    ax.axvline(train_len, color="gray", ls="--", lw=1, label="training length")
+    ax.set(xlabel="position", ylabel="next-token loss", title="loss by position (passkey text)", yscale="log")
+    ax.legend(fontsize=7)
+    save(fig, "loss_by_position.png")
+    for key, ylabel, name in (
+        ("prefill_s", "prefill seconds (batch 1)", "prefill_time.png"),
+        ("decode_s", "seconds per decoded token (batch 1)", "decode_time.png"),
+        ("prefill_peak_bytes", "compiled peak bytes, prefill", "prefill_memory.png"),
+    ):
+        if all(b[key] is not None for r in rows.values() for b in r["inference"]):
+            by_length(
+                key,
+                ylabel,
+                ylabel,
+                name,
+                lambda r, key=key: [b[key] for b in r["inference"]],
+                logy=True,
+                xs=lambda r: [b["length"] for b in r["inference"]],
+            )
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = list(rows)
+    ax.bar(names, [rows[n]["params"] for n in names])
+    ax.set(ylabel="parameters", title="parameters (matched size)")
+    ax.tick_params(axis="x", rotation=45)
+    save(fig, "params.png")
+    return files
+
+
+def command_line(preset: str, out: str, workdir: str | None, models: list[str] | None, steps: int | None) -> str:
+    """The `zoo compare` command that makes this report (for compare.md)."""
+    args = ["zoo", "compare", "--preset", preset, "--out", str(out)]
+    args += ["--workdir", str(workdir)] if workdir else []
+    args += ["--models", ",".join(models)] if models else []
+    args += ["--steps", str(steps)] if steps is not None else []
+    return " ".join(shlex.quote(a) for a in args)
