@@ -362,7 +362,7 @@ def markdown(report: dict, figures: dict[str, str]) -> str:
             f"{_f(None if r['flops'] is None else r['flops'] / 1e6, '.2f')} |"
         )
     lines += ["", "## Parameters, FLOPs and training", ""]
-    flop_lengths = list(first["flops_per_token"])
+    flop_lengths = sorted(first["flops_per_token"], key=int)
     lines.append(
         "| model | how | params | "
         + " | ".join(f"MFLOP/token @{t}" for t in flop_lengths)
@@ -370,7 +370,9 @@ def markdown(report: dict, figures: dict[str, str]) -> str:
     )
     lines.append("|---|---|---:|" + "---:|" * len(flop_lengths) + "---:|---:|---:|")
     for name, r in rows.items():
-        fl = " | ".join(_f(None if v is None else v / 1e6, ".2f") for v in r["flops_per_token"].values())
+        fl = " | ".join(
+            _f(None if r["flops_per_token"][t] is None else r["flops_per_token"][t] / 1e6, ".2f") for t in flop_lengths
+        )
         tr = r["train"]
         lines.append(
             f"| {name} | {r['how']} | {r['params']:,} | {fl} | {_f(tr.get('loss'), '.3f')} | "
