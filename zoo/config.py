@@ -222,8 +222,12 @@ def pod_pretraining(
     **optim,
 ) -> dict:
     """Run settings of a paper-scale pretraining run: prepared token shards (`zoo data prepare`), no
-    silent fallback to the embedded toy corpus, checkpoints every 1000 steps."""
+    silent fallback to the embedded toy corpus, checkpoints every 1000 steps, and scanned layers with
+    full remat. (Remat needs the scan: with looped layers XLA's scheduler moved the recomputation
+    forward and kept the activations, 2546 -> 2508 MiB, where scanned layers went 2304 -> 367 MiB;
+    8-layer tiny transformer, 4 x 1024 tokens, CPU compiler.)"""
     return {
+        "model": {"remat": "full", "scan_layers": True},
         "data": {"source": "text", "seq_len": seq_len, "batch_size": batch_size, "allow_toy": False},
         "optim": {"lr": lr, "warmup_steps": warmup_steps, **optim},
         "train": {"steps": steps, "checkpoint_every": 1000},
