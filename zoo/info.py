@@ -7,6 +7,7 @@ over the available devices, and the data layout (fixed length or decomposition b
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -28,8 +29,14 @@ def count_params(config: ml_collections.ConfigDict) -> int:
 
 
 def forward_flops_per_token(config: ml_collections.ConfigDict, seq_len: int) -> float | None:
-    """XLA's FLOP count of one forward pass over [1, seq_len] tokens, divided by seq_len."""
-    view = ParamView(abstract_model(config))
+    """XLA's FLOP count of one forward pass over [1, seq_len] tokens, divided by seq_len.
+
+    Counted on the looped layout: XLA's cost analysis counts a loop body once, so a scanned layer
+    stack would count as one layer (the FLOPs do not depend on the layout)."""
+    cfg = model_config(config)
+    if getattr(cfg, "scan_layers", False):
+        cfg = dataclasses.replace(cfg, scan_layers=False)
+    view = ParamView(checkpoint.abstract_model(config.model_name, cfg))
     fn = jax.jit(lambda p, x: view.merge(p)(x))
     lowered = fn.lower(dict(view.shapes), jax.ShapeDtypeStruct((1, seq_len), jax.numpy.int32))
     cost = lowered.cost_analysis()

@@ -32,3 +32,19 @@ def test_run_settings_for_unknown_presets_are_refused():
         make_config("transformer", "tiny", runs={"huge": {"train": {"steps": 1}}})
     with pytest.raises(ValueError, match="unknown config key"):
         make_config("transformer", "tiny", runs={"tiny": {"train": {"stepz": 1}}})
+
+
+def test_paper_presets_scan_with_remat_and_flops_count_every_layer():
+    """Pod presets train scanned with full remat; zoo info's FLOPs count every layer of a scanned
+    stack (XLA's cost analysis counts a loop body once) and equal the looped model's."""
+    from zoo.info import forward_flops_per_token
+
+    config = load_config("mamba2:130m", ["--config.model.n_layers=4"])
+    assert config.model.scan_layers and config.model.remat == "full"
+    looped = load_config("mamba2:130m", ["--config.model.n_layers=4", "--config.model.scan_layers=False"])
+    one_layer = load_config("mamba2:130m", ["--config.model.n_layers=1", "--config.model.scan_layers=False"])
+    assert (
+        forward_flops_per_token(config, 64)
+        == forward_flops_per_token(looped, 64)
+        > forward_flops_per_token(one_layer, 64)
+    )
