@@ -24,8 +24,10 @@ from etils import epath
 
 
 def path(p) -> epath.Path:
-    """`p` as an `epath.Path` (local paths, gs://, and every filesystem epath knows)."""
-    return epath.Path(p)
+    """`p` as an `epath.Path` (local paths, gs://, and every filesystem epath knows); a local path is
+    made absolute (Orbax refuses relative checkpoint paths, and a later chdir must not move a run)."""
+    text = os.fspath(p) if isinstance(p, os.PathLike) else str(p)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
 def is_remote(p) -> bool:

@@ -18,23 +18,27 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in read_metrics(workdir)}
 
 
-def test_train_writes_everything_and_loads(tmp_path, tiny):
-    """`zoo train` (the CLI: train, then evaluate) writes the run and the model loads in one line."""
+def test_train_writes_everything_and_loads(tmp_path, tiny, monkeypatch):
+    """`zoo train` (the CLI: train, then evaluate) writes the run and the model loads in one line; the
+    work dir is relative, as in the README's main job (Orbax refuses relative checkpoint paths)."""
     from conftest import TINY_OVERRIDES
 
     from zoo import cli
 
+    monkeypatch.chdir(tmp_path)
     args = [
         "train",
         "--config",
         "transformer:tiny",
         "--workdir",
-        str(tmp_path),
+        "runs/default",
         *TINY_OVERRIDES,
         "--config.train.steps=6",
         "--config.train.checkpoint_every=3",
     ]
     assert cli.main(args) == 0
+    assert cli.main(["eval", "--workdir", "runs/default"]) == 0
+    tmp_path = tmp_path / "runs" / "default"
     for name in ("config.json", "metrics.jsonl", "eval.json", "eval.png", "training.png"):
         assert (tmp_path / name).is_file(), name
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
@@ -42,7 +46,7 @@ def test_train_writes_everything_and_loads(tmp_path, tiny):
     records = read_metrics(str(tmp_path))
     assert [r["step"] for r in records] == list(range(1, 7))
     assert {"loss", "accuracy", "grad_norm", "lr", "tokens_per_sec"} <= set(records[0])
-    model, cfg = zoo.load(str(tmp_path))
+    model, cfg = zoo.load("runs/default")
     assert cfg.model_name == "transformer" and model.config.d_model == 32
     logits = model(jnp.zeros((1, 16), jnp.int32))
     assert logits.shape == (1, 16, 256)
