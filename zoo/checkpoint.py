@@ -26,6 +26,7 @@ process, onto shardings that span the processes (never one process's device).
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -463,7 +464,7 @@ def tokenizer_spec(model_dir, meta: dict | None = None) -> dict | None:
     if not spec:
         return None
     spec = dict(spec)
-    if spec.get("path") and not io.path(spec["path"]).is_absolute():
+    if spec.get("path") and not (io.is_remote(spec["path"]) or os.path.isabs(spec["path"])):
         spec["path"] = str(model_dir_of(model_dir) / spec["path"])
     return spec
 
