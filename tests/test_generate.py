@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
-from flax import nnx
+from lm_testing import decode_step, forward, prefill
 
 import zoo
 from zoo.data.tokenizers import ByteTokenizer
@@ -22,21 +22,6 @@ from zoo.models import registry
 
 LMS = registry.list_models("lm")
 N = 5
-
-
-@nnx.jit
-def _forward(model, tokens):
-    return model(tokens)
-
-
-@nnx.jit
-def _prefill(model, tokens, cache):
-    return model.prefill(tokens, cache)
-
-
-@nnx.jit
-def _decode_step(model, tokens_t, cache):
-    return model.decode_step(tokens_t, cache)
 
 
 def _prompts(vocab: int, lengths=(4, 9), seed=0):
@@ -62,7 +47,7 @@ def test_greedy_is_the_argmax_of_teacher_forced_logits_and_top_k_1_is_greedy():
     prompts = _prompts(256, (3, 7, 5), seed=1)
     greedy = generate(model, prompts, 8, return_logits=True)
     for p, row, step_logits in zip(prompts, greedy.tokens, greedy.logits):
-        logits = np.asarray(_forward(model, np.asarray([p + row[:-1].tolist()], np.int32)))[0, len(p) - 1 :]
+        logits = np.asarray(forward(model, np.asarray([p + row[:-1].tolist()], np.int32)))[0, len(p) - 1 :]
         np.testing.assert_array_equal(logits.argmax(-1), row)
         np.testing.assert_allclose(step_logits, logits, atol=1e-4, rtol=0)  # each step's logits, teacher-forced
     assert len({tuple(r) for r in greedy.tokens.tolist()}) == 3  # distinct continuations
@@ -162,13 +147,13 @@ def test_parallel_prefill_leaves_the_decoding_state(name, fields, t):
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, model.config.vocab_size, (2, t + 4)), jnp.int32)
     stepped_cache, outs = model.init_cache(2, t + 4), []
     for i in range(t):
-        out, stepped_cache = _decode_step(model, tokens[:, i], stepped_cache)
+        out, stepped_cache = decode_step(model, tokens[:, i], stepped_cache)
         outs.append(out)
-    logits, cache = _prefill(model, tokens[:, :t], model.init_cache(2, t + 4))
+    logits, cache = prefill(model, tokens[:, :t], model.init_cache(2, t + 4))
     np.testing.assert_allclose(np.asarray(logits), np.asarray(jnp.stack(outs, 1)), atol=5e-5, rtol=0)
     for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(stepped_cache)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5 * max(1.0, float(np.abs(b).max())), rtol=0)
     for i in range(t, t + 4):
-        a, cache = _decode_step(model, tokens[:, i], cache)
-        b, stepped_cache = _decode_step(model, tokens[:, i], stepped_cache)
+        a, cache = decode_step(model, tokens[:, i], cache)
+        b, stepped_cache = decode_step(model, tokens[:, i], stepped_cache)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, rtol=0)

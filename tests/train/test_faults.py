@@ -48,6 +48,12 @@ def reference(tmp_path_factory):
     return workdir
 
 
+def _train_args(work, *extra: str) -> list[str]:
+    """`zoo train` of the tiny transformer without the final evaluation; work None: no --workdir."""
+    where = [] if work is None else ["--workdir", str(work)]
+    return ["train", "--config", "transformer:tiny", *where, "--no-eval", *TINY_OVERRIDES, *extra]
+
+
 def _largest_file(directory):
     files = [os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs]
     return max(files, key=os.path.getsize)
@@ -97,7 +103,7 @@ def test_damaged_checkpoint_falls_back_and_continues_exactly(tmp_path, reference
 
 def test_keep_zero_is_refused_and_checkpoints_survive(tmp_path):
     work = tmp_path / "run"
-    args = ["train", "--config", "transformer:tiny", "--workdir", str(work), "--no-eval", *TINY_OVERRIDES]
+    args = _train_args(work)
     assert main([*args, "--config.train.steps=4", "--config.train.checkpoint_every=2"]) == 0
     before = sorted(os.listdir(work / "checkpoints"))
     out = _cli(*args, "--config.train.steps=6", "--config.train.keep_checkpoints=0")
@@ -172,7 +178,7 @@ def test_nonfinite_rollback_returns_to_the_checkpoint_and_continues(tmp_path, mo
 
 def test_diverging_lr_exits_nonzero_and_keeps_the_good_checkpoint(tmp_path):
     work = tmp_path / "run"
-    args = ["train", "--config", "transformer:tiny", "--workdir", str(work), "--no-eval", *TINY_OVERRIDES]
+    args = _train_args(work)
     assert _cli(*args, "--config.train.steps=4", "--config.train.checkpoint_every=2").returncode == 0
     out = _cli(
         *args,
@@ -192,18 +198,9 @@ def test_diverging_lr_exits_nonzero_and_keeps_the_good_checkpoint(tmp_path):
 
 def test_sigterm_checkpoints_then_exits_zero_and_resumes_exactly(tmp_path, reference):
     work = tmp_path / "run"
-    args = [
-        "train",
-        "--config",
-        "transformer:tiny",
-        "--workdir",
-        str(work),
-        "--no-eval",
-        *TINY_OVERRIDES,
-        "--config.train.steps=12",
-        "--config.train.checkpoint_every=4",
-        "--config.train.keep_checkpoints=3",
-    ]
+    args = _train_args(
+        work, "--config.train.steps=12", "--config.train.checkpoint_every=4", "--config.train.keep_checkpoints=3"
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "zoo.cli", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -228,16 +225,7 @@ def test_one_writer_per_workdir_and_stale_locks(tmp_path):
     import socket
 
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": "now"}))
-    args = [
-        "train",
-        "--config",
-        "transformer:tiny",
-        "--workdir",
-        str(work),
-        "--no-eval",
-        *TINY_OVERRIDES,
-        "--config.train.steps=2",
-    ]
+    args = _train_args(work, "--config.train.steps=2")
     out = _cli(*args)
     assert out.returncode == 2 and "is in use by process" in out.stderr and not (work / "config.json").exists()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -249,7 +237,7 @@ def test_one_writer_per_workdir_and_stale_locks(tmp_path):
 
 @pytest.mark.parametrize("case", ["file", "read_only", "no_validation_split", "mesh"])
 def test_bad_input_is_one_line_and_touches_nothing(tmp_path, case):
-    args = ["train", "--config", "transformer:tiny", "--no-eval", *TINY_OVERRIDES, "--config.train.steps=2"]
+    args = _train_args(None, "--config.train.steps=2")
     work = tmp_path / "run"
     if case == "file":
         work.write_text("not a directory")
@@ -280,16 +268,9 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path, case):
 @pytest.mark.slow
 def test_kill_9_at_random_points_of_a_200_step_run(tmp_path):
     """Five kill -9s at random points of a 200-step run: the final parameters equal an uninterrupted run's."""
-    args = [
-        "train",
-        "--config",
-        "transformer:tiny",
-        "--no-eval",
-        *TINY_OVERRIDES,
-        "--config.train.steps=200",
-        "--config.train.checkpoint_every=7",
-        "--config.train.log_every=5",
-    ]
+    args = _train_args(
+        None, "--config.train.steps=200", "--config.train.checkpoint_every=7", "--config.train.log_every=5"
+    )
     ref = tmp_path / "ref"
     assert _cli(*args, "--workdir", str(ref)).returncode == 0
     work = tmp_path / "run"

@@ -505,14 +505,20 @@ class LaCTLayer(nnx.Module):
         """The parallel form. Packed rows (segment ids) run the exact token-by-token form instead:
         every document restarts the fast weights and its own chunk grid, which the chunk-parallel
         form cannot express (train LaCT at scale with decomposition buckets, which never pack)."""
-        cfg = self.cfg
-        b, t, _ = x.shape
         if ctx.segment_ids is not None:
+            b, t, _ = x.shape
             return scan_over_time(self.decode, x, self.init_state(b, t), ctx)[0]
+        _, o_attn, o_ttt = self._parallel(x, ctx)
+        return self.combine(x, o_attn, o_ttt)
+
+    def _parallel(self, x: jax.Array, ctx: Context, return_state: bool = False):
+        """Projections z, window attention and the chunk-parallel TTT output from the initial fast
+        weights (with return_state: (output, fast weights, momentum) after the last complete chunk)."""
+        cfg = self.cfg
         z = self.project(x, ctx.positions)
         o_attn = window_attention(z["q"], z["k"], z["v"], cfg.window, ctx.positions, implementation=cfg.implementation)
-        weights = tuple(jnp.broadcast_to(w, (b,) + w.shape) for w in self.initial_fast_weights())
-        o_ttt = block_causal_lact(
+        weights = tuple(jnp.broadcast_to(w, (x.shape[0],) + w.shape) for w in self.initial_fast_weights())
+        ttt = block_causal_lact(
             weights,
             z["fq"],
             z["fk"],
@@ -523,8 +529,9 @@ class LaCTLayer(nnx.Module):
             use_muon=cfg.use_muon,
             dtype=jnp.dtype(cfg.dtype),
             unroll=cfg.scan_unroll,
+            return_state=return_state,
         )
-        return self.combine(x, o_attn, o_ttt)
+        return z, o_attn, ttt
 
     def init_state(self, batch_size: int, max_length: int) -> dict[str, jax.Array]:
         """Decoding state of one layer (see the module docstring)."""
@@ -568,24 +575,8 @@ class LaCTLayer(nnx.Module):
         the fast weights (and momentum) after every complete chunk, the partial chunk's buffers, and
         the ring buffer of the last S keys at slots position mod S."""
         cfg = self.cfg
-        b, t, _ = x.shape
-        dt = jnp.dtype(cfg.dtype)
-        z = self.project(x, ctx.positions)
-        o_attn = window_attention(z["q"], z["k"], z["v"], cfg.window, ctx.positions, implementation=cfg.implementation)
-        weights = tuple(jnp.broadcast_to(w, (b,) + w.shape) for w in self.initial_fast_weights())
-        o_ttt, weights, momentum = block_causal_lact(
-            weights,
-            z["fq"],
-            z["fk"],
-            z["fv"],
-            z["lr"],
-            z["mom"],
-            chunk_size=cfg.chunk_size,
-            use_muon=cfg.use_muon,
-            dtype=dt,
-            unroll=cfg.scan_unroll,
-            return_state=True,
-        )
+        t = x.shape[1]
+        z, o_attn, (o_ttt, weights, momentum) = self._parallel(x, ctx, return_state=True)
         new = dict(state)
         new["w0"], new["w1"], new["w2"] = weights
         if cfg.use_momentum:
