@@ -9,6 +9,8 @@ Tasks:
 - `Passkey`: the needle-in-a-haystack test of the Stuffed-Mamba / InfiniteBench template — a
   5-digit key hidden at a chosen depth in repetitive filler text, asked for at the end.
 - `AssociativeRecall` (MQAR, Arora et al. 2023): key-value pairs, then queries of some keys.
+- `MQAR` (Zoology, Arora et al. 2023, as its generator defines it): key-value pairs first, then
+  every key queried once at a power-law distributed position, loss only on the recalled values.
 - `SelectiveCopy` (Gu & Dao 2023): data tokens scattered among noise tokens, to be copied in order.
 - `PasskeyRecall`: a mixture of the two retrieval tasks above, each example drawn from one of them
   (`zoo compare` trains every model on it).
@@ -125,6 +127,62 @@ class AssociativeRecall:
 
 
 @dataclasses.dataclass(frozen=True)
+class MQAR:
+    """Multi-query associative recall as Zoology (Arora et al. 2023, Section 3) generates it.
+
+    `num_pairs` key-value pairs fill the first 2 * num_pairs tokens; every key is then queried once,
+    at position 2 * num_pairs + 2 g for a gap g drawn (without replacement) from a power law
+    p(g) ~ a * (g + 1)^(a - 1) over g in [0, (length - 2 * num_pairs) // 2), so most queries come soon
+    after the pairs and some far from them. The target at a query is its key's value; every other
+    position is a random token and has no loss. Keys are tokens [1, vocab/2), values
+    [vocab/2, vocab), distinct keys and distinct values within an example (Zoology's split of the
+    vocabulary). The value also appears as the input after its query (the sequence is one stream of
+    tokens here); keys are queried once, so no later query can use it.
+    """
+
+    length: int
+    num_pairs: int = 4
+    power_a: float = 0.01
+    vocab_size: int = 256
+    seed: int = 0
+    num_examples: int = 2**31 - 1
+
+    def __post_init__(self):
+        half = self.vocab_size // 2
+        if not 1 <= self.num_pairs <= half - 1:
+            raise ValueError(f"MQAR num_pairs {self.num_pairs} must lie in [1, {half - 1}] (vocab_size {self.vocab_size})")
+        if (self.length - 2 * self.num_pairs) // 2 < self.num_pairs:
+            raise ValueError(
+                f"MQAR length {self.length} is too short for {self.num_pairs} pairs; it must be >= {4 * self.num_pairs}"
+            )
+        if not 0.0 < self.power_a <= 1.0:
+            raise ValueError(f"MQAR power_a {self.power_a} must lie in (0, 1]")
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def gap_probabilities(self) -> np.ndarray:
+        """p(g) for the query gaps g = 0 .. space - 1 (the power law, normalised)."""
+        space = (self.length - 2 * self.num_pairs) // 2
+        p = self.power_a * np.arange(1, space + 1, dtype=np.float64) ** (self.power_a - 1.0)
+        return p / p.sum()
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        rng = _rng(self.seed, index)
+        half, n = self.vocab_size // 2, self.num_pairs
+        keys = rng.choice(np.arange(1, half), n, replace=False)
+        values = rng.choice(np.arange(half, self.vocab_size), n, replace=False)
+        tokens = rng.integers(0, self.vocab_size, self.length + 1)
+        tokens[0 : 2 * n : 2], tokens[1 : 2 * n : 2] = keys, values
+        p = self.gap_probabilities()
+        at = 2 * n + 2 * rng.choice(len(p), n, replace=False, p=p)  # query positions (the key)
+        tokens[at], tokens[at + 1] = keys, values
+        answer = np.zeros(self.length, np.float32)
+        answer[at] = 1.0  # the target at a query position is its value
+        return {"tokens": tokens.astype(np.int32), "loss_mask": answer.copy(), "answer_mask": answer}
+
+
+@dataclasses.dataclass(frozen=True)
 class SelectiveCopy:
     """Selective copying: `num_data` data tokens (bytes 16..255) at random positions among noise
     (byte 1), a separator (byte 2), then the data tokens in order. Loss and accuracy on the copy."""
@@ -196,6 +254,7 @@ class PasskeyRecall:
 TASKS = {
     "passkey": Passkey,
     "recall": AssociativeRecall,
+    "mqar": MQAR,
     "selective_copy": SelectiveCopy,
     "passkey_recall": PasskeyRecall,
 }
