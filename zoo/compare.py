@@ -93,7 +93,7 @@ def rows_of(settings: dict, names: list[str] | None = None) -> list[Row]:
 
 def _fields(settings: dict, model: str, name: str) -> dict:
     """The shared size fields the model's config has, then the row's own adjustments."""
-    have = {f.name for f in dataclasses.fields(type(registry.get_model_config(model, "tiny")))}
+    have = {f.name for f in dataclasses.fields(registry.config_class(model))}
     shared = {k: v for k, v in settings["model"].items() if k in have}
     return {**shared, **settings["per_model"].get(name, {})}
 

@@ -152,3 +152,5 @@ def test_every_model_implements_its_kind(name):
     model = _model(name)
     assert isinstance(model, {"lm": LanguageModel, "forecaster": Forecaster, "classifier": Classifier}[kind])
     assert model.model_name == name and model.config == registry.get_model_config(name, "tiny")
+    presets = registry.list_presets(name)
+    assert all(type(registry.get_model_config(name, p)) is registry.config_class(name) for p in presets)

@@ -29,7 +29,7 @@ def convert_model(model: nnx.Module, model_name: str, **fields) -> nnx.Module:
     Raises:
       ValueError: when the parameter trees differ (names or shapes), naming the first differences.
     """
-    target_cls = type(registry.get_model_config(model_name, "tiny"))
+    target_cls = registry.config_class(model_name)
     names = {f.name for f in dataclasses.fields(target_cls)}
     source = {k: v for k, v in dataclasses.asdict(model.config).items() if k in names}
     unknown = sorted(set(fields) - names)

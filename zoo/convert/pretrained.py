@@ -79,7 +79,7 @@ def _target_config(base: str, base_cfg, model_name: str, fields: dict[str, Any])
     if TARGETS.get(model_name) != base:
         options = sorted(k for k, v in TARGETS.items() if v == base)
         raise ValueError(f"a {base} checkpoint converts to one of {options}, not {model_name!r}")
-    cls = type(registry.get_model_config(model_name, "tiny"))
+    cls = registry.config_class(model_name)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(fields) - names)
     if unknown:
@@ -114,7 +114,7 @@ def import_checkpoint(
     where = checkpoint_dir(src)
     config = read_config(src)
     base, base_fields, embedding_key = _base_config(fmt, config, where)
-    base_cls = type(registry.get_model_config(base, "tiny"))
+    base_cls = registry.config_class(base)
     base_cfg = base_cls(**base_fields, dtype=dtype)
     model_name = model_name or base
     cfg = _target_config(base, base_cfg, model_name, {"dtype": dtype, **fields})

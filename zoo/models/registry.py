@@ -95,7 +95,13 @@ def config_with_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
 
 
 def model_class(name: str) -> type:
+    """The registered model class of `name`."""
     return _entry(name)[0]
+
+
+def config_class(name: str) -> type:
+    """The frozen dataclass type of `name`'s configs (the type of its presets)."""
+    return type(_entry(name)[1]["tiny"])
 
 
 def create_model(name: str, preset: str = "tiny", *, seed: int = 0, **overrides) -> nnx.Module:
@@ -109,7 +115,7 @@ def config_from_dict(name: str, values: dict[str, Any]) -> Any:
 
     Fields missing from `values` (a run saved before the field existed) take the preset defaults.
     """
-    cls = type(_entry(name)[1]["tiny"])
+    cls = config_class(name)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
     if unknown:
