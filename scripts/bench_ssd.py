@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.ssd import pallas_gpu, pallas_tpu, ssd
+from pallas_kernels.ssd import common, pallas_gpu, pallas_tpu, ssd
 from zoo.bench import matmul_flops, time_fn
 
 
@@ -68,7 +68,7 @@ def algorithm_flops(s: Shape, backward: bool) -> float:
     state -> output (2 T H P N). Backward: the kernels' matmuls (`pallas_gpu.kernel_costs`) without
     the forward recompute.
     """
-    d = pallas_gpu._Dims(s.batch, s.seqlen, s.heads, s.head_dim, s.groups, s.d_state, s.chunk)
+    d = common.Dims(s.batch, s.seqlen, s.heads, s.head_dim, s.groups, s.d_state, s.chunk)
     costs = pallas_gpu.kernel_costs(d, 2)
     fwd = sum(costs[k].flops for k in ("ssd_bmm", "ssd_state_fwd", "ssd_chunk_fwd"))
     if not backward:
@@ -81,7 +81,7 @@ def kernel_table(s: Shape, dtype) -> list[dict]:
     itemsize = jnp.dtype(dtype).itemsize
     rows = []
     for family, module in (("gpu", pallas_gpu), ("tpu", pallas_tpu)):
-        d = module._Dims(s.batch, s.seqlen, s.heads, s.head_dim, s.groups, s.d_state, s.chunk)
+        d = common.Dims(s.batch, s.seqlen, s.heads, s.head_dim, s.groups, s.d_state, s.chunk)
         for name, c in module.kernel_costs(d, itemsize).items():
             rows.append(
                 {

@@ -17,6 +17,8 @@ dt_bias chain rule. Everything here is fp32 and elementwise or a scan of length 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -28,6 +30,56 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 def num_chunks(seqlen: int, chunk_size: int) -> int:
     """c = ceil(T / Q)."""
     return -(-seqlen // chunk_size)
+
+
+def pow2_at_least_16(n: int) -> int:
+    """The smallest power of two >= n and >= 16 (a Triton block dimension)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    """Static shapes of one kernel call: B, T, H, P, G, N and the chunk Q."""
+
+    batch: int
+    seqlen: int
+    heads: int
+    head_dim: int
+    groups: int
+    d_state: int
+    chunk: int
+
+    @property
+    def nc(self):
+        """c, the number of chunks."""
+        return num_chunks(self.seqlen, self.chunk)
+
+    @property
+    def tc(self):
+        """Tc = c*Q, the padded time."""
+        return self.nc * self.chunk
+
+    @property
+    def rep(self):
+        """R = H/G, heads per group."""
+        return self.heads // self.groups
+
+    @property
+    def pb(self):
+        """P padded to a Triton block dimension."""
+        return pow2_at_least_16(self.head_dim)
+
+    @property
+    def nb(self):
+        """N padded to a Triton block dimension."""
+        return pow2_at_least_16(self.d_state)
+
+
+def dims(x, B, chunk_size: int) -> Dims:
+    """The `Dims` of x [B,T,H,P] and B [B,T,G,N] with chunk Q."""
+    batch, seqlen, heads, head_dim = x.shape
+    groups, d_state = B.shape[-2:]
+    return Dims(batch, seqlen, heads, head_dim, groups, d_state, chunk_size)
 
 
 def chunk_dt(dt, A, dt_bias, dt_softplus, chunk_size):

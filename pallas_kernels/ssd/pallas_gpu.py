@@ -56,8 +56,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.ssd import common
-from pallas_kernels.ssd.common import decay_matrix, dot, dsilu, silu
+from pallas_kernels.ssd.common import Dims, decay_matrix, dims, dot, dsilu, pow2_at_least_16, silu
 
 f32 = jnp.float32
 
@@ -73,10 +72,6 @@ _SMEM_BY_CC = {
     "12.0": 101376,
 }
 _SMEM_DEFAULT = 101376  # unknown GPU (or lowering on a machine without one): the smallest above
-
-
-def pow2_at_least_16(n: int) -> int:
-    return max(16, 1 << (n - 1).bit_length())
 
 
 def device_smem_bytes() -> int:
@@ -174,39 +169,6 @@ class GpuBlockSizes:
         }
 
 
-@dataclasses.dataclass(frozen=True)
-class _Dims:
-    """Static shapes of one call."""
-
-    batch: int
-    seqlen: int
-    heads: int
-    head_dim: int
-    groups: int
-    d_state: int
-    chunk: int
-
-    @property
-    def nc(self):
-        return common.num_chunks(self.seqlen, self.chunk)
-
-    @property
-    def tc(self):
-        return self.nc * self.chunk
-
-    @property
-    def rep(self):
-        return self.heads // self.groups
-
-    @property
-    def pb(self):
-        return pow2_at_least_16(self.head_dim)
-
-    @property
-    def nb(self):
-        return pow2_at_least_16(self.d_state)
-
-
 def _params(bs: GpuBlockSizes):
     return plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
 
@@ -244,7 +206,7 @@ def _store(ref, idx, val, rows, cols):
     plgpu.store(ref.at[idx], val.astype(ref.dtype), mask=_mask(rows, cols, val.shape))
 
 
-def _n_slices(d: _Dims, bs: GpuBlockSizes):
+def _n_slices(d: Dims, bs: GpuBlockSizes):
     """Static [bn]-wide slices of the state dim with their column validity: no dot stages more
     than bn columns of C, B or a state at once."""
     exact = d.nb == d.d_state
@@ -259,7 +221,7 @@ def _chunk_seg(seg_ref, ci, q):
 
 
 # --------------------------------------------------------------------------------------- kernels
-def _bmm_kernel(c_ref, b_ref, cb_ref, *, d: _Dims, bs: GpuBlockSizes, mm_dtype):
+def _bmm_kernel(c_ref, b_ref, cb_ref, *, d: Dims, bs: GpuBlockSizes, mm_dtype):
     """CB tile [bm, bm] = C_i B_j^T for one (batch, chunk, group, i tile, j tile), j <= i."""
     ci, it, jt = pl.program_id(1), pl.program_id(3), pl.program_id(4)
     bm, bn, q = bs.bm, bs.bn, d.chunk
@@ -278,7 +240,7 @@ def _bmm_kernel(c_ref, b_ref, cb_ref, *, d: _Dims, bs: GpuBlockSizes, mm_dtype):
         cb_ref[...] = cb  # [bm,bm]
 
 
-def _state_fwd_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_init, mm_dtype):
+def _state_fwd_kernel(*refs, d: Dims, bs: GpuBlockSizes, has_seg, has_init, mm_dtype):
     """Steps 2+3 for one [bp,bn] state tile of (batch, head): s_{c+1} = exp(a_end) s_c + S_c."""
     x_ref, b_ref, dt_ref, a_ref = refs[:4]
     rest = list(refs[4:])
@@ -316,7 +278,7 @@ def _state_fwd_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_init, mm_
     final_ref[...] = jax.lax.fori_loop(0, d.nc, chunk, s0)
 
 
-def _chunk_fwd_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_z, save_ypre, mm_dtype):
+def _chunk_fwd_kernel(*refs, d: Dims, bs: GpuBlockSizes, has_seg, has_z, save_ypre, mm_dtype):
     """Steps 1+4 for a [bm] row block of (batch, chunk, head): y = (L o CB) dt x + exp(a) C s^T."""
     x_ref, c_ref, cb_ref, dt_ref, a_ref, s_ref, d_ref = refs[:7]
     rest = list(refs[7:])
@@ -368,7 +330,7 @@ def _chunk_fwd_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_z, save_y
     _store(y_ref, (slice(None), slice(None)), y, rows_i, cols_p)
 
 
-def _state_bwd_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_z, mm_dtype):
+def _state_bwd_kernel(*refs, d: Dims, bs: GpuBlockSizes, has_seg, has_z, mm_dtype):
     """Reverse state pass for one [bp,bn] tile: ds_c = exp(a_end) ds_{c+1} + sum_i exp(a_i) dy_i^T C_i."""
     dout_ref, c_ref, a_ref, s_ref, dfinal_ref = refs[:5]
     rest = list(refs[5:])
@@ -408,7 +370,7 @@ def _state_bwd_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_z, mm_dty
     dinit_ref[...] = jax.lax.fori_loop(0, d.nc, chunk, dfinal_ref[...].astype(f32))
 
 
-def _chunk_bwd_dx_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_z, mm_dtype):
+def _chunk_bwd_dx_kernel(*refs, d: Dims, bs: GpuBlockSizes, has_seg, has_z, mm_dtype):
     """Column side of a chunk for rows j, looping over the heads of the group: dx, dB, dz, ..."""
     x_ref, dout_ref, b_ref, c_ref, cb_ref, dt_ref, a_ref, ds_ref, d_ref = refs[:9]
     rest = list(refs[9:])
@@ -492,7 +454,7 @@ def _chunk_bwd_dx_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_z, mm_
         _store(db_ref, (slice(None), ns), db_k, rows_j, cols)
 
 
-def _chunk_bwd_dc_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_z, mm_dtype):
+def _chunk_bwd_dc_kernel(*refs, d: Dims, bs: GpuBlockSizes, has_seg, has_z, mm_dtype):
     """Row side of a chunk for rows i, looping over the heads of the group: dC and d a_i."""
     x_ref, dout_ref, b_ref, c_ref, cb_ref, dt_ref, a_ref, s_ref = refs[:8]
     rest = list(refs[8:])
@@ -557,7 +519,7 @@ def _chunk_bwd_dc_kernel(*refs, d: _Dims, bs: GpuBlockSizes, has_seg, has_z, mm_
 
 
 # ------------------------------------------------------------------------------------ cost model
-def kernel_costs(d: _Dims, itemsize: int, has_z: bool = False) -> dict[str, pl.CostEstimate]:
+def kernel_costs(d: Dims, itemsize: int, has_z: bool = False) -> dict[str, pl.CostEstimate]:
     """FLOPs (matmuls only), exps and HBM bytes of each kernel for one call.
 
     FLOPs count the tiles the kernels compute (the causal half of each [Q,Q] block, C B^T once per
@@ -599,17 +561,11 @@ def kernel_costs(d: _Dims, itemsize: int, has_z: bool = False) -> dict[str, pl.C
 
 
 # ---------------------------------------------------------------------------------- entry points
-def _dims(x, B, chunk_size):
-    batch, seqlen, heads, head_dim = x.shape
-    groups, d_state = B.shape[-2:]
-    return _Dims(batch, seqlen, heads, head_dim, groups, d_state, chunk_size)
-
-
-def _pad_state(s, d: _Dims):
+def _pad_state(s, d: Dims):
     return jnp.pad(s.astype(f32), ((0, 0), (0, 0), (0, d.pb - d.head_dim), (0, d.nb - d.d_state)))
 
 
-def _skip_weights(D, d: _Dims):
+def _skip_weights(D, d: Dims):
     """D as [H,Pb] fp32 (zeros without D)."""
     if D is None:
         return jnp.zeros((d.heads, d.pb), f32)
@@ -671,7 +627,7 @@ def _state_fwd(d, bs, x, B, dt_h, a_h, seg, init, mm_dtype, interpret):
 
 def forward(x, dt_h, a_h, B, C, *, chunk_size, D, z, seg, initial_states, save_ypre, interpret, block_sizes=None):
     """Kernels 1-3. Returns (y [B,T,H,P] x.dtype, final [B,H,P,N] f32, ypre [B,T,H,P] or None)."""
-    d = _dims(x, B, chunk_size)
+    d = dims(x, B, chunk_size)
     mm_dtype = jnp.promote_types(x.dtype, B.dtype)
     bs = block_sizes or GpuBlockSizes.choose(d.chunk, d.head_dim, d.d_state, mm_dtype, has_z=z is not None)
     bs.check(d.chunk, d.pb, d.nb)
@@ -730,7 +686,7 @@ def backward(
         dict with dx [B,T,H,P], dB, dC [B,T,G,N] (input dtypes), ddt_direct, da [B,H,Tc] f32,
         dD_part [..., H, Pb] f32, dz (or None), dinit [B,H,P,N] f32.
     """
-    d = _dims(x, B, chunk_size)
+    d = dims(x, B, chunk_size)
     mm_dtype = jnp.promote_types(x.dtype, B.dtype)
     itemsize = jnp.dtype(mm_dtype).itemsize
     has_z, has_seg = z is not None, seg is not None

@@ -36,7 +36,6 @@ cost; the GPU kernels read the native layout instead.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -44,36 +43,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.ssd import common
-from pallas_kernels.ssd.common import decay_matrix, dot, dsilu, silu
+from pallas_kernels.ssd.common import Dims, decay_matrix, dims, dot, dsilu, silu
 
 f32 = jnp.float32
 
 
-@dataclasses.dataclass(frozen=True)
-class _Dims:
-    batch: int
-    seqlen: int
-    heads: int
-    head_dim: int
-    groups: int
-    d_state: int
-    chunk: int
-
-    @property
-    def nc(self):
-        return common.num_chunks(self.seqlen, self.chunk)
-
-    @property
-    def tc(self):
-        return self.nc * self.chunk
-
-    @property
-    def rep(self):
-        return self.heads // self.groups
-
-
-def vmem_estimate(d: _Dims, itemsize: int, backward: bool) -> int:
+def vmem_estimate(d: Dims, itemsize: int, backward: bool) -> int:
     """Bytes of VMEM: double-buffered blocks + scratch + [Q,Q] temporaries (columns padded to 128 lanes)."""
     q, p, n, r = d.chunk, d.head_dim, d.d_state, d.rep
     lane = lambda k: -(-k // 128) * 128
@@ -86,14 +61,14 @@ def vmem_estimate(d: _Dims, itemsize: int, backward: bool) -> int:
     return 2 * blocks + scratch + temps
 
 
-def _params(d: _Dims, itemsize: int, backward: bool):
+def _params(d: Dims, itemsize: int, backward: bool):
     limit = int(min(max(2 * vmem_estimate(d, itemsize, backward), 32 * 2**20), 60 * 2**20))
     return pltpu.CompilerParams(
         dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary"), vmem_limit_bytes=limit
     )
 
 
-def kernel_costs(d: _Dims, itemsize: int, has_z: bool = False) -> dict[str, pl.CostEstimate]:
+def kernel_costs(d: Dims, itemsize: int, has_z: bool = False) -> dict[str, pl.CostEstimate]:
     """FLOPs (matmuls only, full [Q,Q] tiles: the MXU does not skip the upper triangle), exps and
     HBM bytes (every block the grid reads or writes once; C/B re-read by the R heads of a group)."""
     b, t, h, p, g, n, q, nc = d.batch, d.tc, d.heads, d.head_dim, d.groups, d.d_state, d.chunk, d.nc
@@ -120,7 +95,7 @@ def kernel_costs(d: _Dims, itemsize: int, has_z: bool = False) -> dict[str, pl.C
 
 
 # --------------------------------------------------------------------------------------- kernels
-def _fwd_kernel(*refs, d: _Dims, has_seg, has_init, has_z, emit_y, save_ypre, emit_states, mm_dtype):
+def _fwd_kernel(*refs, d: Dims, has_seg, has_init, has_z, emit_y, save_ypre, emit_states, mm_dtype):
     """One (batch, group, chunk, head-in-group) step of the fused forward."""
     it = iter(refs)
     x_ref, b_ref, c_ref, dt_ref, a_ref, arow_ref, d_ref = (next(it) for _ in range(7))
@@ -182,7 +157,7 @@ def _fwd_kernel(*refs, d: _Dims, has_seg, has_init, has_z, emit_y, save_ypre, em
     final_ref[r] = s * decay + dot(x * w_state, b_ref[...], (0, 0), mm_dtype)  # [P,N]
 
 
-def _bwd_kernel(*refs, d: _Dims, has_seg, has_z, mm_dtype):
+def _bwd_kernel(*refs, d: Dims, has_seg, has_z, mm_dtype):
     """One (batch, group, chunk from the end, head-in-group) step of the fused backward."""
     it = iter(refs)
     x_ref, dout_ref, b_ref, c_ref, dt_ref, dtrow_ref, a_ref, arow_ref, s_ref, dfinal_ref, d_ref = (
@@ -271,24 +246,18 @@ def _bwd_kernel(*refs, d: _Dims, has_seg, has_z, mm_dtype):
 
 
 # ---------------------------------------------------------------------------------- entry points
-def _dims(x, B, chunk_size):
-    batch, seqlen, heads, head_dim = x.shape
-    groups, d_state = B.shape[-2:]
-    return _Dims(batch, seqlen, heads, head_dim, groups, d_state, chunk_size)
-
-
-def _head_major(a, d: _Dims):
+def _head_major(a, d: Dims):
     """[B,T,K,W] -> [B,K,Tc,W] (transpose + time padding; one XLA copy)."""
     a = jnp.transpose(a, (0, 2, 1, 3))
     return jnp.pad(a, ((0, 0), (0, 0), (0, d.tc - d.seqlen), (0, 0)))
 
 
-def _time_major(a, d: _Dims):
+def _time_major(a, d: Dims):
     """[B,K,Tc,W] -> [B,T,K,W]."""
     return jnp.transpose(a[:, :, : d.seqlen], (0, 2, 1, 3))
 
 
-def _vectors(dt_h, a_h, seg, d: _Dims):
+def _vectors(dt_h, a_h, seg, d: Dims):
     """Per-token vectors as columns [B,H,Tc,1] and rows [B,H,c,1,Q]; segment columns/rows/ends."""
     q, nc = d.chunk, d.nc
     out = dict(
@@ -310,7 +279,7 @@ def _vectors(dt_h, a_h, seg, d: _Dims):
     return out
 
 
-def _specs(d: _Dims, reverse: bool):
+def _specs(d: Dims, reverse: bool):
     """BlockSpecs over the grid (B, G, c, R); chunk order reversed for the backward."""
     rep, q, p, n = d.rep, d.chunk, d.head_dim, d.d_state
     cc = (lambda c: d.nc - 1 - c) if reverse else (lambda c: c)
@@ -330,7 +299,7 @@ def _specs(d: _Dims, reverse: bool):
     )
 
 
-def _skip_weights(D, d: _Dims):
+def _skip_weights(D, d: Dims):
     if D is None:
         return jnp.zeros((d.heads, 1, d.head_dim), f32)
     D2 = D.astype(f32)[:, None] if D.ndim == 1 else D.astype(f32)
@@ -390,7 +359,7 @@ def _fwd_call(d, x_h, b_g, c_g, vec, D, z_h, init, *, emit_y, save_ypre, emit_st
 def forward(x, dt_h, a_h, B, C, *, chunk_size, D, z, seg, initial_states, save_ypre, interpret, block_sizes=None):
     """The fused forward. Returns (y [B,T,H,P] x.dtype, final [B,H,P,N] f32, ypre or None)."""
     del block_sizes  # whole chunks: the only block size is Q
-    d = _dims(x, B, chunk_size)
+    d = dims(x, B, chunk_size)
     mm_dtype = jnp.promote_types(x.dtype, B.dtype)
     vec = _vectors(dt_h, a_h, seg, d)
     z_h = None if z is None else _head_major(z, d)
@@ -419,7 +388,7 @@ def backward(
 ):
     """States recomputed by `ssd_tpu_fwd_states`, then the fused backward. Returns as `pallas_gpu.backward`."""
     del block_sizes
-    d = _dims(x, B, chunk_size)
+    d = dims(x, B, chunk_size)
     mm_dtype = jnp.promote_types(x.dtype, B.dtype)
     itemsize = jnp.dtype(mm_dtype).itemsize
     vec = _vectors(dt_h, a_h, seg, d)
