@@ -544,6 +544,31 @@ def cost(
     )
 
 
+_PASSES = {"fwd": (2, 2, 4), "dq": (3, 3, 8), "dkv": (4, 4, 8)}  # matmuls, operand reads, row bytes
+
+
+def pass_cost(kind: str, cfg: Config, q, k, n_slots: int | None):
+    """`cost` of one kernel pass over q [B,Tq,H,P] and k [B,Tk,K,P]: "fwd", "dq" or "dkv".
+
+    The passes read q (k for dK/dV) once per extra operand of its shape (q and o; q, o and dO;
+    k, v, dK and dV), plus fp32 rows [B,H,Tq] (lse; lse and delta in both backward passes).
+    """
+    b, tq, h, p = q.shape
+    item = jnp.dtype(q.dtype).itemsize
+    matmuls, reads, row_bytes = _PASSES[kind]
+    operand = k if kind == "dkv" else q
+    return cost(
+        cfg,
+        batch=b,
+        heads=h,
+        head_dim=p,
+        itemsize=item,
+        n_slots=n_slots,
+        matmuls=matmuls,
+        io_bytes=reads * operand.size * item + row_bytes * b * h * tq,
+    )
+
+
 __all__ = [
     "FULL",
     "INVALID",

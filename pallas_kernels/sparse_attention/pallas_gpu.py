@@ -237,7 +237,6 @@ def forward(q, k, v, q_seg, k_seg, table, cfg: common.Config, *, num_warps: int,
         in_specs += _table_specs(lambda i, bi, hi: (bi, hi, rev(i), 0), sp)
         args += tabs
     kernel = functools.partial(_fwd_kernel, geo=geo, dense=dense, nq=nq)
-    item = jnp.dtype(q.dtype).itemsize
     o, lse = pl.pallas_call(
         kernel,
         grid=(nq, b, h),
@@ -248,16 +247,7 @@ def forward(q, k, v, q_seg, k_seg, table, cfg: common.Config, *, num_warps: int,
         ],
         out_shape=[jax.ShapeDtypeStruct((b, tq, h, p), q.dtype), jax.ShapeDtypeStruct((b, h, tq), jnp.float32)],
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        cost_estimate=common.cost(
-            cfg,
-            batch=b,
-            heads=h,
-            head_dim=p,
-            itemsize=item,
-            n_slots=n_slots,
-            matmuls=2,
-            io_bytes=2 * q.size * item + 4 * b * h * tq,
-        ),
+        cost_estimate=common.pass_cost("fwd", cfg, q, k, n_slots),
         interpret=interpret,
         name="sparse_attention_fwd_gpu",
     )(*args)
@@ -404,7 +394,6 @@ def backward(
     dense = table is None
     delta = jnp.einsum("bthp,bthp->bht", do.astype(jnp.float32), o.astype(jnp.float32))
     params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-    item = jnp.dtype(q.dtype).itemsize
     n_slots = None if dense else table.fetch.shape[-1]
     rev = lambda i: nq - 1 - i
 
@@ -431,16 +420,7 @@ def backward(
         out_specs=pl.BlockSpec((None, bq, None, pp), lambda i, bi, hi: (bi, rev(i), hi, 0)),
         out_shape=jax.ShapeDtypeStruct((b, tq, h, p), q.dtype),
         compiler_params=params,
-        cost_estimate=common.cost(
-            cfg,
-            batch=b,
-            heads=h,
-            head_dim=p,
-            itemsize=item,
-            n_slots=n_slots,
-            matmuls=3,
-            io_bytes=3 * q.size * item + 8 * b * h * tq,
-        ),
+        cost_estimate=common.pass_cost("dq", cfg, q, k, n_slots),
         interpret=interpret,
         name="sparse_attention_dq_gpu",
     )(*args)
@@ -478,16 +458,7 @@ def backward(
             jax.ShapeDtypeStruct((b, tk, kv_heads, p), v.dtype),
         ],
         compiler_params=params,
-        cost_estimate=common.cost(
-            cfg,
-            batch=b,
-            heads=h,
-            head_dim=p,
-            itemsize=item,
-            n_slots=n_slots,
-            matmuls=4,
-            io_bytes=4 * k.size * item + 8 * b * h * tq,
-        ),
+        cost_estimate=common.pass_cost("dkv", cfg, q, k, n_slots),
         interpret=interpret,
         name="sparse_attention_dkv_gpu",
     )(*args)

@@ -298,7 +298,6 @@ def forward(q, k, v, q_seg, k_seg, table, cfg: common.Config, *, interpret=False
     tabs = None if dense else _fwd_tables(table, g)
     specs = _row_kernel_specs(cfg, p, kv_heads, g, dense, n_slots, 1, 0)
     o_map = lambda u, g_, i, s, *t: (u, g_, i, 0)
-    item = jnp.dtype(q.dtype).itemsize
     o, lse = _call_rows(
         functools.partial(_fwd_kernel, cfg=cfg, dense=dense, groups=g, n_slots=n_slots),
         cfg,
@@ -315,16 +314,7 @@ def forward(q, k, v, q_seg, k_seg, table, cfg: common.Config, *, interpret=False
         n_units,
         g,
         n_slots,
-        common.cost(
-            cfg,
-            batch=b,
-            heads=h,
-            head_dim=p,
-            itemsize=item,
-            n_slots=None if dense else n_slots,
-            matmuls=2,
-            io_bytes=2 * q.size * item + 4 * b * h * tq,
-        ),
+        common.pass_cost("fwd", cfg, q, k, None if dense else n_slots),
         interpret,
         "sparse_attention_fwd_tpu",
     )
@@ -509,7 +499,6 @@ def backward(q, k, v, q_seg, k_seg, table, o, lse, do, cfg: common.Config, *, fw
     # Padded query rows: lse = LSE_EMPTY so that P = 0 there whatever their scores.
     lse = jnp.pad(lse[:, :, :tq], ((0, 0), (0, 0), (0, tq_pad - tq), (0, 0)), constant_values=common.LSE_EMPTY)
     qs, ks = _segments(q_seg, k_seg, cfg)
-    item = jnp.dtype(q.dtype).itemsize
     # dQ over the same walk as the forward.
     tabs = None if dense else _fwd_tables(table, g)
     specs = _row_kernel_specs(cfg, p, kv_heads, g, dense, n_slots, 2, 2)
@@ -527,16 +516,7 @@ def backward(q, k, v, q_seg, k_seg, table, o, lse, do, cfg: common.Config, *, fw
         n_units,
         g,
         n_slots,
-        common.cost(
-            cfg,
-            batch=b,
-            heads=h,
-            head_dim=p,
-            itemsize=item,
-            n_slots=None if dense else n_slots,
-            matmuls=3,
-            io_bytes=3 * q.size * item + 8 * b * h * tq,
-        ),
+        common.pass_cost("dq", cfg, q, k, None if dense else n_slots),
         interpret,
         "sparse_attention_dq_tpu",
     )
@@ -548,16 +528,7 @@ def backward(q, k, v, q_seg, k_seg, table, o, lse, do, cfg: common.Config, *, fw
         jax.ShapeDtypeStruct((n, nk * bk, p), k.dtype),
         jax.ShapeDtypeStruct((n, nk * bk, p), v.dtype),
     ]
-    cost = common.cost(
-        cfg,
-        batch=b,
-        heads=h,
-        head_dim=p,
-        itemsize=item,
-        n_slots=None if dense else n_slots,
-        matmuls=4,
-        io_bytes=4 * k.size * item + 8 * b * h * tq,
-    )
+    cost = common.pass_cost("dkv", cfg, q, k, None if dense else n_slots)
     if dense:
         first = lambda j: common.dense_query_bounds(j, cfg)[0]
         q_map = lambda u, j, g_, i: (u, g_, jnp.clip(i, first(j), nq - 1), 0)
