@@ -338,7 +338,21 @@ def _ssm_param(rngs: nnx.Rngs, shape: tuple[int, ...]) -> nnx.Param:
     return param(rngs, nnx.initializers.normal(1.0), shape, (None, "state"))
 
 
-class CompanionSSM(nnx.Module):
+class _CompanionLayer(nnx.Module):
+    """What the open- and closed-loop layers share: K kernels of state size N, each with a, b, c [K, N]."""
+
+    def _init_abc(self, d_model, n_kernels, kernel_dim, kind, norm_order, kernel_method, rngs):
+        if d_model % n_kernels:
+            raise ValueError(f"n_kernels ({n_kernels}) must divide d_model ({d_model})")
+        self.kind, self.norm_order, self.kernel_method = kind, norm_order, kernel_method
+        self.d_model, self.n_kernels, self.kernel_dim = d_model, n_kernels, kernel_dim
+        shape = (n_kernels, kernel_dim)
+        self.a = _ssm_param(rngs, shape) if kind == "companion" else None
+        self.b = _ssm_param(rngs, shape) if kind == "companion" else None
+        self.c = _ssm_param(rngs, shape)
+
+
+class CompanionSSM(_CompanionLayer):
     """Open-loop companion SSM layer (kind="companion") or shift SSM (kind="shift": a = 0, b = e_1).
 
     K kernels of state size N shared by D / K consecutive channels; y = K * u (+ skip * u).
@@ -356,14 +370,7 @@ class CompanionSSM(nnx.Module):
         kernel_method: str = "fft",
         rngs: nnx.Rngs,
     ):
-        if d_model % n_kernels:
-            raise ValueError(f"n_kernels ({n_kernels}) must divide d_model ({d_model})")
-        self.kind, self.norm_order, self.kernel_method = kind, norm_order, kernel_method
-        self.d_model, self.n_kernels, self.kernel_dim = d_model, n_kernels, kernel_dim
-        shape = (n_kernels, kernel_dim)
-        self.a = _ssm_param(rngs, shape) if kind == "companion" else None
-        self.b = _ssm_param(rngs, shape) if kind == "companion" else None
-        self.c = _ssm_param(rngs, shape)
+        self._init_abc(d_model, n_kernels, kernel_dim, kind, norm_order, kernel_method, rngs)
         self.skip = param(rngs, nnx.initializers.normal(1.0), (d_model,), ("embed",)) if skip else None
 
     def abc(self) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -388,7 +395,7 @@ class CompanionSSM(nnx.Module):
         return y
 
 
-class ClosedLoopSSM(nnx.Module):
+class ClosedLoopSSM(_CompanionLayer):
     """The closed-loop companion (or shift) SSM decoder (paper sec. 3.2).
 
     Open loop over the lag window: y_t = c^T x_{t+1}, next-input prediction u_hat_{t+1} = k^T x_{t+1},
@@ -409,16 +416,9 @@ class ClosedLoopSSM(nnx.Module):
         kernel_method: str = "fft",
         rngs: nnx.Rngs,
     ):
-        if d_model % n_kernels:
-            raise ValueError(f"n_kernels ({n_kernels}) must divide d_model ({d_model})")
-        self.kind, self.norm_order, self.kernel_method = kind, norm_order, kernel_method
+        self._init_abc(d_model, n_kernels, kernel_dim, kind, norm_order, kernel_method, rngs)
         self.normalize_bck = normalize_bck
-        self.d_model, self.n_kernels, self.kernel_dim = d_model, n_kernels, kernel_dim
-        shape = (n_kernels, kernel_dim)
-        self.a = _ssm_param(rngs, shape) if kind == "companion" else None
-        self.b = _ssm_param(rngs, shape) if kind == "companion" else None
-        self.c = _ssm_param(rngs, shape)
-        self.k = _ssm_param(rngs, shape)
+        self.k = _ssm_param(rngs, (n_kernels, kernel_dim))
         if not normalize_bck and norm_order > 0:  # start where the normalised layer starts
             for v in (self.b, self.c, self.k):
                 if v is not None:
