@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from zoo.layers import AttentionSpec, attend
+from zoo.layers import AttentionSpec, attend, self_attention
 from zoo.models import lact as L
 from zoo.models import registry
 from zoo.models.base import make_context
@@ -344,8 +344,9 @@ def test_low_rank_init_is_identity_plus_low_rank():
 
 @pytest.mark.parametrize("t,packed", [(50, False), (5, False), (50, True)])
 def test_window_attention_blocked_equals_dense(t, packed):
-    """The blocked O(T w) window equals the dense masked window, also on a packed row (3 documents:
-    positions restart and keys of another document are invisible)."""
+    """LaCT's window attention (the shared `self_attention`, blocked O(T w) on the XLA path) equals
+    the dense masked window, also on a packed row (3 documents: positions restart and keys of
+    another document are invisible)."""
     r = np.random.default_rng(1)
     q, k, v = (jnp.asarray(r.standard_normal((2, t, 3, 8)), jnp.float32) for _ in range(3))
     if packed:
@@ -355,7 +356,8 @@ def test_window_attention_blocked_equals_dense(t, packed):
     else:
         seg, pos = None, jnp.broadcast_to(jnp.arange(t), (2, t))
     dense = attend(q, k, v, q_pos=pos, k_pos=pos, spec=AttentionSpec("window", window=8), q_seg=seg, k_seg=seg)
-    got = L.window_attention(q, k, v, 8, pos, seg, implementation="xla")
+    spec = AttentionSpec("window", window=8)
+    got = self_attention(q, k, v, spec=spec, positions=pos, segment_ids=seg, implementation="xla")
     np.testing.assert_allclose(np.asarray(got), np.asarray(dense), atol=1e-5)
 
 

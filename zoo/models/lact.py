@@ -45,7 +45,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels import dispatch
 from zoo.layers import (
     AttentionSpec,
     Embed,
@@ -341,57 +340,6 @@ def block_causal_lact(
     return (out, weights, momentum) if return_state else out
 
 
-def window_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    window: int,
-    positions: jax.Array,
-    segment_ids: jax.Array | None = None,
-    implementation: str = "auto",
-) -> jax.Array:
-    """Causal sliding-window attention of q [B, T, A, P] over k, v [B, T, A, P] in O(T * window).
-
-    On TPU/GPU through the attention dispatch (a cuDNN / splash sliding window). On the XLA path,
-    queries are cut into blocks of `window`; each block attends to its own and the previous block
-    through `zoo.layers.attend` with the "window" pattern, so the result equals the dense masked one.
-    positions, segment_ids: [B, T] positions within each document and document ids.
-    """
-    b, t, a, p = q.shape
-    spec = AttentionSpec("window", window=window)
-    if dispatch.resolve(implementation) != "xla" or t <= window:
-        return self_attention(
-            q, k, v, spec=spec, positions=positions, segment_ids=segment_ids, implementation=implementation
-        )
-    w = window
-    n = -(-t // w)
-    pad = n * w - t
-    seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
-
-    def blocks(x, fill=0):  # [B, T, ...] -> [B, N, W, ...], padded with `fill`
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-        return x.reshape(b, n, w, *x.shape[2:])
-
-    def with_previous(x, fill=0):  # [B, N, W, ...] -> [B*N, 2W, ...]: the block before the first is `fill`
-        prev = jnp.concatenate([jnp.full_like(x[:, :1], fill), x[:, :-1]], axis=1)
-        return jnp.concatenate([prev, x], axis=2).reshape(b * n, 2 * w, *x.shape[3:])
-
-    # Padding keys get position -1 and are never visible.
-    kpos = with_previous(blocks(positions, -1), -1)
-    o = attend(
-        blocks(q).reshape(b * n, w, a, p),
-        with_previous(blocks(k)),
-        with_previous(blocks(v)),
-        q_pos=blocks(positions).reshape(b * n, w),
-        k_pos=kpos,
-        spec=spec,
-        k_valid=kpos >= 0,
-        q_seg=blocks(seg).reshape(b * n, w),
-        k_seg=with_previous(blocks(seg)),
-    )
-    return o.reshape(b, n * w, a, p)[:, :t]
-
-
 # ---------------------------------------------------------------------------- modules
 
 
@@ -516,7 +464,10 @@ class LaCTLayer(nnx.Module):
         weights (with return_state: (output, fast weights, momentum) after the last complete chunk)."""
         cfg = self.cfg
         z = self.project(x, ctx.positions)
-        o_attn = window_attention(z["q"], z["k"], z["v"], cfg.window, ctx.positions, implementation=cfg.implementation)
+        spec = AttentionSpec("window", window=cfg.window)
+        o_attn = self_attention(
+            z["q"], z["k"], z["v"], spec=spec, positions=ctx.positions, implementation=cfg.implementation
+        )
         weights = tuple(jnp.broadcast_to(w, (x.shape[0],) + w.shape) for w in self.initial_fast_weights())
         ttt = block_causal_lact(
             weights,
