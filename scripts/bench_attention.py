@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import traceback
 
 import jax
@@ -40,21 +39,9 @@ from pallas_kernels.sparse_attention import (
     hip_block_indices,
     sparse_attention,
 )
-from zoo.bench import time_fn
+from zoo.bench import relative_error, time_fn, torch_cuda_time
 
 HIP = {"k_blocks": 32, "block_q": 64, "block_k": 64, "window": 256, "sinks": 64}
-
-
-def _time(fn, args, repeats):
-    """Median wall time (s) of `repeats` synchronised calls after two warm-up calls."""
-    return time_fn(fn, *args, reps=repeats)
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if not np.all(np.isfinite(a)):
-        return float("nan")
-    return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
 
 
 def _fwd_bwd(fn):
@@ -117,25 +104,14 @@ def _torch_rows(t, heads, head_dim, repeats, q, k, v, ref_rows, check_rows):
 
     tq, tk, tv = (to_torch(x) for x in (q, k, v))
 
-    def timed(fn):
-        for _ in range(2):
-            fn()
-        torch.cuda.synchronize()
-        out = []
-        for _ in range(repeats):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            out.append(s.elapsed_time(e))
-        return statistics.median(out)
+    def timed(fn):  # milliseconds
+        return 1e3 * torch_cuda_time(fn, reps=repeats)
 
     rows = []
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         o = F.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
         got = o.transpose(1, 2)[:, -check_rows:].float().cpu().numpy()
-        rows.append({"kind": "correct", "impl": "torch-sdpa-flash", "T": t, "rel_out": _rel(got, ref_rows)})
+        rows.append({"kind": "correct", "impl": "torch-sdpa-flash", "T": t, "rel_out": relative_error(got, ref_rows)})
         rows.append(
             {
                 "kind": "time",
@@ -252,7 +228,7 @@ def run(
         times = {}
 
         def timed(name, mode, fn, args):
-            sec = _time(fn, args, repeats)
+            sec = time_fn(fn, *args, reps=repeats)
             times[(name, mode)] = sec
             factor = 3.5 if mode == "fwd+bwd" else 1.0
             emit(kind="time", impl=name, mode=mode, T=t, ms=sec * 1e3, tflops_dense_equiv=factor * flops / sec / 1e12)
@@ -265,7 +241,7 @@ def run(
         )
 
         def check(name, out, ref):
-            emit(kind="correct", impl=name, T=t, rel_out=_rel(out[:, -check_rows:], ref))
+            emit(kind="correct", impl=name, T=t, rel_out=relative_error(out[:, -check_rows:], ref))
 
         guarded(
             f"zoo-dense {t}",
@@ -386,7 +362,7 @@ def _grad_rows(emit, t, batch, heads, head_dim, dtype, implementation, dense_zoo
     for name, fn, ref in cases:
         got = _fwd_bwd(fn)(q, k, v)
         want = _fwd_bwd(ref)(f32(q), f32(k), f32(v))
-        emit(kind="correct", impl=name, T=t, rel_grad=max(_rel(a, b) for a, b in zip(got, want)))
+        emit(kind="correct", impl=name, T=t, rel_grad=max(relative_error(a, b) for a, b in zip(got, want)))
     del implementation
 
 

@@ -23,14 +23,6 @@ from zoo.bench import matmul_flops, time_fn
 from zoo.models import registry
 
 
-def _time(fn, *args, reps: int) -> float:
-    return time_fn(fn, *args, reps=reps, warmup=1)
-
-
-def matmul_flops_per_s(n: int, reps: int) -> float:
-    return matmul_flops(jnp.float32, n=n, reps=reps)
-
-
 def _functions(model: nnx.Module):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -55,7 +47,7 @@ def bench(name: str, overrides: dict, count_overrides: dict, t: int, batch: int,
     cparams, cfwd, cgrad = _functions(counted)
     out = {}
     for mode, fn, cfn in (("fwd", fwd, cfwd), ("fwd+bwd", grad, cgrad)):
-        seconds = _time(jax.jit(fn), params, tokens, reps=reps)
+        seconds = time_fn(jax.jit(fn), params, tokens, reps=reps, warmup=1)
         out[mode] = dict(seconds=seconds, tokens_per_s=batch * t / seconds, flops=_flops(cfn, cparams, tokens))
     return out
 
@@ -84,7 +76,7 @@ def main():
             dict(scan_unroll=True),
         ),
     }
-    peak = matmul_flops_per_s(args.matmul, args.reps)
+    peak = matmul_flops(jnp.float32, n=args.matmul, reps=args.reps)
     print(f"backend {jax.default_backend()}; reference matmul {args.matmul}^3 fp32: {peak / 1e9:.1f} GFLOP/s")
     print(
         f"models: d_model {args.d_model}, {args.layers} layers, {args.heads} heads, d_ff {3 * args.d_model}, "

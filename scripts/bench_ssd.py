@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 
 import jax
@@ -34,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.ssd import common, pallas_gpu, pallas_tpu, ssd
-from zoo.bench import matmul_flops, time_fn
+from zoo.bench import matmul_flops, relative_error, time_fn, torch_cuda_time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,17 +112,6 @@ def make_inputs(s: Shape, dtype, seed=0):
     return {"x": x, "dt": dt, "A": A, "B": B, "C": C, "gy": gy}
 
 
-def _median_time(fn, *args, repeats):
-    return time_fn(fn, *args, reps=repeats)
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if not np.all(np.isfinite(a)):
-        return float("nan")
-    return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
-
-
 def _zoo_fns(impl, chunk):
     kw = {"chunk_size": chunk, "implementation": impl}
 
@@ -169,18 +157,7 @@ def _peer_rows(s: Shape, dtype, inputs, ref_y, ref_grads, repeats, modes):
     gy = torch.tensor(inputs["gy"], device=dev)
 
     def cuda_time(f):
-        for _ in range(2):
-            f()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            f()
-            end.record()
-            torch.cuda.synchronize()
-            ts.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(ts)
+        return torch_cuda_time(f, reps=repeats)
 
     rows = []
     if "fwd" in modes:
@@ -190,7 +167,7 @@ def _peer_rows(s: Shape, dtype, inputs, ref_y, ref_grads, repeats, modes):
                 base,
                 mode="fwd",
                 seconds=cuda_time(lambda: fn(x, dt, A, B, C, s.chunk)),
-                rel_err=_rel(y.float().cpu().numpy(), ref_y),
+                rel_err=relative_error(y.float().cpu().numpy(), ref_y),
             )
         )
     if "fwd+bwd" in modes:
@@ -202,7 +179,12 @@ def _peer_rows(s: Shape, dtype, inputs, ref_y, ref_grads, repeats, modes):
 
         grads = [g.float().cpu().numpy() for g in fb()]
         rows.append(
-            dict(base, mode="fwd+bwd", seconds=cuda_time(fb), rel_err=max(_rel(g, r) for g, r in zip(grads, ref_grads)))
+            dict(
+                base,
+                mode="fwd+bwd",
+                seconds=cuda_time(fb),
+                rel_err=max(relative_error(g, r) for g, r in zip(grads, ref_grads)),
+            )
         )
     return rows
 
@@ -238,8 +220,8 @@ def run(shapes=None, dtypes=("bfloat16",), impls=("pallas", "xla"), modes=("fwd"
                 fwd, bwd = _zoo_fns(impl, s.chunk)
                 label = f"zoo-{impl}" + ("(interpreted)" if impl == "pallas" and jax.default_backend() == "cpu" else "")
                 if "fwd" in modes:
-                    sec = _median_time(fwd, *args, repeats=repeats)
-                    err = _rel(np.asarray(fwd(*args), np.float32), ref_y)
+                    sec = time_fn(fwd, *args, reps=repeats)
+                    err = relative_error(np.asarray(fwd(*args), np.float32), ref_y)
                     rows.append(
                         dict(
                             base,
@@ -251,9 +233,9 @@ def run(shapes=None, dtypes=("bfloat16",), impls=("pallas", "xla"), modes=("fwd"
                         )
                     )
                 if "fwd+bwd" in modes:
-                    sec = _median_time(bwd, *args, gy, repeats=repeats)
+                    sec = time_fn(bwd, *args, gy, reps=repeats)
                     grads = [np.asarray(g, np.float32) for g in bwd(*args, gy)]
-                    err = max(_rel(g, r) for g, r in zip(grads, ref_grads))
+                    err = max(relative_error(g, r) for g, r in zip(grads, ref_grads))
                     rows.append(
                         dict(
                             base,
