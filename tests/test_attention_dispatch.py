@@ -1,4 +1,4 @@
-"""The attention dispatch (issue 13 item 3): one entry point, the library kernel of each platform.
+"""The attention dispatch: one entry point, the library kernel of each platform.
 
 - The choice table of `attention_kernel` (cuDNN / splash / the sparse op / the oracle).
 - Splash attention (TPU kernels, interpreted) equals the oracle for full, window, segment ids and

@@ -43,3 +43,18 @@ def test_relative_links_in_the_docs_resolve():
             if not (page.parent / target.split("#")[0]).exists():
                 broken.append(f"{page.relative_to(ROOT)} -> {target}")
     assert broken == []
+
+
+def test_code_speaks_of_the_project_only():
+    """Code, tests, scripts, configs and notebooks name no issue numbers, no "this round" and no paths
+    of a machine outside the repository (history lives in git and CHANGELOG.md)."""
+    pattern = re.compile(r"\bissues? \d|\bthis round\b|/work/|/scratch/", re.IGNORECASE)
+    found = []
+    for folder in PATHS + ["configs"]:
+        for path in sorted(pathlib.Path(ROOT, folder).rglob("*.py")):
+            if path.name == "test_style.py":
+                continue
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if pattern.search(line):
+                    found.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert found == []

@@ -223,9 +223,8 @@ def pod_pretraining(
 ) -> dict:
     """Run settings of a paper-scale pretraining run: prepared token shards (`zoo data prepare`), no
     silent fallback to the embedded toy corpus, checkpoints every 1000 steps, and scanned layers with
-    full remat. (Remat needs the scan: with looped layers XLA's scheduler moved the recomputation
-    forward and kept the activations, 2546 -> 2508 MiB, where scanned layers went 2304 -> 367 MiB;
-    8-layer tiny transformer, 4 x 1024 tokens, CPU compiler.)"""
+    full remat. Remat needs the scan: with looped layers XLA's scheduler can move the recomputation
+    forward and keep the activations (docs/guide.md, "Remat needs the scan", has the measurement)."""
     return {
         "model": {"remat": "full", "scan_layers": True},
         "data": {"source": "text", "seq_len": seq_len, "batch_size": batch_size, "allow_toy": False},

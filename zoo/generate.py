@@ -263,8 +263,8 @@ def generate(
     if not 0 <= pad < model.config.vocab_size:
         raise ValueError(f"pad_id={pad} lies outside the vocabulary [0, {model.config.vocab_size})")
     # The empty cache is built outside the compiled loop: S4's holds the discretised step matrices
-    # (LU solves and matrix powers per layer), and XLA:CPU on 2 threads was seen to deadlock running
-    # several layers' complex matmuls concurrently inside one program.
+    # (solves and matrix powers per layer), which then stay out of the loop's program, where XLA:CPU
+    # could run several layers' complex matmuls concurrently on one thread pool (docs/models/s4.md).
     cache = model.init_cache(len(rows), total)
     tokens, count, store = _generate(
         model,

@@ -1,4 +1,4 @@
-"""Kernels under a mesh (issue 13 item 1): every Pallas op runs inside shard_map on local blocks.
+"""Kernels under a mesh: every Pallas op runs inside shard_map on local blocks.
 
 The planner (`pallas_kernels.sharding.plan`) is tested in this process. Everything that needs a mesh
 runs once, in one subprocess on 8 simulated CPU devices (mesh data=2 x fsdp=2 x tensor=2), which

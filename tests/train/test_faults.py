@@ -1,4 +1,4 @@
-"""Faults injected into runs (issue 15): damaged checkpoints fall back to the previous good step and
+"""Faults injected into runs: damaged checkpoints fall back to the previous good step and
 continue exactly; non-finite steps follow train.on_nonfinite and never reach a checkpoint; SIGTERM
 checkpoints and exits 0; one writer per work directory; bad input is one line and touches nothing;
 kill -9 at random points resumes to bitwise-equal parameters; changed settings are recorded."""

@@ -3,8 +3,8 @@ arXiv 2510.03279): Mamba-2 blocks plus a Note Block (state summarisation into a 
 threshold-triggered cross-token attention over the pool, gated fusion) and sparse cross-layer
 attention over notes of earlier layers. Linear in the sequence length.
 
-The paper has no public code and our notes (`shared/references/ssm.md` §5) hold only its abstract
-and secondary descriptions, so this is OUR reconstruction. What each part rests on:
+The paper has no public code and only its abstract and secondary descriptions are available, so
+this is OUR reconstruction. What each part rests on:
 
 From the paper (abstract / figure caption, via secondary summaries):
   - Mamba-2 blocks ("n stacked MemMamba Block Layers"); a Note Block per layer that scores token
