@@ -57,6 +57,7 @@ RUNTIME_FIELDS = ("implementation", "remat")
 
 
 def read_config(workdir) -> ml_collections.ConfigDict:
+    """The run config saved in `workdir` (ValueError naming the directory when it has none)."""
     file = io.path(workdir) / CONFIG_FILE
     if not file.is_file():
         raise ValueError(

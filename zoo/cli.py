@@ -102,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `zoo` command: parses `argv` (default sys.argv) and runs the subcommand; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = [a for a in argv if a.startswith("--config.")]
     args = _parser().parse_args([a for a in argv if not a.startswith("--config.")])

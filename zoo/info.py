@@ -21,10 +21,12 @@ from zoo.train import sharding
 
 
 def abstract_model(config: ml_collections.ConfigDict):
+    """The run's model with abstract (shape-only) parameters."""
     return checkpoint.abstract_model(config.model_name, model_config(config))
 
 
 def count_params(config: ml_collections.ConfigDict) -> int:
+    """The number of parameters of the run's model."""
     return sum(math.prod(s.shape) for s in ParamView(abstract_model(config)).shapes.values())
 
 
@@ -46,6 +48,7 @@ def forward_flops_per_token(config: ml_collections.ConfigDict, seq_len: int) -> 
 
 
 def describe(config: ml_collections.ConfigDict, seq_len: int | None = None) -> str:
+    """A text summary of the run config: model, parameters, FLOPs per token and the model's own lines at `seq_len`."""
     seq_len = seq_len or config.data.seq_len
     n = count_params(config)
     lines = [f"model      {config.model_name} (preset {config.preset})", f"params     {n:,} ({n / 1e6:.2f}M)"]

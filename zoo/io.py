@@ -59,6 +59,7 @@ def write_json_atomic(file, obj: Any) -> None:
 
 
 def read_json(file) -> Any:
+    """The JSON value in `file` (a local or remote path)."""
     return json.loads(path(file).read_text())
 
 

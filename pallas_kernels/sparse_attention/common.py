@@ -53,10 +53,12 @@ FULL = 2  # every key of the block is visible to every query of the query block
 
 
 def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for integers."""
     return -(-a // b)
 
 
 def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, (int(n) - 1).bit_length())
 
 

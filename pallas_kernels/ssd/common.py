@@ -183,6 +183,7 @@ def decay_matrix(a_rows, a_cols, keep):
 
 
 def silu(z):
+    """SiLU, z * sigmoid(z)."""
     return z * jax.nn.sigmoid(z)
 
 

@@ -22,4 +22,5 @@ RUNS = {
 
 
 def get_config(preset: str = "tiny"):
+    """The run config of `preset` (see the module docstring)."""
     return make_config("hip", preset, runs=RUNS)

@@ -30,4 +30,5 @@ RUNS = {"760m": _released(), "3b": _released()}
 
 
 def get_config(preset: str = "tiny"):
+    """The run config of `preset` (see the module docstring)."""
     return make_config("lact", preset, runs=RUNS)

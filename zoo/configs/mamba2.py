@@ -27,4 +27,5 @@ RUNS = {
 
 
 def get_config(preset: str = "tiny"):
+    """The run config of `preset` (see the module docstring)."""
     return make_config("mamba2", preset, runs=RUNS)

@@ -15,4 +15,5 @@ RUNS = {"tiny": ANSWER_ONLY_PASSKEY, "130m": MAMBA2_RUNS["130m"], "370m": MAMBA2
 
 
 def get_config(preset: str = "tiny"):
+    """The run config of `preset` (see the module docstring)."""
     return make_config("memmamba", preset, runs=RUNS)

@@ -11,6 +11,7 @@ from zoo.config import make_config
 
 
 def get_config(preset: str = "tiny"):
+    """The run config of `preset` (see the module docstring)."""
     config = make_config("s4", preset)
     # the kernel length C~ refers to; longer inputs extend it by doubling
     config.model.l_max = max(config.model.l_max, config.data.seq_len)

@@ -14,4 +14,5 @@ RUNS = {
 
 
 def get_config(preset: str = "tiny"):
+    """The run config of `preset` (see the module docstring)."""
     return make_config("transformer", preset, runs=RUNS)

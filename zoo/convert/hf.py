@@ -434,6 +434,7 @@ def source_shape(zoo_shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
 
 
 def to_zoo(a: np.ndarray, layout: str) -> np.ndarray:
+    """A source tensor in the zoo's layout: `layout` "same", "T" (transposed) or a conv [C, 1, K] -> [K, C]."""
     if layout == "same":
         return a
     if layout == "T":
@@ -442,6 +443,7 @@ def to_zoo(a: np.ndarray, layout: str) -> np.ndarray:
 
 
 def from_zoo(a: np.ndarray, layout: str) -> np.ndarray:
+    """The inverse of `to_zoo`: a zoo tensor in the source's layout."""
     if layout == "same":
         return a
     if layout == "T":

@@ -173,6 +173,7 @@ def find_tokenizer(src, tokenizer: str = "auto", eos_token: str | None = None) -
 
 
 def check_tokenizer(tok: Tokenizer | None, vocab_size: int) -> None:
+    """Raises ValueError when the tokenizer `tok` has more tokens than the model's `vocab_size`."""
     if tok is not None and tok.vocab_size > vocab_size:
         raise ValueError(
             f"the tokenizer has {tok.vocab_size} tokens but the model only {vocab_size}; give the "

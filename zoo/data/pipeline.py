@@ -150,6 +150,7 @@ def example_source(data: Any, split: str, length: int, depth: float | None = Non
 
 
 def to_model_inputs(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """An example's `tokens` [T+1] as inputs [T] and next-token targets [T], with its loss and answer masks."""
     tokens = np.asarray(example["tokens"], np.int32)
     return {
         "inputs": tokens[:-1],

@@ -27,6 +27,7 @@ SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "__pycache__", "lib2to
 
 
 def default_corpus_dir() -> str:
+    """The default text corpus: the Python standard library's source directory."""
     return sysconfig.get_paths()["stdlib"]
 
 

@@ -101,6 +101,7 @@ def passkey_grid(model, data: Any, lengths, depths, samples: int, batch_size: in
 
 
 def answer_accuracy_by_length(model, data: Any, lengths, samples: int, batch_size: int) -> dict:
+    """Answer accuracy of `model` on `samples` validation examples of `data` at each length, keyed by length."""
     rows = {
         int(length): answer_stats(model, example_source(data, "validation", int(length)), samples, batch_size)
         for length in lengths

@@ -243,6 +243,7 @@ def load_model_and_tokenizer(pretrained: str | None = None, workdir: str | None 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The perplexity-vs-length command: parses `argv`, evaluates, writes the result; returns the exit code."""
     args = _parser().parse_args(argv)
     try:
         model, tok = load_model_and_tokenizer(args.pretrained, args.workdir, args.step)

@@ -14,6 +14,7 @@ from zoo import io  # noqa: E402
 
 
 def training_curves(records: list[dict], path: str, title: str = "") -> None:
+    """Plots the loss and answer-accuracy curves of `records` (one dict per logged step) to `path`."""
     steps = [r["step"] for r in records]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     axes[0].plot(steps, [r["loss"] for r in records])
@@ -25,6 +26,7 @@ def training_curves(records: list[dict], path: str, title: str = "") -> None:
 
 
 def eval_figure(result: dict, path: str, train_length: int, title: str = "") -> None:
+    """Plots an evaluation result (passkey, accuracy by length, loss by position) to `path`."""
     panels = [k for k in ("passkey", "by_length", "loss_by_position") if k in result]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
     for ax, key in zip(axes[0], panels):

@@ -9,6 +9,8 @@ from zoo.layers.linear import Linear
 
 
 class SwiGLU(nnx.Module):
+    """The SwiGLU feed-forward block: down(silu(gate(x)) * up(x)), D -> d_ff -> D."""
+
     def __init__(
         self, d_model: int, d_ff: int, *, rngs: nnx.Rngs, dtype: str = "float32", out_init_std: float | None = None
     ):

@@ -19,6 +19,8 @@ def rms_norm(x: jax.Array, scale: jax.Array | None, eps: float = 1e-6) -> jax.Ar
 
 
 class RMSNorm(nnx.Module):
+    """RMS normalisation with a learned scale: x / sqrt(mean(x^2) + eps) * scale."""
+
     def __init__(self, dim: int, *, rngs: nnx.Rngs, eps: float = 1e-6):
         self.scale = param(rngs, nnx.initializers.ones, (dim,), ("norm",), wd=False)
         self.eps = eps

@@ -73,6 +73,8 @@ NS_COEFFS = (
 
 @dataclasses.dataclass(frozen=True)
 class LaCTConfig(LMConfig):
+    """LaCT's architecture: window attention and fast-weight heads (see the field comments)."""
+
     n_heads: int = 4  # attention heads of the window branch
     n_lact_heads: int = 2  # fast-weight heads
     inter_multi: float = 1.0  # fast-weight hidden width Dh = inter_multi * Dk

@@ -79,6 +79,8 @@ _DT_FLOOR = 1e-20  # the windowed parallel form divides by dt_t (see the module 
 
 @dataclasses.dataclass(frozen=True)
 class Mamba2Config(LMConfig):
+    """Mamba-2's architecture (see the field comments)."""
+
     d_model: int = 64
     d_state: int = 32
     d_conv: int = 4

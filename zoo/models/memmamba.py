@@ -73,6 +73,8 @@ _EMPTY = -1.0  # priority of an empty slot (scores lie in (0, 1))
 
 @dataclasses.dataclass(frozen=True)
 class MemMambaConfig(Mamba2Config):
+    """MemMamba: Mamba-2's fields plus the note pool and cross-layer attention (see the field comments)."""
+
     pool_size: int = 50  # M notes per pool (secondary sources)
     summary_dim: int = 64  # S (secondary sources)
     tau1: float = 0.5  # write threshold on s_t (secondary sources)
@@ -185,6 +187,7 @@ def pool_insert(pool: dict, score: jax.Array, k: jax.Array, v: jax.Array, tau1: 
 
 
 def decay_pool(pool: dict, decay: float) -> dict:
+    """The note pool with every priority multiplied by `decay` (unchanged for decay 1)."""
     if decay == 1.0:
         return pool
     prio = pool["prio"]

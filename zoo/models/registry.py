@@ -75,6 +75,7 @@ def model_kind(name: str) -> str:
 
 
 def list_presets(name: str) -> list[str]:
+    """The preset names of model `name`."""
     return list(_entry(name)[1])
 
 
@@ -87,6 +88,7 @@ def get_model_config(name: str, preset: str = "tiny", **overrides) -> Any:
 
 
 def config_with_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
+    """`cfg` with the fields in `overrides` replaced (ValueError naming unknown fields)."""
     fields = {f.name for f in dataclasses.fields(cfg)}
     unknown = sorted(set(overrides) - fields)
     if unknown:

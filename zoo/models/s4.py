@@ -51,6 +51,8 @@ DISCS = ("zoh", "bilinear")
 
 @dataclasses.dataclass(frozen=True)
 class S4Config(LMConfig):
+    """S4 / S4D's architecture (see the field comments)."""
+
     d_model: int = 64
     d_state: int = 64  # N: N/2 complex modes are stored (conjugate-symmetric)
     mode: str = "dplr"  # dplr (S4, HiPPO-LegS NPLR) | diag (S4D)

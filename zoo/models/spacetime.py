@@ -484,6 +484,8 @@ class ClosedLoopSSM(_CompanionLayer):
 
 @dataclasses.dataclass(frozen=True)
 class SpaceTimeConfig:
+    """SpaceTime's forecaster: window, horizon, encoder and decoder layers (see the field comments)."""
+
     lag: int = 32  # input window length (lag terms)
     horizon: int = 16  # forecast length
     n_channels: int = 1  # C in x [B, lag, C]
@@ -638,6 +640,8 @@ class EncoderBlock(nnx.Module):
 
 
 class SpaceTimeOutput(NamedTuple):
+    """What the forecaster returns: the forecast and the open-loop predictions the loss uses."""
+
     forecast: jax.Array  # [B, H, C] closed-loop forecast (input scale)
     lag_pred: jax.Array  # [B, lag, C] open-loop one-step-ahead predictions of x[t+1]
     next_input_pred: jax.Array  # [B*, lag, D] decoder's predictions k^T x_{t+1} of its next input

@@ -168,4 +168,5 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 
 def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways the batch is split over `mesh` (the axes of the logical 'batch' axis)."""
     return int(np.prod([mesh.shape[a] for a in LOGICAL_RULES["batch"]]))

@@ -88,6 +88,7 @@ class Setup:
 
 
 def make_setup(config: ml_collections.ConfigDict) -> Setup:
+    """Builds a run's model (abstractly), mesh, parameter shardings, optimiser and jitted initialiser."""
     cfg = model_config(config)
     cls = registry.model_class(config.model_name)
     kind = registry.model_kind(config.model_name)
@@ -118,6 +119,7 @@ def run_param_shardings(config: ml_collections.ConfigDict) -> dict[str, NamedSha
 
 
 def make_train_step(setup: Setup, opt_sh) -> Callable:
+    """The jitted training step (params, opt_state, batch) -> (params, opt_state, metrics)."""
     view, tx, accum = setup.view, setup.tx, setup.config.train.grad_accum
 
     def loss_fn(params, batch):
