@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo.config import load_config, model_config
+from zoo.config import load_config
 from zoo.models import registry
 from zoo.train import trainer
 from zoo.train.trainer import compiled_memory
@@ -133,7 +133,7 @@ def bench_train(
             opt_sh = setup.opt_shardings(jax.eval_shape(setup.tx.init, params))
             opt_state = jax.jit(setup.tx.init, out_shardings=opt_sh)(params)
             step = trainer.make_train_step(setup, opt_sh)
-            vocab = model_config(config).vocab_size
+            vocab = registry.config_from_run(config).vocab_size
             toks = np.random.default_rng(0).integers(0, vocab, (batch_size, seq_len + 1)).astype(np.int32)
             batch = trainer.global_batch(
                 {
@@ -153,7 +153,7 @@ def bench_train(
 
             t = time_fn(run, reps=reps, warmup=1)
             tokens = batch_size * seq_len / t
-            attn = attention_train_flops_per_token(model_config(config), seq_len)
+            attn = attention_train_flops_per_token(registry.config_from_run(config), seq_len)
             row.update(
                 params=n,
                 step_ms=t * 1e3,

@@ -318,10 +318,5 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     config = module.get_config(preset) if preset else module.get_config()
     config = apply_overrides(config, overrides)
     validate(config)
-    model_config(config)  # validates the model fields early
+    registry.config_from_run(config)  # validates the model fields early
     return config
-
-
-def model_config(config: ml_collections.ConfigDict) -> Any:
-    """The model's frozen dataclass config from a run config."""
-    return registry.config_from_run(config)

@@ -14,7 +14,6 @@ import jax
 import ml_collections
 
 from zoo import checkpoint
-from zoo.config import model_config
 from zoo.models import registry
 from zoo.models.params import ParamView
 from zoo.train import sharding
@@ -22,7 +21,7 @@ from zoo.train import sharding
 
 def abstract_model(config: ml_collections.ConfigDict):
     """The run's model with abstract (shape-only) parameters."""
-    return checkpoint.abstract_model(config.model_name, model_config(config))
+    return checkpoint.abstract_model(config.model_name, registry.config_from_run(config))
 
 
 def count_params(config: ml_collections.ConfigDict) -> int:
@@ -35,7 +34,7 @@ def forward_flops_per_token(config: ml_collections.ConfigDict, seq_len: int) -> 
 
     Counted on the looped layout: XLA's cost analysis counts a loop body once, so a scanned layer
     stack would count as one layer (the FLOPs do not depend on the layout)."""
-    cfg = model_config(config)
+    cfg = registry.config_from_run(config)
     if getattr(cfg, "scan_layers", False):
         cfg = dataclasses.replace(cfg, scan_layers=False)
     view = ParamView(checkpoint.abstract_model(config.model_name, cfg))
@@ -58,7 +57,7 @@ def describe(config: ml_collections.ConfigDict, seq_len: int | None = None) -> s
             f"FLOPs/tok  {flops / 1e6:,.2f} MFLOP forward, ~{3 * flops / 1e6:,.2f} MFLOP train "
             f"at length {seq_len} (XLA cost analysis; 6N = {6 * n / 1e6:,.2f} MFLOP)"
         )
-    lines += registry.model_class(config.model_name).describe(model_config(config), seq_len)
+    lines += registry.model_class(config.model_name).describe(registry.config_from_run(config), seq_len)
     try:
         shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, jax.device_count())
         lines.append(

@@ -164,11 +164,10 @@ def test_convert_baseline_checkpoint_and_fine_tune(tmp_path, tiny):
 
 def _first_loss(converted, config) -> float:
     from zoo.checkpoint import bind
-    from zoo.config import model_config
     from zoo.data.pipeline import make_batches
     from zoo.models.params import ParamView
     from zoo.train.trainer import lm_loss
 
-    model = bind("masformer", model_config(config), ParamView(converted).flat(converted))
+    model = bind("masformer", registry.config_from_run(config), ParamView(converted).flat(converted))
     batch = next(make_batches(config.data, "train"))
     return float(lm_loss(model(jnp.asarray(batch["inputs"])), {k: jnp.asarray(v) for k, v in batch.items()})[0])

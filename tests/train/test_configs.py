@@ -6,7 +6,7 @@ import os
 import pytest
 from conftest import ROOT
 
-from zoo.config import load_config, model_config, packaged_configs
+from zoo.config import load_config, packaged_configs
 from zoo.models import registry
 
 
@@ -16,7 +16,7 @@ def test_config_loads_for_every_preset(name):
     for preset in registry.list_presets(name):
         config = load_config(f"{name}:{preset}")
         assert config.preset == preset and config.data.seq_len > 0 and config.train.steps > 0
-        model_config(config)  # the model dataclass validates its fields
+        registry.config_from_run(config)  # the model dataclass validates its fields
     by_path = load_config(os.path.join(ROOT, "configs", f"{name}.py") + ":tiny")
     assert by_path.to_dict() == load_config(f"{name}:tiny").to_dict()
 

@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from zoo import checkpoint as ckpt_lib
 from zoo import io
-from zoo.config import model_config, validate
+from zoo.config import validate
 from zoo.data.pipeline import DOCUMENT_SOURCES, PACKED_KEYS, check_vocab, make_batches
 from zoo.data.pipeline import tokens_per_step as data_tokens_per_step
 from zoo.models import registry
@@ -89,7 +89,7 @@ class Setup:
 
 def make_setup(config: ml_collections.ConfigDict) -> Setup:
     """Builds a run's model (abstractly), mesh, parameter shardings, optimiser and jitted initialiser."""
-    cfg = model_config(config)
+    cfg = registry.config_from_run(config)
     cls = registry.model_class(config.model_name)
     kind = registry.model_kind(config.model_name)
     if kind != "lm":
@@ -113,7 +113,7 @@ def run_param_shardings(config: ml_collections.ConfigDict) -> dict[str, NamedSha
     """The run's parameter shardings on the current devices (its mesh and logical-axis rules), keyed
     by flat names in the run's layer layout: what evaluation of a multi-process run restores into."""
     cls = registry.model_class(config.model_name)
-    abstract = nnx.eval_shape(lambda: cls(model_config(config), rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: cls(registry.config_from_run(config), rngs=nnx.Rngs(0)))
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     return sharding.param_shardings(ParamView(abstract), mesh)
 
@@ -331,7 +331,7 @@ def _preflight(config, setup: Setup, batches, workdir):
     """The checks that need no work directory: data, splits, mesh, writability, compiled memory.
 
     Returns (step function, optimizer shardings, abstract params, abstract optimizer state)."""
-    vocab = model_config(config).vocab_size
+    vocab = registry.config_from_run(config).vocab_size
     initial_state = batches.get_state()
     check_vocab(next(batches), vocab, f"data.source={config.data.source!r}")  # peek, then rewind
     batches.set_state(initial_state)
@@ -473,7 +473,7 @@ class _Loop:
         self.config, self.setup, self.step_fn, self.batches = config, setup, step_fn, batches
         self.checkpointer, self.workdir, self.start = checkpointer, workdir, start
         self.writer = io.MetricsWriter(workdir, resume_at=start)
-        self.vocab = model_config(config).vocab_size
+        self.vocab = registry.config_from_run(config).vocab_size
         self.bar = None
         if progress and jax.process_index() == 0:
             from tqdm.auto import tqdm
