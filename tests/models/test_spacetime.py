@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pallas_kernels.companion import api as companion
 from zoo.data import timeseries as ts
 from zoo.layers import direct_conv
 from zoo.models import registry
@@ -16,89 +17,13 @@ from zoo.models import spacetime as st
 TOL = {"float32": dict(rtol=2e-5, atol=2e-5)}
 
 
-def _numpy_kernel(a, b, c, length):
-    """float64 oracle: c^T A^l b with A = shift + a e_N^T, one kernel at a time."""
-    out = np.zeros(a.shape[:-1] + (length,))
-    for idx in np.ndindex(a.shape[:-1]):
-        n = a.shape[-1]
-        A = np.eye(n, k=-1)
-        A[:, -1] = a[idx]
-        x = b[idx].astype(np.float64)
-        for l in range(length):
-            out[idx + (l,)] = c[idx] @ x
-            x = A @ x
-    return out
-
-
-def _abc(rng, shape, n, l1=True):
-    a = rng.standard_normal(shape + (n,))
-    if l1:
-        a /= np.abs(a).sum(-1, keepdims=True)
-    return [x.astype(np.float32) for x in (a, rng.standard_normal(shape + (n,)), rng.standard_normal(shape + (n,)))]
-
-
-# ---------------------------------------------------------------------------- kernels
-
-
-@pytest.mark.parametrize(
-    "n,length,shape", [(1, 5, (2,)), (4, 1, (3,)), (8, 37, (2, 3)), (25, 9, (2,)), (16, 130, (3,))]
-)
-def test_kernel_methods_match_float64_loop(n, length, shape):
-    a, b, c = _abc(np.random.default_rng(n * 1000 + length), shape, n)
-    want = _numpy_kernel(a, b, c, length)
-    scale = max(1.0, np.abs(want).max())
-    for method in st.KERNEL_METHODS:
-        got = st.companion_kernel(length, a, b, c, method)
-        assert got.shape == shape + (length,)
-        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5 * scale, err_msg=method)
-
-
-def test_fft_kernel_with_eigenvalues_on_the_unit_circle():
-    # a = e_1 makes A a cyclic permutation (all eigenvalues are N-th roots of unity, ||a||_1 = 1):
-    # the roots-of-unity generating function has poles there; the power-series form does not.
-    n, length = 8, 64
-    a = np.zeros((1, n), np.float32)
-    a[0, 0] = 1.0
-    b, c = np.random.default_rng(0).standard_normal((2, 1, n)).astype(np.float32)
-    want = _numpy_kernel(a, b, c, length)
-    np.testing.assert_allclose(np.asarray(st.companion_kernel_fft(length, a, b, c)), want, atol=1e-4)
-    np.testing.assert_allclose(want[0, :n], want[0, n : 2 * n], atol=1e-9)  # period N, as expected
-
-
-def test_structured_powers_match_dense_krylov():
-    a, b, c = _abc(np.random.default_rng(5), (2,), 6)
-    A = st.companion_matrix(a)
-    np.testing.assert_allclose(
-        np.asarray(st.companion_powers(11, a, b)), np.asarray(st.krylov_sequential(11, A, b)), atol=1e-5
-    )
-    closed_t = jnp.swapaxes(A + b[:, :, None] * c[:, None, :], -1, -2)  # (A + b k^T)^T with k = c
-    np.testing.assert_allclose(
-        np.asarray(st.closed_loop_rows(9, a, b, c, b)),
-        np.asarray(st.krylov_sequential(9, closed_t, b)),
-        rtol=2e-5,
-        atol=1e-5,
-    )
-
-
-def test_kernel_gradients_agree():
-    a, b, c = _abc(np.random.default_rng(1), (3,), 6)
-    cot = np.random.default_rng(2).standard_normal((3, 20)).astype(np.float32)
-    grads = {}
-    for method in st.KERNEL_METHODS:
-        _, vjp = jax.vjp(lambda a, b, c, m=method: st.companion_kernel(20, a, b, c, m), a, b, c)
-        grads[method] = vjp(jnp.asarray(cot))
-    for method in ("fft", "squaring"):
-        for g, ref in zip(grads[method], grads["sequential"]):
-            np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-4, atol=1e-4)
-
-
 def _direct_conv(u, k):
     """The O(T^2) oracle in SpaceTime's layout: u [B, T, D], k [D, L] -> [B, T, D]."""
     return jnp.moveaxis(direct_conv(jnp.moveaxis(jnp.asarray(u), 1, -1), jnp.asarray(k)), -1, 1)
 
 
 @pytest.mark.parametrize("t,klen", [(1, 1), (7, 3), (12, 12), (13, 40)])
-def test_fft_conv_equals_direct_conv(t, klen):
+def test_fft_conv_btd_equals_direct_conv(t, klen):
     rng = np.random.default_rng(t)
     u = rng.standard_normal((2, t, 3)).astype(np.float32)
     k = rng.standard_normal((3, klen)).astype(np.float32)
@@ -107,7 +32,7 @@ def test_fft_conv_equals_direct_conv(t, klen):
         for l in range(min(s + 1, klen)):
             want[:, s] += k[:, l] * u[:, s - l]
     np.testing.assert_allclose(np.asarray(_direct_conv(u, k)), want, **TOL["float32"])
-    np.testing.assert_allclose(np.asarray(st.fft_conv(u, k)), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(st.fft_conv_btd(u, k)), want, rtol=1e-5, atol=1e-5)
 
 
 def test_normalize_l1_and_degenerate_rows():
@@ -158,7 +83,7 @@ def test_open_loop_equals_step_recurrence_and_shift_ssm_is_fir():
     shift = st.CompanionSSM(d, d, n, kind="shift", skip=False, rngs=nnx.Rngs(2))
     a0, b0, c0 = shift.abc()
     np.testing.assert_allclose(
-        np.asarray(shift.kernel(9)), np.asarray(st.companion_kernel(9, a0, b0, c0, "sequential")), atol=1e-6
+        np.asarray(shift.kernel(9)), np.asarray(companion.companion_kernel(9, a0, b0, c0, "sequential")), atol=1e-6
     )
     np.testing.assert_allclose(np.asarray(shift(u)), np.asarray(_direct_conv(u, c0)), atol=2e-5)
 
@@ -249,7 +174,7 @@ def test_preprocessing_kernels_compute_differences_and_ma_residuals():
         np.testing.assert_allclose(np.asarray(y), want, atol=1e-5)
     w = 5
     k = st.moving_average_residual_kernel(w)
-    y = st.fft_conv(jnp.asarray(u, jnp.float32)[None, :, None], jnp.asarray(k)[None])[0, :, 0]
+    y = st.fft_conv_btd(jnp.asarray(u, jnp.float32)[None, :, None], jnp.asarray(k)[None])[0, :, 0]
     want = u - np.array([padded[8 + s - w + 1 : 8 + s + 1].mean() for s in range(t)])
     np.testing.assert_allclose(np.asarray(y), want, atol=1e-5)
 

@@ -21,18 +21,8 @@ so y = K * u is a causal convolution with the kernel K_l = c^T A^l b, l = 0..L-1
 The companion matrix (eq. 3) is A = S + a e_N^T: S the down-shift (ones on the sub-diagonal) and the
 learnable last column a, L1-normalised (a / ||a||_1) so that every eigenvalue has modulus <= 1.
 
-Three ways to compute K, all tested against each other:
-- `krylov_sequential`: the O(N^2 L) loop x <- A x (the oracle);
-- `krylov_squaring`: doubling [b, Ab, ..] with A, A^2, A^4, ... (O(N^3 log L + N^2 L));
-- `companion_kernel_fft`: the companion structure (sec. 3.3, O((N + L) log(N + L))). With M = I - zS,
-  Sherman-Morrison on I - zA = M - z a e_N^T gives the generating function
-      sum_l K_l z^l = Q(c,b) + z Q(c,a) Q(e_N,b) / (1 - z Q(e_N,a)),   Q(u,v)(z) = u^T M^{-1} v,
-  where Q(u,v) = sum_k z^k u^T S^k v is a degree-(N-1) polynomial whose coefficients are a
-  cross-correlation (one FFT). The paper evaluates this at the L-th roots of unity with the
-  truncation folded into c~ = (I - A^L)^T c; we instead expand the rational function as a power
-  series mod z^L (FFT products and a Newton power-series inverse), which needs neither A^L nor a
-  learned c~ and stays exact when eigenvalues sit on the unit circle (||a||_1 = 1 allows that,
-  and then 1 - z Q(e_N, a) vanishes at roots of unity).
+K and the closed loop's structured products come from `pallas_kernels.companion` (the dense
+Krylov oracle, repeated squaring, and the O((N + L) log(N + L)) power-series form of sec. 3.3).
 
 Closed loop (sec. 3.2, the decoder): after encoding the lag window into the state x_lag, the layer
 forecasts its own next input u_hat = k^T x and feeds it back, so x_{h+1} = (A + b k^T) x_h and
@@ -40,8 +30,8 @@ y_h = c^T (A + b k^T)^h x_lag, h = 0..H-1. Unlike the original code, a, b, c and
 the same way everywhere (the original encodes x_lag with the unnormalised b, predicts u_hat with the
 unnormalised k, and its k-normalisation falls back to b when norm_order <= 0), so the closed loop
 equals the explicit rollout of the open-loop layer exactly (tested). x_lag and the rows c^T (A+bk^T)^h
-use the companion structure (A x = shift(x) + a x_N: O(N) per step, `companion_powers`,
-`closed_loop_rows`) rather than the original's repeated squaring of N x N matrices (O(N^3 log L)).
+use the companion structure (A x = shift(x) + a x_N: O(N) per step, `companion.companion_powers`,
+`companion.closed_loop_rows`) rather than the original's repeated squaring of N x N matrices (O(N^3 log L)).
 
 Normalising b and k as well as a (the reference, `decoder_norm="abck"`) fixes ||b||_1 = ||k||_1 = 1, so
 the feedback b k^T has induced 1-norm <= 1 and the closed-loop matrix A + b k^T cannot take the values
@@ -72,163 +62,29 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels.companion.api import (
+    KERNEL_METHODS,
+    closed_loop_rows,
+    companion_kernel,
+    companion_matrix,
+    companion_powers,
+)
 from zoo.layers import Linear, param
 from zoo.layers import fft_conv as layers_fft_conv
 from zoo.models import registry
 from zoo.models.base import Forecaster
 
-KERNEL_METHODS = ("fft", "squaring", "sequential")
 PREPROCESS_KINDS = ("none", "residual", "differencing", "ma_residual")
 SSM_KINDS = ("companion", "shift")
 LOSSES = ("mse", "rmse", "mae")
 
 
 # --------------------------------------------------------------------------------------------------
-# Functional core: companion matrices, Krylov kernels, FFT convolution
+# Convolution over time and normalisation (the companion kernel itself: pallas_kernels.companion)
 # --------------------------------------------------------------------------------------------------
 
 
-def companion_matrix(a: jax.Array) -> jax.Array:
-    """A = S + a e_N^T (paper eq. 3): down-shift plus the last column a. a [..., N] -> A [..., N, N]."""
-    n = a.shape[-1]
-    shift = jnp.eye(n, k=-1, dtype=a.dtype)  # S[i+1, i] = 1
-    last = jnp.zeros((n,), a.dtype).at[n - 1].set(1.0)  # e_N
-    return shift + a[..., :, None] * last  # column N-1 holds a
-
-
-def shift_matrix(n: int, dtype=jnp.float32) -> jax.Array:
-    """The shift SSM's A = S (a companion matrix with a = 0)."""
-    return jnp.eye(n, k=-1, dtype=dtype)
-
-
-def krylov_sequential(length: int, A: jax.Array, b: jax.Array, c: jax.Array | None = None) -> jax.Array:
-    """The oracle: [c^T A^l b]_{l<L} by the loop x <- A x.
-
-    A [..., N, N], b [..., N], c [..., N] or None. Returns [..., L] (with c) or [..., N, L].
-    """
-
-    def step(x, _):
-        out = x if c is None else jnp.sum(c * x, axis=-1)
-        return jnp.einsum("...ij,...j->...i", A, x), out
-
-    x0 = jnp.broadcast_to(b, jnp.broadcast_shapes(b.shape, A.shape[:-1]))
-    _, outs = jax.lax.scan(step, x0, None, length=length)  # [L, ..., (N)]
-    return jnp.moveaxis(outs, 0, -1)
-
-
-def krylov_squaring(length: int, A: jax.Array, b: jax.Array, c: jax.Array | None = None) -> jax.Array:
-    """[c^T A^l b]_{l<L} by repeated squaring: X <- [X, A^m X], A^m <- (A^m)^2 (log2 L matmuls).
-
-    Same signature and result as `krylov_sequential`.
-    """
-    x = jnp.broadcast_to(b, jnp.broadcast_shapes(b.shape, A.shape[:-1]))[..., None]  # [..., N, 1]
-    power = A  # A^m with m = x.shape[-1]
-    while x.shape[-1] < length:
-        m = x.shape[-1]
-        take = min(m, length - m)
-        x = jnp.concatenate([x, power @ x[..., :take]], axis=-1)  # append A^m [b, .., A^{take-1} b]
-        if x.shape[-1] < length:
-            power = power @ power
-    x = x[..., :length]
-    if c is None:
-        return x
-    return jnp.einsum("...nl,...n->...l", x, c)
-
-
-def companion_powers(length: int, a: jax.Array, b: jax.Array) -> jax.Array:
-    """[A^l b]_{l<L} for A = companion(a) in O(L N): A x = S x + a x_{N-1} (shift, then add a column).
-
-    a [..., N], b [..., N] -> [..., N, L]. The structured form of `krylov_sequential` with c = None.
-    """
-    a, b = jnp.broadcast_arrays(a, b)
-
-    def step(x, _):
-        nxt = jnp.concatenate([jnp.zeros_like(x[..., :1]), x[..., :-1]], axis=-1) + a * x[..., -1:]
-        return nxt, x
-
-    _, xs = jax.lax.scan(step, b, None, length=length)  # [L, ..., N]
-    return jnp.moveaxis(xs, 0, -1)
-
-
-def closed_loop_rows(length: int, a: jax.Array, b: jax.Array, k: jax.Array, r: jax.Array) -> jax.Array:
-    """[r^T (A + b k^T)^h]_{h<H} for A = companion(a) in O(H N): r A = (r_2, .., r_N, r.a), plus (r.b) k.
-
-    a, b, k [..., N], r [..., N] -> [..., N, H].
-    """
-    a, b, k, r = jnp.broadcast_arrays(a, b, k, r)
-
-    def step(row, _):
-        nxt = jnp.concatenate([row[..., 1:], jnp.sum(row * a, -1, keepdims=True)], axis=-1)
-        return nxt + jnp.sum(row * b, -1, keepdims=True) * k, row
-
-    _, rows = jax.lax.scan(step, r, None, length=length)  # [H, ..., N]
-    return jnp.moveaxis(rows, 0, -1)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _poly_mul(p: jax.Array, q: jax.Array, n: int) -> jax.Array:
-    """First n coefficients of the product of polynomials p [..., P] and q [..., Q] (via FFT)."""
-    full = p.shape[-1] + q.shape[-1] - 1
-    size = _next_pow2(full)
-    r = jnp.fft.irfft(jnp.fft.rfft(p, size) * jnp.fft.rfft(q, size), size)[..., : min(n, full)]
-    if n > full:
-        r = jnp.pad(r, [(0, 0)] * (r.ndim - 1) + [(0, n - full)])
-    return r
-
-
-def _series_inverse(f: jax.Array, n: int) -> jax.Array:
-    """g with f g = 1 mod z^n (f [..., F], f_0 != 0) by Newton: g <- g (2 - f g) mod z^{2m}."""
-    g = 1.0 / f[..., :1]
-    m = 1
-    while m < n:
-        m = min(2 * m, n)
-        fg = _poly_mul(f[..., :m], g, m)  # 1 + O(z^{m/2})
-        g = _poly_mul(g, (-fg).at[..., 0].add(2.0), m)
-    return g
-
-
-def _correlate(u: jax.Array, v: jax.Array) -> jax.Array:
-    """Q(u, v)_k = u^T S^k v = sum_i u_i v_{i-k}, k = 0..N-1 (one FFT cross-correlation)."""
-    n = u.shape[-1]
-    size = _next_pow2(2 * n)  # no wrap-around for |lag| < N
-    spec = jnp.fft.rfft(u, size) * jnp.conj(jnp.fft.rfft(v, size))
-    return jnp.fft.irfft(spec, size)[..., :n]
-
-
-def companion_kernel_fft(length: int, a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
-    """K_l = c^T A^l b for A = companion(a), l < L, in O((N + L) log(N + L)) (paper sec. 3.3).
-
-    K(z) = Q(c,b) + z Q(c,a) Q(e_N,b) / D(z),  D(z) = 1 - z Q(e_N,a),  expanded mod z^L.
-    a, b, c [..., N] (broadcastable) -> [..., L].
-    """
-    a, b, c = jnp.broadcast_arrays(a, b, c)
-    q_cb = _correlate(c, b)  # [..., N]
-    q_ca = _correlate(c, a)  # [..., N]
-    q_eb = b[..., ::-1]  # Q(e_N, b)_k = b_{N-1-k}
-    denom = jnp.concatenate([jnp.ones_like(a[..., :1]), -a[..., ::-1]], axis=-1)  # D(z), [..., N+1]
-    inv = _series_inverse(denom, length)  # 1 / D mod z^L
-    numer = _poly_mul(q_ca, q_eb, 2 * a.shape[-1] - 1)  # Q(c,a) Q(e_N,b)
-    tail = _poly_mul(numer, inv, max(length - 1, 1))[..., : length - 1]
-    n = a.shape[-1]
-    head = q_cb[..., :length] if length <= n else jnp.pad(q_cb, [(0, 0)] * (q_cb.ndim - 1) + [(0, length - n)])
-    return head.at[..., 1:].add(tail)  # times z: shift by one
-
-
-def companion_kernel(length: int, a: jax.Array, b: jax.Array, c: jax.Array, method: str = "fft") -> jax.Array:
-    """K_l = c^T companion(a)^l b, l < L, by `method` in {"fft", "squaring", "sequential"}."""
-    if method == "fft":
-        return companion_kernel_fft(length, a, b, c)
-    if method == "squaring":
-        return krylov_squaring(length, companion_matrix(a), b, c)
-    if method == "sequential":
-        return krylov_sequential(length, companion_matrix(a), b, c)
-    raise ValueError(f"kernel method {method!r} is not one of {KERNEL_METHODS}")
-
-
-def fft_conv(u: jax.Array, k: jax.Array) -> jax.Array:
+def fft_conv_btd(u: jax.Array, k: jax.Array) -> jax.Array:
     """Causal convolution y_t = sum_{l<=t} k_l u_{t-l} over time: u [B, T, D], k [D, L] -> [B, T, D] fp32."""
     return jnp.moveaxis(layers_fft_conv(jnp.moveaxis(u, 1, -1), k), -1, 1)
 
@@ -325,7 +181,7 @@ class PreprocessSSM(nnx.Module):
         )
 
     def __call__(self, u: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
-        return fft_conv(u, self.kernel())
+        return fft_conv_btd(u, self.kernel())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -389,7 +245,7 @@ class CompanionSSM(_CompanionLayer):
 
     def __call__(self, u: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D] fp32
         k = jnp.repeat(self.kernel(u.shape[1]), self.d_model // self.n_kernels, axis=0)  # [D, T]
-        y = fft_conv(u, k)
+        y = fft_conv_btd(u, k)
         if self.skip is not None:
             y = y + u.astype(jnp.float32) * self.skip[...]
         return y
@@ -468,7 +324,7 @@ class ClosedLoopSSM(_CompanionLayer):
             t, a[:, None], b[:, None], jnp.stack([c, k], axis=1), self.kernel_method
         )  # [K, 2, T]
         kernels = self._per_channel(kernels)  # [D, 2, T]
-        return fft_conv(u, kernels[:, 0]), fft_conv(u, kernels[:, 1])
+        return fft_conv_btd(u, kernels[:, 0]), fft_conv_btd(u, kernels[:, 1])
 
     def step(self, x: jax.Array, u_t: jax.Array) -> jax.Array:
         """One open-loop recurrence step x <- A x + b u_t. x [B, D, N], u_t [B, D]."""
