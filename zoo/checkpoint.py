@@ -284,7 +284,8 @@ def abstract_model(model_name: str, cfg: Any) -> nnx.Module:
     return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
 
 
-def _period(model: nnx.Module) -> int:
+def _scan_period(model: nnx.Module) -> int:
+    """The period of `model`'s scanned layer stack (1 for a model without one)."""
     return model.blocks.period if hasattr(model, "blocks") and hasattr(model.blocks, "period") else 1
 
 
@@ -293,9 +294,9 @@ def convert_layout(params: dict[str, Any], src: nnx.Module, dst: nnx.Module) -> 
     src_scan = getattr(getattr(src, "blocks", None), "scan", False)
     dst_scan = getattr(getattr(dst, "blocks", None), "scan", False)
     if src_scan and not dst_scan:
-        return to_looped(params, _period(src))
+        return to_looped(params, _scan_period(src))
     if dst_scan and not src_scan:
-        return to_scanned(params, _period(dst))
+        return to_scanned(params, _scan_period(dst))
     return params
 
 

@@ -220,7 +220,7 @@ class PreNormBlock(Block):
 # ------------------------------------------------------------------------------------------- the stack
 
 
-def _period(blocks: list[nnx.Module]) -> int:
+def _repeat_period(blocks: list[nnx.Module]) -> int:
     """The smallest p dividing len(blocks) with block i structurally equal to block i % p."""
     defs = [nnx.graphdef(b) for b in blocks]
     shapes = [jax.tree.map(lambda v: v.shape, nnx.state(b)) for b in blocks]
@@ -271,7 +271,7 @@ class LayerStack(nnx.Module):
             raise ValueError(f"remat={remat!r} is not one of {REMAT_POLICIES}")
         self.n_layers, self.remat, self.scan = len(blocks), remat, scan
         if scan:
-            self.period = _period(blocks)
+            self.period = _repeat_period(blocks)
             self.scanned = nnx.List([_stack_modules(blocks[j :: self.period]) for j in range(self.period)])
         else:
             self.period = self.n_layers
