@@ -12,17 +12,18 @@ prepared token shards, launch on a pod). The Stuffed-Mamba inference options are
 from zoo.config import ANSWER_ONLY_PASSKEY, make_config, pod_pretraining
 
 
-def _released(lr: float) -> dict:
+def _pretraining_run(lr: float) -> dict:
+    """The pretraining run settings of the released sizes (2048 tokens, batch 256) at learning rate `lr`."""
     return pod_pretraining(seq_len=2048, batch_size=256, lr=lr, eval_lengths=[2048, 8192, 32768], b2=0.95)
 
 
 RUNS = {
     "tiny": ANSWER_ONLY_PASSKEY,
-    "130m": _released(3e-3),
-    "370m": _released(1.5e-3),
-    "780m": _released(1.25e-3),
-    "1.3b": _released(1e-3),
-    "2.7b": _released(1e-3),
+    "130m": _pretraining_run(3e-3),
+    "370m": _pretraining_run(1.5e-3),
+    "780m": _pretraining_run(1.25e-3),
+    "1.3b": _pretraining_run(1e-3),
+    "2.7b": _pretraining_run(1e-3),
 }
 
 

@@ -126,7 +126,7 @@ class LaCTConfig(LMConfig):
         return int(self.fw_head_dim * self.inter_multi)
 
 
-def _released(d_model: int) -> LaCTConfig:
+def _released_lm_config(d_model: int) -> LaCTConfig:
     """The released LM configs (lact_llm/configs/*_nh4_fwlow_rank_momentum_muon.json).
 
     The block MLP is fla's GatedMLP with hidden_ratio 4: width round_up(8/3 D, 256).
@@ -156,8 +156,8 @@ def _released(d_model: int) -> LaCTConfig:
 PRESETS = {
     # ~0.5M parameters, chunks and window of 64 tokens: CPU tests and the passkey demo.
     "tiny": LaCTConfig(),
-    "760m": _released(1536),
-    "3b": _released(3072),
+    "760m": _released_lm_config(1536),
+    "3b": _released_lm_config(3072),
 }
 
 

@@ -492,7 +492,7 @@ class _Loop:
             config.optim.min_lr_ratio,
             setup.tokens_per_step,
         )
-        self.unseen: list[tuple[int, int, dict]] = []  # (step, seq_len, device metrics) not yet looked at
+        self.unchecked: list[tuple[int, int, dict]] = []  # (step, seq_len, device metrics) not yet checked
         self.consecutive = self.nonfinite_total = self.rollbacks = 0
         self.term = False
         self.previous_handler = None
@@ -521,10 +521,10 @@ class _Loop:
 
         return bool(np.any(multihost_utils.process_allgather(np.int32(self.term))))
 
-    def _look(self, step: int) -> None:
-        """Reads the guard flags of the steps since the last look and applies the policy."""
-        flags = jax.device_get([(m["nonfinite"], m["bad_grads"]) for _, _, m in self.unseen])
-        for (s, seq_len, _), (bad, groups) in zip(self.unseen, flags):
+    def _check_guard_flags(self, step: int) -> None:
+        """Reads the non-finite guard flags of the steps not yet checked and applies the policy."""
+        flags = jax.device_get([(m["nonfinite"], m["bad_grads"]) for _, _, m in self.unchecked])
+        for (s, seq_len, _), (bad, groups) in zip(self.unchecked, flags):
             if not bad:
                 self.consecutive = 0
                 continue
@@ -543,10 +543,10 @@ class _Loop:
                     f"{self.config.train.max_nonfinite}); the last checkpoint is step {last}"
                 )
             if policy == "rollback":
-                self.unseen = []
+                self.unchecked = []
                 raise _Rollback(where)
             _log(f"zoo: {where}; the update was skipped (train.on_nonfinite=skip)")
-        self.unseen = []
+        self.unchecked = []
 
     def run(self, params, opt_state, stop_after: int | None) -> dict:
         config, total = self.config, self.config.train.steps
@@ -563,7 +563,7 @@ class _Loop:
             params, opt_state, metrics = self.step_fn(params, opt_state, batch)
             step += 1
             seq_len = int(batch["inputs"].shape[1])
-            self.unseen.append((step, seq_len, metrics))
+            self.unchecked.append((step, seq_len, metrics))
             tokens_since += int(np.prod(batch["inputs"].shape))
             if self.profiling and step == profile[1]:
                 jax.block_until_ready(metrics)
@@ -575,7 +575,7 @@ class _Loop:
             stop = self._stop_requested()
             if log_now or save_now or stop:
                 try:
-                    self._look(step)
+                    self._check_guard_flags(step)
                 except _Rollback as e:
                     step, params, opt_state = self._rollback(str(e), step)
                     continue
