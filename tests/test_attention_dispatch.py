@@ -24,6 +24,7 @@ from jax import export
 
 from zoo.layers import attention
 from zoo.layers.attention import AttentionSpec, attend, attention_kernel, local_attention, self_attention
+from zoo.models import registry
 
 FULL, WINDOW, BLOCK = AttentionSpec("full"), AttentionSpec("window", window=48), AttentionSpec("block", block=40)
 CUDNN_CALLS = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward", "__gpu$xla.gpu.triton")
@@ -184,11 +185,10 @@ def test_cudnn_lowers_for_cuda(as_platform, spec):
 
 # ------------------------------------------------------------------------------------------ no [T, T] scores
 T_LONG = 2048
-MODELS = {
-    "transformer": {},
+MODELS = registry.list_models(attention="dispatch")  # the models whose training path runs self_attention
+OVERRIDES = {
     "masformer": {"window": 256, "block": 256},  # window + full layers (block layers via segment ids below)
     "hip": {"dense_below": 4096},  # the dense fallback at T = 2048
-    "lact": {},
 }
 
 
@@ -221,19 +221,19 @@ def _calls(text: str) -> set[str]:
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", MODELS)
 def test_no_square_scores_in_training(as_platform, platform, name):
     """bf16 rows (cuDNN / splash) and packed rows (the sparse op's Triton kernels / splash with
     segment ids; MASFormer's block layers through the blocked oracle) at T = 2048; the kernel of
     the platform is in the module."""
     as_platform(platform)
     kernel = {"cuda": "__cudnn$fmhaSoftmax", "tpu": "tpu_custom_call"}[platform]
-    text = _model_loss_export(name, {**MODELS[name], "dtype": "bfloat16"}, platform, packed=False)
+    text = _model_loss_export(name, {**OVERRIDES.get(name, {}), "dtype": "bfloat16"}, platform, packed=False)
     assert kernel in _calls(text) and _square_tensors(text) == set(), name
     if name == "lact":
         return  # LaCT runs packed rows token by token (its docstring): no attention kernel there
     kinds = {"layer_attention": ("block", "full")} if name == "masformer" else {}
-    text = _model_loss_export(name, {**MODELS[name], "dtype": "bfloat16", **kinds}, platform, packed=True)
+    text = _model_loss_export(name, {**OVERRIDES.get(name, {}), "dtype": "bfloat16", **kinds}, platform, packed=True)
     kernel = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}[platform]
     assert kernel in _calls(text) and _square_tensors(text) == set(), name
     if name == "transformer" and platform == "cuda":  # fp32: the sparse op's Triton kernels

@@ -34,9 +34,6 @@ from zoo.models import registry
 from zoo.models.params import ParamView
 
 FORMATS = ("hf", "mamba_ssm")
-# target model -> the model whose parameters a checkpoint maps onto
-TARGETS = {"transformer": "transformer", "hip": "transformer", "masformer": "transformer", "mamba2": "mamba2"}
-TARGETS["memmamba"] = "mamba2"
 EXPORT_DTYPES = {
     "float32": np.dtype(np.float32),
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -76,8 +73,8 @@ def _base_config(fmt: str, config: dict, where: str) -> tuple[str, dict[str, Any
 
 def _target_config(base: str, base_cfg, model_name: str, fields: dict[str, Any]):
     """The target model's config: the base config's fields it has, its own defaults, then `fields`."""
-    if TARGETS.get(model_name) != base:
-        options = sorted(k for k, v in TARGETS.items() if v == base)
+    options = registry.list_models(convertible_from=base)  # the models that declare this base
+    if model_name not in options:
         raise ValueError(f"a {base} checkpoint converts to one of {options}, not {model_name!r}")
     cls = registry.config_class(model_name)
     names = {f.name for f in dataclasses.fields(cls)}

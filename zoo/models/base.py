@@ -31,7 +31,7 @@ import abc
 import dataclasses
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -435,7 +435,27 @@ def check_tokens(tokens, ndim: int, name: str = "tokens", vocab_size: int | None
     return tokens.astype(jnp.int32)
 
 
-class LanguageModel(nnx.Module):
+class ModelInfo:
+    """What a registered model declares about itself (class attributes, inherited by subclasses).
+
+    The registry filters on them (`registry.list_models(attention="dispatch")`), and the README's
+    model table is generated from them (`python -m zoo.info --write-readme`).
+
+    Attributes:
+      paper: the paper(s) the model implements, as the README's model table names them.
+      numerical_core: the op or path that does its heavy numerics (the table's column).
+      attention: "dispatch" when its training path runs the shared attention dispatch
+        (`zoo.layers.self_attention`), else None.
+      convertible_from: the model whose released checkpoints convert into it (`zoo convert`), or None.
+    """
+
+    paper: ClassVar[str] = ""
+    numerical_core: ClassVar[str] = ""
+    attention: ClassVar[str | None] = None
+    convertible_from: ClassVar[str | None] = None
+
+
+class LanguageModel(nnx.Module, ModelInfo):
     """A causal language model: `embed_tokens` -> `blocks` (a `LayerStack`) -> `logits`.
 
     Subclasses build `self.config` (an `LMConfig`), `self.blocks` (`make_stack`) and implement
@@ -526,7 +546,7 @@ class LanguageModel(nnx.Module):
         return x.astype(jnp.float32)
 
 
-class Forecaster(nnx.Module):
+class Forecaster(nnx.Module, ModelInfo):
     """A time-series forecaster (SpaceTime): x [B, lag, C] -> forecast [B, horizon, C]."""
 
     config: Any
@@ -540,7 +560,7 @@ class Forecaster(nnx.Module):
         """The training loss on inputs x and targets y [B, horizon, C], with its named terms."""
 
 
-class Classifier(nnx.Module):
+class Classifier(nnx.Module, ModelInfo):
     """A sequence classifier (S4 on LRA): tokens [B, T] (+ mask) -> class logits [B, n_classes]."""
 
     config: Any

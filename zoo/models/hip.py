@@ -270,5 +270,8 @@ class HiP(Transformer):
     """The baseline transformer with HiP attention in every full-attention layer (training-free);
     the same parameter tree and cache as `Transformer`."""
 
+    paper = "HiP attention (Lee et al., ICLR 2025), training-free"
+    numerical_core = "`sparse_attention` + HiP block search"
+
     def attention_module(self, spec: AttentionSpec) -> type[Attention]:
         return HiPAttention if spec.kind == "full" else Attention

@@ -630,6 +630,10 @@ class LaCTLayer(nnx.Module):
 class LaCT(LanguageModel):
     """Decoder-only LaCT LM following the zoo's model protocol."""
 
+    paper = "LaCT (Zhang et al. 2025), large-chunk test-time training"
+    numerical_core = "XLA chunk recurrence + window attention"
+    attention = "dispatch"
+
     def __init__(self, cfg: LaCTConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=cfg.dtype)

@@ -504,6 +504,10 @@ class Mamba2Block(Block):
 class Mamba2(LanguageModel):
     """Mamba-2 LM following the zoo's model protocol, plus the Stuffed-Mamba options."""
 
+    paper = "Mamba-2 (Dao & Gu 2024) + Stuffed-Mamba mitigations"
+    numerical_core = "`pallas_kernels/ssd`"
+    convertible_from = "mamba2"
+
     def __init__(self, cfg: Mamba2Config, *, rngs: nnx.Rngs):
         self.config = cfg
         self.embedding = param(rngs, nnx.initializers.normal(0.02), (cfg.padded_vocab, cfg.d_model), ("vocab", "embed"))

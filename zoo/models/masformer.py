@@ -138,5 +138,8 @@ class LocalAttention(Attention):
 class MASFormer(Transformer):
     """The baseline transformer with a per-layer attention schedule (same parameter tree)."""
 
+    paper = "MASFormer (Zhang et al., EMNLP 2023)"
+    numerical_core = "`pallas_kernels/sparse_attention`"
+
     def attention_module(self, spec: AttentionSpec) -> type[Attention]:
         return Attention if spec.kind == "full" else LocalAttention

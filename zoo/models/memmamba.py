@@ -365,6 +365,9 @@ def segment_starts_of(ctx: Context, u: jax.Array) -> jax.Array | None:
 class MemMamba(Mamba2):
     """MemMamba LM: the Mamba-2 LM (embedding, tied head, Stuffed-Mamba options) with Note Blocks."""
 
+    paper = "MemMamba (Wang et al. 2025; our reconstruction)"
+    numerical_core = "`pallas_kernels/ssd`"
+
     def __init__(self, cfg: MemMambaConfig, *, rngs: nnx.Rngs):
         if not isinstance(cfg, MemMambaConfig):
             raise ValueError(f"MemMamba needs a MemMambaConfig, got {type(cfg).__name__}")

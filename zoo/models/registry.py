@@ -20,7 +20,7 @@ from typing import Any
 
 from flax import nnx
 
-from zoo.models.base import kind_of
+from zoo.models.base import ModelInfo, kind_of
 
 _MODELS: dict[str, tuple[type, dict[str, Any]]] = {}
 _NOT_MODELS = {"base", "registry"}
@@ -56,10 +56,20 @@ def _load_all() -> None:
     _loaded = True
 
 
-def list_models(kind: str | None = None) -> list[str]:
-    """Names of the registered models (of one kind: "lm", "forecaster", "classifier"), sorted."""
+def list_models(kind: str | None = None, **declared: Any) -> list[str]:
+    """Names of the registered models, sorted.
+
+    Args:
+      kind: only models of this kind ("lm", "forecaster", "classifier").
+      **declared: only models whose class declares these values (`zoo.models.base.ModelInfo`),
+        e.g. `list_models(convertible_from="mamba2")`.
+    """
+    unknown = sorted(set(declared) - set(ModelInfo.__annotations__))
+    if unknown:
+        raise ValueError(f"unknown declaration(s) {unknown}; models declare {sorted(ModelInfo.__annotations__)}")
     _load_all()
-    return sorted(n for n in _MODELS if kind is None or model_kind(n) == kind)
+    names = sorted(n for n in _MODELS if kind is None or model_kind(n) == kind)
+    return [n for n in names if all(getattr(_MODELS[n][0], k) == v for k, v in declared.items())]
 
 
 def _entry(name: str) -> tuple[type, dict[str, Any]]:

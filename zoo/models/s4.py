@@ -508,6 +508,9 @@ class S4Block(Block):
 class S4Classifier(Classifier):
     """Sequence classifier: embedding -> S4 blocks -> RMSNorm -> masked mean pool -> Linear."""
 
+    paper = "S4 / S4D sequence classifier (Long Range Arena)"
+    numerical_core = "`pallas_kernels/cauchy`"
+
     def __init__(self, cfg: S4Config, *, rngs: nnx.Rngs):
         self.config = cfg
         self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=cfg.dtype)
@@ -539,6 +542,9 @@ class S4LM(LanguageModel):
     (dplr) / O(H N) (diag) per layer and token, with the step matrices computed once by `init_cache`
     (build the cache after the parameters are final: it holds their discretisation).
     """
+
+    paper = "S4 (DPLR) and S4D (Gu et al. 2022)"
+    numerical_core = "`pallas_kernels/cauchy`"
 
     def __init__(self, cfg: S4Config, *, rngs: nnx.Rngs):
         if cfg.bidirectional:

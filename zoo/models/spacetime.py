@@ -512,6 +512,9 @@ class SpaceTime(Forecaster):
     (decode) form is the closed-loop decoder, tested equal to an explicit rollout.
     """
 
+    paper = "SpaceTime (Zhang et al., ICLR 2023), a forecaster"
+    numerical_core = "`pallas_kernels/companion` (FFT power series)"
+
     def __init__(self, cfg: SpaceTimeConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         d = cfg.d_model

@@ -215,6 +215,13 @@ class Attention(nnx.Module):
 class Transformer(LanguageModel):
     """Decoder-only LM; `attention(cfg, spec, layer)` picks each layer's attention module (subclasses)."""
 
+    paper = (
+        "baseline: pre-norm, RoPE, RMSNorm, SwiGLU, GQA; full / window / block attention; Llama, Qwen2, Mistral options"
+    )
+    numerical_core = "attention dispatch: cuDNN / splash / Pallas / XLA"
+    attention = "dispatch"
+    convertible_from = "transformer"
+
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=cfg.dtype)
