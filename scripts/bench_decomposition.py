@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.bench import time_fn
-from zoo.data.decomposition import BucketIndex, BucketSchedule, decomposition_stats, format_stats
+from zoo.data.decomposition import BucketIndex, decomposition_stats, format_stats
+from zoo.data.schedule import BucketSchedule
 
 
 def init_block(key: jax.Array, d_model: int) -> dict[str, jax.Array]:

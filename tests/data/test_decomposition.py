@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from scipy import stats as sps
 
 from zoo.data import decomposition as dd
+from zoo.data import schedule as ds
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -165,17 +166,17 @@ def test_bucket_index_errors():
         dd.BucketIndex.from_lengths([4, -1], min_log2=0, max_log2=1)
 
 
-@pytest.mark.parametrize("curriculum", dd.CURRICULA)
+@pytest.mark.parametrize("curriculum", ds.CURRICULA)
 def test_schedule_tokens_per_step_constant_and_pure(curriculum):
     avail = {4: 5000, 5: 9000, 6: 9000, 7: 20000}
     kw = dict(availability=avail, cycle_steps=37)
-    s1 = dd.BucketSchedule(range(4, 8), 512, curriculum, seed=11, **kw)
+    s1 = ds.BucketSchedule(range(4, 8), 512, curriculum, seed=11, **kw)
     steps = list(range(0, 120))
     seq = [s1.bucket(s) for s in steps]
     for s, k in zip(steps, seq):
         assert s1.batch_size(k) * (1 << k) == 512
     # Pure function of (seed, step): a fresh instance queried backwards (a resumed run) agrees.
-    s2 = dd.BucketSchedule(range(4, 8), 512, curriculum, seed=11, **kw)
+    s2 = ds.BucketSchedule(range(4, 8), 512, curriculum, seed=11, **kw)
     assert [s2.bucket(s) for s in reversed(steps)] == seq[::-1]
     # position(): j counts the earlier steps of the same bucket.
     seen: dict[int, int] = {}
@@ -192,13 +193,13 @@ def test_schedule_tokens_per_step_constant_and_pure(curriculum):
     if curriculum == "fixed":
         assert set(seq) == {7}
     if curriculum in ("uniform", "pow2"):
-        assert dd.BucketSchedule(range(4, 8), 512, curriculum, seed=12, **kw).buckets(0, 120).tolist() != seq
+        assert ds.BucketSchedule(range(4, 8), 512, curriculum, seed=12, **kw).buckets(0, 120).tolist() != seq
 
 
 def test_schedule_composition_and_pow2_order():
     avail = {6: 1 << 20, 7: 1 << 20, 8: 1 << 20, 9: 1 << 20}
-    pow2 = dd.BucketSchedule(range(6, 10), 1 << 12, "pow2", seed=0, availability=avail)
-    uni = dd.BucketSchedule(range(6, 10), 1 << 12, "uniform", seed=0, availability=avail)
+    pow2 = ds.BucketSchedule(range(6, 10), 1 << 12, "pow2", seed=0, availability=avail)
+    uni = ds.BucketSchedule(range(6, 10), 1 << 12, "uniform", seed=0, availability=avail)
     assert pow2.cycle_steps == 4 * (1 << 20) // (1 << 12)
     assert pow2.steps_per_cycle == uni.steps_per_cycle == {k: 256 for k in range(6, 10)}
     # The original odds put short buckets first in every cycle (draws without replacement).
@@ -209,7 +210,7 @@ def test_schedule_composition_and_pow2_order():
     upos = [np.flatnonzero(uorder == k).mean() for k in range(6, 10)]
     assert max(upos) - min(upos) < 100
     # Without exhaustion the odds scale the composition: 8:4:2:1.
-    iid = dd.BucketSchedule(range(6, 10), 1 << 12, "pow2", seed=0, cycle_steps=150, exhaust=False)
+    iid = ds.BucketSchedule(range(6, 10), 1 << 12, "pow2", seed=0, cycle_steps=150, exhaust=False)
     assert iid.steps_per_cycle == {6: 80, 7: 40, 8: 20, 9: 10}
 
 
@@ -219,7 +220,7 @@ def test_pow2_exhaustion_matches_sequential_draws():
     Buckets 4, 5 with 2 and 1 steps per cycle and pow2 odds 2, 1 (weights 4, 1): sequential draws give
     P(4,4,5) = (4/5)^2, P(4,5,4) = 4/5 * 1/5, P(5,4,4) = 1/5.
     """
-    sched = dd.BucketSchedule([4, 5], 32, "pow2", seed=7, availability={4: 2, 5: 1}, cycle_steps=3)
+    sched = ds.BucketSchedule([4, 5], 32, "pow2", seed=7, availability={4: 2, 5: 1}, cycle_steps=3)
     assert sched.steps_per_cycle == {4: 2, 5: 1}
     cycles = 3000
     seqs = [tuple(sched.buckets(3 * c, 3 * c + 3).tolist()) for c in range(cycles)]
@@ -230,28 +231,28 @@ def test_pow2_exhaustion_matches_sequential_draws():
 
 def test_schedule_errors():
     with pytest.raises(ValueError, match=r"not divisible by 2\^4=16 \(bucket k=4\).*multiple of 2\^7=128, e.g. 384"):
-        dd.BucketSchedule(range(4, 8), 300, "uniform")
+        ds.BucketSchedule(range(4, 8), 300, "uniform")
     with pytest.raises(ValueError, match="curriculum"):
-        dd.BucketSchedule([4], 16, "grow")
+        ds.BucketSchedule([4], 16, "grow")
     with pytest.raises(ValueError, match="fixed_k"):
-        dd.BucketSchedule([4, 5], 32, "fixed", fixed_k=9)
+        ds.BucketSchedule([4, 5], 32, "fixed", fixed_k=9)
     with pytest.raises(ValueError, match="step"):
-        dd.BucketSchedule([4, 5], 32, "uniform").bucket(-1)
+        ds.BucketSchedule([4, 5], 32, "uniform").bucket(-1)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097])
 def test_permute_indices_is_a_bijection(n):
-    perm = dd.permute_indices(np.arange(n), n, (3, 4, 5))
+    perm = ds.permute_indices(np.arange(n), n, (3, 4, 5))
     assert sorted(perm.tolist()) == list(range(n))
-    np.testing.assert_array_equal(dd.permute_indices(np.arange(n)[::-1], n, (3, 4, 5)), perm[::-1])
+    np.testing.assert_array_equal(ds.permute_indices(np.arange(n)[::-1], n, (3, 4, 5)), perm[::-1])
     if n > 3:
-        assert not np.array_equal(perm, dd.permute_indices(np.arange(n), n, (3, 4, 6)))
+        assert not np.array_equal(perm, ds.permute_indices(np.arange(n), n, (3, 4, 6)))
 
 
 def _make_batcher(docs, seed=3):
     index = dd.BucketIndex.build(docs, min_log2=2, max_log2=5, seed=seed)
-    sched = dd.BucketSchedule(index.ks, 64, "pow2", seed=seed, availability=index.tokens_per_bucket())
-    return dd.BucketBatcher(index, sched)
+    sched = ds.BucketSchedule(index.ks, 64, "pow2", seed=seed, availability=index.tokens_per_bucket())
+    return ds.BucketBatcher(index, sched)
 
 
 def test_two_hosts_same_buckets_disjoint_covering_shards_and_resume():
@@ -262,7 +263,7 @@ def test_two_hosts_same_buckets_disjoint_covering_shards_and_resume():
         k0, idx0 = host0.global_indices(step)
         k1, idx1 = host1.global_indices(step)
         assert k0 == k1 and np.array_equal(idx0, idx1)  # same global shape and batch
-        shards = [dd.host_slice(idx0, p, 2) for p in range(2)]
+        shards = [ds.host_slice(idx0, p, 2) for p in range(2)]
         assert not set(shards[0].tolist()) & set(shards[1].tolist())  # disjoint (within an epoch)
         np.testing.assert_array_equal(np.concatenate(shards), idx0)  # cover the global batch
         ka, tok_a = host0.host_batch(step, 0, 2)
@@ -274,7 +275,7 @@ def test_two_hosts_same_buckets_disjoint_covering_shards_and_resume():
     for step in range(25, 40):
         np.testing.assert_array_equal(resumed.host_batch(step, 1, 2)[1], host1.host_batch(step, 1, 2)[1])
     with pytest.raises(ValueError, match="not divisible by process_count=3"):
-        dd.host_slice(np.arange(8), 0, 3)
+        ds.host_slice(np.arange(8), 0, 3)
 
 
 def test_bucket_stream_visits_every_piece_once_per_epoch():

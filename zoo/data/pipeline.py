@@ -31,6 +31,7 @@ from zoo.data import decomposition as dd
 from zoo.data import ruler, synthetic
 from zoo.data.offsets import BlockCumsum, document_lengths, read_tokens
 from zoo.data.packing import DocumentPieces, packed_inputs
+from zoo.data.schedule import BucketBatcher, BucketSchedule, host_slice
 from zoo.data.shards import ShardDocuments, read_manifest
 from zoo.data.text import TextFiles, TfdsDocuments
 from zoo.data.tokenizers import load_tokenizer, tokenizer_for
@@ -291,7 +292,7 @@ class DecompositionBatches(_GrainBatches):
             self.index = dd.BucketIndex.from_lengths(
                 document_lengths(docs), min_log2=data.min_log2, max_log2=data.max_log2, seed=data.seed, source=docs
             )
-            self.schedule = dd.BucketSchedule(
+            self.schedule = BucketSchedule(
                 ks,
                 data.tokens_per_step,
                 data.curriculum,
@@ -299,11 +300,11 @@ class DecompositionBatches(_GrainBatches):
                 fixed_k=fixed_k,
                 availability=self.index.tokens_per_bucket(),
             )
-            self.batcher = dd.BucketBatcher(self.index, self.schedule)
+            self.batcher = BucketBatcher(self.index, self.schedule)
             self.tasks = None
         else:  # synthetic tasks: each bucket is the task generated at length 2^k
             self.index = self.batcher = None
-            self.schedule = dd.BucketSchedule(ks, data.tokens_per_step, data.curriculum, data.seed, fixed_k=fixed_k)
+            self.schedule = BucketSchedule(ks, data.tokens_per_step, data.curriculum, data.seed, fixed_k=fixed_k)
             self.tasks = {k: example_source(data, split, 1 << k) for k in ks}
         for k in ks:
             if self.schedule.batch_size(k) % process_count:
@@ -327,7 +328,7 @@ class DecompositionBatches(_GrainBatches):
             }
         k, j = self.schedule.position(int(step))
         b = self.schedule.batch_size(k)
-        ids = dd.host_slice(j * b + np.arange(b), self.process_index, self.process_count)
+        ids = host_slice(j * b + np.arange(b), self.process_index, self.process_count)
         items = [to_model_inputs(self.tasks[k][int(i)]) for i in ids]
         return {key: np.stack([it[key] for it in items]) for key in items[0]}
 
