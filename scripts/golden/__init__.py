@@ -1,0 +1,1 @@
+"""One module per family of golden fixtures (`scripts/make_golden.py` writes them all)."""
