@@ -83,6 +83,18 @@ def attention_train_flops_per_token(cfg: Any, seq_len: int) -> float:
     return 3.0 * attention_flops(cfg, seq_len)["total"] / seq_len
 
 
+def _bench_config(spec: str, batch_size: int, seq_len: int, dtype: str, overrides: Sequence[str]):
+    """The run config `spec` at this batch, length and dtype on passkey data (then `overrides`)."""
+    ov = [
+        f"--config.data.batch_size={batch_size}",
+        f"--config.data.seq_len={seq_len}",
+        f"--config.model.dtype={dtype}",
+        "--config.data.source=passkey",
+        *overrides,
+    ]
+    return load_config(spec, ov)
+
+
 def bench_train(
     specs: Sequence[str],
     *,
@@ -119,14 +131,7 @@ def bench_train(
             "matmul_tflops": peak / 1e12,
         }
         try:
-            ov = [
-                f"--config.data.batch_size={batch_size}",
-                f"--config.data.seq_len={seq_len}",
-                f"--config.model.dtype={dtype}",
-                "--config.data.source=passkey",
-                *overrides,
-            ]
-            config = load_config(spec, ov)
+            config = _bench_config(spec, batch_size, seq_len, dtype, overrides)
             setup = trainer.make_setup(config)
             params = setup.init_params()
             n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
@@ -175,14 +180,7 @@ def compile_train_memory(
     """XLA's memory analysis of the compiled training step, without allocating anything: the step is
     lowered on abstract parameters, optimizer state and batch (what `zoo bench train --compile-only`
     prints; on CPU the numbers are the CPU compiler's, indicative of, not equal to, a GPU's)."""
-    ov = [
-        f"--config.data.batch_size={batch_size}",
-        f"--config.data.seq_len={seq_len}",
-        f"--config.model.dtype={dtype}",
-        "--config.data.source=passkey",
-        *overrides,
-    ]
-    config = load_config(spec, ov)
+    config = _bench_config(spec, batch_size, seq_len, dtype, overrides)
     setup = trainer.make_setup(config)
     abstract = {
         n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=setup.param_shardings[n])

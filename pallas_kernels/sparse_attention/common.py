@@ -40,6 +40,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.experimental import pallas as pl
 
 NEG_INF = -1e30  # finite "minus infinity" for masked scores (no inf - inf = NaN)
@@ -504,6 +505,21 @@ def pad_seg(seg, t_pad: int):
     return jnp.pad(seg, ((0, 0), (0, t_pad - seg.shape[1])), constant_values=-1)
 
 
+def dot_nt(a, b):
+    """a [m, r] . b [n, r]^T -> fp32 [m, n]."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def dot_nn(a, b):
+    """a [m, r] . b [r, n] -> fp32 [m, n]."""
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def dot_tn(a, b):
+    """a [r, m]^T . b [r, n] -> fp32 [m, n]."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
 # ----------------------------------------------------------------------------- cost model
 
 
@@ -586,6 +602,9 @@ __all__ = [
     "Tiles",
     "cdiv",
     "cost",
+    "dot_nn",
+    "dot_nt",
+    "dot_tn",
     "default_tiles",
     "dense_bounds",
     "dense_query_bounds",

@@ -39,21 +39,6 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
-def _dot_nt(a, b):
-    """a [m, r] . b [n, r]^T -> fp32 [m, n]."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot_nn(a, b):
-    """a [m, r] . b [r, n] -> fp32 [m, n]."""
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot_tn(a, b):
-    """a [r, m]^T . b [r, n] -> fp32 [m, n]."""
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
 def _and(*masks):
     """Conjunction of the masks that are not None (None if all are)."""
     out = None
@@ -145,7 +130,7 @@ def _fwd_kernel(*refs, geo: _Geometry, dense: bool, nq: int):
         kvmask = _and(geo.k_rows(blk, masked), col)
         k = _load(k_ref.at[pl.ds(start, bk), :], kvmask)  # [bk, Pp]
         v = _load(v_ref.at[pl.ds(start, bk), :], kvmask)
-        s = _dot_nt(q, k) * c  # [bq, bk] scores in log2 units
+        s = common.dot_nt(q, k) * c  # [bq, bk] scores in log2 units
         if masked:
             kseg = _seg_rows(kseg_ref, start, bk, cfg.seq_k, geo.k_tail) if cfg.segmented else None
             vis = geo.vis(i, blk, listed, qseg, kseg)
@@ -156,7 +141,7 @@ def _fwd_kernel(*refs, geo: _Geometry, dense: bool, nq: int):
         if masked:
             p = jnp.where(vis, p, 0.0)
         l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot_nn(p.astype(v.dtype), v)
+        acc = acc * alpha[:, None] + common.dot_nn(p.astype(v.dtype), v)
         return m_new, l, acc
 
     if dense:
@@ -294,12 +279,12 @@ def _dq_kernel(*refs, geo: _Geometry, dense: bool, nq: int):
         kvmask = _and(geo.k_rows(blk, masked), col)
         k = _load(k_ref.at[pl.ds(start, bk), :], kvmask)
         v = _load(v_ref.at[pl.ds(start, bk), :], kvmask)
-        p = jnp.exp2(_dot_nt(q, k) * c - lse2[:, None])  # [bq, bk]
+        p = jnp.exp2(common.dot_nt(q, k) * c - lse2[:, None])  # [bq, bk]
         if masked:
             kseg = _seg_rows(kseg_ref, start, bk, cfg.seq_k, geo.k_tail) if cfg.segmented else None
             p = jnp.where(geo.vis(i, blk, listed, qseg, kseg), p, 0.0)
-        ds = p * (_dot_nt(do, v) - delta[:, None])
-        return dq + _dot_nn(ds.astype(k.dtype), k)
+        ds = p * (common.dot_nt(do, v) - delta[:, None])
+        return dq + common.dot_nn(ds.astype(k.dtype), k)
 
     if dense:
         n_full, n_vis = common.dense_bounds(i, cfg)
@@ -345,13 +330,13 @@ def _dkv_kernel(*refs, geo: _Geometry, dense: bool, groups: int, nq: int):
         valid_len = None if rows is None else cfg.seq_q - start
         lse2 = _row_vec(lse_ref, start, bq, valid_len, common.LSE_EMPTY, head=g) * LOG2E
         delta = _row_vec(delta_ref, start, bq, valid_len, 0.0, head=g)
-        p = jnp.exp2(_dot_nt(q, k) * c - lse2[:, None])  # [bq, bk]
+        p = jnp.exp2(common.dot_nt(q, k) * c - lse2[:, None])  # [bq, bk]
         if masked:
             qseg = _seg_rows(qseg_ref, start, bq, cfg.seq_q, geo.q_tail) if cfg.segmented else None
             p = jnp.where(geo.vis(i, j, listed, qseg, kseg), p, 0.0)
-        dv = dv + _dot_tn(p.astype(do.dtype), do)
-        ds = p * (_dot_nt(do, v) - delta[:, None])
-        dk = dk + _dot_tn(ds.astype(q.dtype), q)
+        dv = dv + common.dot_tn(p.astype(do.dtype), do)
+        ds = p * (common.dot_nt(do, v) - delta[:, None])
+        dk = dk + common.dot_tn(ds.astype(q.dtype), q)
         return dk, dv
 
     carry = (jnp.zeros((bk, pp), jnp.float32), jnp.zeros((bk, pp), jnp.float32))
@@ -483,7 +468,7 @@ def _score_kernel(q_ref, k_ref, cand_ref, out_ref, *, geo: _Geometry, causal: bo
         blk = cand_ref[c]
         start = pl.multiple_of(blk * bk, bk)
         k = _load(k_ref.at[pl.ds(start, bk), :], _and(geo.k_rows(blk, True), col))
-        s = _dot_nt(q, k)  # [bq, bk]
+        s = common.dot_nt(q, k)  # [bq, bk]
         kpos = start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         ok = qok & (kpos < cfg.seq_k)
         if causal:

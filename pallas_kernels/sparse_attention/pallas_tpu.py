@@ -42,18 +42,6 @@ _MAX_GROUP = 64  # the flattened key table packs the query head of the group in 
 _MAX_QBLOCKS = 1 << 20  # ... and the query block in 20 bits
 
 
-def _dot_nt(a, b):
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot_nn(a, b):
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot_tn(a, b):
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
 def _vis(i, blk, listed, qseg, kseg, cfg: common.Config):
     """[bq, bk] element mask of query block i against key block blk."""
     shape = (cfg.block_q, cfg.block_k)
@@ -145,7 +133,7 @@ def _fwd_kernel(*refs, cfg: common.Config, dense: bool, groups: int, n_slots: in
         is_full, is_part = code == common.FULL, (code >= 0) & (code < common.FULL)
 
     def step(masked):
-        s_ = _dot_nt(q_ref[...], k_ref[...]) * cfg.sm_scale  # [bq, bk]
+        s_ = common.dot_nt(q_ref[...], k_ref[...]) * cfg.sm_scale  # [bq, bk]
         if masked:
             vis = _vis(i, blk, listed, qseg_ref[...], kseg_ref[...], cfg)
             s_ = jnp.where(vis, s_, common.NEG_INF)
@@ -157,7 +145,7 @@ def _fwd_kernel(*refs, cfg: common.Config, dense: bool, groups: int, n_slots: in
         alpha = jnp.exp(m - m_new)
         l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
         v = v_ref[...]
-        acc_sc[...] = alpha * acc_sc[...] + _dot_nn(p.astype(v.dtype), v)
+        acc_sc[...] = alpha * acc_sc[...] + common.dot_nn(p.astype(v.dtype), v)
         m_sc[...] = m_new
 
     pl.when(is_full)(lambda: step(False))
@@ -348,11 +336,11 @@ def _dq_kernel(*refs, cfg: common.Config, dense: bool, groups: int, n_slots: int
 
     def step(masked):
         k = k_ref[...]
-        p = jnp.exp(_dot_nt(q_ref[...], k) * cfg.sm_scale - lse_ref[...])  # [bq, bk]
+        p = jnp.exp(common.dot_nt(q_ref[...], k) * cfg.sm_scale - lse_ref[...])  # [bq, bk]
         if masked:
             p = jnp.where(_vis(i, blk, listed, qseg_ref[...], kseg_ref[...], cfg), p, 0.0)
-        ds = p * (_dot_nt(do_ref[...], v_ref[...]) - delta_ref[...])
-        acc_sc[...] += _dot_nn(ds.astype(k.dtype), k)
+        ds = p * (common.dot_nt(do_ref[...], v_ref[...]) - delta_ref[...])
+        acc_sc[...] += common.dot_nn(ds.astype(k.dtype), k)
 
     pl.when(is_full)(lambda: step(False))
     pl.when(is_part)(lambda: step(True))
@@ -469,12 +457,12 @@ def _dkv_step(
 ):
     """Adds one (query tile, key tile) pair's dK / dV contributions to the accumulators."""
     q, do = q_ref[...], do_ref[...]
-    p = jnp.exp(_dot_nt(q, k_ref[...]) * cfg.sm_scale - lse_ref[...])  # [bq, bk]
+    p = jnp.exp(common.dot_nt(q, k_ref[...]) * cfg.sm_scale - lse_ref[...])  # [bq, bk]
     if masked:
         p = jnp.where(_vis(i, blk, listed, qseg_ref[...], kseg_ref[...], cfg), p, 0.0)
-    dv_sc[...] += _dot_tn(p.astype(do.dtype), do)
-    ds = p * (_dot_nt(do, v_ref[...]) - delta_ref[...])
-    dk_sc[...] += _dot_tn(ds.astype(q.dtype), q)
+    dv_sc[...] += common.dot_tn(p.astype(do.dtype), do)
+    ds = p * (common.dot_nt(do, v_ref[...]) - delta_ref[...])
+    dk_sc[...] += common.dot_tn(ds.astype(q.dtype), q)
 
 
 def backward(q, k, v, q_seg, k_seg, table, o, lse, do, cfg: common.Config, *, fwd_cfg=None, interpret=False):
@@ -635,7 +623,7 @@ def _score_kernel(cand_ref, q_ref, k_ref, out_ref, *, cfg: common.Config, groups
     ok = (i * cfg.block_q + row < cfg.seq_q) & (kpos < cfg.seq_k)
     if cfg.causal:
         ok = ok & (kpos <= qpos)
-    s = jnp.where(ok, _dot_nt(q_ref[...], k_ref[...]), -jnp.inf)
+    s = jnp.where(ok, common.dot_nt(q_ref[...], k_ref[...]), -jnp.inf)
     best = jnp.max(jnp.max(s, axis=1, keepdims=True), axis=0, keepdims=True)  # [1, 1]
 
     @pl.when(c == 0)
