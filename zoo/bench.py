@@ -182,6 +182,8 @@ def compile_train_memory(
     prints; on CPU the numbers are the CPU compiler's, indicative of, not equal to, a GPU's)."""
     config = _bench_config(spec, batch_size, seq_len, dtype, overrides)
     setup = trainer.make_setup(config)
+    # Abstract parameters, optimiser state and batch, built as the trainer's preflight builds them for
+    # its memory check (trainer._preflight): one builder on the trainer's Setup would serve both.
     abstract = {
         n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=setup.param_shardings[n])
         for n, s in setup.view.shapes.items()

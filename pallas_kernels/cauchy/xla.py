@@ -22,6 +22,7 @@ def _pad_last(x: jax.Array, multiple: int, value=0) -> jax.Array:
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=value)
 
 
+# Same signature as pallas_cauchy.cauchy_sum: one signature, one implementation per path.
 def cauchy_sum(
     a: jax.Array,  # [B,J] complex64 weights
     x: jax.Array,  # [B,I] complex64 evaluation points

@@ -413,6 +413,8 @@ def _dkv_kernel_table(
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
+# The dense-pattern dK/dV kernel: its prologue mirrors _dkv_kernel_table (same scratch, same
+# zeroing), but it walks a (j, g, i) grid bounded by dense_query_bounds instead of a slot table.
 def _dkv_kernel_dense(
     q_ref,
     do_ref,

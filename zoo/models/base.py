@@ -447,6 +447,9 @@ class ModelInfo:
       attention: "dispatch" when its training path runs the shared attention dispatch
         (`zoo.layers.self_attention`), else None.
       convertible_from: the model whose released checkpoints convert into it (`zoo convert`), or None.
+
+    Every registered class declares these in the same few lines under its docstring; the repeated
+    shape is the declaration form, not a copy.
     """
 
     paper: ClassVar[str] = ""

@@ -195,7 +195,11 @@ def _ssm_param(rngs: nnx.Rngs, shape: tuple[int, ...]) -> nnx.Param:
 
 
 class _CompanionLayer(nnx.Module):
-    """What the open- and closed-loop layers share: K kernels of state size N, each with a, b, c [K, N]."""
+    """What the open- and closed-loop layers share: K kernels of state size N, each with a, b, c [K, N].
+
+    The two layers' __init__ signatures stay written out (they are the layers' public arguments);
+    everything they build in common is `_init_abc`.
+    """
 
     def _init_abc(self, d_model, n_kernels, kernel_dim, kind, norm_order, kernel_method, rngs):
         if d_model % n_kernels:
