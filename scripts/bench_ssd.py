@@ -219,33 +219,18 @@ def run(shapes=None, dtypes=("bfloat16",), impls=("pallas", "xla"), modes=("fwd"
             for impl in impls:
                 fwd, bwd = _zoo_fns(impl, s.chunk)
                 label = f"zoo-{impl}" + ("(interpreted)" if impl == "pallas" and jax.default_backend() == "cpu" else "")
+
+                def row(mode, sec, err, label=label):
+                    tflops = algorithm_flops(s, mode == "fwd+bwd") / sec / 1e12
+                    return dict(base, impl=label, mode=mode, seconds=sec, rel_err=err, tflops=tflops)
+
                 if "fwd" in modes:
                     sec = time_fn(fwd, *args, reps=repeats)
-                    err = relative_error(np.asarray(fwd(*args), np.float32), ref_y)
-                    rows.append(
-                        dict(
-                            base,
-                            impl=label,
-                            mode="fwd",
-                            seconds=sec,
-                            rel_err=err,
-                            tflops=algorithm_flops(s, False) / sec / 1e12,
-                        )
-                    )
+                    rows.append(row("fwd", sec, relative_error(np.asarray(fwd(*args), np.float32), ref_y)))
                 if "fwd+bwd" in modes:
                     sec = time_fn(bwd, *args, gy, reps=repeats)
                     grads = [np.asarray(g, np.float32) for g in bwd(*args, gy)]
-                    err = max(relative_error(g, r) for g, r in zip(grads, ref_grads))
-                    rows.append(
-                        dict(
-                            base,
-                            impl=label,
-                            mode="fwd+bwd",
-                            seconds=sec,
-                            rel_err=err,
-                            tflops=algorithm_flops(s, True) / sec / 1e12,
-                        )
-                    )
+                    rows.append(row("fwd+bwd", sec, max(relative_error(g, r) for g, r in zip(grads, ref_grads))))
             if peer:
                 rows += _peer_rows(s, dtype, raw, ref_y, ref_grads, repeats, modes)
             ceiling = matmul_ceiling(dtype, repeats)
