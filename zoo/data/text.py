@@ -40,7 +40,22 @@ def _in_split(relpath: str, split: str) -> bool:
     raise ValueError(f"unknown split {split!r}; use 'train' or 'validation'")
 
 
-class TextFiles:
+class _InMemoryDocuments:
+    """Documents tokenized into memory (`self.docs`, by `self.tokenizer`), indexable by position."""
+
+    def _index_documents(self) -> None:
+        self.lengths = np.array([len(d) for d in self.docs], np.int64)  # [D]
+        self.eos_id = self.tokenizer.eos_id
+        self.tokenizer_spec = self.tokenizer.spec()
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.docs[i]
+
+
+class TextFiles(_InMemoryDocuments):
     """Every regular text file under `path` (recursively; '' = the stdlib corpus) as one document."""
 
     def __init__(self, path: str = "", split: str = "train", tokenizer: Tokenizer | None = None):
@@ -66,18 +81,10 @@ class TextFiles:
                 self.docs.append(self.tokenizer(data))
         if not self.docs:
             raise ValueError(f"no text files found under {root!r} for split {split!r}")
-        self.lengths = np.array([len(d) for d in self.docs], np.int64)  # [D]
-        self.eos_id = self.tokenizer.eos_id
-        self.tokenizer_spec = self.tokenizer.spec()
-
-    def __len__(self) -> int:
-        return len(self.docs)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.docs[i]
+        self._index_documents()
 
 
-class TfdsDocuments:
+class TfdsDocuments(_InMemoryDocuments):
     """A TFDS dataset read through `tfds.data_source` (array_record; no TensorFlow needed), tokenized
     into memory when opened."""
 
@@ -106,15 +113,7 @@ class TfdsDocuments:
         self.text_key = text_key
         self.tokenizer = tokenizer or ByteTokenizer()
         self.docs = [self._tokens(i) for i in range(len(self.source))]
-        self.lengths = np.array([len(d) for d in self.docs], np.int64)  # [D]
-        self.eos_id = self.tokenizer.eos_id
-        self.tokenizer_spec = self.tokenizer.spec()
-
-    def __len__(self) -> int:
-        return len(self.docs)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.docs[i]
+        self._index_documents()
 
     def _tokens(self, i: int) -> np.ndarray:
         record = self.source[i]

@@ -398,7 +398,7 @@ def to_scanned(params: dict[str, Any], period: int) -> dict[str, Any]:
 
 
 def to_looped(params: dict[str, Any], period: int) -> dict[str, Any]:
-    """The inverse of `to_scanned`."""
+    """The inverse of `to_scanned` (the two mirror each other line by line)."""
     out = {}
     for name, value in params.items():
         m = _SCANNED.match(name)
