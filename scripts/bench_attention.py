@@ -32,6 +32,7 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
+from peer_timing import torch_cuda_time
 
 from pallas_kernels.sparse_attention import (
     common,
@@ -39,7 +40,7 @@ from pallas_kernels.sparse_attention import (
     hip_block_indices,
     sparse_attention,
 )
-from zoo.bench import relative_error, time_fn, torch_cuda_time
+from zoo.bench import relative_error, time_fn
 
 HIP = {"k_blocks": 32, "block_q": 64, "block_k": 64, "window": 256, "sinks": 64}
 

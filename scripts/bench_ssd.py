@@ -31,9 +31,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from peer_timing import torch_cuda_time
 
 from pallas_kernels.ssd import common, pallas_gpu, pallas_tpu, ssd
-from zoo.bench import matmul_flops, relative_error, time_fn, torch_cuda_time
+from zoo.bench import matmul_flops, relative_error, time_fn
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,24 +40,6 @@ def time_fn(fn: Callable, *args, reps: int = 10, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def torch_cuda_time(fn: Callable, reps: int = 10, warmup: int = 2) -> float:
-    """Median seconds of the PyTorch CUDA call `fn()`, timed with CUDA events (for baselines)."""
-    import torch  # only the scripts' PyTorch baselines need it
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
-
-
 def relative_error(a, b) -> float:
     """||a - b|| / ||b|| in float64 (nan when a has a non-finite entry)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
