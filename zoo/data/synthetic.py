@@ -150,7 +150,9 @@ class MQAR:
     def __post_init__(self):
         half = self.vocab_size // 2
         if not 1 <= self.num_pairs <= half - 1:
-            raise ValueError(f"MQAR num_pairs {self.num_pairs} must lie in [1, {half - 1}] (vocab_size {self.vocab_size})")
+            raise ValueError(
+                f"MQAR num_pairs {self.num_pairs} must lie in [1, {half - 1}] (vocab_size {self.vocab_size})"
+            )
         if (self.length - 2 * self.num_pairs) // 2 < self.num_pairs:
             raise ValueError(
                 f"MQAR length {self.length} is too short for {self.num_pairs} pairs; it must be >= {4 * self.num_pairs}"
