@@ -316,10 +316,10 @@ def mqar_verdicts(results: dict) -> list[dict]:
             return {
                 "claim": CLAIMS[key],
                 "verdict": "not yet run",
-                "evidence": f"{n - len(gone)} of {n} cells complete",
+                "evidence": f"{n - len(gone)} of {n} (row, d_model, T) points have every lr and seed",
             }
         verdict, evidence = fn()
-        evidence += f"; largest spread over {len(g['seed'])} seeds in these cells {spread(names):.2f}"
+        evidence += f"; largest spread over {len(g['seed'])} seeds at these points {spread(names):.2f}"
         return {"claim": CLAIMS[key], "verdict": verdict, "evidence": evidence}
 
     def yes(ok):
