@@ -9,6 +9,7 @@ import pathlib
 import pytest
 from conftest import ROOT
 
+import zoo
 from zoo import compare_mqar
 from zoo.cli import main
 from zoo.compare_report import (
@@ -265,3 +266,22 @@ def test_docs_section_is_rendered_from_the_result_file():
     assert section == mqar_section(results), "regenerate with: python -m zoo.compare_report docs"
     for family in results["settings"]["families"]:
         assert (pathlib.Path(ROOT) / "docs" / "compare" / "mqar" / f"mqar_{family}.png").read_bytes()[:8] == PNG
+
+
+def test_finished_cells_keep_only_the_weights_a_converted_row_needs(tmp_path, monkeypatch):
+    settings = get_settings("mqar-test")
+    settings["rows"]["s4"] = ("s4", {})
+    model = zoo.create_model("transformer", "tiny", seed=0, d_model=32, d_ff=64, n_layers=1)
+
+    def fake_train(config, run_dir, **kw):  # a finished run directory, no training
+        pathlib.Path(run_dir).mkdir(parents=True)
+        return {"step": config.train.steps, "train": {"loss": 1.0}}
+
+    monkeypatch.setattr(compare_mqar, "train", fake_train)
+    monkeypatch.setattr(compare_mqar, "load_model", lambda run_dir: (model, None))
+    monkeypatch.setattr(compare_mqar.io, "read_metrics", lambda run_dir: [])
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    r = compare_mqar.run("mqar-test", str(out), str(runs), settings=settings)
+    assert set(c["row"] for c in r["cells"].values()) == {"transformer", "s4", "hip"}
+    assert (runs / "transformer" / "d32-T32-lr0.003-s0").is_dir()  # HiP's source, kept
+    assert not (runs / "s4" / "d32-T32-lr0.003-s0").exists()  # recorded in mqar.json, removed
