@@ -10,6 +10,7 @@ from conftest import ROOT
 
 # layer -> the layers it may import (besides itself). The floors, bottom up:
 # kernels; layers; models, data, io; config, checkpoint; convert, train, eval, generate; info; compare; cli.
+# (compare_report is a leaf: it reads the comparison's JSON only.)
 ALLOWED = {
     "pallas_kernels": set(),
     "zoo.io": set(),
@@ -38,7 +39,25 @@ ALLOWED = {
         "zoo.bench",
         "zoo.info",
         "zoo.io",
+        "zoo.compare_report",
+        "zoo.compare_mqar",
     },
+    # the MQAR grid of `zoo compare`: trains and converts like the comparison, shares its rows and report
+    "zoo.compare_mqar": {
+        "zoo.compare",
+        "zoo.compare_report",
+        "zoo.models",
+        "zoo.data",
+        "zoo.config",
+        "zoo.configs",
+        "zoo.checkpoint",
+        "zoo.convert",
+        "zoo.train",
+        "zoo.eval",
+        "zoo.io",
+    },
+    # the comparison's markdown and figures, written from its JSON alone
+    "zoo.compare_report": set(),
     "zoo": {"zoo.models", "zoo.checkpoint", "zoo.generate"},
 }
 LAYERS = sorted(ALLOWED, key=len, reverse=True)

@@ -11,6 +11,7 @@
     zoo data prepare --input DIR --output SHARDS [--tokenizer tokenizer.json] [--workers N]
     zoo bench train mamba2:130m transformer:small [--batch-size 16 --seq-len 2048]
     zoo compare --preset tiny --out docs/compare [--models transformer,mamba2 --steps N --workdir DIR]
+    zoo compare --preset mqar-cpu --out docs/compare/mqar --workdir DIR [--dry-run] [--max-cells N]
 
 The CLI orchestrates: `zoo train` trains (zoo.train), then evaluates the final checkpoint
 (zoo.eval); neither package imports the other. Any user error (unknown key, model, preset, missing
@@ -80,11 +81,19 @@ def _parser() -> argparse.ArgumentParser:
 
     prepare.add_arguments(dsub.add_parser("prepare", help="tokenize a corpus into ArrayRecord shards (resumable)"))
     cmp = sub.add_parser("compare", help="every LM at one matched size: train, evaluate, one table per measure")
-    cmp.add_argument("--preset", default="tiny", help="tiny (CPU, ~30 min), paper (GPU/TPU) or test")
+    cmp.add_argument(
+        "--preset",
+        default="tiny",
+        help="tiny (CPU, ~30 min), paper (GPU/TPU), test; the MQAR grid: mqar-cpu, mqar-paper, mqar-test",
+    )
     cmp.add_argument("--out", default="docs/compare", help="where compare.json, compare.md and the PNGs go")
     cmp.add_argument("--workdir", default=None, help="training runs, one per row (default: a temporary dir)")
     cmp.add_argument("--models", default=None, help="comma-separated rows (default: all), e.g. transformer,mamba2")
     cmp.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
+    cmp.add_argument(
+        "--dry-run", action="store_true", help="mqar-* presets: print the pending cells and their estimated CPU time"
+    )
+    cmp.add_argument("--max-cells", type=int, default=None, help="mqar-* presets: run at most N pending cells")
     b = sub.add_parser("bench", help="benchmarks measured in one run")
     bsub = b.add_subparsers(dest="what", required=True)
     bt = bsub.add_parser("train", help="the training step: time, tokens/s, peak memory, MFU vs a matmul")
@@ -162,8 +171,15 @@ def _run(args, overrides) -> int:
         from zoo import compare
 
         models = None if args.models is None else [m.strip() for m in args.models.split(",") if m.strip()]
-        report = compare.run(args.preset, args.out, args.workdir, models, args.steps)
-        print(f"wrote {args.out}/compare.md, compare.json and figures ({len(report['rows'])} models)")
+        report = compare.run(
+            args.preset, args.out, args.workdir, models, args.steps, dry_run=args.dry_run, max_cells=args.max_cells
+        )
+        if args.dry_run:
+            return 0
+        if "cells" in report:
+            print(f"wrote {args.out}/mqar.md, mqar.json and figures ({len(report['cells'])} cells finished)")
+        else:
+            print(f"wrote {args.out}/compare.md, compare.json and figures ({len(report['rows'])} models)")
         return 0
     if args.command == "bench":
         from zoo import bench

@@ -53,14 +53,15 @@ def make_config(
     )
     c.data = ml_collections.ConfigDict(
         dict(
-            source="passkey",  # passkey | recall | selective_copy | passkey_recall | text | tfds | shards
+            source="passkey",  # passkey | recall | mqar | selective_copy | passkey_recall | text | tfds | shards
             seq_len=160,  # training length (fixed-length mode) / 2^max_log2 (decomposition)
             batch_size=16,  # global sequences per step (fixed-length mode)
             seed=0,
             depth=-1.0,  # passkey needle depth in [0, 1]; -1 = uniform at random
             answer_only=False,  # passkey: loss on the answer digits only
-            num_pairs=8,
+            num_pairs=8,  # recall, mqar
             num_queries=4,  # recall
+            power_a=0.01,  # mqar: query gaps drawn from p(g) ~ (g + 1)^(power_a - 1) (Zoology's default)
             num_data=8,  # selective_copy
             path="",  # text: directory of text files ('' = this Python's stdlib source); shards: prepared dir
             allow_toy=True,  # False: refuse the embedded stdlib corpus (source=text, path='')

@@ -15,6 +15,13 @@ Presets:
   parameters, bfloat16, buckets up to 2048 tokens, 20k steps of 262k tokens, evaluated up to 16384).
   Not run here (no accelerator on the machine this was written on); its numbers are not in the docs.
 - `test`: the smallest setting the end-to-end test runs (a handful of steps, short lengths).
+- `mqar-cpu`, `mqar-test`, `mqar-paper`: the MQAR grid (`zoo.compare_mqar`), Zoology's Figure 2 at the
+  zoo's sizes: multi-query associative recall as Zoology generates it (pairs first, queries at
+  power-law gaps, loss on the recalled values; T/16 pairs), 2 layers, every row trained at every
+  model dimension x sequence length x learning rate x seed, each cell an independent run through the
+  trainer (`grid`, `rows`, `converted`, `families`). `cost` holds the seconds per training step at
+  d_model 64, T=64, batch 64 that `--dry-run` scales (by d_model/64 x T/64) to estimate the grid's
+  time before any cell has run; once cells have run, their measured times replace it.
 
 Sizes: `model` fields apply to every model whose config has the field; `per_model` then adjusts the
 widths so the parameter counts stay close (S4's block is one GLU projection, a quarter of a
@@ -155,6 +162,95 @@ PRESETS = {
         },
     },
 }
+
+
+# ------------------------------------------------------------------------------------------ the MQAR grid
+
+_MQAR_WINDOW = 16  # below the key-to-query distance of half the queries at T=64 and of 3/4 at T=128
+
+_MQAR_ROWS = {
+    # name -> (registered model, model fields besides d_model and d_ff)
+    "transformer": ("transformer", {}),
+    "transformer-window": ("transformer", {"attention": "window", "window": _MQAR_WINDOW}),
+    "masformer": ("masformer", {"layer_attention": ["window", "full"], "window": _MQAR_WINDOW}),  # 1 full of 2
+    "lact": ("lact", {"window": _MQAR_WINDOW, "chunk_size": _MQAR_WINDOW}),
+    "mamba2-n16": ("mamba2", {"d_state": 16}),
+    "mamba2-n64": ("mamba2", {"d_state": 64}),
+    "memmamba": ("memmamba", {}),
+    "s4": ("s4", {}),
+}
+
+_MQAR_CONVERTED = {
+    # name -> (trained source row, model, fields): HiP runs the trained transformer's weights, no training
+    "hip": (
+        "transformer",
+        "hip",
+        {"k_blocks": 2, "block_q": 8, "block_k": 8, "window": _MQAR_WINDOW, "sinks": 4, "dense_below": 0},
+    ),
+}
+
+_MQAR_FAMILIES = {
+    "attention": ["transformer", "transformer-window", "hip", "masformer", "lact"],
+    "state-space": ["mamba2-n16", "mamba2-n64", "memmamba", "s4"],
+}
+
+# seconds per step at d_model 64, T=64, batch 64 on a loaded 2-core CPU, for --dry-run before any cell
+# has run: the transformer's from the budget probe (500 steps in 54 s), Mamba-2's (d_state 32) and
+# S4's from 3000-step runs (765 s, 140 s); the other rows' are their nearest model's
+_MQAR_COST = {
+    "transformer": 0.11,
+    "transformer-window": 0.11,
+    "masformer": 0.11,
+    "lact": 0.26,
+    "mamba2-n16": 0.26,
+    "mamba2-n64": 0.26,
+    "memmamba": 0.26,
+    "s4": 0.05,
+    "hip": 0.0,
+}
+
+
+def _mqar(grid: dict, train: dict, optim: dict, eval_: dict, rows=None, dtype: str = "float32") -> dict:
+    rows = rows or list(_MQAR_ROWS)
+    return {
+        "kind": "mqar",
+        "grid": grid,
+        "model": {"n_layers": 2, "ff_mult": 2, "dtype": dtype},
+        "rows": {k: v for k, v in copy.deepcopy(_MQAR_ROWS).items() if k in rows},
+        "converted": {k: v for k, v in copy.deepcopy(_MQAR_CONVERTED).items() if v[0] in rows},
+        "families": copy.deepcopy(_MQAR_FAMILIES),
+        "data": {"source": "mqar", "mode": "fixed", "batch_size": 64, "power_a": 0.01, "pairs_per_token": 1 / 16},
+        "train": {"log_every": 100, **train},
+        "optim": {"warmup_steps": 100, "weight_decay": 0.1, **optim},
+        "eval": {"window": _MQAR_WINDOW, **eval_},
+        "cost": dict(_MQAR_COST),
+    }
+
+
+PRESETS["mqar-cpu"] = _mqar(
+    grid={"d_model": [64, 128], "seq_len": [64, 128], "lr": [1e-3, 3e-3, 1e-2], "seed": [0, 1, 2]},
+    train={"steps": 1500},
+    optim={},
+    eval_={"samples": 256, "batch_size": 64},
+)
+PRESETS["mqar-paper"] = _mqar(
+    grid={
+        "d_model": [64, 128, 256, 512],
+        "seq_len": [64, 128, 256, 512],
+        "lr": [1e-4, 4.6e-4, 2.2e-3, 1e-2],
+        "seed": [0, 1, 2],
+    },
+    train={"steps": 20000},
+    optim={},
+    eval_={"samples": 3000, "batch_size": 250},
+)
+PRESETS["mqar-test"] = _mqar(
+    grid={"d_model": [32], "seq_len": [32], "lr": [3e-3], "seed": [0]},
+    train={"steps": 2, "log_every": 1},
+    optim={"warmup_steps": 1},
+    eval_={"samples": 8, "batch_size": 8},
+    rows=["transformer"],  # and HiP converted from it: two cells
+)
 
 
 def get_settings(preset: str = "tiny") -> dict:

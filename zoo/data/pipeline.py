@@ -36,7 +36,7 @@ from zoo.data.shards import ShardDocuments, read_manifest
 from zoo.data.text import TextFiles, TfdsDocuments
 from zoo.data.tokenizers import load_tokenizer, tokenizer_for
 
-SOURCES = ("passkey", "recall", "selective_copy", "passkey_recall", *ruler.TASKS, "text", "tfds", "shards")
+SOURCES = ("passkey", "recall", "mqar", "selective_copy", "passkey_recall", *ruler.TASKS, "text", "tfds", "shards")
 DOCUMENT_SOURCES = ("text", "tfds", "shards")
 MODES = ("fixed", "decomposition", "packed")
 PACKED_KEYS = ("inputs", "targets", "loss_mask", "answer_mask", "segment_ids", "positions")
@@ -136,6 +136,8 @@ def example_source(data: Any, split: str, length: int, depth: float | None = Non
         return synthetic.Passkey(length, depth=d, seed=seed, answer_only=data.answer_only)
     if data.source == "recall":
         return synthetic.AssociativeRecall(length, data.num_pairs, data.num_queries, seed=seed)
+    if data.source == "mqar":
+        return synthetic.MQAR(length, data.num_pairs, data.power_a, seed=seed)
     if data.source == "selective_copy":
         return synthetic.SelectiveCopy(length, data.num_data, seed=seed)
     if data.source == "passkey_recall":
