@@ -35,6 +35,7 @@ every round are XLA ops on [B, H, nq, 2 k_blocks] arrays.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -442,6 +443,65 @@ def hip_decode_block_indices(
     )
 
 
+# ----------------------------------------------------------------------------- cost
+
+
+def matmul_flops(
+    t: int,
+    *,
+    k_blocks: int,
+    block_q: int,
+    block_k: int,
+    window: int | None,
+    sinks: int,
+    scoring: str = "representative",
+    rep_keys: int = 2,
+    query_stride: int = 2,
+    head_dim: int = 128,
+) -> dict[str, float]:
+    """Matmul FLOPs per head of causal self-attention over t tokens: dense, and HiP's search and
+    block-sparse attention (analytic counts, no run).
+
+    Dense visits the causally visible key blocks; HiP visits the window / sink blocks of its
+    pattern plus min(k_blocks, searchable) listed blocks (counted apart from them: an upper bound).
+    A visited block costs two block_q x block_k x P matmuls (QK^T, PV). The search runs
+    `search_rounds(nk, k_blocks)` rounds per query block; a round scores k_blocks tiles of
+    block_q x block_k ("block_max", plus k_blocks initial scores) or 2 k_blocks representatives of
+    ceil(block_q / query_stride) rows x rep_keys keys ("representative"), one QK^T each.
+
+    Returns:
+        {"dense", "attention", "search"} FLOPs (2 per multiply-add).
+    """
+    cfg = common.Config(
+        seq_q=t,
+        seq_k=t,
+        block_q=block_q,
+        block_k=block_k,
+        causal=True,
+        window=window,
+        sinks=sinks,
+        sm_scale=1.0,
+        dense=False,
+    )
+    _, p_last = common.query_block_positions(cfg)
+    lo, hi = search_range(p_last, num_blocks=cfg.nk, seq_k=t, block_k=block_k, window=window, sinks=sinks, causal=True)
+    listed = np.minimum(np.asarray(hi - lo), k_blocks)
+    pattern = np.asarray(common.slot_table(None, cfg, 1, 1).n_valid[0, 0])  # window + sink blocks
+    rounds = search_rounds(cfg.nk, k_blocks)
+    tile = 2.0 * block_q * block_k * head_dim  # one block_q x block_k x P matmul
+    if scoring == "block_max":
+        search = (rounds + 1) * k_blocks * tile
+    else:
+        rows = -(-block_q // query_stride)
+        search = rounds * 2 * k_blocks * 2.0 * rows * rep_keys * head_dim
+    dense = dataclasses.replace(cfg, window=None, sinks=0, dense=True)
+    return {
+        "dense": 2 * tile * common.visited_pairs(dense, None),
+        "attention": 2 * tile * float(np.sum(listed + pattern)),
+        "search": float(search * cfg.nq),
+    }
+
+
 # ----------------------------------------------------------------------------- recall
 
 
@@ -587,6 +647,7 @@ __all__ = [
     "hip_decode_block_indices",
     "hip_search",
     "locality_inputs",
+    "matmul_flops",
     "representative_keys",
     "score_blocks_xla",
     "score_representatives_xla",
