@@ -18,12 +18,12 @@ of the cache (keys 0..t), with the query block of size 1; the search range is co
 traced position t, so shapes stay static and the step is jittable. Each branch is scored as in
 prefill: by default by its representative, the `rep_keys` keys at its centre (the paper's
 Algorithm 1), or with `scoring="block_max"` by the exact maximum of q.k over its first key block.
-Only the selected K
-blocks, the window and the sinks are gathered from the cache and attended. Semantics: decoding token t gives
-exactly what prefill gives for query t with `block_q = 1` (per-query search; tested); with a
-larger `block_q` prefill shares one search per query block, so prefill and decoding then differ
-by the search granularity, as in the paper's serving setup. While the context is shorter than
-`dense_below` (t + 1 < dense_below) decoding is dense, matching prefill of a short prompt.
+Only the selected K blocks, the window and the sinks are gathered from the cache and attended.
+Semantics: decoding token t gives exactly what prefill gives for query t with `block_q = 1`
+(per-query search; tested); with a larger `block_q` prefill shares one search per query block, so
+prefill and decoding then differ by the search granularity, as in the paper's serving setup.
+While the context is shorter than `dense_below` (t + 1 < dense_below) decoding is dense, matching
+prefill of a short prompt.
 
 `use_hip(model, settings)` swaps the full-attention layers of any zoo model built from
 `PreNormBlock`s of attention (the baseline, MASFormer, ...) for HiP, keeping its
