@@ -724,7 +724,7 @@ def score_blocks(q, k, cand, cfg: common.Config, *, interpret=False):
 
 def _rep_score_kernel(q_ref, reps_ref, qlim_ref, kpos_ref, out_ref, *, rep_keys: int):
     q = q_ref[...]  # [R, P] sampled query rows
-    qlim = jnp.transpose(qlim_ref[...])  # [R, 1]
+    qlim = qlim_ref[...]  # [R, 1]
     best = jnp.full(out_ref.shape, -jnp.inf, jnp.float32)  # [1, C]
     for j in range(rep_keys):  # key j of every candidate's representative
         s = _dot_nt(q, reps_ref[j])  # [R, C]
@@ -749,7 +749,7 @@ def score_representatives(qs, reps, qlim, kpos, *, interpret=False):
     rp, cp = common.cdiv(r, 8) * 8, common.cdiv(c, 128) * 128
     qs = jnp.pad(qs, ((0, 0),) * 3 + ((0, rp - r), (0, 0)))
     reps = jnp.pad(reps, ((0, 0),) * 4 + ((0, cp - c), (0, 0)))
-    qlim = jnp.pad(qlim, ((0, 0), (0, rp - r)), constant_values=-1)[:, None, :]  # [nq, 1, Rp]
+    qlim = jnp.pad(qlim, ((0, 0), (0, rp - r)), constant_values=-1)[..., None]  # [nq, Rp, 1]
     kpos = jnp.pad(kpos, ((0, 0),) * 4 + ((0, cp - c),), constant_values=jnp.iinfo(jnp.int32).max)
     item = jnp.dtype(qs.dtype).itemsize
     out = pl.pallas_call(
@@ -758,7 +758,7 @@ def score_representatives(qs, reps, qlim, kpos, *, interpret=False):
         in_specs=[
             pl.BlockSpec((None, None, None, rp, p), lambda bi, hi, i: (bi, hi, i, 0, 0)),
             pl.BlockSpec((None, None, None, rep_keys, cp, p), lambda bi, hi, i: (bi, hi, i, 0, 0, 0)),
-            pl.BlockSpec((None, 1, rp), lambda bi, hi, i: (i, 0, 0)),
+            pl.BlockSpec((None, rp, 1), lambda bi, hi, i: (i, 0, 0)),
             pl.BlockSpec((None, None, None, rep_keys, cp), lambda bi, hi, i: (bi, hi, i, 0, 0)),
         ],
         out_specs=pl.BlockSpec((None, None, None, 1, cp), lambda bi, hi, i: (bi, hi, i, 0, 0)),
