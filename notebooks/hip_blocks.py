@@ -17,8 +17,9 @@
 # # HiP: which key blocks the hierarchical search keeps
 # HiP (Lee et al., ICLR 2025) makes a model trained with full attention sub-quadratic without
 # training: every query block keeps only its top-K key blocks, found by a binary-split search that
-# scores each branch by one representative key block, plus the first `sinks` keys and a causal
-# window. `pallas_kernels.sparse_attention.hip_block_indices` is that search; `sparse_attention`
+# scores each branch by its representative (the 2 keys at its centre, against every other query
+# of the block), plus the first `sinks` keys and a causal window.
+# `pallas_kernels.sparse_attention.hip_block_indices` is that search; `sparse_attention`
 # then attends to the selected keys. Here one head's queries and keys have a planted structure
 # (a few "topic" key blocks that later queries look up), and the selected blocks are drawn over the
 # dense attention map. It needs no model: HiP is an operation on one layer's q and k (`zoo.models.hip`

@@ -25,7 +25,6 @@ there; the Pallas kernels only run interpreted).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import traceback
 
@@ -35,7 +34,6 @@ import numpy as np
 from peer_timing import torch_cuda_time
 
 from pallas_kernels.sparse_attention import (
-    common,
     hip,
     hip_block_indices,
     sparse_attention,
@@ -132,34 +130,10 @@ def _torch_rows(t, heads, head_dim, repeats, q, k, v, ref_rows, check_rows):
     return rows
 
 
-def analytic_flop_ratio(t, hip_cfg=None):
-    """Dense-causal matmul FLOPs / HiP's: a visited block costs two bq x bk x P matmuls (QK^T, PV),
-    a search score one (QK^T), and the search scores (rounds + 1) * k_blocks blocks per query
-    block. From the window / sink slots of the pattern at length t plus min(k_blocks, searchable)
-    listed blocks (assumed disjoint from them: an upper bound on HiP's work)."""
-    s = dict(HIP, **(hip_cfg or {}))
-    bq, bk, kk = s["block_q"], s["block_k"], s["k_blocks"]
-    cfg = common.Config(
-        seq_q=t,
-        seq_k=t,
-        block_q=bq,
-        block_k=bk,
-        causal=True,
-        window=s["window"],
-        sinks=s["sinks"],
-        sm_scale=1.0,
-        dense=False,
-    )
-    _, p_last = common.query_block_positions(cfg)
-    lo, hi = hip.search_range(
-        p_last, num_blocks=cfg.nk, seq_k=t, block_k=bk, window=s["window"], sinks=s["sinks"], causal=True
-    )
-    listed = jnp.minimum(hi - lo, kk)
-    pattern = common.slot_table(None, cfg, 1, 1).n_valid[0, 0]  # window + sink blocks
-    rounds = hip.search_rounds(cfg.nk, kk)
-    hip_units = float(jnp.sum((listed + pattern) * 2 + (rounds + 1) * kk))
-    dense = dataclasses.replace(cfg, window=None, sinks=0, dense=True)
-    return 2.0 * common.visited_pairs(dense, None) / hip_units
+def analytic_flop_ratio(t, hip_cfg=None, scoring="representative"):
+    """Dense-causal matmul FLOPs / HiP's (search + attention) at length t (`hip.matmul_flops`)."""
+    f = hip.matmul_flops(t, scoring=scoring, **dict(HIP, **(hip_cfg or {})))
+    return f["dense"] / (f["attention"] + f["search"])
 
 
 def run(

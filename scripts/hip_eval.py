@@ -3,6 +3,7 @@
     zoo convert --from hf meta-llama/Llama-3.2-1B --out models/llama-1b        # weights downloaded by you
     python scripts/hip_eval.py --pretrained models/llama-1b --workdir runs/hip-llama \
         --lengths 1024,2048,4096,8192 [--k_blocks 32 --block_q 64 --block_k 64 --window 512 --sinks 256]
+        [--scoring representative|block_max]
 
 The converted checkpoint runs twice on the same inputs: as the dense `transformer` it was converted
 to, and as `hip` (`zoo.convert.convert_model`: the same parameters, HiP's hierarchically pruned
@@ -77,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block_k", type=int, default=64)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--sinks", type=int, default=256)
+    parser.add_argument(
+        "--scoring", default="representative", help="the search's branch scoring: representative or block_max"
+    )
     args = parser.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
     t0 = time.perf_counter()
@@ -90,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         window=args.window,
         sinks=args.sinks,
         dense_below=0,
+        scoring=args.scoring,
     )
     if any(s.kind != "full" for s in dense.config.layer_specs()):
         settings.pop("window")  # sliding-window layers keep theirs (HiP's window is the same field)

@@ -213,12 +213,23 @@ def test_lm_eval_registration_or_a_clear_error():
 
 
 def test_exact_lengths_for_a_model_that_reads_past_a_position():
-    """HiP scores whole key blocks when it selects them, a block can straddle a query's position, so
-    the tokens after a position (right padding included) can change its log-probs; pad_to_bucket=False
+    """HiP's search scores a query block with later rows of the block (every row with the tile-max
+    scoring), so the tokens after a position (right padding included) can change its log-probs; pad_to_bucket=False
     feeds each row unpadded and gives the model's own (here from the same jitted scoring function on
     the exact row, so one compilation serves both; the function itself is checked above)."""
+    # The tile-max scoring: every row of a query block takes part in the search, the pad row included.
     model = zoo.create_model(
-        "hip", "tiny", seed=3, n_layers=1, dense_below=12, block_q=4, block_k=4, k_blocks=1, window=4, sinks=1
+        "hip",
+        "tiny",
+        seed=3,
+        n_layers=1,
+        dense_below=12,
+        block_q=4,
+        block_k=4,
+        k_blocks=1,
+        window=4,
+        sinks=1,
+        scoring="block_max",
     )
     ctx, cont = "abcdefghijklmnopqrstu", "vwx"  # 24 tokens: 23 fed, padded to 24 in a bucket
     options = dict(model=model, tokenizer=TOK, max_length=24, batch_size=1)

@@ -519,3 +519,61 @@ def score_blocks(q, k, cand, cfg: common.Config, *, interpret=False, num_warps: 
         name="hip_score_blocks_gpu",
     )(q, k, cand_p)
     return out[..., :n_cand]
+
+
+def _rep_score_kernel(q_ref, reps_ref, qlim_ref, kpos_ref, out_ref, *, rep_keys: int):
+    q = q_ref[...]  # [R, Pp] sampled query rows
+    qlim = qlim_ref[...]  # [R, 1]
+    best = jnp.full((out_ref.shape[0],), -jnp.inf, jnp.float32)
+    for j in range(rep_keys):  # key j of every candidate's representative
+        s = _dot_nt(q, reps_ref[j])  # [R, C]
+        ok = kpos_ref[j][None, :] <= qlim
+        best = jnp.maximum(best, jnp.max(jnp.where(ok, s, -jnp.inf), axis=0))
+    out_ref[...] = best
+
+
+def score_representatives(qs, reps, qlim, kpos, *, interpret=False, num_warps: int = 4, num_stages: int = 2):
+    """HiP's representative scores (Algorithm 1): per candidate branch, the max of q . k over the
+    sampled query rows x the branch's representative keys (allowed pairs only).
+
+    Args:
+        qs: [B, H, nq, R, P] sampled query rows of every query block.
+        reps: [B, H, nq, b_k, C, P] key j of the representative of every candidate branch.
+        qlim: int32 [nq, R] the largest key position each row may see (-1 for padding rows).
+        kpos: int32 [B, H, nq, b_k, C] the position of every representative key (int32 max for
+            keys that do not exist).
+
+    Returns:
+        fp32 [B, H, nq, C]; -inf where no pair is allowed.
+    """
+    b, h, nq, r, p = qs.shape
+    rep_keys, c = reps.shape[3], reps.shape[4]
+    # Triton's dot wants power-of-two sides >= 16: pad rows (never allowed), candidates and P.
+    rp, cp, pp = (max(16, common.next_pow2(n)) for n in (r, c, p))
+    kp = common.next_pow2(rep_keys)
+    qs = jnp.pad(qs, ((0, 0),) * 3 + ((0, rp - r), (0, pp - p)))
+    reps = jnp.pad(reps, ((0, 0),) * 3 + ((0, kp - rep_keys), (0, cp - c), (0, pp - p)))
+    qlim = jnp.pad(qlim, ((0, 0), (0, rp - r)), constant_values=-1)[..., None]  # [nq, Rp, 1]
+    kpos = jnp.pad(kpos, ((0, 0),) * 3 + ((0, kp - rep_keys), (0, cp - c)), constant_values=jnp.iinfo(jnp.int32).max)
+    item = jnp.dtype(qs.dtype).itemsize
+    out = pl.pallas_call(
+        functools.partial(_rep_score_kernel, rep_keys=rep_keys),
+        grid=(nq, b, h),
+        in_specs=[
+            pl.BlockSpec((None, None, None, rp, pp), lambda i, bi, hi: (bi, hi, i, 0, 0)),
+            pl.BlockSpec((None, None, None, kp, cp, pp), lambda i, bi, hi: (bi, hi, i, 0, 0, 0)),
+            pl.BlockSpec((None, rp, 1), lambda i, bi, hi: (i, 0, 0)),
+            pl.BlockSpec((None, None, None, kp, cp), lambda i, bi, hi: (bi, hi, i, 0, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, None, None, cp), lambda i, bi, hi: (bi, hi, i, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, h, nq, cp), jnp.float32),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        cost_estimate=pl.CostEstimate(
+            flops=2 * b * h * nq * r * rep_keys * c * p,
+            transcendentals=0,
+            bytes_accessed=(b * h * nq * (r + rep_keys * c) * p) * item,
+        ),
+        interpret=interpret,
+        name="hip_score_representatives_gpu",
+    )(qs, reps, qlim, kpos)
+    return out[..., :c]

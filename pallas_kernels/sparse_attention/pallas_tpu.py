@@ -681,3 +681,56 @@ def score_blocks(q, k, cand, cfg: common.Config, *, interpret=False):
             )(tab[u0:u1].reshape(-1), qu[u0:u1], ku[u0:u1])
         )
     return jnp.concatenate(outs, axis=0).reshape(b, h, nq, n_cand)
+
+
+def _rep_score_kernel(q_ref, reps_ref, qlim_ref, kpos_ref, out_ref, *, rep_keys: int):
+    q = q_ref[...]  # [R, P] sampled query rows
+    qlim = qlim_ref[...]  # [R, 1]
+    best = jnp.full(out_ref.shape, -jnp.inf, jnp.float32)  # [1, C]
+    for j in range(rep_keys):  # key j of every candidate's representative
+        s = _dot_nt(q, reps_ref[j])  # [R, C]
+        ok = kpos_ref[pl.ds(j, 1), :] <= qlim
+        best = jnp.maximum(best, jnp.max(jnp.where(ok, s, -jnp.inf), axis=0, keepdims=True))
+    out_ref[...] = best
+
+
+def score_representatives(qs, reps, qlim, kpos, *, interpret=False):
+    """HiP's representative scores (see pallas_gpu.score_representatives).
+
+    Args:
+        qs: [B, H, nq, R, P]; reps: [B, H, nq, b_k, C, P]; qlim: int32 [nq, R];
+        kpos: int32 [B, H, nq, b_k, C].
+
+    Returns:
+        fp32 [B, H, nq, C].
+    """
+    b, h, nq, r, p = qs.shape
+    rep_keys, c = reps.shape[3], reps.shape[4]
+    # Lane-dense candidates and rows (padding rows see nothing, padding candidates exist nowhere).
+    rp, cp = common.cdiv(r, 8) * 8, common.cdiv(c, 128) * 128
+    qs = jnp.pad(qs, ((0, 0),) * 3 + ((0, rp - r), (0, 0)))
+    reps = jnp.pad(reps, ((0, 0),) * 4 + ((0, cp - c), (0, 0)))
+    qlim = jnp.pad(qlim, ((0, 0), (0, rp - r)), constant_values=-1)[..., None]  # [nq, Rp, 1]
+    kpos = jnp.pad(kpos, ((0, 0),) * 4 + ((0, cp - c),), constant_values=jnp.iinfo(jnp.int32).max)
+    item = jnp.dtype(qs.dtype).itemsize
+    out = pl.pallas_call(
+        functools.partial(_rep_score_kernel, rep_keys=rep_keys),
+        grid=(b, h, nq),
+        in_specs=[
+            pl.BlockSpec((None, None, None, rp, p), lambda bi, hi, i: (bi, hi, i, 0, 0)),
+            pl.BlockSpec((None, None, None, rep_keys, cp, p), lambda bi, hi, i: (bi, hi, i, 0, 0, 0)),
+            pl.BlockSpec((None, rp, 1), lambda bi, hi, i: (i, 0, 0)),
+            pl.BlockSpec((None, None, None, rep_keys, cp), lambda bi, hi, i: (bi, hi, i, 0, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, None, None, 1, cp), lambda bi, hi, i: (bi, hi, i, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, h, nq, 1, cp), jnp.float32),
+        compiler_params=_params("parallel", "parallel", "parallel"),
+        cost_estimate=pl.CostEstimate(
+            flops=2 * b * h * nq * r * rep_keys * c * p,
+            transcendentals=0,
+            bytes_accessed=(b * h * nq * (r + rep_keys * c) * p) * item,
+        ),
+        interpret=interpret,
+        name="hip_score_representatives_tpu",
+    )(qs, reps, qlim, kpos)
+    return out[:, :, :, 0, :c]

@@ -48,12 +48,16 @@ def test_dense_below_is_the_transformer():
     np.testing.assert_allclose(forward(hip, tokens), forward(tr, tokens), atol=1e-6)
     sparse = convert_model(tr, "hip", **SPARSE)
     assert float(jnp.abs(forward(sparse, tokens) - forward(tr, tokens)).max()) > 1e-3  # really sparse
+    # The two scorings select different blocks on the same model.
+    tile = convert_model(tr, "hip", **SPARSE, scoring="block_max")
+    assert float(jnp.abs(forward(sparse, tokens) - forward(tile, tokens)).max()) > 1e-4
 
 
-def test_decode_matches_parallel_per_query_search():
+@pytest.mark.parametrize("scoring", ["representative", "block_max"])
+def test_decode_matches_parallel_per_query_search(scoring):
     """block_q = 1: prefill searches per query, exactly what each decode step does, so decoding with
     the cache reproduces the parallel logits although only K=2 of up to 8 blocks are kept."""
-    model = zoo.create_model("hip", seed=2, **TINY, **SPARSE)
+    model = zoo.create_model("hip", seed=2, **TINY, **SPARSE, scoring=scoring)
     tokens = _tokens(64, seed=5)
     parallel = forward(model, tokens)
     decoded, cache = decode_all(model, tokens, max_length=tokens.shape[1] + 3)
@@ -104,4 +108,11 @@ def test_presets_and_config_errors():
         HiPConfig(implementation="cuda")
     with pytest.raises(ValueError, match="k_blocks"):
         HiPSettings(k_blocks=0)
+    with pytest.raises(ValueError, match="scoring"):
+        HiPSettings(scoring="tile")
+    with pytest.raises(ValueError, match="rep_keys"):
+        HiPSettings(block_k=8, rep_keys=9)
+    with pytest.raises(ValueError, match="query_stride"):
+        HiPSettings(query_stride=0)
+    assert HiPSettings().scoring == "representative" and (HiPSettings().rep_keys, HiPSettings().query_stride) == (2, 2)
     assert registry.model_class("hip") is HiP

@@ -15,13 +15,15 @@ Below `dense_below` tokens the layer computes exact dense causal attention (the 
 Decoding with a KV cache (`HiPAttention.cached_attention`): the single query at position t runs the
 same hierarchical search (`hip_decode_block_indices`, the op's search core) over the *valid prefix*
 of the cache (keys 0..t), with the query block of size 1; the search range is computed from the
-traced position t, so shapes stay static and the step is jittable. Each branch is scored by the
-exact maximum of q.k over its representative key block, as in the paper. Only the selected K
-blocks, the window and the sinks are gathered from the cache and attended. Semantics: decoding token t gives
-exactly what prefill gives for query t with `block_q = 1` (per-query search; tested); with a
-larger `block_q` prefill shares one search per query block, so prefill and decoding then differ
-by the search granularity, as in the paper's serving setup. While the context is shorter than
-`dense_below` (t + 1 < dense_below) decoding is dense, matching prefill of a short prompt.
+traced position t, so shapes stay static and the step is jittable. Each branch is scored as in
+prefill: by default by its representative, the `rep_keys` keys at its centre (the paper's
+Algorithm 1), or with `scoring="block_max"` by the exact maximum of q.k over its first key block.
+Only the selected K blocks, the window and the sinks are gathered from the cache and attended.
+Semantics: decoding token t gives exactly what prefill gives for query t with `block_q = 1`
+(per-query search; tested); with a larger `block_q` prefill shares one search per query block, so
+prefill and decoding then differ by the search granularity, as in the paper's serving setup.
+While the context is shorter than `dense_below` (t + 1 < dense_below) decoding is dense, matching
+prefill of a short prompt.
 
 `use_hip(model, settings)` swaps the full-attention layers of any zoo model built from
 `PreNormBlock`s of attention (the baseline, MASFormer, ...) for HiP, keeping its
@@ -41,6 +43,7 @@ from flax import nnx
 
 from pallas_kernels import dispatch
 from pallas_kernels.sparse_attention import hip_block_indices, hip_decode_block_indices, sparse_attention
+from pallas_kernels.sparse_attention.hip import SCORINGS
 from zoo.layers import AttentionSpec
 from zoo.models import registry
 from zoo.models.base import Context, scan_over_time
@@ -59,6 +62,11 @@ class HiPSettings:
         that every searched key block lies in the causal past of the query.
       sinks: the first `sinks` keys are always attended (attention sinks).
       dense_below: sequences (contexts, when decoding) shorter than this use dense attention.
+      scoring: how the search scores a branch: "representative" (the paper's Algorithm 1: the
+        `rep_keys` keys at the branch's centre against every `query_stride`-th query row of the
+        block) or "block_max" (the exact max of q.k over the full tile of its first key block).
+      rep_keys: the paper's b_k, keys in a representative (<= block_k).
+      query_stride: the paper's b_sq, the stride of the query rows scored against it.
     """
 
     k_blocks: int = 4
@@ -67,9 +75,12 @@ class HiPSettings:
     window: int = 64
     sinks: int = 16
     dense_below: int = 0
+    scoring: str = "representative"
+    rep_keys: int = 2
+    query_stride: int = 2
 
     def __post_init__(self):
-        for name in ("k_blocks", "block_q", "block_k", "window"):
+        for name in ("k_blocks", "block_q", "block_k", "window", "rep_keys", "query_stride"):
             if getattr(self, name) < 1:
                 raise ValueError(f"HiP {name}={getattr(self, name)} must be >= 1")
         if self.sinks < 0 or self.dense_below < 0:
@@ -79,6 +90,10 @@ class HiPSettings:
                 f"HiP window={self.window} must be >= block_k={self.block_k}, so that searched "
                 "key blocks never reach past the query; raise window or lower block_k"
             )
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"HiP scoring={self.scoring!r} must be one of {SCORINGS}")
+        if self.rep_keys > self.block_k:
+            raise ValueError(f"HiP rep_keys={self.rep_keys} must be <= block_k={self.block_k}; lower rep_keys")
 
     @classmethod
     def of(cls, cfg) -> HiPSettings:
@@ -163,7 +178,17 @@ class HiPAttention(Attention):
             return super().attention(q, k, v, ctx)
         # HiP mask estimation: top-K key blocks per query block (sinks and window excluded).
         idx = hip_block_indices(
-            q, k, k_blocks=s.k_blocks, block_q=s.block_q, block_k=s.block_k, window=s.window, sinks=s.sinks, causal=True
+            q,
+            k,
+            k_blocks=s.k_blocks,
+            block_q=s.block_q,
+            block_k=s.block_k,
+            window=s.window,
+            sinks=s.sinks,
+            causal=True,
+            scoring=s.scoring,
+            rep_keys=s.rep_keys,
+            query_stride=s.query_stride,
         )  # [B,H,nq,K]
         # Block-sparse attention over the listed blocks + window + sinks.
         impl = dispatch.resolve(self.cfg.implementation)
@@ -196,7 +221,15 @@ class HiPAttention(Attention):
             # Search the valid prefix for this query (the op's search, block_q = 1), then attend
             # to the selected blocks, the window and the sinks only.
             blocks = hip_decode_block_indices(
-                q[:, 0], k_cache, pos, k_blocks=s.k_blocks, block_k=s.block_k, window=s.window, sinks=s.sinks
+                q[:, 0],
+                k_cache,
+                pos,
+                k_blocks=s.k_blocks,
+                block_k=s.block_k,
+                window=s.window,
+                sinks=s.sinks,
+                scoring=s.scoring,
+                rep_keys=s.rep_keys,
             )  # [B,H,K]
             return decode_sparse_attention(q[:, 0], k_cache, v_cache, pos, blocks, s)
 
