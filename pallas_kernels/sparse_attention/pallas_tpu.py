@@ -688,7 +688,7 @@ def _rep_score_kernel(q_ref, reps_ref, qlim_ref, kpos_ref, out_ref, *, rep_keys:
     qlim = qlim_ref[...]  # [R, 1]
     best = jnp.full(out_ref.shape, -jnp.inf, jnp.float32)  # [1, C]
     for j in range(rep_keys):  # key j of every candidate's representative
-        s = _dot_nt(q, reps_ref[j])  # [R, C]
+        s = common.dot_nt(q, reps_ref[j])  # [R, C]
         ok = kpos_ref[pl.ds(j, 1), :] <= qlim
         best = jnp.maximum(best, jnp.max(jnp.where(ok, s, -jnp.inf), axis=0, keepdims=True))
     out_ref[...] = best
