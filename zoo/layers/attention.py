@@ -212,7 +212,7 @@ def blocked_attention(
     triangle plus the diagonal blocks) and never the whole square at once. Heads go first
     ([B, K, G, T, P]) so that every block is one batched matmul; the softmax of a block is taken
     over its whole key prefix and normalised after the value product ([w, P] divisions instead of
-    [w, S]). Faster than `attend` on CPU from T = 2 blocks on (scripts/bench_causal_attention.py).
+    [w, S]). Speed against `attend` and torch: docs/kernels/sparse_attention.md.
 
     Args:
       q: [B, T, H, P]; k, v: [B, T, K, P] (K divides H); positions: int32 [B, T] (or [T]) within
