@@ -16,6 +16,14 @@ For each shape (B,T,H,P,N,G,Q) and dtype it prints
 On CPU the pallas kernels can only run interpreted, which measures the interpreter, not the kernels
 (the times are printed but mean nothing); the correctness columns still hold.
 
+`--vs-minimal` instead times zoo xla against the SSD minimal algorithm in PyTorch (`torch_ssd_minimal`
+below, written from the Mamba-2 paper's Listing 1: four einsums around a segment-sum mask, the
+reference the mamba_ssm authors ship as ssd_minimal) on CPU, fp32, in turn per repeat, over the
+lengths and chunks of MINIMAL_CASES (torch is optional: without it the script says so), and writes
+a JSON report (--out) whose table `--markdown REPORT` prints for docs/kernels/ssd.md:
+
+    .venv/bin/python scripts/bench_ssd.py --vs-minimal --out docs/kernels/results/ssd_vs_minimal_cpu.json
+
 `run(shapes, dtypes)` returns the rows as dicts for `scripts/bench_kernels.py`. The peer is imported
 here only (never by the package).
 """
@@ -26,6 +34,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import sys
 
 import jax
@@ -190,6 +199,142 @@ def _peer_rows(s: Shape, dtype, inputs, ref_y, ref_grads, repeats, modes):
     return rows
 
 
+# B,T,H,P,N,G,Q of the CPU comparison with the PyTorch SSD minimal algorithm.
+MINIMAL_CASES = tuple(Shape(1, t, 8, 64, 64, 1, q) for t in (1024, 4096, 16384) for q in (64, 256))
+
+
+def torch_ssd_minimal(X, A, B, C, chunk):
+    """The SSD minimal algorithm (Mamba-2 paper, Listing 1) in PyTorch, the CPU peer of zoo xla.
+
+    X [b, T, h, p] = x * dt, A [b, T, h] = A * dt, B, C [b, T, h, n] (per head); T a multiple of
+    `chunk`. Returns y [b, T, h, p].
+    """
+    import torch  # pylint: disable=g-import-not-at-top
+
+    def segsum(a):  # [..., Q] -> [..., Q, Q]: sum of a[j+1..i] for i >= j, -inf above the diagonal
+        q = a.shape[-1]
+        below = torch.tril(torch.ones(q, q, dtype=torch.bool), diagonal=-1)
+        sums = torch.cumsum(a[..., :, None].expand(*a.shape, q).masked_fill(~below, 0), dim=-2)
+        return sums.masked_fill(~torch.tril(torch.ones(q, q, dtype=torch.bool)), -torch.inf)
+
+    b, t, h, p = X.shape
+    c = t // chunk
+    X, B, C = (v.reshape(b, c, chunk, h, v.shape[-1]) for v in (X, B, C))
+    A = A.reshape(b, c, chunk, h).permute(0, 3, 1, 2)  # [b, h, c, Q]
+    a_cum = torch.cumsum(A, dim=-1)
+    # 1. diagonal blocks; 2. chunk states; 3. state passing between chunks; 4. state -> output.
+    y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, torch.exp(segsum(A)), X)
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, torch.exp(a_cum[..., -1:] - a_cum), X)
+    states = torch.cat([torch.zeros_like(states[:, :1]), states], dim=1)
+    chunk_decay = torch.exp(segsum(torch.nn.functional.pad(a_cum[..., -1], (1, 0))))  # [b, h, c+1, c+1]
+    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)[:, :-1]
+    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states, torch.exp(a_cum))
+    return (y_diag + y_off).reshape(b, t, h, p)
+
+
+def minimal_comparison(cases=MINIMAL_CASES, repeats=5) -> dict:
+    """zoo xla vs `torch_ssd_minimal` on CPU in fp32, forward and forward+backward, timed in turn."""
+    import datetime  # pylint: disable=g-import-not-at-top
+    import platform  # pylint: disable=g-import-not-at-top
+    import subprocess  # pylint: disable=g-import-not-at-top
+    import time  # pylint: disable=g-import-not-at-top
+
+    try:
+        import torch  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+        torch, torch_version = None, f"torch not importable ({e}); install torch for the peer columns"
+    else:
+        torch.set_num_threads(os.cpu_count() or 1)
+        torch_version = torch.__version__
+    print(f"torch: {torch_version}", flush=True)
+    rows = []
+    for s in cases:
+        raw = make_inputs(s, jnp.float32)
+        args = [jnp.asarray(raw[k]) for k in "x dt A B C".split()]
+        gy = jnp.asarray(raw["gy"])
+        fwd, bwd = _zoo_fns("xla", s.chunk)
+        fns = {
+            ("zoo-xla", "fwd"): lambda: jax.block_until_ready(fwd(*args)),
+            ("zoo-xla", "fwd+bwd"): lambda: jax.block_until_ready(bwd(*args, gy)),
+        }
+        errors = {}
+        if torch is not None:
+            rep = s.heads // s.groups
+            leaves = [torch.tensor(raw[k]) for k in "x dt A B C".split()]
+            tgy = torch.tensor(raw["gy"])
+
+            def peer(x, dt, A, B, C, s=s, rep=rep):
+                heads = lambda v: v.repeat_interleave(rep, dim=2)  # noqa: E731  groups -> heads
+                return torch_ssd_minimal(x * dt[..., None], A * dt, heads(B), heads(C), s.chunk)
+
+            def peer_fwd(leaves=leaves, peer=peer):
+                with torch.no_grad():
+                    return peer(*leaves)
+
+            def peer_fwd_bwd(leaves=leaves, peer=peer, tgy=tgy):
+                grad_leaves = [v.detach().requires_grad_() for v in leaves]
+                return torch.autograd.grad(peer(*grad_leaves), grad_leaves, tgy)
+
+            fns[("torch-minimal", "fwd")] = peer_fwd
+            fns[("torch-minimal", "fwd+bwd")] = peer_fwd_bwd
+            errors["fwd"] = relative_error(peer_fwd().numpy(), np.asarray(fwd(*args)))
+            errors["fwd+bwd"] = max(
+                relative_error(g.numpy(), np.asarray(r)) for g, r in zip(peer_fwd_bwd(), bwd(*args, gy))
+            )
+        for f in fns.values():  # warm-up (compilation)
+            f()
+        times = {key: [] for key in fns}
+        for _ in range(repeats):
+            for key, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                times[key].append(time.perf_counter() - t0)
+        for mode in ("fwd", "fwd+bwd"):
+            ms = {impl: 1e3 * statistics.median(times[(impl, m)]) for impl, m in times if m == mode}
+            row = {"shape": str(s), "seqlen": s.seqlen, "chunk": s.chunk, "mode": mode, "ms": ms}
+            if "torch-minimal" in ms:
+                row["zoo_over_torch"] = ms["zoo-xla"] / ms["torch-minimal"]
+                row["peer_rel_err_vs_zoo"] = errors[mode]
+            rows.append(row)
+            ratio = f"  zoo/torch {row['zoo_over_torch']:.2f}" if "zoo_over_torch" in row else ""
+            print(f"{s} {mode:8s} " + "  ".join(f"{k} {v:8.1f} ms" for k, v in ms.items()) + ratio, flush=True)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        commit = commit.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "command": "python bench_ssd.py " + " ".join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, jax {jax.__version__}",
+        "load_average_1min": os.getloadavg()[0],
+        "commit": commit,
+        "torch": torch_version,
+        "torch_threads": torch.get_num_threads() if torch is not None else None,
+        "dtype": "float32",
+        "repeats": repeats,
+        "rows": rows,
+    }
+
+
+def minimal_markdown(report: dict) -> str:
+    """The table of a `minimal_comparison` report, as docs/kernels/ssd.md shows it."""
+    lines = [
+        f"Measured {report['date']} on {report['machine']} (load average {report['load_average_1min']:.1f}; "
+        f"commit {report['commit']}; torch {report['torch']}, {report['torch_threads']} threads), "
+        f"{report['dtype']}, median of {report['repeats']} runs taken in turn:",
+        "",
+        "| shape | pass | zoo xla (ms) | torch SSD minimal (ms) | zoo / torch |",
+        "|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        peer = r["ms"].get("torch-minimal")
+        ratio = f"{r['zoo_over_torch']:.2f}" if "zoo_over_torch" in r else "n/a"
+        peer = "n/a" if peer is None else f"{peer:.1f}"
+        lines.append(f"| {r['shape']} | {r['mode']} | {r['ms']['zoo-xla']:.1f} | {peer} | {ratio} |")
+    return "\n".join(lines)
+
+
 def matmul_ceiling(dtype, repeats=5) -> float:
     """FLOP/s of one square matmul in `dtype` on this backend (n = 8192 on accelerators, 1024 on CPU)."""
     return matmul_flops(dtype, reps=repeats)
@@ -292,7 +437,23 @@ def main(argv=None):
     p.add_argument("--no-peer", action="store_true", help="skip mamba_ssm's Triton kernels")
     p.add_argument("--costs-only", action="store_true", help="print the kernels' cost model and exit")
     p.add_argument("--json", help="also write the rows to this JSON-lines file")
+    p.add_argument("--vs-minimal", action="store_true", help="zoo xla vs the PyTorch SSD minimal algorithm (CPU)")
+    p.add_argument("--out", help="with --vs-minimal: write the report as JSON to this file")
+    p.add_argument("--markdown", metavar="REPORT", help="print the docs table of a --vs-minimal report and exit")
     args = p.parse_args(argv)
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(minimal_markdown(json.load(f)))
+        return
+    if args.vs_minimal:
+        cases = args.shape or MINIMAL_CASES
+        report = minimal_comparison(cases, args.repeats)
+        if args.out:
+            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+            with open(args.out, "w") as f:
+                f.write(json.dumps(report, indent=1) + "\n")
+            print(f"wrote {args.out}")
+        return
     shapes = args.shape or [CPU_CASE if jax.default_backend() == "cpu" else DEFAULT_CASE]
     dtypes = args.dtypes.split(",")
     print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} jax={jax.__version__}")

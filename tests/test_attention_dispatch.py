@@ -2,8 +2,9 @@
 
 - The choice table of `attention_kernel` (cuDNN / splash / the sparse op / the oracle).
 - Splash attention (TPU kernels, interpreted) equals the oracle for full, window, segment ids and
-  grouped-query heads, forward and gradients; the Pallas sparse-op path and the blocked oracle
-  (`local_attention`) equal the dense oracle.
+  grouped-query heads, forward and gradients; the Pallas sparse-op path, the blocked oracle
+  (`local_attention`) and the blocked causal path (`blocked_attention`, the CPU default for full
+  attention) equal the dense oracle.
 - cuDNN: `self_attention(platform="gpu")` exports for cuda with cuDNN's fused custom calls (forward
   and backward, the sliding window in the call); it cannot run here (no GPU), and JAX refuses to
   trace it without a cuDNN install, so the test stands in a cuDNN 9.10 version number.
@@ -23,7 +24,15 @@ import pytest
 from jax import export
 
 from zoo.layers import attention
-from zoo.layers.attention import AttentionSpec, attend, attention_kernel, local_attention, self_attention
+from zoo.layers.attention import (
+    AttentionSpec,
+    attend,
+    attention_kernel,
+    blocked_attention,
+    causal_block_size,
+    local_attention,
+    self_attention,
+)
 from zoo.models import registry
 
 FULL, WINDOW, BLOCK = AttentionSpec("full"), AttentionSpec("window", window=48), AttentionSpec("block", block=40)
@@ -74,9 +83,11 @@ def test_kernel_choice_table():
     assert choose(f32, FULL, seg, platform="tpu") == choose(bf16, WINDOW, platform="tpu") == "splash"
     assert choose(f32, BLOCK, platform="tpu") == "sparse"
     assert choose(f32, BLOCK, seg, platform="tpu") == "oracle"  # blocked oracle: the grid follows positions
-    assert choose(bf16, FULL, platform="cpu") == choose(bf16, FULL, platform="gpu", implementation="xla") == "oracle"
+    assert choose(bf16, FULL, platform="cpu") == choose(bf16, FULL, platform="gpu", implementation="xla") == "blocked"
+    assert choose(bf16, WINDOW, platform="cpu") == choose(f32, BLOCK, platform="cpu") == "oracle"
+    assert choose(bf16, FULL, platform="cpu", implementation="reference") == "oracle"
     assert choose(bf16, FULL, platform="cpu", implementation="pallas") == "sparse"
-    assert choose(bf16, FULL) == "oracle"  # this machine: CPU
+    assert choose(bf16, FULL) == "blocked"  # this machine: CPU
     with pytest.raises(ValueError, match="platform='metal'"):
         choose(bf16, FULL, platform="metal")
     with pytest.raises(ValueError, match="implementation='fast'"):
@@ -136,6 +147,46 @@ def test_local_attention_equals_dense_oracle(spec):
     _close(self_attention(q, k, v, spec=spec, positions=pos, segment_ids=seg, implementation="xla"), got, tol=1e-6)
     with pytest.raises(ValueError, match="kind 'window' or 'block'"):
         local_attention(q, k, v, positions=pos, spec=FULL)
+
+
+# ------------------------------------------------------------------------------------------ blocked causal path
+def test_causal_block_size():
+    assert [causal_block_size(t) for t in (1, 100, 128, 300, 4096, 4097, 32768)] == [1, 100, 128, 128, 128, 256, 1024]
+    assert causal_block_size(300, block=16) == 16 and causal_block_size(1000, block=16) == 32
+
+
+@pytest.mark.parametrize(
+    "t, h, kv, p, block, packed, dtype",
+    [
+        (300, 4, 2, 32, 64, False, jnp.float32),  # T not a multiple of the block, grouped-query heads
+        (300, 4, 2, 32, 64, True, jnp.float32),  # packed documents, the cut inside a block
+        (1, 2, 2, 16, 64, False, jnp.float32),  # T = 1
+        (96, 3, 1, 72, 32, True, jnp.float32),  # head dim 72, one kv head, T a multiple of the block
+        (200, 4, 2, 64, 64, True, jnp.bfloat16),
+    ],
+    ids=["gqa", "packed", "t1", "p72-mqa", "bf16"],
+)
+def test_blocked_attention_equals_dense_oracle(t, h, kv, p, block, packed, dtype):
+    """Forward and gradients against the fp32 dense oracle on the same (rounded) inputs."""
+    q, k, v = _inputs(b=2, t=t, h=h, kv=kv, p=p, seed=3, dtype=dtype)
+    seg, pos = _packed(2, t, 2 * t // 3 + 1) if packed else (None, jnp.broadcast_to(jnp.arange(t), (2, t)))
+    blocked = lambda *a: blocked_attention(*a, positions=pos, segment_ids=seg, block=block)  # noqa: E731
+    oracle = lambda *a: _oracle(*(x.astype(jnp.float32) for x in a), FULL, pos, seg)  # noqa: E731
+    got = jax.jit(lambda q, k, v: (blocked(q, k, v), _grads(blocked, q, k, v)))(q, k, v)
+    want = jax.jit(lambda q, k, v: (oracle(q, k, v), _grads(oracle, q, k, v)))(q, k, v)
+    assert got[0].dtype == dtype
+    _close(got, want, tol=2e-5 if dtype == jnp.float32 else 3e-2)
+
+
+def test_self_attention_full_on_xla_is_blocked():
+    """The XLA path of a full pattern runs `blocked_attention` (packed rows), equal to the dense reference."""
+    q, k, v = _inputs(t=300, seed=5)
+    seg, pos = _packed(2, 300, 131)
+    run = lambda impl: self_attention(q, k, v, spec=FULL, positions=pos, segment_ids=seg, implementation=impl)  # noqa: E731
+    _close(run("xla"), blocked_attention(q, k, v, positions=pos, segment_ids=seg), tol=0)
+    _close(run("auto"), run("reference"))
+    with pytest.raises(ValueError, match="kv heads"):
+        blocked_attention(q, k[:, :, :1].repeat(3, axis=2), v, positions=pos)
 
 
 # ------------------------------------------------------------------------------------------ cuDNN (lowered, not run)
@@ -241,8 +292,10 @@ def test_no_square_scores_in_training(as_platform, platform, name):
         assert _calls(text) == {"__gpu$xla.gpu.triton"} and _square_tensors(text) == set()
 
 
-def test_square_check_sees_the_cpu_oracle(as_platform):
-    """The CPU oracle does hold [T, T] fp32 scores: the check above can fail."""
+def test_square_check_sees_the_dense_oracle(as_platform):
+    """The dense oracle (implementation "reference") does hold [T, T] fp32 scores: the check above
+    can fail; the CPU default (the blocked causal path) holds none."""
     as_platform("cpu")
-    text = _model_loss_export("transformer", {}, "cpu", packed=False)
+    text = _model_loss_export("transformer", {"implementation": "reference"}, "cpu", packed=False)
     assert f"{T_LONG}x{T_LONG}xf32" in " ".join(_square_tensors(text))
+    assert _square_tensors(_model_loss_export("transformer", {}, "cpu", packed=False)) == set()

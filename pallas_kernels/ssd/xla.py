@@ -101,11 +101,15 @@ def ssd_xla(
         "bcgrij,bcjgrp->bcigrp", cb[:, :, :, None] * decay_mat, xdt, precision=_HIGHEST
     )  # [B,c,Q,G,R,P]
 
-    # Step 2: chunk states from the tokens of the chunk's last segment, decayed to the chunk end.
+    # Step 2: chunk states from the tokens of the chunk's last segment, decayed to the chunk end. States
+    # are kept as [.., N, R*P] (the R heads of a group side by side): one [N, Q] x [Q, R*P] matmul per
+    # chunk and group here and one [Q, N] x [N, R*P] in step 4, with no transpose between the steps.
     w_state = jnp.exp(a_end[:, :, None] - a_cum)  # [B,c,Q,G,R], <= 1
     if seg is not None:
         w_state = w_state * (seg_c == seg_c[:, :, -1:])[..., None, None]
-    states = jnp.einsum("bcjgn,bcjgrp->bcgrpn", bf, xdt * w_state[..., None], precision=_HIGHEST)  # [B,c,G,R,P,N]
+    xdt_w = (xdt * w_state[..., None]).reshape(batch, num_chunks, q, num_groups, rep * head_dim)
+    states = jnp.einsum("bcjgn,bcjgm->bcgnm", bf, xdt_w, precision=_HIGHEST)  # [B,c,G,N,R*P]
+    states = states.reshape(batch, num_chunks, num_groups, d_state, rep, head_dim)  # [B,c,G,N,R,P]
 
     # Step 3: pass states across chunks; a chunk that starts a new sequence drops the carried state.
     chunk_decay = jnp.exp(a_end)  # [B,c,G,R]
@@ -114,23 +118,27 @@ def ssd_xla(
         seg_prev = jnp.concatenate([jnp.zeros_like(seg_end[:, :1]), seg_end[:, :-1]], axis=1)  # [B,c]
         chunk_decay = chunk_decay * (seg_end == seg_prev)[..., None, None]
     if initial_states is None:
-        s0 = jnp.zeros((batch, num_groups, rep, head_dim, d_state), f32)
+        s0 = jnp.zeros((batch, num_groups, d_state, rep, head_dim), f32)
     else:
-        s0 = initial_states.astype(f32).reshape(batch, num_groups, rep, head_dim, d_state)
+        s0 = initial_states.astype(f32).reshape(batch, num_groups, rep, head_dim, d_state).transpose(0, 1, 4, 2, 3)
 
-    def pass_state(s, inp):
+    def pass_state(s, inp):  # s [B,G,N,R,P]
         decay_c, state_c = inp
-        return s * decay_c[..., None, None] + state_c, s
+        return s * decay_c[:, :, None, :, None] + state_c, s
 
     s_final, s_in = jax.lax.scan(pass_state, s0, (jnp.moveaxis(chunk_decay, 1, 0), jnp.moveaxis(states, 1, 0)))
-    s_in = jnp.moveaxis(s_in, 0, 1)  # [B,c,G,R,P,N] state entering each chunk
+    s_in = jnp.moveaxis(s_in, 0, 1).reshape(
+        batch, num_chunks, num_groups, d_state, rep * head_dim
+    )  # entering each chunk
 
     # Step 4: state -> output for tokens still in the segment that the carried state belongs to.
     w_out = jnp.exp(a_cum)  # [B,c,Q,G,R], <= 1
     if seg is not None:
         w_out = w_out * (seg_c == seg_prev[:, :, None])[..., None, None]
-    y_off = jnp.einsum("bcign,bcgrpn->bcigrp", cf, s_in, precision=_HIGHEST) * w_out[..., None]
+    y_off = jnp.einsum("bcign,bcgnm->bcigm", cf, s_in, precision=_HIGHEST)  # [B,c,Q,G,R*P]
+    y_off = y_off.reshape(batch, num_chunks, q, num_groups, rep, head_dim) * w_out[..., None]
 
     y = (y_diag + y_off).reshape(batch, num_chunks * q, num_heads, head_dim)[:, :seqlen]
     y = reference.skip_and_gate(y, x, D, z)
+    s_final = s_final.transpose(0, 1, 3, 4, 2)  # [B,G,R,P,N]
     return y.astype(x.dtype), s_final.reshape(batch, num_heads, head_dim, d_state)

@@ -19,7 +19,9 @@ one dispatch every model's training path uses; `attention_kernel` says what it p
 - "splash" ("auto" on TPU): splash attention for full / window patterns (segment ids too);
 - "sparse": the Pallas sparse op, for the rest on GPU / TPU (fp32, segment ids on GPU, block-local)
   and always with implementation "pallas" (interpreted on CPU);
-- "oracle": "auto" on CPU, and "xla" / "reference" everywhere.
+- "blocked": "auto" on CPU and "xla" everywhere, for the "full" pattern: `blocked_attention`, the
+  oracle one query block at a time against its key prefix (the masked upper triangle is skipped);
+- "oracle": "reference" everywhere, and "auto" on CPU / "xla" for window and block patterns.
 
 "oracle" is `attend`, or `local_attention` for window / block patterns longer than two windows;
 block-local layers on packed rows (segment ids with kind "block") always take `local_attention`
@@ -43,7 +45,7 @@ from pallas_kernels import dispatch, sharding
 from pallas_kernels.sparse_attention import sparse_attention
 
 ATTENTION_KINDS = ("full", "window", "block")
-KERNELS = ("cudnn", "splash", "sparse", "oracle")
+KERNELS = ("cudnn", "splash", "sparse", "blocked", "oracle")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +183,75 @@ def local_attention(
     return out.reshape(b, n * w, h, p)[:, :t]
 
 
+CAUSAL_BLOCK = 128  # query rows per block of `blocked_attention`
+MAX_CAUSAL_BLOCKS = 32  # longer sequences take longer blocks (the loop over blocks is unrolled)
+
+
+def causal_block_size(seq_len: int, block: int = CAUSAL_BLOCK) -> int:
+    """The query block of `blocked_attention` for T = seq_len: `block`, grown (by multiples of it) to
+    keep at most `MAX_CAUSAL_BLOCKS` blocks, and never longer than T."""
+    blocks = -(-seq_len // block)
+    return min(seq_len, block * -(-blocks // MAX_CAUSAL_BLOCKS))
+
+
+def blocked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    positions: jax.Array,
+    segment_ids: jax.Array | None = None,
+    block: int = CAUSAL_BLOCK,
+) -> jax.Array:
+    """Full causal self-attention one query block at a time, skipping the masked upper triangle.
+
+    Query block i (rows i*w .. (i+1)*w - 1, w = `causal_block_size(T, block)`) attends to the key
+    prefix 0 .. (i+1)*w - 1 only: with positions counting up by one within each document, no later
+    key is visible to it, so the result is the dense oracle's (`attend`, same mask from positions
+    and segment ids, fp32 scores and softmax) while the scores cover about half of [T, T] (the
+    triangle plus the diagonal blocks) and never the whole square at once. Heads go first
+    ([B, K, G, T, P]) so that every block is one batched matmul; the softmax of a block is taken
+    over its whole key prefix and normalised after the value product ([w, P] divisions instead of
+    [w, S]). Speed against `attend` and torch: docs/kernels/sparse_attention.md.
+
+    Args:
+      q: [B, T, H, P]; k, v: [B, T, K, P] (K divides H); positions: int32 [B, T] (or [T]) within
+        each document; segment_ids: int32 [B, T] or None; block: the shortest query block.
+
+    Returns:
+      [B, T, H, P] in q's dtype.
+    """
+    b, t, h, p = q.shape
+    kh = k.shape[2]
+    if h % kh:
+        raise ValueError(f"kv heads ({kh}) must divide query heads ({h})")
+    if block < 1:
+        raise ValueError(f"block ({block}) must be >= 1")
+    w = causal_block_size(t, block)
+    positions = jnp.broadcast_to(positions, (b, t))
+    seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
+    qh = q.reshape(b, t, kh, h // kh, p).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, P]
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, P]
+    outs = []
+    for lo in range(0, t, w):
+        hi = min(lo + w, t)  # queries lo .. hi-1 see keys 0 .. hi-1
+        mask = (positions[:, None, :hi] <= positions[:, lo:hi, None]) & (seg[:, None, :hi] == seg[:, lo:hi, None])
+        scores = jnp.einsum(
+            "bkgqp,bksp->bkgqs", qh[:, :, :, lo:hi], kt[:, :, :hi], preferred_element_type=jnp.float32
+        )  # [B, K, G, w, hi]
+        scores = jnp.where(mask[:, None, None], scores * p**-0.5, -jnp.inf)
+        row_max = jnp.max(scores, axis=-1, keepdims=True)
+        row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # rows that see nothing
+        weights = jnp.exp(scores - row_max)
+        denom = jnp.sum(weights, axis=-1, keepdims=True)
+        out = jnp.einsum(
+            "bkgqs,bksp->bkgqp", weights.astype(v.dtype), vt[:, :, :hi], preferred_element_type=jnp.float32
+        )
+        outs.append(out / jnp.where(denom > 0, denom, 1.0))
+    out = jnp.concatenate(outs, axis=3)  # [B, K, G, T, P]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, p).astype(q.dtype)
+
+
 def sparse_pattern_kwargs(spec: AttentionSpec, seq_len: int, batch: int, heads: int, tile: int) -> dict:
     """Keyword arguments of `sparse_attention` that give `spec`'s causal pattern."""
     if spec.kind == "full":
@@ -228,6 +299,8 @@ def attention_kernel(
     where = _platform(platform)
     if implementation == "auto":
         impl = "pallas" if where in ("gpu", "tpu") else "xla"  # as dispatch.resolve on that platform
+    if impl == "xla" and spec.kind == "full":
+        return "blocked"
     if impl in ("xla", "reference"):
         return "oracle"
     if spec.kind == "block" and segment_ids is not None:
@@ -371,6 +444,8 @@ def self_attention(
         if w is not None and (q.shape[1] > 2 * w or segment_ids is not None and spec.kind == "block"):
             return local_attention(q, k, v, positions=positions, spec=spec, segment_ids=segment_ids)
         return attend(q, k, v, q_pos=positions, k_pos=positions, spec=spec, q_seg=segment_ids, k_seg=segment_ids)
+    if kernel == "blocked":
+        return blocked_attention(q, k, v, positions=positions, segment_ids=segment_ids)
     if kernel == "cudnn":
         return cudnn_attention(q, k, v, spec)
     if kernel == "splash":
@@ -395,8 +470,12 @@ __all__ = [
     "ATTENTION_KINDS",
     "KERNELS",
     "AttentionSpec",
+    "CAUSAL_BLOCK",
+    "MAX_CAUSAL_BLOCKS",
     "attend",
     "attention_kernel",
+    "blocked_attention",
+    "causal_block_size",
     "attention_mask",
     "cudnn_attention",
     "local_attention",
