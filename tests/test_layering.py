@@ -9,7 +9,8 @@ import pytest
 from conftest import ROOT
 
 # layer -> the layers it may import (besides itself). The floors, bottom up:
-# kernels; layers; models, data, io; config, checkpoint; convert, train, eval, generate; info; compare; cli.
+# kernels; layers; models, data, io; config, checkpoint; convert, train, eval, generate; info; compare;
+# reproduce; cli.
 ALLOWED = {
     "pallas_kernels": set(),
     "zoo.io": set(),
@@ -39,6 +40,8 @@ ALLOWED = {
         "zoo.info",
         "zoo.io",
     },
+    # `zoo reproduce`: the catalogue of experiments, above compare (it runs the comparison among others)
+    "zoo.reproduce": {"zoo", "zoo.config", "zoo.checkpoint", "zoo.train", "zoo.eval", "zoo.compare"},
     "zoo": {"zoo.models", "zoo.checkpoint", "zoo.generate"},
 }
 LAYERS = sorted(ALLOWED, key=len, reverse=True)
