@@ -16,7 +16,7 @@ Rows printed (and returned by `run(...)` as dicts, for scripts/bench_kernels.py)
   * correctness of every timed path: relative L2 error of the output (and of the gradients at the
     shortest length) against the fp32 oracle on the last `--check-rows` query rows.
 
-Defaults: on GPU/TPU the issue's setting (B=1, H=16, P=128, bf16, T in 8K/32K/128K; a length or
+Defaults: on GPU/TPU the long-context setting (B=1, H=16, P=128, bf16, T in 8K/32K/128K; a length or
 peer that runs out of memory is reported as an error row); on CPU a small setting (H=2, P=64, fp32,
 T in 4K/8K), where the numbers say nothing about accelerators (the zoo's default path is "xla"
 there; the Pallas kernels only run interpreted).
@@ -203,7 +203,7 @@ def run(
     verbose=True,
 ):
     """Runs the benchmark; returns one dict per measurement (kind: time, speedup, recall, correct,
-    error). Arguments default to the issue's GPU/TPU setting or a small CPU setting;
+    error). Arguments default to the long-context GPU/TPU setting or a small CPU setting;
     `recall_only` measures only the search's recall (no timing, no dense peers)."""
     backend = jax.default_backend()
     accel = backend in ("gpu", "tpu")

@@ -1,6 +1,6 @@
 """Benchmark the SSD op (pallas_kernels/ssd): per-kernel FLOPs/bytes, times, ratios and correctness.
 
-    .venv/bin/python scripts/bench_ssd.py                        # the issue's case on this backend
+    .venv/bin/python scripts/bench_ssd.py                        # the accelerator case on this backend
     .venv/bin/python scripts/bench_ssd.py --shape 1,65536,32,64,128,1,256 --dtypes bfloat16,float32
     MAMBA_VENDOR=/path/to/dir/with/mamba_ssm python scripts/bench_ssd.py   # with the Triton peer
 
@@ -57,7 +57,7 @@ class Shape:
         )
 
 
-ISSUE_CASE = Shape(4, 8192, 32, 64, 128, 1, 256)  # issue 14: Mamba-2-370m-like heads, the released chunk
+ACCELERATOR_CASE = Shape(4, 8192, 32, 64, 128, 1, 256)  # Mamba-2-370m-like heads, the released chunk
 CPU_CASE = Shape(1, 512, 4, 32, 32, 1, 128)
 
 
@@ -219,7 +219,7 @@ def run(shapes=None, dtypes=("bfloat16",), impls=("pallas", "xla"), modes=("fwd"
     on the same inputs: y for fwd, the largest over dx, ddt, dA, dB, dC for fwd+bwd), and ratios to
     zoo xla and to the peer from this run.
     """
-    shapes = shapes or [CPU_CASE if jax.default_backend() == "cpu" else ISSUE_CASE]
+    shapes = shapes or [CPU_CASE if jax.default_backend() == "cpu" else ACCELERATOR_CASE]
     rows = []
     for s in shapes:
         for dtype_name in dtypes:
@@ -315,7 +315,7 @@ def main(argv=None):
         "--shape",
         action="append",
         type=Shape.parse,
-        help="B,T,H,P,N,G,Q (repeatable); default the issue's 4,8192,32,64,128,1,256 "
+        help="B,T,H,P,N,G,Q (repeatable); default the accelerator case 4,8192,32,64,128,1,256 "
         "(on CPU a small 1,512,4,32,32,1,128)",
     )
     p.add_argument("--dtypes", default="bfloat16")
@@ -326,7 +326,7 @@ def main(argv=None):
     p.add_argument("--costs-only", action="store_true", help="print the kernels' cost model and exit")
     p.add_argument("--json", help="also write the rows to this JSON-lines file")
     args = p.parse_args(argv)
-    shapes = args.shape or [CPU_CASE if jax.default_backend() == "cpu" else ISSUE_CASE]
+    shapes = args.shape or [CPU_CASE if jax.default_backend() == "cpu" else ACCELERATOR_CASE]
     dtypes = args.dtypes.split(",")
     print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} jax={jax.__version__}")
     if args.costs_only:

@@ -1,5 +1,5 @@
 """Dataset decomposition vs concat-and-chunk on prepared shards, at the same tokens: step time,
-tokens/s and loss curves for the transformer and Mamba-2 (issue 16, item 5).
+tokens/s and loss curves for the transformer and Mamba-2.
 
     .venv/bin/python scripts/decomposition_vs_concat.py [--steps 300] [--corpus DIR] [--out runs/dd-vs-cc]
 

@@ -1,11 +1,11 @@
 """Run `python scripts/make_golden.py` in a scratch venv with torch and transformers to write the golden fixtures.
 
-    python3 -m venv /work/scratch/golden-venv
-    /work/scratch/golden-venv/bin/pip install torch==2.13.0 transformers==5.24.0 safetensors==0.8.0 \
+    python3 -m venv /tmp/golden-venv
+    /tmp/golden-venv/bin/pip install torch==2.13.0 transformers==5.24.0 safetensors==0.8.0 \
         tokenizers==0.23.3 numpy==2.4.6
-    /work/scratch/golden-venv/bin/python scripts/make_golden.py [--out tests/fixtures/golden]
+    /tmp/golden-venv/bin/python scripts/make_golden.py [--out tests/fixtures/golden]
 
-Golden reference fixtures for the checkpoint converters (issue 17, item 5). The reference implementations
+Golden reference fixtures for the checkpoint converters. The reference implementations
 (PyTorch + Hugging Face transformers) are *not* dependencies of the zoo: this script runs once, outside the
 project's venv, and its outputs are committed; the zoo's tests only read them (numpy, safetensors files, a
 torch-free reader for `pytorch_model.bin`). It never imports the `zoo` package.

@@ -227,8 +227,8 @@ def _keep_figures(src: pathlib.Path, dst: pathlib.Path) -> list[str]:
 # --- rendering ---------------------------------------------------------------------------------
 
 
-def _load_rendered(name: str, results) -> dict | None:
-    for budget in RENDER_ORDER:
+def _load_rendered(name: str, results, budgets: Sequence[str] = RENDER_ORDER) -> dict | None:
+    for budget in budgets:
         path = result_path(results, name, budget)
         if path.exists():
             return json.loads(path.read_text())
@@ -239,21 +239,28 @@ def command(name: str, budget: str = "cpu") -> str:
     return f"zoo reproduce {name}" + ("" if budget == "cpu" else f" --budget {budget}")
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def _fmt(x: float) -> str:
     return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
 
 
-def render(name: str, page=None, results=None) -> str:
+def render(name: str, page=None, results=None, budget: str | None = None) -> str:
     """The markdown of an experiment's results section, as written between its markers.
 
     Args:
       name: a catalogue name.
       page: the page it goes into (for the relative links to figures); default the repository root.
       results: the results folder (default: the repository's `results/`).
+      budget: the budget to show (default: the largest one with a result file, paper then cpu).
     """
     exp = get(name)
     results = pathlib.Path(results or ROOT / "results")
-    doc = _load_rendered(name, results)
+    doc = _load_rendered(name, results, RENDER_ORDER if budget is None else (budget,))
     if doc is None:
         return (
             f"*Not regenerated on the current code:* no result file exists yet. `{command(name)}` "
@@ -268,7 +275,7 @@ def render(name: str, page=None, results=None) -> str:
         f"`{command(name, doc['budget'])}`: {exp.summary}. Budget `{doc['budget']}`, seeds "
         f"{', '.join(map(str, seeds))}; zoo {prov['zoo_version']} at commit {prov['git_commit'][:10]}{dirty}, "
         f"{prov['date'][:10]}, {prov['cpu_model']} ({prov['cpu_count']} cores), jax {prov['jax_version']} "
-        f"({prov['backend']}); {doc['wall_s'] / 60:.0f} min in all "
+        f"({prov['backend']}); {_duration(doc['wall_s'])} in all "
         f"(`results/{name}/{doc['budget']}.json`).",
         "",
     ]
@@ -351,7 +358,7 @@ def listing() -> str:
         took = "not run yet"
         if cpu.exists():
             d = json.loads(cpu.read_text())
-            took = f"{d['wall_s'] / 60 / max(1, len(d['cells'])):.0f} min per cell ({len(d['cells'])} cells)"
+            took = f"{_duration(d['wall_s'] / max(1, len(d['cells'])))} per cell ({len(d['cells'])} cells)"
         lines += [
             f"{exp.name}: {exp.summary}",
             f"    backs: {', '.join(exp.backs)}",
