@@ -145,3 +145,15 @@ def test_the_catalogue_runs_the_scripts_of_the_repository():
     for name in ("stuffed_mamba", "memmamba_passkey", "masformer_recall", "listops_s4", "forecast_ar", "hip_eval"):
         assert callable(reproduce.script(name).main), name
     assert reproduce.ROOT == pathlib.Path(ROOT).resolve()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(reproduce.CATALOGUE))
+def test_every_experiment_runs_at_the_test_budget(name, tmp_path):
+    """Each experiment end to end at the `test` budget (seconds to minutes each): its cell runs, its
+    file is written and its metrics render into a table."""
+    doc = reproduce.run_experiment(name, "test", [0], tmp_path / "results", tmp_path / "runs", render=False)
+    (cell,) = [c for c in doc["cells"].values() if c["cell"]["seed"] == 0][:1]
+    assert reproduce.CATALOGUE[name].metrics(cell["result"])
+    text = reproduce.render(name, results=tmp_path / "results", budget="test")
+    assert "| measure |" in text or "| model |" in text or "| schedules |" in text

@@ -498,6 +498,19 @@ def _cauchy_metrics(result: dict) -> dict[str, float]:
     return out
 
 
+def _ddbench_metrics(result: dict) -> dict[str, float]:
+    rows = result["rows"]
+    cc = rows[max(rows, key=int)]  # concat-and-chunk has the longest bucket's shape
+    out = {}
+    for k, r in rows.items():
+        shape = f"D_{k} [{r['b']}x{r['t']}]"
+        out[f"{shape}: total FLOPs / concat-and-chunk"] = r["total"] / cc["total"]
+        out[f"{shape}: step time / concat-and-chunk"] = r["time"] / cc["time"]
+    for name, mean in result["means"].items():
+        out[f"mean step time / concat-and-chunk ({name})"] = mean["time"]
+    return out
+
+
 def _dd_metrics(result: dict) -> dict[str, float]:
     out = {}
     for r in result["rows"]:
@@ -547,7 +560,20 @@ CATALOGUE: dict[str, Experiment] = {
             summary="Mamba-2 state collapse beyond the training length and the three Stuffed-Mamba mitigations",
             backs=("docs/models/mamba2.md",),
             budgets={
-                "test": {"args": ["--steps", "4", "--train_len", "32", "--factors", "1,2", "--samples", "2"]},
+                "test": {
+                    "args": [
+                        "--steps",
+                        "60",
+                        "--train_len",
+                        "128",
+                        "--batch",
+                        "4",
+                        "--factors",
+                        "1,2",
+                        "--samples",
+                        "2",
+                    ]
+                },
                 "cpu": {"args": ["--steps", "3000", "--train_len", "128", "--factors", "1,4,8,16"]},
                 "paper": {"args": ["--steps", "20000", "--train_len", "512", "--factors", "1,4,8,16,32"]},
             },
@@ -559,7 +585,20 @@ CATALOGUE: dict[str, Experiment] = {
             summary="MemMamba vs Mamba-2 of about the same size on passkey, trained short and tested long",
             backs=("docs/models/memmamba.md",),
             budgets={
-                "test": {"args": ["--steps", "4", "--seq-len", "32", "--samples", "2", "--eval-batch", "2"]},
+                "test": {
+                    "args": [
+                        "--steps",
+                        "4",
+                        "--seq-len",
+                        "128",
+                        "--batch-size",
+                        "4",
+                        "--samples",
+                        "2",
+                        "--eval-batch",
+                        "2",
+                    ]
+                },
                 "cpu": {"args": ["--steps", "3000", "--seq-len", "128"]},
                 "paper": {"args": ["--steps", "20000", "--seq-len", "512", "--samples", "64"]},
             },
@@ -703,6 +742,22 @@ CATALOGUE: dict[str, Experiment] = {
             metrics=_cauchy_metrics,
             note="Seeds are repeats of the timing (the operands are fixed); the Pallas kernel runs "
             "interpreted on CPU, so its times are in the JSON but not here.",
+        ),
+        Experiment(
+            name="decomposition_bench",
+            summary="step FLOPs and time of each decomposition bucket vs concat-and-chunk at equal tokens",
+            backs=("docs/data.md",),
+            budgets={
+                "test": {
+                    "args": ["--max-log2", "7", "--tokens-per-step", "512", "--documents", "500", "--repeats", "1"]
+                },
+                "cpu": {"args": []},
+                "paper": {"args": ["--max-log2", "13", "--tokens-per-step", "524288", "--d-model", "1024"]},
+            },
+            run=_script_run("bench_decomposition", "--out", "results.json"),
+            metrics=_ddbench_metrics,
+            note="Seeds draw other synthetic corpora (log-normal document lengths); one pre-norm "
+            "attention + MLP block, forward and backward, jitted once per bucket shape.",
         ),
         Experiment(
             name="decomposition_vs_concat",
