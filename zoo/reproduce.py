@@ -44,6 +44,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 BUDGETS = ("test", "cpu", "paper")
 RENDER_ORDER = ("paper", "cpu")  # the budget a page shows: the largest one that has a result file
 FIGURES = (".png", ".svg")
+NOT_CODE = (":!results", ":!docs", ":!README.md", ":!CHANGELOG.md")  # changes that leave the numbers as they are
 MARKER = re.compile(r"<!-- results:([\w-]+) begin -->\n(.*?)<!-- results:\1 end -->", re.DOTALL)
 
 
@@ -119,7 +120,8 @@ def cpu_model() -> str:
 
 def provenance() -> dict:
     """The code and machine a result comes from: zoo version, git commit and whether the tree had
-    uncommitted changes, date (UTC), CPU model and core count, jax version and backend."""
+    uncommitted changes (outside the results and the pages rendered from them), date (UTC), CPU model
+    and core count, jax version and backend."""
     import jax
 
     import zoo
@@ -128,7 +130,9 @@ def provenance() -> dict:
     return {
         "zoo_version": zoo.__version__,
         "git_commit": commit or "unknown",
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", *NOT_CODE))
+        if commit
+        else None,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
@@ -420,11 +424,12 @@ def _passkey_metrics(result: dict) -> dict[str, float]:
 
 
 def _stuffed_metrics(result: dict) -> dict[str, float]:
-    return {
-        f"{variant}: exact match at {n}": em
-        for variant, row in result["rows"].items()
-        for n, em in zip(result["lengths"], row["exact_match"])
-    }
+    out = {}
+    for variant, row in result["rows"].items():
+        for n, em, last in zip(result["lengths"], row["exact_match"], row["exact_match_recent"]):
+            out[f"{variant}: exact match at {n}"] = em
+            out[f"{variant}: exact match at {n}, needle last"] = last
+    return out
 
 
 def _memmamba_metrics(result: dict) -> dict[str, float]:
