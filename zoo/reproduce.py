@@ -305,13 +305,17 @@ def render(name: str, page=None, results=None, budget: str | None = None) -> str
         lines += [f"Only {len(seeds)} seed(s) so far; `{command(name, doc['budget'])}` adds the rest.", ""]
     if exp.note:
         lines += [exp.note, ""]
-    first = min(cells, key=lambda c: c["cell"]["seed"])
     base = pathlib.Path(page).parent if page else ROOT
-    for fig in first.get("figures", []):
-        target = results / name / "figures" / doc["budget"] / cell_dir(first["cell"]) / fig
-        lines.append(f"![{name}: {fig}]({os.path.relpath(target, base)})")
-    if first.get("figures"):
-        lines.append("")
+    for group, members in groups.items():  # the figures of the lowest seed of every group
+        first = min(members, key=lambda c: c["cell"]["seed"])
+        for fig in first.get("figures", []):
+            target = results / name / "figures" / doc["budget"] / cell_dir(first["cell"]) / fig
+            label = (
+                f"{name} ({group}, seed {first['cell']['seed']})" if group else f"{name} (seed {first['cell']['seed']})"
+            )
+            lines.append(f"![{label}: {fig}]({os.path.relpath(target, base)})")
+        if first.get("figures"):
+            lines.append("")
     return "\n".join(lines)
 
 
