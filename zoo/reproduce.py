@@ -393,11 +393,13 @@ def script(name: str):
 def _script_run(
     name: str, out_flag: str, result_file: str, seed_flag: str = "--seed"
 ) -> Callable[[dict, dict, pathlib.Path], dict]:
-    """A cell that runs `scripts/<name>.py` with the budget's `args`, the cell's seed (and axis
-    value, as `--<field>`) and its work directory, then reads the JSON it writes."""
+    """A cell that runs `scripts/<name>.py` with the budget's `args` (`repo:PATH` is a path in the
+    repository), the cell's seed (and axis value, as `--<field>`) and its work directory, then reads
+    the JSON it writes."""
 
     def run(params: dict, cell: dict, workdir: pathlib.Path) -> dict:
-        argv = [*params["args"], out_flag, str(workdir), seed_flag, str(cell["seed"])]
+        args = [str(ROOT / a[len("repo:") :]) if a.startswith("repo:") else a for a in params["args"]]
+        argv = [*args, out_flag, str(workdir), seed_flag, str(cell["seed"])]
         argv += [a for k, v in cell.items() if k != "seed" for a in (f"--{k}", str(v))]
         script(name).main(argv)
         return json.loads((workdir / result_file).read_text())
@@ -773,7 +775,9 @@ CATALOGUE: dict[str, Experiment] = {
             summary="dataset decomposition vs concat-and-chunk at the same tokens, transformer and Mamba-2",
             backs=("docs/data.md",),
             budgets={
-                "test": {"args": ["--steps", "3", "--max-log2", "7", "--tokens-per-step", "512"]},
+                "test": {
+                    "args": ["--steps", "3", "--max-log2", "7", "--tokens-per-step", "512", "--corpus", "repo:docs"]
+                },
                 "cpu": {"args": ["--steps", "300"]},
                 "paper": {
                     "args": ["--models", "transformer:1.3b", "mamba2:1.3b", "--max-log2", "13"]
