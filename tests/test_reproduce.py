@@ -74,10 +74,12 @@ def test_a_cell_made_with_other_parameters_runs_again(tmp_path, monkeypatch):
     exp = _fake(calls)
     monkeypatch.setitem(reproduce.CATALOGUE, "fake", exp)
     reproduce.run_experiment("fake", "test", [0], tmp_path, tmp_path / "runs")
+    reproduce.run_experiment("fake", "test", [1], tmp_path, tmp_path / "runs")
     changed = reproduce.Experiment(**{**exp.__dict__, "budgets": {**exp.budgets, "test": {"scale": 5.0}}})
     monkeypatch.setitem(reproduce.CATALOGUE, "fake", changed)
     doc = reproduce.run_experiment("fake", "test", [0], tmp_path, tmp_path / "runs")
-    assert len(calls) == 2 and doc["cells"]["seed=0"]["result"]["accuracy"] == pytest.approx(2.5)
+    assert len(calls) == 3 and doc["cells"]["seed=0"]["result"]["accuracy"] == pytest.approx(2.5)
+    assert list(doc["cells"]) == ["seed=0"] and doc["seeds"] == [0]  # seed 1 had the old budget: dropped
 
 
 def test_a_failing_cell_leaves_the_finished_ones(tmp_path, monkeypatch):

@@ -195,6 +195,9 @@ def run_experiment(
         wall = time.perf_counter() - t0
         figures = _keep_figures(work, path.parent / "figures" / budget / cell_dir(cell))
         prov = provenance()
+        if doc.get("params", params) != params:  # the budget changed: earlier cells are not comparable
+            print(f"{name} {budget}: the budget's parameters changed; dropping the cells made with others", flush=True)
+            doc["cells"] = {k: c for k, c in doc["cells"].items() if c["params"] == params}
         doc["cells"][key] = {
             "cell": cell,
             "params": params,
@@ -217,7 +220,9 @@ def run_experiment(
 
 
 def _keep_figures(src: pathlib.Path, dst: pathlib.Path) -> list[str]:
-    """Copies the figures a cell drew (anywhere under its work directory) to `dst`."""
+    """Copies the figures a cell drew (anywhere under its work directory) to `dst` (emptied first)."""
+    if dst.exists():
+        shutil.rmtree(dst)
     kept = []
     for f in sorted(src.rglob("*")):
         if f.suffix in FIGURES and f.is_file():
