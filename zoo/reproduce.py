@@ -255,7 +255,7 @@ def _duration(seconds: float) -> str:
 
 
 def _fmt(x: float) -> str:
-    return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+    return f"{x:.4g}" if abs(x) < 1000 else f"{x:,.0f}"
 
 
 def render(name: str, page=None, results=None, budget: str | None = None) -> str:
@@ -530,7 +530,7 @@ def _ddbench_metrics(result: dict) -> dict[str, float]:
 def _dd_metrics(result: dict) -> dict[str, float]:
     out = {}
     for r in result["rows"]:
-        label = f"{r['model']} {r['mode']}"
+        label = f"{r['config']} {'concat-and-chunk' if r['mode'] == 'fixed' else 'decomposition'}"
         out[f"{label}: validation loss"] = r["val_loss"]
         out[f"{label}: tokens/s"] = r["tokens_per_s"]
     return out
