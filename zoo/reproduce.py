@@ -797,7 +797,7 @@ CATALOGUE: dict[str, Experiment] = {
             summary="every language model at one size on the same data (`zoo compare`)",
             backs=("docs/compare.md",),
             budgets={
-                "test": {"preset": "test"},
+                "test": {"preset": "test", "models": ["transformer", "mamba2"]},
                 "cpu": {"preset": "tiny"},
                 "paper": {"preset": "paper"},
             },
