@@ -627,7 +627,7 @@ CATALOGUE: dict[str, Experiment] = {
             backs=("docs/models/masformer.md",),
             budgets={
                 "test": {
-                    "args": ["--steps", "55", "--seq-len", "64", "--window", "16", "--eval-examples", "8"],
+                    "args": ["--steps", "55", "--seq-len", "64", "--window", "16", "--eval-examples", "64"],
                     "schedules": ["all-full", "all-window"],
                 },
                 "cpu": {
