@@ -518,7 +518,7 @@ def _ddbench_metrics(result: dict) -> dict[str, float]:
     rows = result["rows"]
     cc = rows[max(rows, key=int)]  # concat-and-chunk has the longest bucket's shape
     out = {}
-    for k, r in rows.items():
+    for k, r in sorted(rows.items(), key=lambda kr: int(kr[0])):  # buckets short to long
         shape = f"D_{k} [{r['b']}x{r['t']}]"
         out[f"{shape}: total FLOPs / concat-and-chunk"] = r["total"] / cc["total"]
         out[f"{shape}: step time / concat-and-chunk"] = r["time"] / cc["time"]
