@@ -568,8 +568,8 @@ CATALOGUE: dict[str, Experiment] = {
             },
             run=_train_eval,
             metrics=_passkey_metrics,
-            note="Passkey: 5 digits hidden in filler (chance 0.1 per digit, 1e-5 for the key); the model "
-            "is trained at 160 tokens, so longer lengths measure extrapolation.",
+            note="Passkey: 5 digits hidden in filler (chance 0.1 per digit, 1e-5 for the key); the first "
+            "length is the training length, longer ones measure extrapolation.",
         ),
         Experiment(
             name="stuffed_mamba",
