@@ -660,7 +660,11 @@ CATALOGUE: dict[str, Experiment] = {
             summary="SpaceTime vs S4D on synthetic AR(p) forecasting, error against the optimal forecast",
             backs=("docs/models/spacetime.md",),
             budgets={
-                "test": {"args": ["--orders", "4", "--steps", "3", "--train-length", "4096"]},
+                "test": {
+                    "args": ["--orders", "2", "--steps", "3", "--batch-size", "4", "--lag", "16", "--horizon", "4"]
+                    + ["--train-length", "512", "--d-model", "8", "--kernel-dim", "8", "--s4d-d-model", "8"]
+                    + ["--s4d-layers", "1", "--s4d-state", "8"]
+                },
                 "cpu": {"args": ["--orders", "4", "8", "16", "32"]},
                 "paper": {"args": ["--orders", "4", "8", "16", "32", "64", "--steps", "8000"]},
             },
