@@ -552,6 +552,7 @@ def _compare_metrics(result: dict) -> dict[str, float]:
 
 MAIN_JOB = ["configs/transformer.py:tiny", []]
 TINY_TRAIN = ["--config.train.steps=4", "--config.train.log_every=2", "--config.train.checkpoint_every=4"]
+PAPER_PASSKEY = ["--config.data.seq_len=2048", "--config.eval.lengths=[2048,4096,8192]"]
 TINY_EVAL = ["--config.eval.lengths=[128]", "--config.eval.samples=2", "--config.data.seq_len=128"]
 
 CATALOGUE: dict[str, Experiment] = {
@@ -564,7 +565,7 @@ CATALOGUE: dict[str, Experiment] = {
             budgets={
                 "test": {"configs": {"main": MAIN_JOB}, "overrides": TINY_TRAIN + TINY_EVAL},
                 "cpu": {"configs": {"main": MAIN_JOB}},
-                "paper": {"configs": {"main": MAIN_JOB}},
+                "paper": {"configs": {"main": ["configs/transformer.py:small", PAPER_PASSKEY]}},
             },
             run=_train_eval,
             metrics=_passkey_metrics,
@@ -742,8 +743,8 @@ CATALOGUE: dict[str, Experiment] = {
                     + ["--k_blocks", "2", "--block_q", "16", "--block_k", "16", "--window", "32", "--sinks", "16"],
                 },
                 "paper": {
-                    "configs": {"main": MAIN_JOB},
-                    "args": ["--lengths", "1024,2048,4096,8192", "--samples", "16"],
+                    "configs": {"main": ["configs/transformer.py:small", PAPER_PASSKEY]},
+                    "args": ["--lengths", "2048,4096,8192,16384", "--samples", "16"],
                 },
             },
             run=_hip_run,
