@@ -16,7 +16,7 @@ Rows printed (and returned by `run(...)` as dicts, for scripts/bench_kernels.py)
   * correctness of every timed path: relative L2 error of the output (and of the gradients at the
     shortest length) against the fp32 oracle on the last `--check-rows` query rows.
 
-Defaults: on GPU/TPU a long-context setting (B=1, H=16, P=128, bf16, T in 8K/32K/128K; a length or
+Defaults: on GPU/TPU the long-context setting (B=1, H=16, P=128, bf16, T in 8K/32K/128K; a length or
 peer that runs out of memory is reported as an error row); on CPU a small setting (H=2, P=64, fp32,
 T in 4K/8K), where the numbers say nothing about accelerators (the zoo's default path is "xla"
 there; the Pallas kernels only run interpreted).
@@ -25,22 +25,36 @@ there; the Pallas kernels only run interpreted).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
 import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from peer_timing import torch_cuda_time
 
 from pallas_kernels.sparse_attention import (
+    common,
     hip,
     hip_block_indices,
     sparse_attention,
 )
-from zoo.bench import relative_error, time_fn
+from zoo.bench import time_fn
 
 HIP = {"k_blocks": 32, "block_q": 64, "block_k": 64, "window": 256, "sinks": 64}
+
+
+def _time(fn, args, repeats):
+    """Median wall time (s) of `repeats` synchronised calls after two warm-up calls."""
+    return time_fn(fn, *args, reps=repeats)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not np.all(np.isfinite(a)):
+        return float("nan")
+    return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
 
 
 def _fwd_bwd(fn):
@@ -103,14 +117,25 @@ def _torch_rows(t, heads, head_dim, repeats, q, k, v, ref_rows, check_rows):
 
     tq, tk, tv = (to_torch(x) for x in (q, k, v))
 
-    def timed(fn):  # milliseconds
-        return 1e3 * torch_cuda_time(fn, reps=repeats)
+    def timed(fn):
+        for _ in range(2):
+            fn()
+        torch.cuda.synchronize()
+        out = []
+        for _ in range(repeats):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            out.append(s.elapsed_time(e))
+        return statistics.median(out)
 
     rows = []
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         o = F.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
         got = o.transpose(1, 2)[:, -check_rows:].float().cpu().numpy()
-        rows.append({"kind": "correct", "impl": "torch-sdpa-flash", "T": t, "rel_out": relative_error(got, ref_rows)})
+        rows.append({"kind": "correct", "impl": "torch-sdpa-flash", "T": t, "rel_out": _rel(got, ref_rows)})
         rows.append(
             {
                 "kind": "time",
@@ -130,10 +155,34 @@ def _torch_rows(t, heads, head_dim, repeats, q, k, v, ref_rows, check_rows):
     return rows
 
 
-def analytic_flop_ratio(t, hip_cfg=None, scoring="representative"):
-    """Dense-causal matmul FLOPs / HiP's (search + attention) at length t (`hip.matmul_flops`)."""
-    f = hip.matmul_flops(t, scoring=scoring, **dict(HIP, **(hip_cfg or {})))
-    return f["dense"] / (f["attention"] + f["search"])
+def analytic_flop_ratio(t, hip_cfg=None):
+    """Dense-causal matmul FLOPs / HiP's: a visited block costs two bq x bk x P matmuls (QK^T, PV),
+    a search score one (QK^T), and the search scores (rounds + 1) * k_blocks blocks per query
+    block. From the window / sink slots of the pattern at length t plus min(k_blocks, searchable)
+    listed blocks (assumed disjoint from them: an upper bound on HiP's work)."""
+    s = dict(HIP, **(hip_cfg or {}))
+    bq, bk, kk = s["block_q"], s["block_k"], s["k_blocks"]
+    cfg = common.Config(
+        seq_q=t,
+        seq_k=t,
+        block_q=bq,
+        block_k=bk,
+        causal=True,
+        window=s["window"],
+        sinks=s["sinks"],
+        sm_scale=1.0,
+        dense=False,
+    )
+    _, p_last = common.query_block_positions(cfg)
+    lo, hi = hip.search_range(
+        p_last, num_blocks=cfg.nk, seq_k=t, block_k=bk, window=s["window"], sinks=s["sinks"], causal=True
+    )
+    listed = jnp.minimum(hi - lo, kk)
+    pattern = common.slot_table(None, cfg, 1, 1).n_valid[0, 0]  # window + sink blocks
+    rounds = hip.search_rounds(cfg.nk, kk)
+    hip_units = float(jnp.sum((listed + pattern) * 2 + (rounds + 1) * kk))
+    dense = dataclasses.replace(cfg, window=None, sinks=0, dense=True)
+    return 2.0 * common.visited_pairs(dense, None) / hip_units
 
 
 def run(
@@ -203,7 +252,7 @@ def run(
         times = {}
 
         def timed(name, mode, fn, args):
-            sec = time_fn(fn, *args, reps=repeats)
+            sec = _time(fn, args, repeats)
             times[(name, mode)] = sec
             factor = 3.5 if mode == "fwd+bwd" else 1.0
             emit(kind="time", impl=name, mode=mode, T=t, ms=sec * 1e3, tflops_dense_equiv=factor * flops / sec / 1e12)
@@ -216,7 +265,7 @@ def run(
         )
 
         def check(name, out, ref):
-            emit(kind="correct", impl=name, T=t, rel_out=relative_error(out[:, -check_rows:], ref))
+            emit(kind="correct", impl=name, T=t, rel_out=_rel(out[:, -check_rows:], ref))
 
         guarded(
             f"zoo-dense {t}",
@@ -337,7 +386,7 @@ def _grad_rows(emit, t, batch, heads, head_dim, dtype, implementation, dense_zoo
     for name, fn, ref in cases:
         got = _fwd_bwd(fn)(q, k, v)
         want = _fwd_bwd(ref)(f32(q), f32(k), f32(v))
-        emit(kind="correct", impl=name, T=t, rel_grad=max(relative_error(a, b) for a, b in zip(got, want)))
+        emit(kind="correct", impl=name, T=t, rel_grad=max(_rel(a, b) for a, b in zip(got, want)))
     del implementation
 
 

@@ -1,6 +1,6 @@
 """Dataset decomposition vs concat-and-chunk at equal tokens per step: attention FLOPs and step time.
 
-    .venv/bin/python scripts/bench_decomposition.py            # CPU defaults, ~1 min
+    .venv/bin/python scripts/bench_decomposition.py [--out DIR]   # CPU defaults, ~1 min
     .venv/bin/python scripts/bench_decomposition.py --max-log2 11 --tokens-per-step 8192
 
 A tiny pre-norm causal self-attention block (pure JAX: LayerNorm, QKV, dense causal softmax
@@ -18,7 +18,9 @@ for pow-2 odds that also scale the mix (``exhaust=False``, short buckets 2^(max-
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import time
 
 import jax
@@ -75,7 +77,7 @@ def analytic_flops(batch: int, length: int, d_model: int) -> tuple[float, float]
     return attn, attn + dense
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--min-log2", type=int, default=5)
     ap.add_argument("--max-log2", type=int, default=10)
@@ -86,7 +88,8 @@ def main() -> None:
     ap.add_argument("--documents", type=int, default=20000)
     ap.add_argument("--mean-log-length", type=float, default=6.0, help="mu of log-normal doc lengths")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    ap.add_argument("--out", default="", help="also write the rows and means to DIR/results.json")
+    args = ap.parse_args(argv)
 
     # Synthetic corpus: log-normal document lengths (many short documents, a long tail).
     rng = np.random.default_rng(args.seed)
@@ -142,13 +145,20 @@ def main() -> None:
         ("one pass over the data = pow2 cycle with exhaustion", data_stats),
         ("pow2 odds scaling the mix, exhaust=False", iid_stats),
     )
+    means = {}
     for name, st in passes:
         shares = {b.k: b.step_share for b in st.buckets}
         mean = {f: sum(shares[k] * rows[k][f] for k in rows) / cc[f] for f in ("attn", "total", "time")}
+        means[name] = mean
         print(
             f"mean step vs C&C ({name}): attention FLOPs {mean['attn']:.4f}, total FLOPs {mean['total']:.4f}, "
             f"step time {mean['time']:.3f} (speed-up {1 / mean['time']:.2f}x)"
         )
+
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump({"args": vars(args), "rows": {str(k): r for k, r in rows.items()}, "means": means}, f, indent=1)
 
 
 if __name__ == "__main__":

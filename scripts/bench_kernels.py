@@ -1,4 +1,4 @@
-"""Every kernel beside its peers, in one run on the current backend: one table of zoo vs peers.
+"""Every kernel beside its peers, in one run on the current backend: the GPU/TPU benchmark of the kernels.
 
     .venv/bin/python scripts/bench_kernels.py [--smoke] [--json rows.jsonl]
 

@@ -14,6 +14,8 @@ this run; nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +54,7 @@ def bench(name: str, overrides: dict, count_overrides: dict, t: int, batch: int,
     return out
 
 
-def main():
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     ap.add_argument("--d-model", type=int, default=256)
@@ -64,15 +66,17 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--matmul", type=int, default=1024, help="size of the reference square matmul")
     ap.add_argument("--dtype", default="float32")
-    args = ap.parse_args()
+    ap.add_argument("--out", default="", help="also write the rows to DIR/results.json")
+    ap.add_argument("--seed", type=int, default=0, help="parameter seed (the timing does not depend on it)")
+    args = ap.parse_args(argv)
 
     shared = dict(
         d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, d_ff=3 * args.d_model, dtype=args.dtype
     )
     models = {
-        "transformer": (dict(shared, n_kv_heads=args.heads), {}),
+        "transformer": (dict(shared, n_kv_heads=args.heads, seed=args.seed), {}),
         "lact": (
-            dict(shared, n_lact_heads=args.lact_heads, window=args.chunk, chunk_size=args.chunk),
+            dict(shared, n_lact_heads=args.lact_heads, window=args.chunk, chunk_size=args.chunk, seed=args.seed),
             dict(scan_unroll=True),
         ),
     }
@@ -112,6 +116,12 @@ def main():
     for t, mode, tt, lt, ratio, tf, lf, tu, lu in rows:
         print(f"| {t} | {mode} | {tt:,.0f} | {lt:,.0f} | {ratio:.2f} | {tf:.1f} | {lf:.1f} | {tu:.2f} | {lu:.2f} |")
     print("\nutil = (XLA-counted model FLOPs / time) / (reference matmul FLOP/s measured above)")
+    if args.out:
+        keys = ("length", "pass", "transformer_tok_s", "lact_tok_s", "ratio", "transformer_mflop_per_tok")
+        keys += ("lact_mflop_per_tok", "transformer_util", "lact_util")
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump({"args": vars(args), "matmul_flops_per_s": peak, "rows": [dict(zip(keys, r)) for r in rows]}, f)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,8 @@ def run_one(spec: str, mode: str, shards: str, out: str, args) -> dict:
         f"--config.train.steps={args.steps}",
         f"--config.train.checkpoint_every={args.steps}",
         "--config.train.log_every=10",
+        f"--config.train.seed={args.seed}",
+        f"--config.data.seed={args.seed}",
         f"--config.optim.lr={args.lr}",
         "--config.optim.warmup_steps=20",
         "--config.data.answer_only=False",
@@ -118,7 +120,7 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--corpus", default="", help="directory of text files (default: the stdlib sources)")
     p.add_argument("--out", default="runs/dd-vs-cc")
@@ -129,7 +131,8 @@ def main() -> None:
     p.add_argument("--tokens-per-step", type=int, default=4096)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--workers", type=int, default=2)
-    args = p.parse_args()
+    p.add_argument("--seed", type=int, default=0, help="training and data seed of every run")
+    args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     shards = os.path.join(args.out, "shards")
     t0 = time.perf_counter()

@@ -217,7 +217,7 @@ def plot(results: dict, orders: list[int], seeds: list[int], target: str, path: 
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--orders", type=int, nargs="+", default=[4, 8, 16, 32])
     ap.add_argument(
@@ -260,7 +260,7 @@ def main() -> None:
         help="training horizon targets: the realised (noisy) future, or the optimal forecast",
     )
     ap.add_argument("--out", default="runs/forecast_ar")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if max(args.orders) > args.kernel_dim:
         raise SystemExit(f"error: --kernel-dim {args.kernel_dim} must be >= the largest order {max(args.orders)}")
     os.makedirs(args.out, exist_ok=True)

@@ -1,15 +1,17 @@
 """Train a tiny S4 classifier on locally generated LRA ListOps and compare with the majority class.
 
-    .venv/bin/python scripts/listops_s4.py [--minutes 2] [--mode dplr|diag] [--seed 0]
+    .venv/bin/python scripts/listops_s4.py [--minutes 2 | --steps N] [--mode dplr|diag] [--seed 0] [--out DIR]
 
 A self-contained loop (optax AdamW; the SSM parameters, tagged `lr_group="ssm"`, get their own
 learning rate and no weight decay, as in the S4 papers). Prints the test accuracy and the
-majority-class baseline measured on the same test set.
+majority-class baseline measured on the same test set; with --out, also writes them to DIR/results.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 
 import jax
@@ -34,9 +36,11 @@ def _labels(params) -> object:
     return jax.tree.map(label, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=2.0)
+    ap.add_argument("--steps", type=int, default=0, help="train this many steps instead of --minutes")
+    ap.add_argument("--out", default="", help="write results.json to this directory")
     ap.add_argument("--mode", default="dplr", choices=["dplr", "diag"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train", type=int, default=20000)
@@ -44,7 +48,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--ssm-lr", type=float, default=1e-3)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     max_len = 128
     train = ListOpsSource(args.train, seed=args.seed, max_length=max_len)
@@ -109,7 +113,7 @@ def main() -> None:
 
     rng = np.random.default_rng(args.seed)
     start, step, losses = time.time(), 0, []
-    while time.time() - start < args.minutes * 60:
+    while (step < args.steps) if args.steps else (time.time() - start < args.minutes * 60):
         idx = rng.integers(0, len(ytr), args.batch)
         params, opt_state, loss = train_step(params, opt_state, xtr[idx], mtr[idx], ytr[idx])
         losses.append(float(loss))
@@ -123,6 +127,11 @@ def main() -> None:
         f"S4 ({args.mode}) after {step} steps ({time.time() - start:.0f}s): test accuracy {acc:.3f}; "
         f"majority-class baseline (class {majority}) {base:.3f}; chance 0.100"
     )
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        result = dict(accuracy=acc, majority=base, steps=step, train_seconds=time.time() - start, args=vars(args))
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

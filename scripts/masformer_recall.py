@@ -115,7 +115,7 @@ def run(schedule: str, args) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--seq-len", type=int, default=256)
@@ -130,7 +130,7 @@ def main() -> None:
     p.add_argument("--schedules", default=",".join(SCHEDULES), help="comma list of names from SCHEDULES")
     p.add_argument("--out", default="runs/masformer_recall")
     p.add_argument("--merge", default="", help="comma list of --out dirs of earlier (parallel) runs to report together")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.merge:
         results = {}
         for d in args.merge.split(","):

@@ -48,6 +48,7 @@ def run(name: str, args) -> dict:
     config.data.batch_size = args.batch_size
     config.data.answer_only = args.loss == "answer"
     config.train.steps = args.steps
+    config.train.seed = config.data.seed = args.seed
     config.train.log_every = max(1, args.steps // 10)
     config.train.checkpoint_every = args.steps
     config.optim.warmup_steps = max(1, args.steps // 10)
@@ -133,7 +134,7 @@ def plot(results: dict, path: str, train_len: int) -> None:
     plt.close(fig)
 
 
-def main():
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--loss", choices=("answer", "full"), default="answer")
@@ -144,7 +145,8 @@ def main():
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--out", default="runs/memmamba_passkey")
-    args = p.parse_args()
+    p.add_argument("--seed", type=int, default=0, help="training and data seed")
+    args = p.parse_args(argv)
     from absl import flags
 
     flags.FLAGS.mark_as_parsed()

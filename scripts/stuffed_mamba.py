@@ -69,6 +69,8 @@ def run_config(args):
         f"--config.train.checkpoint_every={args.steps}",
         "--config.optim.warmup_steps=50",
         f"--config.data.answer_only={args.loss == 'answer'}",
+        f"--config.train.seed={args.seed}",
+        f"--config.data.seed={args.seed}",
     ]
     return apply_overrides(load_config("mamba2:tiny"), overrides)
 
@@ -167,6 +169,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--factors", default="1,4,8,16")
     parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0, help="training and data seed of the trained model")
     parser.add_argument("--run", default="", help="evaluate this `zoo train` work directory instead of training")
     parser.add_argument("--pretrained", default="", help="a converted Mamba-2 model directory (zoo convert)")
     parser.add_argument("--tokenizer", default="", help="--pretrained: a tokenizer instead of the directory's")

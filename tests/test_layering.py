@@ -9,8 +9,8 @@ import pytest
 from conftest import ROOT
 
 # layer -> the layers it may import (besides itself). The floors, bottom up:
-# kernels; layers; models, data, io; config, checkpoint; convert, train, eval, generate; info; compare; cli.
-# (compare_report is a leaf: it reads the comparison's JSON only.)
+# kernels; layers; models, data, io; config, checkpoint; convert, train, eval, generate; info; compare;
+# reproduce; cli. (compare_report is a leaf: it reads the comparison's JSON only.)
 ALLOWED = {
     "pallas_kernels": set(),
     "zoo.io": set(),
@@ -58,6 +58,9 @@ ALLOWED = {
     },
     # the comparison's markdown and figures, written from its JSON alone
     "zoo.compare_report": set(),
+
+    # `zoo reproduce`: the catalogue of experiments, above compare (it runs the comparison among others)
+    "zoo.reproduce": {"zoo", "zoo.config", "zoo.checkpoint", "zoo.train", "zoo.eval", "zoo.compare"},
     "zoo": {"zoo.models", "zoo.checkpoint", "zoo.generate"},
 }
 LAYERS = sorted(ALLOWED, key=len, reverse=True)

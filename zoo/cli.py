@@ -13,6 +13,8 @@
     zoo compare --preset tiny --out docs/compare [--models transformer,mamba2 --steps N --workdir DIR]
     zoo compare --preset mqar-cpu --out docs/compare/mqar --workdir DIR [--dry-run] [--max-cells N]
 
+    zoo reproduce --list | --render | NAME [--budget cpu|paper] [--seeds 0,1,2] [--out results]
+
 The CLI orchestrates: `zoo train` trains (zoo.train), then evaluates the final checkpoint
 (zoo.eval); neither package imports the other. Any user error (unknown key, model, preset, missing
 path, bad token ids, ...) prints one line `zoo: error: ...` and exits with status 2; nothing in an
@@ -94,6 +96,15 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="mqar-* presets: print the pending cells and their estimated CPU time"
     )
     cmp.add_argument("--max-cells", type=int, default=None, help="mqar-* presets: run at most N pending cells")
+
+    r = sub.add_parser("reproduce", help="the experiments behind every published number: run, resume, render")
+    r.add_argument("name", nargs="?", help="an experiment of `zoo reproduce --list`")
+    r.add_argument("--list", action="store_true", help="list every experiment")
+    r.add_argument("--render", action="store_true", help="re-render every results section of the docs")
+    r.add_argument("--budget", default="cpu", help="cpu (a 2-core CPU), paper (an accelerator) or test")
+    r.add_argument("--seeds", default=None, help="comma-separated seeds (default: the experiment's)")
+    r.add_argument("--out", default=None, help="results folder (default: the repository's results/)")
+    r.add_argument("--workdir", default="runs/reproduce", help="where cells keep checkpoints and logs")
     b = sub.add_parser("bench", help="benchmarks measured in one run")
     bsub = b.add_subparsers(dest="what", required=True)
     bt = bsub.add_parser("train", help="the training step: time, tokens/s, peak memory, MFU vs a matmul")
@@ -181,6 +192,8 @@ def _run(args, overrides) -> int:
         else:
             print(f"wrote {args.out}/compare.md, compare.json and figures ({len(report['rows'])} models)")
         return 0
+    if args.command == "reproduce":
+        return _reproduce(args)
     if args.command == "bench":
         from zoo import bench
 
@@ -209,6 +222,31 @@ def _run(args, overrides) -> int:
     from zoo.info import describe
 
     print(describe(load_config(args.config, overrides), args.seq_len))
+    return 0
+
+
+def _reproduce(args) -> int:
+    """zoo reproduce --list | --render | NAME [--budget B] [--seeds S] [--out DIR] [--workdir DIR]."""
+    from zoo import reproduce
+
+    if args.list:
+        print(reproduce.listing())
+        return 0
+    if args.render:
+        changed = reproduce.render_docs()
+        print(f"rendered the results sections; {len(changed)} page(s) changed: {', '.join(changed) or 'none'}")
+        return 0
+    if not args.name:
+        raise ValueError("zoo reproduce needs an experiment name, --list or --render")
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError as e:
+            raise ValueError(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2") from e
+    out = args.out or str(reproduce.ROOT / "results")
+    doc = reproduce.run_experiment(args.name, args.budget, seeds, out, args.workdir)
+    print(f"{args.name}: {len(doc['cells'])} cell(s) in {reproduce.result_path(out, args.name, args.budget)}")
     return 0
 
 
