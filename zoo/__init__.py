@@ -9,10 +9,45 @@ tokenizer = zoo.load_tokenizer("models/mamba2")     # the tokenizer that travell
 out = zoo.generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=16, temperature=0.7, top_p=0.9, eos=2, seed=0)
 """
 
+import importlib
 import importlib.metadata
+import sys
+import types
 
-from zoo.generate import Generation, generate, generate_text
-from zoo.models.registry import create_model, get_model_config, list_models
+# Imported on first use, so that `import zoo` (and `zoo --help`) does not import JAX.
+_LAZY = {
+    "Generation": "zoo.generate",
+    "generate_text": "zoo.generate",
+    "create_model": "zoo.models.registry",
+    "get_model_config": "zoo.models.registry",
+    "list_models": "zoo.models.registry",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'zoo' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """`zoo.generate` is the function, also after the submodule of that name is imported (the import
+    system sets the package attribute to the submodule; the setter keeps the function)."""
+
+    @property
+    def generate(self):
+        from zoo.generate import generate
+
+        return generate
+
+    @generate.setter
+    def generate(self, value) -> None:
+        pass
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def load(workdir: str, step: int | None = None, **model_overrides):

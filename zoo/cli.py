@@ -120,10 +120,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, overrides) -> int:
-    from zoo.config import load_config
-
     if overrides and args.command not in ("train", "info", "bench"):
         raise ValueError(f"--config.* overrides only apply to train, info and bench, got {overrides}")
+    if args.command == "models":  # read from the model files: no JAX import
+        from zoo.models import registry
+
+        for name, kind, presets in registry.listing():
+            print(f"{name:14s} {kind:10s} presets: {', '.join(presets)}")
+        return 0
+    from zoo.config import load_config
+
     if args.command == "train":
         import jax
 
@@ -141,13 +147,6 @@ def _run(args, overrides) -> int:
         return 0
     if args.command == "eval":
         _evaluate(args.workdir, args.step)
-        return 0
-    if args.command == "models":
-        from zoo.models import registry
-
-        for name in registry.list_models():
-            kind = registry.model_kind(name)
-            print(f"{name:14s} {kind:10s} presets: {', '.join(registry.list_presets(name))}")
         return 0
     if args.command == "convert":
         return _convert(args) if args.what else _convert_pretrained(args)
