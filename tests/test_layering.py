@@ -39,7 +39,7 @@ ALLOWED = {
         "zoo.info",
         "zoo.io",
     },
-    "zoo": {"zoo.models", "zoo.checkpoint", "zoo.generate"},
+    "zoo": {"zoo.models", "zoo.checkpoint", "zoo.generate", "zoo.convert", "zoo.data"},
 }
 LAYERS = sorted(ALLOWED, key=len, reverse=True)
 

@@ -6,7 +6,7 @@
     zoo models
     zoo convert masformer --src runs/base --out runs/mas-init [--schedule window,full]
     zoo convert --from hf|mamba_ssm SRC --out DIR [--model NAME] [--tokenizer auto] [--set FIELD=VALUE]
-    zoo convert --to hf MODEL_DIR --out DIR [--dtype float32]
+    zoo convert --to hf MODEL_DIR|WORKDIR --out DIR [--step N] [--dtype float32]
     zoo generate --workdir DIR | --pretrained DIR --prompt TEXT [--max-new-tokens N --temperature T ...]
     zoo data prepare --input DIR --output SHARDS [--tokenizer tokenizer.json] [--workers N]
     zoo bench train mamba2:130m transformer:small [--batch-size 16 --seq-len 2048]
@@ -44,7 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the registered models and their presets")
     c = sub.add_parser("convert", help="convert checkpoints between zoo models and other formats")
     c.add_argument("--from", dest="from_", nargs=2, metavar=("FORMAT", "SRC"), help="import: hf|mamba_ssm SRC")
-    c.add_argument("--to", nargs=2, metavar=("FORMAT", "SRC"), help="export a zoo model directory: hf SRC")
+    c.add_argument(
+        "--to", nargs=2, metavar=("FORMAT", "SRC"), help="export a zoo model directory or train work directory: hf SRC"
+    )
+    c.add_argument("--step", type=int, default=None, help="export: the work directory's checkpoint (default: latest)")
     c.add_argument(
         "--model", default=None, help="import: the zoo model (transformer, hip, masformer, mamba2, memmamba)"
     )
@@ -62,8 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text from a trained run or a model directory")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="a `zoo train` work directory (its latest checkpoint, its data tokenizer)")
-    src.add_argument("--pretrained", help="a model directory (`zoo convert`; its tokenizer)")
-    g.add_argument("--step", type=int, default=None, help="--workdir: the checkpoint step (default: latest)")
+    src.add_argument(
+        "--pretrained", help="a model directory, a work directory or a Hugging Face / mamba_ssm checkpoint"
+    )
+    g.add_argument("--step", type=int, default=None, help="a work directory's checkpoint step (default: latest)")
     g.add_argument("--prompt", action="append", default=[], help="a text prompt (repeat for a batch)")
     g.add_argument("--prompt-ids", action="append", default=[], help="a prompt as token ids, e.g. 1,2,3")
     g.add_argument("--max-new-tokens", type=int, default=64)
@@ -253,11 +258,13 @@ def _convert_pretrained(args) -> int:
         raise ValueError("zoo convert --from/--to needs --out DIR")
     from zoo.convert import pretrained
 
+    if args.step is not None and not args.to:
+        raise ValueError("--step applies to --to hf WORKDIR (the checkpoint to export)")
     if args.to:
         fmt, src = args.to
         if fmt != "hf":
             raise ValueError(f"--to {fmt!r}: the zoo exports to 'hf' (Hugging Face safetensors + config.json)")
-        out = pretrained.export_hf(src, args.out_dir, dtype=args.dtype)
+        out = pretrained.export_hf(src, args.out_dir, dtype=args.dtype, step=args.step)
         print(f"wrote {out['path']}: {out['config']['architectures'][0]}, {out['tensors']} tensors ({args.dtype})")
         return 0
     fmt, src = args.from_
@@ -285,18 +292,19 @@ def _convert_pretrained(args) -> int:
 
 def _generate(args) -> int:
     """zoo generate --workdir DIR | --pretrained DIR --prompt TEXT ...: prints the continuations."""
-    from zoo.data.tokenizers import from_spec, tokenizer_for
+    from zoo.data.tokenizers import from_spec, run_tokenizer
     from zoo.generate import encode_prompt, generate
 
     if args.workdir:
         from zoo.checkpoint import load_model
 
         model, config = load_model(args.workdir, args.step)
-        tok = tokenizer_for(config.data)
+        tok = run_tokenizer(config.data)
     else:
-        from zoo.checkpoint import load_pretrained, tokenizer_spec
+        from zoo.checkpoint import tokenizer_spec
+        from zoo.convert.pretrained import load_any
 
-        model, meta = load_pretrained(args.pretrained)
+        model, meta = load_any(args.pretrained, args.step)
         spec = tokenizer_spec(args.pretrained, meta)
         tok = None if spec is None else from_spec(spec)
     if not args.prompt and not args.prompt_ids:
