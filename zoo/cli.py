@@ -9,7 +9,7 @@
     zoo convert --to hf MODEL_DIR|WORKDIR --out DIR [--step N] [--dtype float32]
     zoo generate --workdir DIR | --pretrained DIR --prompt TEXT [--max-new-tokens N --temperature T ...]
     zoo data prepare --input DIR --output SHARDS [--tokenizer tokenizer.json] [--workers N]
-    zoo bench train mamba2:130m transformer:small [--batch-size 16 --seq-len 2048]
+    zoo bench train [mamba2:130m transformer:small ...] [--batch-size 16 --seq-len 2048]
     zoo compare --preset tiny --out docs/compare [--models transformer,mamba2 --steps N --workdir DIR]
 
 The CLI orchestrates: `zoo train` trains (zoo.train), then evaluates the final checkpoint
@@ -92,11 +92,19 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
     b = sub.add_parser("bench", help="benchmarks measured in one run")
     bsub = b.add_subparsers(dest="what", required=True)
-    bt = bsub.add_parser("train", help="the training step: time, tokens/s, peak memory, MFU vs a matmul")
-    bt.add_argument("configs", nargs="*", help="<model>:<preset> (default: every language-model preset)")
-    bt.add_argument("--batch-size", type=int, default=16)
-    bt.add_argument("--seq-len", type=int, default=2048)
-    bt.add_argument("--reps", type=int, default=5)
+    bt = bsub.add_parser(
+        "train",
+        help="the training step: time, tokens/s, peak memory, MFU vs a matmul",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    bt.add_argument(
+        "configs", nargs="*", help="<model>:<preset> ... (default: the tiny preset of every language model)"
+    )
+    bt.add_argument(
+        "--batch-size", type=int, default=None, help="global batch (default: each preset's data.batch_size)"
+    )
+    bt.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: each preset's data.seq_len)")
+    bt.add_argument("--reps", type=int, default=5, help="timed steps after one warm-up step")
     bt.add_argument("--json", default="", help="also write the rows to this JSON file")
     bt.add_argument(
         "--compile-only",
@@ -171,7 +179,9 @@ def _run(args, overrides) -> int:
     if args.command == "bench":
         from zoo import bench
 
-        specs = args.configs or bench.lm_presets()
+        specs = args.configs or bench.tiny_presets()
+        for s in specs:  # an unknown model, preset or key: one line and status 2 before any work
+            bench.run_shape(s, overrides)
         if args.compile_only:
             rows = [
                 bench.compile_train_memory(s, batch_size=args.batch_size, seq_len=args.seq_len, overrides=overrides)
