@@ -85,7 +85,9 @@ def _parser() -> argparse.ArgumentParser:
 
     prepare.add_arguments(dsub.add_parser("prepare", help="tokenize a corpus into ArrayRecord shards (resumable)"))
     cmp = sub.add_parser("compare", help="every LM at one matched size: train, evaluate, one table per measure")
-    cmp.add_argument("--preset", default="tiny", help="tiny (CPU, ~30 min), paper (GPU/TPU) or test")
+    cmp.add_argument(
+        "--preset", default="tiny", help="tiny (2 CPU cores: 13.7-24 min, depending on load), paper (GPU/TPU) or test"
+    )
     cmp.add_argument("--out", default="docs/compare", help="where compare.json, compare.md and the PNGs go")
     cmp.add_argument("--workdir", default=None, help="training runs, one per row (default: a temporary dir)")
     cmp.add_argument("--models", default=None, help="comma-separated rows (default: all), e.g. transformer,mamba2")

@@ -43,7 +43,7 @@ from zoo.checkpoint import load_model
 from zoo.config import make_config, update, validate
 from zoo.configs.compare import get_settings
 from zoo.convert import convert_model
-from zoo.eval import longcontext
+from zoo.eval import longcontext, plots
 from zoo.info import count_params, forward_flops_per_token
 from zoo.models import registry
 from zoo.models.params import ParamView
@@ -437,6 +437,7 @@ def write_figures(report: dict, outdir) -> dict[str, str]:
 
     def save(fig, name):
         buf = BytesIO()
+        plots.plain_log_ticks(fig)
         fig.tight_layout()
         fig.savefig(buf, format="png", dpi=100)
         plt.close(fig)
