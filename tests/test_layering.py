@@ -22,7 +22,16 @@ ALLOWED = {
     "zoo.convert": {"zoo.checkpoint", "zoo.models", "zoo.io", "zoo.data"},
     "zoo.generate": {"zoo.models", "zoo.data"},
     "zoo.train": {"zoo.models", "zoo.data", "zoo.config", "zoo.checkpoint", "zoo.io", "zoo.layers", "pallas_kernels"},
-    "zoo.eval": {"zoo.models", "zoo.data", "zoo.config", "zoo.checkpoint", "zoo.io", "zoo.layers", "zoo.generate"},
+    "zoo.eval": {
+        "zoo.models",
+        "zoo.data",
+        "zoo.config",
+        "zoo.checkpoint",
+        "zoo.convert",
+        "zoo.io",
+        "zoo.layers",
+        "zoo.generate",
+    },
     "zoo.bench": {"zoo.models", "zoo.config", "zoo.train", "zoo.checkpoint", "zoo.io"},
     "zoo.info": {"zoo.models", "zoo.data", "zoo.config", "zoo.checkpoint", "zoo.train"},
     # `zoo compare`: the top floor beside the CLI (trains, converts, evaluates and benchmarks every model)
