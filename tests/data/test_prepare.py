@@ -158,6 +158,8 @@ def test_small_corpus_gets_one_validation_document(tmp_path):
     # A fraction of 0 asks for no validation split.
     m0 = pp.prepare("text", str(tmp_path / "in"), str(tmp_path / "none"), validation_fraction=0)
     assert m0["splits"]["validation"]["documents"] == 0 and m0["splits"]["train"]["documents"] == 12
+    with pytest.raises(ValueError, match="no documents in split 'validation'.*--validation-fraction F > 0"):
+        sh.ShardDocuments(tmp_path / "none", "validation")
     with pytest.raises(ValueError, match="--validation-fraction 1.5 must be in"):
         pp.prepare("text", str(tmp_path / "in"), str(tmp_path / "bad"), validation_fraction=1.5)
 
