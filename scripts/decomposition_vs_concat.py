@@ -35,6 +35,7 @@ from zoo.checkpoint import load_model
 from zoo.config import load_config
 from zoo.data.pipeline import make_batches
 from zoo.data.prepare import prepare
+from zoo.eval.plots import plain_log_ticks
 from zoo.io import read_metrics
 from zoo.train.trainer import train
 
@@ -116,6 +117,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set(xlabel="training tokens", ylabel="training loss", yscale="log", title=spec)
         ax.legend()
     fig.tight_layout()
+    plain_log_ticks(fig)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

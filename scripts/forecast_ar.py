@@ -42,6 +42,7 @@ import optax
 from flax import nnx
 
 from zoo.data.timeseries import ARTask
+from zoo.eval.plots import plain_log_ticks
 from zoo.layers import Linear, RMSNorm
 from zoo.models import registry
 from zoo.models.base import Forecaster, make_context
@@ -214,6 +215,7 @@ def plot(results: dict, orders: list[int], seeds: list[int], target: str, path: 
     axes[2].legend(fontsize=8)
     fig.suptitle(f"SpaceTime vs S4D on AR(p), trained on {target} targets")
     fig.tight_layout()
+    plain_log_ticks(fig)
     fig.savefig(path, dpi=110)
 
 

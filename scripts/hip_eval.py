@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # pretrained_tas
 from pretrained_tasks import load, passkey_exact_match, text_windows  # noqa: E402
 
 from zoo.convert import convert_model  # noqa: E402
+from zoo.eval.plots import plain_log_ticks  # noqa: E402
 
 
 @nnx.jit
@@ -155,6 +156,7 @@ def plot(rows: list[dict], path: str) -> None:
     ax2.set_title("passkey retrieval")
     fig.suptitle("HiP (training-free) vs dense attention on a pretrained transformer")
     fig.tight_layout()
+    plain_log_ticks(fig)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

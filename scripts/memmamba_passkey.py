@@ -29,6 +29,7 @@ from zoo.config import make_config
 from zoo.data.pipeline import example_source
 from zoo.eval import longcontext
 from zoo.eval.memory_fidelity import memory_fidelity
+from zoo.eval.plots import plain_log_ticks
 from zoo.models.params import ParamView
 from zoo.train.trainer import train
 
@@ -130,6 +131,7 @@ def plot(results: dict, path: str, train_len: int) -> None:
         ax.set(xlabel="context length (tokens)", ylim=(-0.02, 1.02), title=title)
         ax.legend()
     fig.tight_layout()
+    plain_log_ticks(fig)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

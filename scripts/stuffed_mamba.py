@@ -50,6 +50,7 @@ from zoo.checkpoint import load_model  # noqa: E402
 from zoo.config import apply_overrides, load_config  # noqa: E402
 from zoo.data.pipeline import example_source  # noqa: E402
 from zoo.eval import longcontext  # noqa: E402
+from zoo.eval.plots import plain_log_ticks  # noqa: E402
 from zoo.models.mamba2 import calibrate_state_norm, state_norm_trace  # noqa: E402
 from zoo.train.trainer import train  # noqa: E402
 
@@ -311,6 +312,7 @@ def plot_results(rows: dict, lengths: list[int], train_len: int, path: str) -> N
     ax2.legend(fontsize=7)
     fig.suptitle(f"tiny Mamba-2 trained at {train_len} tokens: state collapse and training-free fixes")
     fig.tight_layout()
+    plain_log_ticks(fig)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -327,6 +329,7 @@ def plot_state_norms(pos, norms, train_len: int, path: str) -> None:
     axes[0][-1].legend(fontsize=6, ncol=2)
     fig.suptitle("state norm per head vs position (original model)")
     fig.tight_layout()
+    plain_log_ticks(fig)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -23,7 +23,16 @@ ALLOWED = {
     "zoo.convert": {"zoo.checkpoint", "zoo.models", "zoo.io", "zoo.data"},
     "zoo.generate": {"zoo.models", "zoo.data"},
     "zoo.train": {"zoo.models", "zoo.data", "zoo.config", "zoo.checkpoint", "zoo.io", "zoo.layers", "pallas_kernels"},
-    "zoo.eval": {"zoo.models", "zoo.data", "zoo.config", "zoo.checkpoint", "zoo.io", "zoo.layers", "zoo.generate"},
+    "zoo.eval": {
+        "zoo.models",
+        "zoo.data",
+        "zoo.config",
+        "zoo.checkpoint",
+        "zoo.convert",
+        "zoo.io",
+        "zoo.layers",
+        "zoo.generate",
+    },
     "zoo.bench": {"zoo.models", "zoo.config", "zoo.train", "zoo.checkpoint", "zoo.io"},
     "zoo.info": {"zoo.models", "zoo.data", "zoo.config", "zoo.checkpoint", "zoo.train"},
     # `zoo compare`: the top floor beside the CLI (trains, converts, evaluates and benchmarks every model)
@@ -56,12 +65,11 @@ ALLOWED = {
         "zoo.eval",
         "zoo.io",
     },
-    # the comparison's markdown and figures, written from its JSON alone
-    "zoo.compare_report": set(),
-
+    # the comparison's markdown and figures, written from its JSON alone (with the shared plot helpers)
+    "zoo.compare_report": {"zoo.eval"},
     # `zoo reproduce`: the catalogue of experiments, above compare (it runs the comparison among others)
     "zoo.reproduce": {"zoo", "zoo.config", "zoo.checkpoint", "zoo.train", "zoo.eval", "zoo.compare"},
-    "zoo": {"zoo.models", "zoo.checkpoint", "zoo.generate"},
+    "zoo": {"zoo.models", "zoo.checkpoint", "zoo.generate", "zoo.convert", "zoo.data"},
 }
 LAYERS = sorted(ALLOWED, key=len, reverse=True)
 

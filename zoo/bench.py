@@ -3,6 +3,7 @@ step's throughput and model-FLOP utilisation (`zoo bench train`).
 
     t = time_fn(jitted, *args)                 # median seconds after warm-up, synchronised
     peak = matmul_flops(jnp.bfloat16)          # the device's matmul FLOP/s, measured here
+    rows = bench_train(["mamba2:130m"])        # at the preset's own batch x length (data.batch_size, data.seq_len)
     rows = bench_train(["mamba2:130m"], batch_size=16, seq_len=2048)
 
 MFU is model FLOPs per second over the matmul peak measured in the same process: "6N" counts
@@ -70,6 +71,7 @@ def _bench_config(spec: str, batch_size: int, seq_len: int, dtype: str, override
     ov = [
         f"--config.data.batch_size={batch_size}",
         f"--config.data.seq_len={seq_len}",
+        "--config.data.mode=fixed",
         f"--config.model.dtype={dtype}",
         "--config.data.source=passkey",
         *overrides,
@@ -77,11 +79,22 @@ def _bench_config(spec: str, batch_size: int, seq_len: int, dtype: str, override
     return load_config(spec, ov)
 
 
+def run_shape(spec: str, overrides: Sequence[str] = ()) -> tuple[int, int]:
+    """(global batch, sequence length) a run config trains at: data.batch_size x data.seq_len, or
+    for decomposition the longest bucket (2^max_log2) with tokens_per_step of it. A ValueError
+    names an unknown model, preset or key."""
+    d = load_config(spec, overrides).data
+    if d.mode == "decomposition":
+        seq_len = 1 << int(d.max_log2)
+        return max(1, int(d.tokens_per_step) // seq_len), seq_len
+    return int(d.batch_size), int(d.seq_len)
+
+
 def bench_train(
     specs: Sequence[str],
     *,
-    batch_size: int,
-    seq_len: int,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
     overrides: Sequence[str] = (),
     reps: int = 5,
     peak: float | None = None,
@@ -91,7 +104,7 @@ def bench_train(
 
     Args:
       specs: run configs, e.g. ["mamba2:130m", "transformer:1.3b"].
-      batch_size, seq_len: the step's global batch.
+      batch_size, seq_len: the step's global batch (None: each preset's own, `run_shape`).
       overrides: extra --config.* overrides (e.g. "--config.model.remat=full").
       peak: matmul FLOP/s to compare with (measured here when None).
       dtype: compute dtype override ("bfloat16" on accelerators by default).
@@ -100,20 +113,22 @@ def bench_train(
       One dict per spec: step seconds, tokens/s, parameters, 6N and attention-inclusive MFU, the
       compiled peak memory, the loss, or {"error": ...} when it failed (e.g. out of memory).
     """
+    shapes = {spec: run_shape(spec, overrides) for spec in specs}  # a bad name fails before any timing
     dtype = dtype or ("bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32")
     peak = peak or matmul_flops(jnp.dtype(dtype))
     rows = []
     for spec in specs:
+        n_rows, length = batch_size or shapes[spec][0], seq_len or shapes[spec][1]
         row: dict[str, Any] = {
             "config": spec,
-            "batch": batch_size,
-            "seq_len": seq_len,
+            "batch": n_rows,
+            "seq_len": length,
             "dtype": dtype,
             "backend": jax.default_backend(),
             "matmul_tflops": peak / 1e12,
         }
         try:
-            config = _bench_config(spec, batch_size, seq_len, dtype, overrides)
+            config = _bench_config(spec, n_rows, length, dtype, overrides)
             setup = trainer.make_setup(config)
             params = setup.init_params()
             n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
@@ -121,13 +136,13 @@ def bench_train(
             opt_state = jax.jit(setup.tx.init, out_shardings=opt_sh)(params)
             step = trainer.make_train_step(setup, opt_sh)
             vocab = registry.config_from_run(config).vocab_size
-            toks = np.random.default_rng(0).integers(0, vocab, (batch_size, seq_len + 1)).astype(np.int32)
+            toks = np.random.default_rng(0).integers(0, vocab, (n_rows, length + 1)).astype(np.int32)
             batch = trainer.global_batch(
                 {
                     "inputs": toks[:, :-1],
                     "targets": toks[:, 1:],
-                    "loss_mask": np.ones((batch_size, seq_len), np.float32),
-                    "answer_mask": np.zeros((batch_size, seq_len), np.float32),
+                    "loss_mask": np.ones((n_rows, length), np.float32),
+                    "answer_mask": np.zeros((n_rows, length), np.float32),
                 },
                 setup.mesh,
             )
@@ -139,8 +154,8 @@ def bench_train(
                 return metrics
 
             t = time_fn(run, reps=reps, warmup=1)
-            tokens = batch_size * seq_len / t
-            attn = attention_train_flops_per_token(registry.config_from_run(config), seq_len)
+            tokens = n_rows * length / t
+            attn = attention_train_flops_per_token(registry.config_from_run(config), length)
             row.update(
                 params=n,
                 step_ms=t * 1e3,
@@ -157,11 +172,19 @@ def bench_train(
 
 
 def compile_train_memory(
-    spec: str, *, batch_size: int, seq_len: int, overrides: Sequence[str] = (), dtype: str = "bfloat16"
+    spec: str,
+    *,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    overrides: Sequence[str] = (),
+    dtype: str = "bfloat16",
 ) -> dict:
     """XLA's memory analysis of the compiled training step, without allocating anything: the step is
     lowered on abstract parameters, optimizer state and batch (what `zoo bench train --compile-only`
-    prints; on CPU the numbers are the CPU compiler's, indicative of, not equal to, a GPU's)."""
+    prints; on CPU the numbers are the CPU compiler's, indicative of, not equal to, a GPU's).
+    `batch_size`, `seq_len`: None for the preset's own (`run_shape`)."""
+    own = run_shape(spec, overrides)
+    batch_size, seq_len = batch_size or own[0], seq_len or own[1]
     config = _bench_config(spec, batch_size, seq_len, dtype, overrides)
     setup = trainer.make_setup(config)
     # Abstract parameters, optimiser state and batch, built as the trainer's preflight builds them for
@@ -204,19 +227,24 @@ def lm_presets() -> list[str]:
     return [f"{n}:{p}" for n in registry.list_models("lm") for p in registry.list_presets(n)]
 
 
+def tiny_presets() -> list[str]:
+    """The `tiny` preset of every language model (what `zoo bench train` runs without arguments)."""
+    return [f"{n}:tiny" for n in registry.list_models("lm")]
+
+
 def format_rows(rows: list[dict]) -> str:
     """A plain-text table of `bench_train` rows."""
     lines = [
-        f"{'config':22s} {'params':>12s} {'step ms':>9s} {'tok/s':>10s} {'MFU 6N':>7s} {'MFU+attn':>8s} "
-        f"{'peak GiB':>9s}"
+        f"{'config':22s} {'batch x len':>12s} {'params':>12s} {'step ms':>9s} {'tok/s':>10s} {'MFU 6N':>7s} "
+        f"{'MFU+attn':>8s} {'peak GiB':>9s}"
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['config']:22s} error: {r['error']}")
+            lines.append(f"{r['config']:22s} {r['batch']:>5d} x {r['seq_len']:<5d} error: {r['error']}")
             continue
         mem = r["memory"]["peak_bytes"] / 2**30 if r.get("memory") else float("nan")
         lines.append(
-            f"{r['config']:22s} {r['params']:>12,d} {r['step_ms']:>9.1f} {r['tokens_per_s']:>10.0f} "
-            f"{100 * r['mfu_6n']:>6.1f}% {100 * r['mfu_attn']:>7.1f}% {mem:>9.2f}"
+            f"{r['config']:22s} {r['batch']:>5d} x {r['seq_len']:<5d} {r['params']:>12,d} {r['step_ms']:>9.1f} "
+            f"{r['tokens_per_s']:>10.0f} {100 * r['mfu_6n']:>6.1f}% {100 * r['mfu_attn']:>7.1f}% {mem:>9.2f}"
         )
     return "\n".join(lines)

@@ -447,10 +447,12 @@ def read_model_dir(model_dir) -> dict:
     file = directory / MODEL_FILE
     if not file.is_file():
         hint = "write one with `zoo convert` or zoo.checkpoint.save_pretrained"
-        if (directory / "config.json").is_file():
+        if (directory / CONFIG_FILE).is_file() and "model_name" in io.read_json(directory / CONFIG_FILE):
+            hint = "it is a `zoo train` work directory: load it with zoo.load or zoo.from_pretrained"
+        elif (directory / CONFIG_FILE).is_file():
             hint = (
-                "it looks like a Hugging Face / mamba_ssm checkpoint: convert it first with "
-                f"`zoo convert --from hf {str(model_dir)} --out DIR` (or --from mamba_ssm)"
+                "it looks like a Hugging Face / mamba_ssm checkpoint: load it with zoo.from_pretrained "
+                f"(converted in memory) or convert it once with `zoo convert --from hf {str(model_dir)} --out DIR`"
             )
         raise ValueError(f"{str(model_dir)!r} is not a zoo model directory (no {MODEL_FILE}); {hint}")
     meta = io.read_json(file)

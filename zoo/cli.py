@@ -6,10 +6,10 @@
     zoo models
     zoo convert masformer --src runs/base --out runs/mas-init [--schedule window,full]
     zoo convert --from hf|mamba_ssm SRC --out DIR [--model NAME] [--tokenizer auto] [--set FIELD=VALUE]
-    zoo convert --to hf MODEL_DIR --out DIR [--dtype float32]
+    zoo convert --to hf MODEL_DIR|WORKDIR --out DIR [--step N] [--dtype float32]
     zoo generate --workdir DIR | --pretrained DIR --prompt TEXT [--max-new-tokens N --temperature T ...]
     zoo data prepare --input DIR --output SHARDS [--tokenizer tokenizer.json] [--workers N]
-    zoo bench train mamba2:130m transformer:small [--batch-size 16 --seq-len 2048]
+    zoo bench train [mamba2:130m transformer:small ...] [--batch-size 16 --seq-len 2048]
     zoo compare --preset tiny --out docs/compare [--models transformer,mamba2 --steps N --workdir DIR]
     zoo compare --preset mqar-cpu --out docs/compare/mqar --workdir DIR [--dry-run] [--max-cells N]
 
@@ -47,7 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the registered models and their presets")
     c = sub.add_parser("convert", help="convert checkpoints between zoo models and other formats")
     c.add_argument("--from", dest="from_", nargs=2, metavar=("FORMAT", "SRC"), help="import: hf|mamba_ssm SRC")
-    c.add_argument("--to", nargs=2, metavar=("FORMAT", "SRC"), help="export a zoo model directory: hf SRC")
+    c.add_argument(
+        "--to", nargs=2, metavar=("FORMAT", "SRC"), help="export a zoo model directory or train work directory: hf SRC"
+    )
+    c.add_argument("--step", type=int, default=None, help="export: the work directory's checkpoint (default: latest)")
     c.add_argument(
         "--model", default=None, help="import: the zoo model (transformer, hip, masformer, mamba2, memmamba)"
     )
@@ -65,8 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text from a trained run or a model directory")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="a `zoo train` work directory (its latest checkpoint, its data tokenizer)")
-    src.add_argument("--pretrained", help="a model directory (`zoo convert`; its tokenizer)")
-    g.add_argument("--step", type=int, default=None, help="--workdir: the checkpoint step (default: latest)")
+    src.add_argument(
+        "--pretrained", help="a model directory, a work directory or a Hugging Face / mamba_ssm checkpoint"
+    )
+    g.add_argument("--step", type=int, default=None, help="a work directory's checkpoint step (default: latest)")
     g.add_argument("--prompt", action="append", default=[], help="a text prompt (repeat for a batch)")
     g.add_argument("--prompt-ids", action="append", default=[], help="a prompt as token ids, e.g. 1,2,3")
     g.add_argument("--max-new-tokens", type=int, default=64)
@@ -86,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument(
         "--preset",
         default="tiny",
-        help="tiny (CPU, ~30 min), paper (GPU/TPU), test; the MQAR grid: mqar-cpu, mqar-paper, mqar-test",
+        help="tiny (2 CPU cores: 13.7-24 min, depending on load), paper (GPU/TPU), test; the MQAR grid: mqar-cpu, "
+        "mqar-paper, mqar-test",
     )
     cmp.add_argument("--out", default="docs/compare", help="where compare.json, compare.md and the PNGs go")
     cmp.add_argument("--workdir", default=None, help="training runs, one per row (default: a temporary dir)")
@@ -107,11 +113,19 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--workdir", default="runs/reproduce", help="where cells keep checkpoints and logs")
     b = sub.add_parser("bench", help="benchmarks measured in one run")
     bsub = b.add_subparsers(dest="what", required=True)
-    bt = bsub.add_parser("train", help="the training step: time, tokens/s, peak memory, MFU vs a matmul")
-    bt.add_argument("configs", nargs="*", help="<model>:<preset> (default: every language-model preset)")
-    bt.add_argument("--batch-size", type=int, default=16)
-    bt.add_argument("--seq-len", type=int, default=2048)
-    bt.add_argument("--reps", type=int, default=5)
+    bt = bsub.add_parser(
+        "train",
+        help="the training step: time, tokens/s, peak memory, MFU vs a matmul",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    bt.add_argument(
+        "configs", nargs="*", help="<model>:<preset> ... (default: the tiny preset of every language model)"
+    )
+    bt.add_argument(
+        "--batch-size", type=int, default=None, help="global batch (default: each preset's data.batch_size)"
+    )
+    bt.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: each preset's data.seq_len)")
+    bt.add_argument("--reps", type=int, default=5, help="timed steps after one warm-up step")
     bt.add_argument("--json", default="", help="also write the rows to this JSON file")
     bt.add_argument(
         "--compile-only",
@@ -141,10 +155,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, overrides) -> int:
-    from zoo.config import load_config
-
     if overrides and args.command not in ("train", "info", "bench"):
         raise ValueError(f"--config.* overrides only apply to train, info and bench, got {overrides}")
+    if args.command == "models":  # read from the model files: no JAX import
+        from zoo.models import registry
+
+        for name, kind, presets in registry.listing():
+            print(f"{name:14s} {kind:10s} presets: {', '.join(presets)}")
+        return 0
+    from zoo.config import load_config
+
     if args.command == "train":
         import jax
 
@@ -162,13 +182,6 @@ def _run(args, overrides) -> int:
         return 0
     if args.command == "eval":
         _evaluate(args.workdir, args.step)
-        return 0
-    if args.command == "models":
-        from zoo.models import registry
-
-        for name in registry.list_models():
-            kind = registry.model_kind(name)
-            print(f"{name:14s} {kind:10s} presets: {', '.join(registry.list_presets(name))}")
         return 0
     if args.command == "convert":
         return _convert(args) if args.what else _convert_pretrained(args)
@@ -197,7 +210,9 @@ def _run(args, overrides) -> int:
     if args.command == "bench":
         from zoo import bench
 
-        specs = args.configs or bench.lm_presets()
+        specs = args.configs or bench.tiny_presets()
+        for s in specs:  # an unknown model, preset or key: one line and status 2 before any work
+            bench.run_shape(s, overrides)
         if args.compile_only:
             rows = [
                 bench.compile_train_memory(s, batch_size=args.batch_size, seq_len=args.seq_len, overrides=overrides)
@@ -309,11 +324,13 @@ def _convert_pretrained(args) -> int:
         raise ValueError("zoo convert --from/--to needs --out DIR")
     from zoo.convert import pretrained
 
+    if args.step is not None and not args.to:
+        raise ValueError("--step applies to --to hf WORKDIR (the checkpoint to export)")
     if args.to:
         fmt, src = args.to
         if fmt != "hf":
             raise ValueError(f"--to {fmt!r}: the zoo exports to 'hf' (Hugging Face safetensors + config.json)")
-        out = pretrained.export_hf(src, args.out_dir, dtype=args.dtype)
+        out = pretrained.export_hf(src, args.out_dir, dtype=args.dtype, step=args.step)
         print(f"wrote {out['path']}: {out['config']['architectures'][0]}, {out['tensors']} tensors ({args.dtype})")
         return 0
     fmt, src = args.from_
@@ -341,18 +358,19 @@ def _convert_pretrained(args) -> int:
 
 def _generate(args) -> int:
     """zoo generate --workdir DIR | --pretrained DIR --prompt TEXT ...: prints the continuations."""
-    from zoo.data.tokenizers import from_spec, tokenizer_for
+    from zoo.data.tokenizers import from_spec, run_tokenizer
     from zoo.generate import encode_prompt, generate
 
     if args.workdir:
         from zoo.checkpoint import load_model
 
         model, config = load_model(args.workdir, args.step)
-        tok = tokenizer_for(config.data)
+        tok = run_tokenizer(config.data)
     else:
-        from zoo.checkpoint import load_pretrained, tokenizer_spec
+        from zoo.checkpoint import tokenizer_spec
+        from zoo.convert.pretrained import load_any
 
-        model, meta = load_pretrained(args.pretrained)
+        model, meta = load_any(args.pretrained, args.step)
         spec = tokenizer_spec(args.pretrained, meta)
         tok = None if spec is None else from_spec(spec)
     if not args.prompt and not args.prompt_ids:

@@ -16,6 +16,8 @@ from io import BytesIO
 
 import numpy as np
 
+from zoo.eval import plots
+
 
 def _summary(report: dict) -> list[dict]:
     train_len = report["train_length"]
@@ -173,6 +175,7 @@ def write_figures(report: dict, outdir) -> dict[str, str]:
 
     def save(fig, name):
         buf = BytesIO()
+        plots.plain_log_ticks(fig)
         fig.tight_layout()
         fig.savefig(buf, format="png", dpi=100)
         plt.close(fig)
@@ -529,6 +532,7 @@ def write_mqar_figures(results: dict, outdir) -> dict[str, str]:
             axes[0][-1].legend(fontsize=7, loc="lower right")
         fig.suptitle(f"MQAR, {family}")
         buf = BytesIO()
+        plots.plain_log_ticks(fig)
         fig.tight_layout()
         fig.savefig(buf, format="png", dpi=100)
         plt.close(fig)

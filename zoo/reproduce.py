@@ -142,6 +142,7 @@ def provenance() -> dict:
 
 
 def result_path(out, name: str, budget: str) -> pathlib.Path:
+    """The result file of experiment `name` at `budget` under the results folder `out`."""
     return pathlib.Path(out) / name / f"{budget}.json"
 
 
@@ -245,6 +246,7 @@ def _load_rendered(name: str, results, budgets: Sequence[str] = RENDER_ORDER) ->
 
 
 def command(name: str, budget: str = "cpu") -> str:
+    """The command line that regenerates experiment `name` at `budget`."""
     return f"zoo reproduce {name}" + ("" if budget == "cpu" else f" --budget {budget}")
 
 

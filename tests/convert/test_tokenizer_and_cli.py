@@ -115,8 +115,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
             "converts to one of ['hip', 'masformer', 'transformer']",
         ),  # fmt: skip
         (["convert", "--from", "hf", golden_dir("llama")], "needs --out"),
-        (["convert", "--to", "hf", golden_dir("llama"), "--out", str(tmp_path / "o")], "convert it first"),
-        (["generate", "--pretrained", golden_dir("llama"), "--prompt", "x"], "convert it first"),
+        (["convert", "--to", "hf", str(tmp_path), "--out", str(tmp_path / "o")], "is neither a zoo model directory"),
+        (["generate", "--pretrained", str(tmp_path), "--prompt", "x"], "is neither a zoo model directory"),
+        (["generate", "--pretrained", golden_dir("llama"), "--prompt", "x"], "has no tokenizer"),
+        (
+            ["convert", "--from", "hf", golden_dir("llama"), "--out", str(tmp_path / "o"), "--step", "3"],
+            "--step applies",
+        ),
+        (["generate", "--pretrained", golden_dir("llama"), "--step", "3", "--prompt-ids", "1"], "a hf one"),
     ]:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -138,3 +144,59 @@ def test_cli_generate_from_a_training_run(tmp_path, tiny, capsys):
     assert row["prompt_ids"] == list(b"The passkey is") and len(row["ids"]) == 6
     model, _ = zoo.load(str(tmp_path / "run"))
     assert row["ids"] == generate(model, [list(b"The passkey is")], 6).rows()[0]
+
+
+def test_a_training_run_exports_and_loads_as_a_model_directory(tmp_path, tiny, capsys):
+    """A `zoo train` work directory wherever a model directory goes: `zoo convert --to hf` (latest or
+    --step) with its byte tokenizer as tokenizer.json, `zoo generate --pretrained` on the export (a
+    Hugging Face checkpoint converted in memory) equal to `zoo generate --workdir`, `zoo.from_pretrained`."""
+    from zoo.checkpoint import load_pretrained
+    from zoo.train.trainer import train
+
+    run = tmp_path / "run"
+    train(tiny(steps=4, checkpoint_every=2), str(run), progress=False)
+    capsys.readouterr()
+    assert main(["convert", "--to", "hf", str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert "LlamaForCausalLM" in capsys.readouterr().out
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(tmp_path / "hf"))
+    prompt = ["--prompt", "The passkey is", "--max-new-tokens", "6", "--json", "--eos", "none"]
+    rows = []
+    for source in (["--workdir", str(run)], ["--pretrained", str(tmp_path / "hf")], ["--pretrained", str(run)]):
+        assert main(["generate", *source, *prompt]) == 0, source
+        rows.append(json.loads(capsys.readouterr().out))
+    assert rows[0]["prompt_ids"] == list(b"The passkey is") and len(rows[0]["ids"]) == 6
+    assert rows[1] == rows[0] and rows[2] == rows[0]
+    # the Hugging Face export loads in memory with the same logits as the run's checkpoint
+    tokens = np.arange(1, 17, dtype=np.int32)[None] * 7 % 256
+    exported, meta = zoo.from_pretrained(str(tmp_path / "hf"))
+    assert meta["source"]["format"] == "hf" and meta["tokenizer"]["kind"] == "hf"
+    model, _ = zoo.load(str(run))
+    np.testing.assert_allclose(np.asarray(exported(tokens)), np.asarray(model(tokens)), atol=2e-5, rtol=2e-5)
+    # --step: an earlier checkpoint, different weights; a step the run lacks is one line
+    assert main(["convert", "--to", "hf", str(run), "--step", "2", "--out", str(tmp_path / "hf2")]) == 0
+    step2, _ = zoo.from_pretrained(str(run), step=2)
+    np.testing.assert_allclose(
+        np.asarray(zoo.from_pretrained(str(tmp_path / "hf2"))[0](tokens)), np.asarray(step2(tokens)), atol=2e-5
+    )
+    assert not np.allclose(np.asarray(step2(tokens)), np.asarray(model(tokens)))
+    capsys.readouterr()
+    assert main(["convert", "--to", "hf", str(run), "--step", "3", "--out", str(tmp_path / "hf3")]) == 2
+    assert "no checkpoint at step 3" in capsys.readouterr().err
+    assert zoo.load_tokenizer(str(run)).spec()["kind"] == "bytes"
+    with pytest.raises(ValueError, match="it is a `zoo train` work directory: load it with zoo.load"):
+        load_pretrained(str(run))
+
+
+def test_from_pretrained_converts_a_checkpoint_in_memory():
+    """`zoo.from_pretrained` on a Hugging Face or mamba_ssm directory: the converters of `zoo convert
+    --from`, the model equal to the converted directory's, the tokenizer found the same way."""
+    from zoo.convert.pretrained import import_checkpoint
+
+    for name, fmt in (("llama", "hf"), ("mamba2_hf", "hf"), ("mamba2_ss", "mamba_ssm")):
+        model, meta = zoo.from_pretrained(golden_dir(name))
+        want, info = import_checkpoint(golden_dir(name), fmt)
+        assert meta["model_name"] == want.model_name and meta["source"]["report"] == info["report"], name
+        tokens = np.array([[1, 5, 9, 2, 7]], np.int32)
+        np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(want(tokens)))
+    with pytest.raises(ValueError, match="is neither a zoo model directory"):
+        zoo.from_pretrained(os.path.dirname(golden_dir("llama")))

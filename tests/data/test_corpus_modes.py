@@ -6,7 +6,7 @@ import json
 import grain
 import numpy as np
 import pytest
-from data_testing import data_config, same_batches, write_random_bytes_corpus
+from data_testing import data_config, same_batches, write_random_bytes_corpus, write_text_corpus
 from grain.experimental import FirstFitPackIterDataset
 
 from zoo.data import pipeline as pl
@@ -21,7 +21,10 @@ def corpus(tmp_path_factory):
     """60 files of 20..900 random letters, and their shards (small records: documents span several)."""
     root = tmp_path_factory.mktemp("corpus")
     write_random_bytes_corpus(root / "text", 60)
-    prepare("text", str(root / "text"), str(root / "shards"), shard_mb=0.005, record_tokens=128)
+    # A validation fraction of 0.1 splits as the in-memory text source does, so both can be compared.
+    prepare(
+        "text", str(root / "text"), str(root / "shards"), shard_mb=0.005, record_tokens=128, validation_fraction=0.1
+    )
     return root
 
 
@@ -172,3 +175,35 @@ def test_describe(corpus):
     assert "synthetic task 'passkey'" in pl.describe(data_config(), steps=10)
     with pytest.raises(ValueError, match="has no manifest.json"):
         pl.describe(data_config(source="shards", path=str(corpus / "text")))
+
+
+def test_own_small_corpus_prepares_trains_and_evaluates(tmp_path, capsys):
+    """12 short text files: `zoo data prepare` gives them a one-document validation split, `zoo train`
+    on the shards trains and evaluates within what that split holds, and a split too small for the
+    evaluation length is one line naming the fix."""
+    from conftest import TINY_OVERRIDES
+
+    from zoo import cli
+
+    write_text_corpus(tmp_path / "text", 12, max_words=300)
+    assert cli.main(["data", "prepare", "--input", str(tmp_path / "text"), "--output", str(tmp_path / "shards")]) == 0
+    valid = ShardDocuments(str(tmp_path / "shards"), "validation")
+    assert len(valid) == 1 and len(ShardDocuments(str(tmp_path / "shards"), "train")) == 11
+    rows = (int(valid.lengths[0]) + 1 - 1) // 112  # concat-and-chunk rows of 112 tokens (+ EOS)
+    assert 1 <= rows < 64
+    data = ["--config.data.source=shards", f"--config.data.path={tmp_path / 'shards'}"]
+    work = str(tmp_path / "run")
+    args = ["train", "--config", "transformer:tiny", "--workdir", work, *TINY_OVERRIDES, *data]
+    assert cli.main([*args, "--config.train.steps=3", "--config.eval.samples=64"]) == 0
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert ev["loss_by_position"]["length"] == 112 and np.isfinite(ev["loss_by_position"]["loss"]).all()
+    assert cli.main(["eval", "--workdir", work]) == 0
+    capsys.readouterr()
+    with open(tmp_path / "run" / "config.json") as f:
+        config = json.load(f)
+    config["eval"]["lengths"] = [100_000]
+    with open(tmp_path / "run" / "config.json", "w") as f:
+        json.dump(config, f)
+    assert cli.main(["eval", "--workdir", work]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "validation split" in err and "--validation-fraction" in err

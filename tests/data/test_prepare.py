@@ -20,6 +20,20 @@ def _all_docs(path, split):
     return [docs[i] for i in range(len(docs))]
 
 
+def _text_split_docs(root, split, tok, fraction):
+    """The tokenized files of `split` under `root` by the hash rule, in walk order (as TextFiles reads)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(dirnames)
+        for f in sorted(filenames):
+            full = os.path.join(dirpath, f)
+            data = open(full, "rb").read()
+            in_valid = pp.hash_fraction(os.path.relpath(full, root)) < fraction
+            if data and b"\0" not in data[:4096] and in_valid == (split == "validation"):
+                out.append(tok(data))
+    return out
+
+
 def _tree(path):
     """{relative path: bytes} of every file under `path` (to compare two preparations byte for byte)."""
     out = {}
@@ -35,11 +49,15 @@ def test_text_dir_reads_back_as_tokenized_files(tmp_path):
     write_text_corpus(tmp_path / "in", 40)
     (tmp_path / "in" / "empty.txt").write_text("")
     (tmp_path / "in" / "blob.bin").write_bytes(b"\x00\x01\x02binary")
-    m = pp.prepare("text", str(tmp_path / "in"), str(tmp_path / "out"), shard_mb=0.004, record_tokens=300)
+    m = pp.prepare(
+        "text", str(tmp_path / "in"), str(tmp_path / "out"), shard_mb=0.004, record_tokens=300, validation_fraction=0.1
+    )
     assert m["skipped"] == {"empty": 1, "binary": 1} and m["units"] > 3
     assert m["tokenizer"] == ByteTokenizer().spec()
     for split in ("train", "validation"):
-        expected = TextFiles(str(tmp_path / "in"), split, ByteTokenizer()).docs
+        expected = _text_split_docs(tmp_path / "in", split, ByteTokenizer(), 0.1)
+        # A fraction of 0.1 is the in-memory text source's split.
+        assert all(np.array_equal(a, b) for a, b in zip(expected, TextFiles(str(tmp_path / "in"), split).docs))
         got = _all_docs(tmp_path / "out", split)
         assert len(got) == len(expected) == m["splits"][split]["documents"] > 0
         assert all(np.array_equal(a, b) and a.dtype == np.int32 for a, b in zip(got, expected))
@@ -71,6 +89,8 @@ def test_hf_tokenizer_and_cli_hooks(tmp_path, capsys):
             tok_path,
             "--shard-mb",
             "0.002",
+            "--validation-fraction",
+            "0.2",
         ]
     )
     assert pp.run(args) == 0
@@ -80,16 +100,16 @@ def test_hf_tokenizer_and_cli_hooks(tmp_path, capsys):
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert m["tokenizer"] == tok.spec()
     for split in ("train", "validation"):
-        expected = TextFiles(str(tmp_path / "in"), split, tok).docs
+        expected = _text_split_docs(tmp_path / "in", split, tok, 0.2)
         got = _all_docs(tmp_path / "out", split)
-        assert len(got) == len(expected) and all(np.array_equal(a, b) for a, b in zip(got, expected))
+        assert len(got) == len(expected) > 0 and all(np.array_equal(a, b) for a, b in zip(got, expected))
     assert tok.decode(got[0]).startswith("doc ")
 
 
 def test_resume_after_kill_is_identical(tmp_path):
     write_text_corpus(tmp_path / "in", 30)
     src, out = str(tmp_path / "in"), tmp_path / "out"
-    kw = dict(shard_mb=0.004, record_tokens=500)
+    kw = dict(shard_mb=0.004, record_tokens=500, validation_fraction=0.1)
     m = pp.prepare("text", src, str(out), **kw)
     reference = _tree(out)
     shard0 = out / m["splits"]["train"]["shards"][0]["path"]
@@ -111,6 +131,60 @@ def test_resume_after_kill_is_identical(tmp_path):
     lines = []
     assert pp.prepare("text", src, str(out), log=lines.append, **kw) == m and _tree(out) == reference
     assert len(lines) == 2
+
+
+def test_small_corpus_gets_one_validation_document(tmp_path):
+    write_text_corpus(tmp_path / "in", 12, max_words=40)
+    root = tmp_path / "in"
+    keys = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+    assert min(pp.hash_fraction(k) for k in keys) >= 0.01  # none falls below the default fraction
+    lines = []
+    m = pp.prepare("text", str(tmp_path / "in"), str(tmp_path / "out"), shard_mb=0.001, log=lines.append)
+    assert m["splits"]["validation"]["documents"] == 1 and m["splits"]["train"]["documents"] == 11
+    smallest = min(keys, key=pp.hash_fraction)
+    assert any(repr(smallest) in line for line in lines)
+    valid = sh.ShardDocuments(tmp_path / "out", "validation")[0]
+    assert ByteTokenizer().decode(valid) == (tmp_path / "in" / smallest).read_text()
+    # Deterministic: a second preparation and a rerun over the finished directory are the same.
+    reference = _tree(tmp_path / "out")
+    assert pp.prepare("text", str(tmp_path / "in"), str(tmp_path / "again"), shard_mb=0.001) == m
+    assert _tree(tmp_path / "again") == reference
+    assert pp.prepare("text", str(tmp_path / "in"), str(tmp_path / "out"), shard_mb=0.001) == m
+    # The forced unit lost: redone, forced again, identical.
+    forced = next(p for p in os.listdir(tmp_path / "out" / "validation") if p.startswith("shard"))
+    os.remove(tmp_path / "out" / "validation" / forced)
+    assert pp.prepare("text", str(tmp_path / "in"), str(tmp_path / "out"), shard_mb=0.001) == m
+    assert _tree(tmp_path / "out") == reference
+    # A fraction of 0 asks for no validation split.
+    m0 = pp.prepare("text", str(tmp_path / "in"), str(tmp_path / "none"), validation_fraction=0)
+    assert m0["splits"]["validation"]["documents"] == 0 and m0["splits"]["train"]["documents"] == 12
+    with pytest.raises(ValueError, match="no documents in split 'validation'.*--validation-fraction F > 0"):
+        sh.ShardDocuments(tmp_path / "none", "validation")
+    with pytest.raises(ValueError, match="--validation-fraction 1.5 must be in"):
+        pp.prepare("text", str(tmp_path / "in"), str(tmp_path / "bad"), validation_fraction=1.5)
+
+
+def test_splits_by_path_for_text_and_jsonl(tmp_path):
+    write_text_corpus(tmp_path / "in" / "train", 6, nested=False)
+    write_text_corpus(tmp_path / "in" / "valid", 2, seed=1, nested=False)
+    m = pp.prepare("text", str(tmp_path / "in"), str(tmp_path / "out"), splits="train=train,validation=valid")
+    assert m["splits"]["train"]["documents"] == 6 and m["splits"]["validation"]["documents"] == 2
+    (tmp_path / "in" / "stray.txt").write_text("outside both splits")
+    with pytest.raises(ValueError, match="'stray.txt' lies under none of"):
+        pp.prepare("text", str(tmp_path / "in"), str(tmp_path / "out2"), splits="train=train,validation=valid")
+    with pytest.raises(ValueError, match="does not exist"):
+        pp.prepare("text", str(tmp_path / "in"), str(tmp_path / "out2"), splits="train=nosuch")
+    with pytest.raises(ValueError, match="write train=PATH,validation=PATH"):
+        pp.prepare("text", str(tmp_path / "in"), str(tmp_path / "out2"), splits="test=valid")
+    (tmp_path / "j").mkdir()
+    for name, n in (("train.jsonl", 5), ("dev.jsonl", 2)):
+        (tmp_path / "j" / name).write_text("".join(json.dumps({"text": f"{name} {i}"}) + "\n" for i in range(n)))
+    m = pp.prepare(
+        "jsonl", str(tmp_path / "j"), str(tmp_path / "jout"), splits="train=train.jsonl,validation=dev.jsonl"
+    )
+    assert m["splits"]["train"]["documents"] == 5 and m["splits"]["validation"]["documents"] == 2
+    with pytest.raises(ValueError, match="needs --input to be a directory"):
+        pp.prepare("jsonl", str(tmp_path / "j" / "dev.jsonl"), str(tmp_path / "jout2"), splits="train=dev.jsonl")
 
 
 def test_parallel_workers_write_identical_shards(tmp_path):

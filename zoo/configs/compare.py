@@ -7,7 +7,7 @@ This is not a run config of one model (it has no `get_config`; `zoo train` does 
 `get_settings(preset)` returns the plain dict `zoo.compare` reads.
 
 Presets:
-- `tiny`: what runs on a 2-core CPU in 14-25 minutes for all eight rows (d_model 64, 2 layers,
+- `tiny`: what runs on a 2-core CPU in 13.7-24 minutes (depending on load) for all eight rows (d_model 64, 2 layers,
   93k-127k parameters, 400 steps of 1,024 tokens of the passkey + MQAR mixture in decomposition
   buckets of 128 and 256 tokens, evaluated up to 8x = 2048). This is the run committed under
   docs/compare/ (docs/compare.md); at this budget no model learns retrieval.

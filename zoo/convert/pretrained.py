@@ -26,10 +26,22 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from zoo.checkpoint import abstract_model, bind, convert_layout, load_pretrained, save_pretrained, tokenizer_spec
+from zoo import io
+from zoo.checkpoint import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    abstract_model,
+    bind,
+    convert_layout,
+    load_model,
+    load_pretrained,
+    model_dir_of,
+    save_pretrained,
+    tokenizer_spec,
+)
 from zoo.convert import hf, mamba_ssm
 from zoo.convert.sources import SourceWeights, checkpoint_dir, read_config, read_weights, write_safetensors
-from zoo.data.tokenizers import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
+from zoo.data.tokenizers import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer, run_tokenizer
 from zoo.models import registry
 from zoo.models.params import ParamView
 
@@ -200,6 +212,58 @@ def convert_checkpoint(
     return {**info, "model_name": model.model_name, "tokenizer": None if tok is None else tok.spec()}
 
 
+def source_kind(path) -> str:
+    """What a directory holds: "model" (a zoo model directory: model.json), "run" (a `zoo train`
+    work directory), "hf" (a Hugging Face checkpoint) or "mamba_ssm" (a state-spaces checkpoint)."""
+    directory = model_dir_of(path)
+    if (directory / MODEL_FILE).is_file():
+        return "model"
+    if (directory / CONFIG_FILE).is_file():
+        config = io.read_json(directory / CONFIG_FILE)
+        if isinstance(config, dict) and "model_name" in config and "train" in config:
+            return "run"
+        if isinstance(config, dict) and ("model_type" in config or "architectures" in config):
+            return "hf"
+        if isinstance(config, dict) and "d_model" in config and "ssm_cfg" in config:
+            return "mamba_ssm"
+    raise ValueError(
+        f"{str(path)!r} is neither a zoo model directory (model.json), a `zoo train` work directory, nor a "
+        "Hugging Face / mamba_ssm checkpoint (config.json + weights); give one of those"
+    )
+
+
+def load_any(path, step: int | None = None, *, dtype: str = "float32", **model_overrides) -> tuple[nnx.Module, dict]:
+    """(model, meta) of a zoo model directory, a `zoo train` work directory (checkpoint `step`,
+    default the latest) or a Hugging Face / mamba_ssm checkpoint converted in memory.
+
+    `meta` has a model.json's fields: "model_name", "model" (the config's fields), "tokenizer" (the
+    spec: the model directory's, the run's data tokenizer, or the checkpoint's own as `zoo convert
+    --from` finds it) and "source". `dtype` is the compute dtype of a converted checkpoint.
+    """
+    kind = source_kind(path)
+    if step is not None and kind != "run":
+        raise ValueError(f"a checkpoint step applies to a `zoo train` work directory; {str(path)!r} is a {kind} one")
+    if kind == "model":
+        return load_pretrained(path, **model_overrides)
+    if kind == "run":
+        model, config = load_model(path, step, **model_overrides)
+        source = {"workdir": str(io.path(path)), "step": step}
+        tok = run_tokenizer(config.data)
+    else:
+        tok = find_tokenizer(path)
+        model, source = import_checkpoint(path, kind, dtype=dtype, **model_overrides)
+        check_tokenizer(tok, model.config.vocab_size)
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model.config).items()}
+    meta = {
+        "format": "zoo-model",
+        "model_name": model.model_name,
+        "model": fields,
+        "tokenizer": None if tok is None else tok.spec(),
+        "source": source,
+    }
+    return model, meta
+
+
 def _flat_numpy(model: nnx.Module) -> dict[str, np.ndarray]:
     cfg = model.config
     params = ParamView(model).flat(model)
@@ -243,14 +307,23 @@ def export_tensors(model: nnx.Module, dtype: str = "float32") -> tuple[dict[str,
 
 
 def export_hf(
-    model_dir, out, *, dtype: str = "float32", max_position_embeddings: int | None = None, model=None, meta=None
+    model_dir,
+    out,
+    *,
+    dtype: str = "float32",
+    max_position_embeddings: int | None = None,
+    model=None,
+    meta=None,
+    step: int | None = None,
 ) -> dict:
     """Writes a Hugging Face checkpoint (config.json, model.safetensors, generation_config.json and
-    the tokenizer files) of a zoo model directory (or of `model` with its model.json `meta`).
+    the tokenizer files) of a zoo model directory or a `zoo train` work directory (checkpoint
+    `step`, default the latest), or of `model` with its model.json `meta`. A byte-level tokenizer
+    is written as an equivalent tokenizer.json (`byte_tokenizer_json`).
 
     Returns {"path", "config", "tensors"}."""
     if model is None:
-        model, meta = load_pretrained(model_dir)
+        model, meta = load_any(model_dir, step)
     meta = meta or {}
     tensors, extra = export_tensors(model, dtype)
     source = (meta.get("source") or {}).get("config") or {}
@@ -282,7 +355,41 @@ def export_hf(
         for name in (os.path.basename(spec["path"]), "tokenizer_config.json", "special_tokens_map.json"):
             if os.path.isfile(os.path.join(folder, name)):
                 shutil.copyfile(os.path.join(folder, name), os.path.join(out, name))
+    elif spec is not None and spec.get("kind") == "bytes":
+        byte_tokenizer_json(out)
     return {"path": os.path.abspath(str(out)), "config": config, "tensors": len(tensors)}
+
+
+def byte_tokenizer_json(out) -> str:
+    """Writes tokenizer.json and tokenizer_config.json of a Hugging Face tokenizer equal to the zoo's
+    byte tokenizer (id = UTF-8 byte, EOS 0): byte-level pieces without merges. Returns the path."""
+    from tokenizers import Tokenizer as HFTokenizerModel
+    from tokenizers import decoders, models, pre_tokenizers
+
+    byte_to_char = dict(enumerate(_bytes_to_unicode()))
+    vocab = {byte_to_char[b]: b for b in range(256)}
+    tok = HFTokenizerModel(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    path = os.path.join(out, "tokenizer.json")
+    tok.save(path)
+    eos = byte_to_char[0]
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "model_max_length": 10**9}, f)
+    return path
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The printable character GPT-2's byte-level pre-tokenizer uses for each byte 0..255."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
 
 
 def describe(info: dict) -> str:
@@ -311,4 +418,6 @@ __all__ = [
     "export_tensors",
     "find_tokenizer",
     "import_checkpoint",
+    "load_any",
+    "source_kind",
 ]

@@ -11,11 +11,15 @@ Sources (``--source``):
 * ``hf``: a Hugging Face ``datasets`` directory written by ``save_to_disk`` (a ``Dataset`` or a
   ``DatasetDict``), read directly from its Arrow files with pyarrow; the text under ``--text-key``.
 
-Splits: text and JSONL documents go to ``validation`` when the sha1 of their key (the file's
-relative path; ``file:byte offset`` for a JSONL line) is 0 mod 10, else to ``train`` (the rule of
-the in-memory text source, so both see the same split). TFDS and HF sources keep their own splits:
-``train`` from the source's ``train``, ``validation`` from its ``validation`` / ``valid`` / ``dev`` /
-``test`` (the first present); a source with only ``train`` is split by the hash of ``split/index``.
+Splits: a text or JSONL document goes to ``validation`` when the hash of its key (the file's
+relative path; ``file:byte offset`` for a JSONL line), the first 8 hex digits of its sha1 read as a
+fraction (:func:`hash_fraction`), is below ``--validation-fraction`` (default 1%), else to ``train``. When no document
+falls below it, the one with the smallest hash goes to ``validation`` (if at least two documents
+remain), so a small corpus still gets a validation split of one document. ``--splits
+train=DIR,validation=DIR`` instead takes each split from paths under ``--input`` (directories or
+files; every file must lie under one of them). TFDS and HF sources keep their own splits: ``train``
+from the source's ``train``, ``validation`` from its ``validation`` / ``valid`` / ``dev`` / ``test``
+(the first present); a source with only ``train`` is split by the hash of ``split/index`` as above.
 ``--splits train=train,validation=test`` sets the mapping explicitly.
 
 The work is a list of units (contiguous ranges of the source's documents: ``--shard-mb`` of input
@@ -42,7 +46,6 @@ from typing import Any
 import numpy as np
 
 from zoo.data import shards as sh
-from zoo.data.text import _in_split
 from zoo.data.tokenizers import Tokenizer, file_sha256, from_spec, load_tokenizer
 
 SOURCES = ("text", "jsonl", "tfds", "hf")
@@ -51,8 +54,46 @@ TMP = ".tmp"
 _TOKENIZE_BATCH = 64
 
 
-def _hash_split(key: str) -> str:
-    return "validation" if _in_split(key, "validation") else "train"
+def hash_fraction(key: str) -> float:
+    """A document key's place in [0, 1), uniform over keys, from the first 8 hex digits x of its sha1.
+
+    The first decimal digit is x mod 10, the rest x // 10: a fraction of 0.1 selects x mod 10 == 0,
+    the validation split of the in-memory text source (`zoo.data.text`), so both agree there.
+    """
+    x = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16)
+    return (x % 10 + (x // 10) / (2**32 // 10 + 1)) / 10
+
+
+def path_splits(splits: str, root: str) -> list[tuple[str, str]]:
+    """``[(relative path, 'train' | 'validation')]`` from ``--splits train=DIR,validation=DIR`` of a
+    text or JSONL directory (``""``: ``[]``, every document split by hash)."""
+    if not splits:
+        return []
+    out = []
+    for item in splits.split(","):
+        split, sep, rel = item.partition("=")
+        rel = os.path.normpath(rel.strip())
+        if not sep or split not in sh.SPLITS or rel.startswith("..") or os.path.isabs(rel):
+            raise ValueError(
+                f"--splits item {item!r}: write train=PATH,validation=PATH with paths inside --input "
+                "(or leave --splits out to split by --validation-fraction)"
+            )
+        if not os.path.exists(os.path.join(root, rel)):
+            raise ValueError(f"--splits item {item!r}: {os.path.join(root, rel)!r} does not exist")
+        out.append((rel, split))
+    return out
+
+
+def _split_of_path(rel: str, mapping: list[tuple[str, str]]) -> str | None:
+    """The split of file ``rel`` under ``--splits`` paths (None: no mapping, split by hash)."""
+    if not mapping:
+        return None
+    for prefix, split in mapping:
+        if prefix == "." or rel == prefix or rel.startswith(prefix + os.sep):
+            return split
+    raise ValueError(
+        f"--splits: {rel!r} lies under none of {[p for p, _ in mapping]}; move it there or name its directory"
+    )
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
@@ -80,11 +121,12 @@ def _group(items: list, sizes: list[int], budget: int) -> list[list]:
     return groups
 
 
-def plan_text(path: str, shard_bytes: int) -> tuple[dict, list[dict]]:
-    """Units of ~``shard_bytes`` of files under ``path``, each file with its split."""
+def plan_text(path: str, shard_bytes: int, splits: str = "") -> tuple[dict, list[dict]]:
+    """Units of ~``shard_bytes`` of files under ``path``, each file with its ``--splits`` split (None: by hash)."""
     if not path or not os.path.isdir(path):
         raise ValueError(f"--input {path!r} is not a directory; point --source text at a folder of text files")
     root = os.path.abspath(path)
+    mapping = path_splits(splits, root)
     files, sizes = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(dirnames)
@@ -92,7 +134,7 @@ def plan_text(path: str, shard_bytes: int) -> tuple[dict, list[dict]]:
             full = os.path.join(dirpath, name)
             if os.path.isfile(full):
                 rel = os.path.relpath(full, root)
-                files.append([rel, _hash_split(rel)])
+                files.append([rel, _split_of_path(rel, mapping)])
                 sizes.append(os.path.getsize(full))
     if not files:
         raise ValueError(f"--input {path!r} holds no files; give a directory of text files")
@@ -100,11 +142,17 @@ def plan_text(path: str, shard_bytes: int) -> tuple[dict, list[dict]]:
     return {"kind": "text", "path": root, "files": len(files), "bytes": int(sum(sizes))}, units
 
 
-def plan_jsonl(path: str, text_key: str, shard_bytes: int) -> tuple[dict, list[dict]]:
-    """Byte ranges of ~``shard_bytes`` of the JSONL files (a ``.gz`` file is one unit)."""
+def plan_jsonl(path: str, text_key: str, shard_bytes: int, splits: str = "") -> tuple[dict, list[dict]]:
+    """Byte ranges of ~``shard_bytes`` of the JSONL files (a ``.gz`` file is one unit), each with the
+    file's ``--splits`` split (None: each line by hash)."""
     if not path or not os.path.exists(path):
         raise ValueError(f"--input {path!r} does not exist; give a .jsonl file or a directory of them")
     if os.path.isfile(path):
+        if splits:
+            raise ValueError(
+                f"--splits needs --input to be a directory holding the split files; {path!r} is one file "
+                "(leave --splits out to split it by --validation-fraction)"
+            )
         root, rels = os.path.dirname(os.path.abspath(path)), [os.path.basename(path)]
     else:
         root, rels = os.path.abspath(path), []
@@ -117,15 +165,17 @@ def plan_jsonl(path: str, text_key: str, shard_bytes: int) -> tuple[dict, list[d
             ]
     if not rels:
         raise ValueError(f"--input {path!r} holds no .jsonl or .jsonl.gz files")
+    mapping = path_splits(splits, root)
     units, total = [], 0
     for rel in rels:
         size = os.path.getsize(os.path.join(root, rel))
         total += size
+        split = _split_of_path(rel, mapping)
         if rel.endswith(".gz"):
-            units.append({"file": rel, "start": 0, "end": -1})
+            units.append({"file": rel, "start": 0, "end": -1, "split": split})
             continue
         for start in range(0, max(size, 1), shard_bytes):
-            units.append({"file": rel, "start": start, "end": min(start + shard_bytes, size)})
+            units.append({"file": rel, "start": start, "end": min(start + shard_bytes, size), "split": split})
     desc = {"kind": "jsonl", "path": os.path.abspath(path), "text_key": text_key, "files": len(rels), "bytes": total}
     return desc, units
 
@@ -252,7 +302,7 @@ def plan_hf(path: str, text_key: str, splits: str, docs_per_shard: int) -> tuple
 # --- workers: one unit -> one shard per split ------------------------------------------------------------------
 
 
-def _text_documents(desc: dict, unit: dict, skipped: dict) -> Iterator[tuple[str, bytes | str]]:
+def _text_documents(desc: dict, unit: dict, skipped: dict) -> Iterator[tuple[str | None, str, bytes | str]]:
     for rel, split in unit["files"]:
         with open(os.path.join(desc["path"], rel), "rb") as f:
             data = f.read()
@@ -261,7 +311,7 @@ def _text_documents(desc: dict, unit: dict, skipped: dict) -> Iterator[tuple[str
         elif b"\0" in data[:4096]:
             skipped["binary"] += 1
         else:
-            yield split, data
+            yield split, rel, data
 
 
 def _jsonl_lines(path: str, start: int, end: int) -> Iterator[tuple[int, bytes]]:
@@ -286,7 +336,7 @@ def _jsonl_lines(path: str, start: int, end: int) -> Iterator[tuple[int, bytes]]
             pos += len(line)
 
 
-def _jsonl_documents(desc: dict, unit: dict, skipped: dict) -> Iterator[tuple[str, str]]:
+def _jsonl_documents(desc: dict, unit: dict, skipped: dict) -> Iterator[tuple[str | None, str, str]]:
     key = desc["text_key"]
     path = os.path.join(desc["path"], unit["file"]) if os.path.isdir(desc["path"]) else desc["path"]
     for pos, line in _jsonl_lines(path, unit["start"], unit["end"]):
@@ -302,13 +352,13 @@ def _jsonl_documents(desc: dict, unit: dict, skipped: dict) -> Iterator[tuple[st
         if not obj[key]:
             skipped["empty"] += 1
             continue
-        yield _hash_split(f"{unit['file']}:{pos}"), obj[key]
+        yield unit.get("split"), f"{unit['file']}:{pos}", obj[key]
 
 
 _TFDS_SOURCES: dict = {}
 
 
-def _tfds_documents(desc: dict, unit: dict, skipped: dict) -> Iterator[tuple[str, bytes | str]]:
+def _tfds_documents(desc: dict, unit: dict, skipped: dict) -> Iterator[tuple[str | None, str, bytes | str]]:
     import tensorflow_datasets as tfds
 
     cache_key = (desc["name"], desc["data_dir"], unit["split"])
@@ -333,11 +383,10 @@ def _tfds_documents(desc: dict, unit: dict, skipped: dict) -> Iterator[tuple[str
         if not value:
             skipped["empty"] += 1
             continue
-        out = unit["out"]
-        yield (_hash_split(f"{unit['split']}/{i}") if out == "hash" else out), value
+        yield (None if unit["out"] == "hash" else unit["out"]), f"{unit['split']}/{i}", value
 
 
-def _hf_documents(desc: dict, unit: dict, skipped: dict) -> Iterator[tuple[str, str]]:
+def _hf_documents(desc: dict, unit: dict, skipped: dict) -> Iterator[tuple[str | None, str, str]]:
     pos = 0
     for batch in _open_arrow(os.path.join(desc["path"], unit["file"])):
         lo, hi = max(unit["lo"] - pos, 0), min(unit["hi"] - pos, batch.num_rows)
@@ -346,8 +395,8 @@ def _hf_documents(desc: dict, unit: dict, skipped: dict) -> Iterator[tuple[str, 
                 if not value:
                     skipped["empty"] += 1
                     continue
-                out = unit["out"]
-                yield (_hash_split(f"{unit['split']}/{pos + lo + j}") if out == "hash" else out), value
+                out = None if unit["out"] == "hash" else unit["out"]
+                yield out, f"{unit['split']}/{pos + lo + j}", value
         pos += batch.num_rows
         if pos >= unit["hi"]:
             break
@@ -370,21 +419,21 @@ def _tokenizer(spec: dict) -> Tokenizer:
     return _TOKENIZERS[key]
 
 
-def _tokenized(tok: Tokenizer, docs: Iterator[tuple[str, bytes | str]]) -> Iterator[tuple[str, np.ndarray]]:
-    """``(split, int32 tokens)`` per document, tokenized in small batches when the tokenizer can."""
+def _tokenized(tok: Tokenizer, docs: Iterator[tuple]) -> Iterator[tuple[str | None, str, np.ndarray]]:
+    """``(split, key, int32 tokens)`` per document, tokenized in small batches when the tokenizer can."""
     batch_fn = getattr(tok, "encode_batch", None)
     if batch_fn is None:
-        for split, text in docs:
-            yield split, tok.encode(text)
+        for split, key, text in docs:
+            yield split, key, tok.encode(text)
         return
     pending: list = []
     for item in docs:
         pending.append(item)
         if len(pending) == _TOKENIZE_BATCH:
-            yield from zip((s for s, _ in pending), batch_fn([t for _, t in pending]))
+            yield from ((s, k, t) for (s, k, _), t in zip(pending, batch_fn([t for _, _, t in pending])))
             pending = []
     if pending:
-        yield from zip((s for s, _ in pending), batch_fn([t for _, t in pending]))
+        yield from ((s, k, t) for (s, k, _), t in zip(pending, batch_fn([t for _, _, t in pending])))
 
 
 def unit_paths(index: int, split: str) -> tuple[str, str]:
@@ -399,19 +448,33 @@ def _commit_path(out: str, index: int) -> str:
 def process_unit(task: tuple) -> dict:
     """Tokenizes one unit into one shard per split and commits it; returns the commit record.
 
+    A document without a fixed split goes to ``validation`` when its key's :func:`hash_fraction` is
+    below the source's ``validation_fraction`` or it is the unit's forced key. The commit records the
+    smallest ``[hash_fraction, key]`` of the documents so split to ``train`` (``hash_min``), from which
+    :func:`prepare` picks the one document a validation split that came out empty gets.
+
     Args:
-        task: ``(output dir, unit index, source description, unit, tokenizer spec, record_tokens)``.
+        task: ``(output dir, unit index, source description, unit, tokenizer spec, record_tokens[,
+            forced validation key])``.
     """
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    out, index, desc, unit, tok_spec, record_tokens = task
+    out, index, desc, unit, tok_spec, record_tokens, *rest = task
+    forced = rest[0] if rest else None
+    fraction = desc.get("validation_fraction", 0.0)
     tok = _tokenizer(tok_spec)
     skipped = {"empty": 0, "binary": 0}
     writers, lengths, records, tmp = {}, {}, {}, {}
-    for split, tokens in _tokenized(tok, _READERS[desc["kind"]](desc, unit, skipped)):
+    hash_min = None
+    for split, key, tokens in _tokenized(tok, _READERS[desc["kind"]](desc, unit, skipped)):
         if len(tokens) == 0:
             skipped["empty"] += 1
             continue
+        if split is None:
+            u = hash_fraction(key)
+            split = "validation" if u < fraction or key == forced else "train"
+            if split == "train" and (hash_min is None or [u, key] < hash_min):
+                hash_min = [u, key]
         if split not in writers:
             tmp[split] = os.path.join(out, f"{unit_paths(index, split)[0]}{TMP}.{os.getpid()}")
             writers[split] = ArrayRecordWriter(tmp[split], sh.WRITER_OPTIONS)
@@ -420,7 +483,7 @@ def process_unit(task: tuple) -> dict:
             writers[split].write(record)
             records[split] += 1
         lengths[split].append(len(tokens))
-    commit = {"unit": index, "skipped": skipped, "splits": {}}
+    commit = {"unit": index, "skipped": skipped, "splits": {}, "hash_min": hash_min, "forced_validation": forced}
     for split, writer in writers.items():
         writer.close()
         shard, lengths_file = unit_paths(index, split)
@@ -531,6 +594,7 @@ def prepare(
     tfds_name: str = "",
     text_key: str = "text",
     splits: str = "",
+    validation_fraction: float = 0.01,
     workers: int = 1,
     shard_mb: float = 64.0,
     docs_per_shard: int = 4096,
@@ -548,7 +612,10 @@ def prepare(
         eos_token: the end-of-document token of a ``tokenizer.json`` (default: guessed, see tokenizers).
         tfds_name: the TFDS dataset name (``source="tfds"``).
         text_key: the text field of JSONL lines, TFDS records and HF rows.
-        splits: ``"train=<split>,validation=<split>"`` for TFDS/HF sources; ``""``: automatic.
+        splits: ``"train=<split>,validation=<split>"`` for TFDS/HF sources, ``"train=PATH,validation=PATH"``
+            (paths inside ``input_path``) for text/JSONL; ``""``: automatic.
+        validation_fraction: the share of documents split by hash that go to ``validation`` (at
+            least one document when the corpus holds two or more).
         workers: worker processes (spawn); 1 runs in this process.
         shard_mb: MiB of input per text/JSONL unit (one shard per split per unit).
         docs_per_shard: records of the source per TFDS/HF unit.
@@ -569,18 +636,21 @@ def prepare(
             raise ValueError(f"{name} {value} must be >= {low}")
     if not shard_mb > 0:
         raise ValueError(f"--shard-mb {shard_mb} must be > 0")
+    if not 0 <= validation_fraction < 1:
+        raise ValueError(f"--validation-fraction {validation_fraction} must be in [0, 1), e.g. 0.01")
     if not output:
         raise ValueError("--output is required: the directory to write the shards to")
     tok = load_tokenizer(tokenizer, eos_token)
     shard_bytes = max(1, int(shard_mb * 2**20))
     if source == "text":
-        desc, units = plan_text(input_path, shard_bytes)
+        desc, units = plan_text(input_path, shard_bytes, splits)
     elif source == "jsonl":
-        desc, units = plan_jsonl(input_path, text_key, shard_bytes)
+        desc, units = plan_jsonl(input_path, text_key, shard_bytes, splits)
     elif source == "tfds":
         desc, units = plan_tfds(tfds_name, input_path, text_key, splits, docs_per_shard)
     else:
         desc, units = plan_hf(input_path, text_key, splits, docs_per_shard)
+    desc["validation_fraction"] = float(validation_fraction)
     plan = {
         "format": sh.FORMAT,
         "format_version": sh.FORMAT_VERSION,
@@ -623,6 +693,13 @@ def prepare(
         if pool is not None:
             pool.close()
             pool.join()
+    forced = _one_validation_document(commits) if validation_fraction > 0 else None
+    if forced is not None:  # no document fell below the fraction: the smallest hash is validation
+        i, key = forced
+        _remove_unit(out, i)
+        commits[i] = process_unit((out, i, desc, units[i], plan["tokenizer"], int(record_tokens), key))
+        if log:
+            log(f"unit {i + 1}/{len(units)}: {key!r} moved to validation (no document fell below the fraction)")
 
     ordered = [commits[i] for i in range(len(units))]
     skipped = {k: sum(c["skipped"][k] for c in ordered) for k in ("empty", "binary")}
@@ -667,6 +744,19 @@ def prepare(
     return manifest
 
 
+def _one_validation_document(commits: dict[int, dict]) -> tuple[int, str] | None:
+    """``(unit, key)`` of the hash-split document to move to ``validation`` when that split is empty
+    and at least two hash-split documents exist; None otherwise."""
+    if any("validation" in c["splits"] for c in commits.values()):
+        return None
+    candidates = [(c["hash_min"], i) for i, c in commits.items() if c.get("hash_min")]
+    train_docs = sum(c["splits"].get("train", {}).get("documents", 0) for c in commits.values())
+    if not candidates or train_docs < 2:
+        return None
+    (_, key), i = min(candidates)
+    return i, key
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds the ``zoo data prepare`` arguments to ``parser`` (see :func:`prepare` for their meaning)."""
     parser.add_argument("--source", choices=SOURCES, default="text", help="kind of input (default: text)")
@@ -678,7 +768,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--eos-token", default=None, help="end-of-document token of a tokenizer.json")
     parser.add_argument("--tfds-name", default="", help="TFDS dataset name (--source tfds)")
     parser.add_argument("--text-key", default="text", help="text field of JSONL / TFDS / HF records")
-    parser.add_argument("--splits", default="", help="TFDS/HF split mapping, e.g. train=train,validation=test")
+    parser.add_argument(
+        "--splits",
+        default="",
+        help="TFDS/HF: split mapping, e.g. train=train,validation=test; text/JSONL: paths under --input, "
+        "e.g. train=train,validation=valid (default: split by --validation-fraction)",
+    )
+    parser.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.01,
+        help="share of hash-split documents in validation, at least one document (default: 0.01)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--shard-mb", type=float, default=64.0, help="MiB of text/JSONL input per shard")
     parser.add_argument("--docs-per-shard", type=int, default=4096, help="TFDS/HF records per shard")
@@ -697,6 +798,7 @@ def run(args: argparse.Namespace) -> int:
         tfds_name=args.tfds_name,
         text_key=args.text_key,
         splits=args.splits,
+        validation_fraction=args.validation_fraction,
         workers=args.workers,
         shard_mb=args.shard_mb,
         docs_per_shard=args.docs_per_shard,

@@ -108,7 +108,7 @@ class ShardDocuments:
             raise ValueError(
                 f"{path!r} has no documents in split {self.split!r} (splits: "
                 f"{sorted(k for k, v in self.manifest['splits'].items() if v['documents'])}); "
-                "prepare it with a validation split (zoo data prepare --splits)"
+                "prepare it again with a validation split (zoo data prepare --validation-fraction F > 0, or --splits)"
             )
         self.info = info
         self.tokenizer_spec = self.manifest["tokenizer"]

@@ -263,6 +263,16 @@ def tokenizer_for(data: Any) -> Tokenizer:
     return load_tokenizer(name)
 
 
+def run_tokenizer(data: Any) -> Tokenizer:
+    """The tokenizer a run's ``c.data`` trained with: for prepared shards without ``data.tokenizer``
+    the manifest's, else :func:`tokenizer_for`."""
+    if data.get("source") == "shards" and not (data.get("tokenizer", "") or data.get("sp_model", "")):
+        from zoo.data.shards import read_manifest
+
+        return from_spec(read_manifest(data.path)["tokenizer"])
+    return tokenizer_for(data)
+
+
 def from_spec(spec: dict) -> Tokenizer:
     """Rebuilds a tokenizer from :meth:`Tokenizer.spec`; refuses a model file whose sha256 changed."""
     kind = spec.get("kind")

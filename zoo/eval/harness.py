@@ -14,8 +14,10 @@ Requests are what lm-eval passes (objects with an `.args` tuple; plain tuples wo
     python -m zoo.eval.harness --model zoo --model_args pretrained=models/mamba2 --tasks lambada_openai
     # or, in Python: import zoo.eval.harness; lm_eval.simple_evaluate(model="zoo", model_args=..., tasks=[...])
 
-(`python -m zoo.eval.harness` registers the class and hands its arguments to lm-eval's own command
-line, which cannot import a model class from another package by itself.) Without lm-eval it is a
+(`python -m zoo.eval.harness` is the entry point: it registers the class and hands its arguments to
+lm-eval's own command line; `lm_eval --model zoo` cannot find it, because lm-eval's model registry
+takes no plugins from other packages.) model_args win over the same option passed beside them
+(lm-eval's command line passes batch_size=1 unless told). Without lm-eval it is a
 plain class with the same methods. model_args: pretrained=DIR or workdir=DIR (step=N), max_length,
 batch_size, max_gen_toks, prefix_token_id, seed, pad_to_bucket; lm-eval's device and max_batch_size are accepted and
 ignored (JAX places the model on its default device).
@@ -98,7 +100,8 @@ class ZooLM(_LMBase):
     """A zoo language model and its tokenizer behind lm-eval's three request types (module docstring).
 
     Args:
-      pretrained: a model directory (`zoo.from_pretrained`; its tokenizer unless `tokenizer` is given).
+      pretrained: what `zoo.from_pretrained` takes (a model directory, a work directory, a Hugging
+        Face / mamba_ssm checkpoint) and its tokenizer unless `tokenizer` is given.
       workdir: a `zoo train` work directory (its checkpoint at `step`, default the latest; its data
         tokenizer).
       model, tokenizer: a model and a `zoo.data.tokenizers.Tokenizer` object instead of a directory.
@@ -141,19 +144,20 @@ class ZooLM(_LMBase):
             raise ValueError("give exactly one of pretrained=DIR, workdir=DIR or model= (with tokenizer=)")
         source_length = None
         if pretrained is not None:
-            from zoo.checkpoint import load_pretrained, tokenizer_spec
+            from zoo.checkpoint import tokenizer_spec
+            from zoo.convert.pretrained import load_any
             from zoo.data.tokenizers import from_spec
 
-            model, meta = load_pretrained(pretrained)
+            model, meta = load_any(pretrained, step)
             spec = tokenizer_spec(pretrained, meta)
             tokenizer = tokenizer if tokenizer is not None else None if spec is None else from_spec(spec)
             source_length = ((meta.get("source") or {}).get("config") or {}).get("max_position_embeddings")
         elif workdir is not None:
             from zoo.checkpoint import load_model
-            from zoo.data.tokenizers import tokenizer_for
+            from zoo.data.tokenizers import run_tokenizer
 
             model, config = load_model(workdir, step)
-            tokenizer = tokenizer if tokenizer is not None else tokenizer_for(config.data)
+            tokenizer = tokenizer if tokenizer is not None else run_tokenizer(config.data)
             source_length = config.data.get("seq_len")
         if tokenizer is None:
             raise ValueError(
@@ -181,10 +185,17 @@ class ZooLM(_LMBase):
             raise ValueError(f"prefix_token_id={self.prefix_token_id} lies outside the vocabulary")
 
     @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> ZooLM:
+        """lm-eval's constructor (its command line and `simple_evaluate` with a dict): model_args
+        plus its batch_size / max_batch_size / device; an option given in model_args wins over the
+        same option passed beside it (lm-eval's command line passes batch_size=1 unless told)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> ZooLM:
-        """lm-eval's constructor: model_args "pretrained=DIR,batch_size=4" plus its batch_size/device."""
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
-        return cls(**{**parse_arg_string(arg_string), **extra})
+        """lm-eval's constructor for model_args as a string "pretrained=DIR,batch_size=4"."""
+        return cls.create_from_arg_obj(parse_arg_string(arg_string), additional_config)
 
     # The properties lm-eval's tasks and evaluator read.
     @property

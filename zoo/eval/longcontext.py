@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from zoo.data.pipeline import example_source, to_model_inputs
+from zoo.data.pipeline import DOCUMENT_SOURCES, example_source, to_model_inputs
 
 
 @functools.partial(nnx.jit, static_argnames="replicated")
@@ -110,8 +110,21 @@ def answer_accuracy_by_length(model, data: Any, lengths, samples: int, batch_siz
 
 
 def loss_by_position(model, data: Any, length: int, samples: int, batch_size: int, bins: int = 32) -> dict:
-    """Mean loss over the loss-mask at each position, averaged into `bins` equal position bins."""
-    source = example_source(data, "validation", int(length))
+    """Mean loss over the loss-mask at each position, averaged into `bins` equal position bins.
+
+    Over `samples` sequences, or all the validation split holds when it holds fewer (a document
+    corpus of a few documents).
+    """
+    try:
+        source = example_source(data, "validation", int(length))
+    except ValueError as e:
+        if data.source not in DOCUMENT_SOURCES:
+            raise
+        raise ValueError(
+            f"the validation split of data.path {data.path!r} is too small to evaluate at length {length} ({e}); "
+            "lower eval.lengths, or give it more documents (zoo data prepare --validation-fraction, --splits)"
+        ) from e
+    samples = min(int(samples), len(source))
     total = np.zeros(length)
     weight = np.zeros(length)
     for b in _batches(source, samples, batch_size):

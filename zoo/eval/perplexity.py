@@ -227,17 +227,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def load_model_and_tokenizer(pretrained: str | None = None, workdir: str | None = None, step: int | None = None):
-    """(model, tokenizer) of a model directory or a work directory; the tokenizer may be None for a
-    model directory converted without one."""
-    from zoo.checkpoint import load_model, load_pretrained, tokenizer_spec
-    from zoo.data.tokenizers import from_spec, tokenizer_for
+    """(model, tokenizer) of a model directory (or anything `zoo.from_pretrained` takes) or a work
+    directory; the tokenizer may be None for a model directory converted without one."""
+    from zoo.checkpoint import load_model, tokenizer_spec
+    from zoo.convert.pretrained import load_any
+    from zoo.data.tokenizers import from_spec, run_tokenizer
 
     if (pretrained is None) == (workdir is None):
         raise ValueError("give exactly one of pretrained= (a model directory) or workdir= (a zoo train run)")
     if workdir is not None:
         model, config = load_model(workdir, step)
-        return model, tokenizer_for(config.data)
-    model, meta = load_pretrained(pretrained)
+        return model, run_tokenizer(config.data)
+    model, meta = load_any(pretrained, step)
     spec = tokenizer_spec(pretrained, meta)
     return model, None if spec is None else from_spec(spec)
 

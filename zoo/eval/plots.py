@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import LogFormatter  # noqa: E402
 
 from zoo import io  # noqa: E402
 
@@ -58,8 +59,25 @@ def eval_figure(result: dict, path: str, train_length: int, title: str = "") -> 
     _save(fig, path)
 
 
+class _PlainLogFormatter(LogFormatter):
+    """matplotlib's choice of which log ticks to label, each label a plain number (200, 0.5)."""
+
+    def _num_to_string(self, x, vmin, vmax):
+        return np.format_float_positional(x, precision=6, trim="-")
+
+
+def plain_log_ticks(fig) -> None:
+    """Tick labels of every log-scaled axis of `fig` as plain numbers (200, 0.5), not 2x10^2."""
+    for ax in fig.axes:
+        for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
+            if scale == "log":
+                axis.set_major_formatter(_PlainLogFormatter(labelOnlyBase=False))
+                axis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
+
+
 def _save(fig, path) -> None:
-    """Saves a figure to any epath-compatible path (local or remote)."""
+    """Saves a figure to any epath-compatible path (local or remote), log-axis ticks as plain numbers."""
+    plain_log_ticks(fig)
     buf = BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)

@@ -13,14 +13,15 @@ follows from its class: a `LanguageModel` ("lm", trained by `zoo train`), a `For
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
+import os
 import pkgutil
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flax import nnx
-
-from zoo.models.base import ModelInfo, kind_of
+if TYPE_CHECKING:
+    from flax import nnx
 
 _MODELS: dict[str, tuple[type, dict[str, Any]]] = {}
 _NOT_MODELS = {"base", "registry"}
@@ -33,6 +34,8 @@ def register(name: str, presets: dict[str, Any]):
         raise ValueError(f"model {name!r} must define a 'tiny' preset for tests")
 
     def wrap(cls):
+        from zoo.models.base import kind_of
+
         kind_of(cls)  # one of the model base classes
         if name in _MODELS and _MODELS[name][0].__qualname__ != cls.__qualname__:
             raise ValueError(f"model name {name!r} is already registered by {_MODELS[name][0].__name__}")
@@ -64,6 +67,8 @@ def list_models(kind: str | None = None, **declared: Any) -> list[str]:
       **declared: only models whose class declares these values (`zoo.models.base.ModelInfo`),
         e.g. `list_models(convertible_from="mamba2")`.
     """
+    from zoo.models.base import ModelInfo
+
     unknown = sorted(set(declared) - set(ModelInfo.__annotations__))
     if unknown:
         raise ValueError(f"unknown declaration(s) {unknown}; models declare {sorted(ModelInfo.__annotations__)}")
@@ -81,6 +86,8 @@ def _entry(name: str) -> tuple[type, dict[str, Any]]:
 
 def model_kind(name: str) -> str:
     """ "lm", "forecaster" or "classifier" (`zoo.models.base.kind_of`)."""
+    from zoo.models.base import kind_of
+
     return kind_of(_entry(name)[0])
 
 
@@ -118,6 +125,8 @@ def config_class(name: str) -> type:
 
 def create_model(name: str, preset: str = "tiny", *, seed: int = 0, **overrides) -> nnx.Module:
     """Builds a registered model from a preset (plus field overrides) with fp32 params."""
+    from flax import nnx
+
     cfg = get_model_config(name, preset, **overrides)
     return model_class(name)(cfg, rngs=nnx.Rngs(seed))
 
@@ -138,3 +147,58 @@ def config_from_dict(name: str, values: dict[str, Any]) -> Any:
 def config_from_run(config) -> Any:
     """The model's frozen dataclass config from a run config (`config.model_name`, `config.model`)."""
     return config_from_dict(config.model_name, config.model.to_dict())
+
+
+_KIND_BASES = {"LanguageModel": "lm", "Forecaster": "forecaster", "Classifier": "classifier"}
+
+
+def listing() -> list[tuple[str, str, list[str]]]:
+    """``[(name, kind, presets)]`` of every model, sorted by name, read from the model files' source.
+
+    What `zoo models` prints, without importing JAX or a model: each `@registry.register(NAME,
+    PRESETS)` class, its kind from its base classes, and the keys of the module's `PRESETS` dict
+    literal. Equal to `list_models` / `model_kind` / `list_presets` (tested); a model file this
+    reading cannot follow makes it fall back to importing the models.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    bases: dict[str, list[str]] = {}  # class name -> its base class names, over every model file
+    found: list[tuple[str, str, list[str]]] = []  # (model name, class name, preset names)
+    for info in pkgutil.iter_modules([here]):
+        if info.name in _NOT_MODELS or info.name.startswith("_"):
+            continue
+        with open(os.path.join(here, f"{info.name}.py")) as f:
+            tree = ast.parse(f.read())
+        dicts = {
+            node.targets[0].id: node.value
+            for node in tree.body
+            if isinstance(node, ast.Assign)
+            and isinstance(node.targets[0], ast.Name)
+            and isinstance(node.value, ast.Dict)
+        }
+        for node in tree.body:
+            if not isinstance(node, ast.ClassDef):
+                continue
+            bases[node.name] = [b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases]
+            for d in node.decorator_list:
+                if isinstance(d, ast.Call) and getattr(d.func, "attr", "") == "register" and len(d.args) == 2:
+                    name, presets = d.args
+                    keys = dicts[presets.id].keys if isinstance(presets, ast.Name) and presets.id in dicts else None
+                    if not isinstance(name, ast.Constant) or keys is None:
+                        return _imported_listing()
+                    if not all(isinstance(k, ast.Constant) for k in keys):
+                        return _imported_listing()
+                    found.append((name.value, node.name, [k.value for k in keys]))
+
+    def kind(cls: str) -> str | None:
+        if cls in _KIND_BASES:
+            return _KIND_BASES[cls]
+        return next((k for b in bases.get(cls, []) if (k := kind(b)) is not None), None)
+
+    out = [(name, kind(cls), presets) for name, cls, presets in found]
+    if any(k is None for _, k, _ in out):
+        return _imported_listing()
+    return sorted(out)
+
+
+def _imported_listing() -> list[tuple[str, str, list[str]]]:
+    return [(n, model_kind(n), list_presets(n)) for n in list_models()]
