@@ -68,7 +68,15 @@ ALLOWED = {
     # the comparison's markdown and figures, written from its JSON alone (with the shared plot helpers)
     "zoo.compare_report": {"zoo.eval"},
     # `zoo reproduce`: the catalogue of experiments, above compare (it runs the comparison among others)
-    "zoo.reproduce": {"zoo", "zoo.config", "zoo.checkpoint", "zoo.train", "zoo.eval", "zoo.compare"},
+    "zoo.reproduce": {
+        "zoo",
+        "zoo.config",
+        "zoo.checkpoint",
+        "zoo.train",
+        "zoo.eval",
+        "zoo.compare",
+        "zoo.compare_report",
+    },
     "zoo": {"zoo.models", "zoo.checkpoint", "zoo.generate", "zoo.convert", "zoo.data"},
 }
 LAYERS = sorted(ALLOWED, key=len, reverse=True)

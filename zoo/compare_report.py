@@ -19,7 +19,8 @@ import numpy as np
 from zoo.eval import plots
 
 
-def _summary(report: dict) -> list[dict]:
+def summary(report: dict) -> list[dict]:
+    """One row per model of the comparison: its size, retrieval, loss, speed and memory at a glance."""
     train_len = report["train_length"]
     out = []
     for name, r in _ordered(report).items():
@@ -91,7 +92,7 @@ def markdown(report: dict, figures: dict[str, str]) -> str:
         f"| loss <{train_len} | loss >{train_len} | prefill ms | decode ms/token | peak MiB | MFLOP/token |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in _summary(report):
+    for r in summary(report):
         name = r["model"] + (" (converted)" if r["how"] == "converted" else "")
         lines.append(
             f"| {name} | {r['params']:,} | {r['pk_first']:.2f} | {r['pk_last']:.2f} | {r['mq_first']:.2f} | "

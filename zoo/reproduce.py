@@ -545,11 +545,51 @@ def _compare_run(params: dict, cell: dict, workdir: pathlib.Path) -> dict:
 
 
 def _compare_metrics(result: dict) -> dict[str, float]:
-    from zoo import compare
+    from zoo.compare_report import summary
 
     measures = {"pk_first": "passkey at the training length", "mq_first": "MQAR at the training length"}
     measures.update(loss_in="loss within the training length", loss_out="loss beyond it")
-    return {f"{row['model']}: {label}": row[key] for row in compare._summary(result) for key, label in measures.items()}
+    return {f"{row['model']}: {label}": row[key] for row in summary(result) for key, label in measures.items()}
+
+
+def _mqar_run(params: dict, cell: dict, workdir: pathlib.Path) -> dict:
+    """The MQAR grid of `zoo compare` (resumable on its own, cell by cell, in `params["out"]`)."""
+    from zoo import compare
+
+    out = ROOT / params["out"] if "out" in params else workdir
+    return compare.run(params["preset"], str(out), str(workdir / "runs"))
+
+
+def _mqar_metrics(result: dict) -> dict[str, float]:
+    from zoo.compare_report import mqar_groups
+
+    return {
+        f"{row} d_model={d} T={t}: accuracy at the best lr": g["mean"]
+        for (row, d, t), g in sorted(mqar_groups(result).items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][0]))
+    }
+
+
+def _hip_search_run(params: dict, cell: dict, workdir: pathlib.Path) -> dict:
+    """`scripts/hip_search_quality.py`: its JSON (in `params["out"]`, whose tables the docs show)."""
+    module = script("hip_search_quality")
+    out = ROOT / params["out"] if "out" in params else workdir
+    result = module.run(str(out))
+    if "out" in params:
+        module.write_docs(result, [ROOT / d for d in module.DOCS])
+    return result
+
+
+def _hip_search_metrics(result: dict) -> dict[str, float]:
+    out = {}
+    for r in result["flops"]:
+        out[f"T={r['T'] // 1024}K {r['scoring']}: dense / (search + attention) FLOPs"] = r["dense_over_hip"]
+    for scoring in ("representative", "block_max"):
+        rows = [r for r in result["search_quality"] if r["scoring"] == scoring]
+        out[f"{scoring}: attention mass vs exact top-K (mean over inputs)"] = float(
+            np.mean([r["mass_vs_exact_top_k"] for r in rows])
+        )
+        out[f"{scoring}: block recall (mean over inputs)"] = float(np.mean([r["block_recall"] for r in rows]))
+    return out
 
 
 MAIN_JOB = ["configs/transformer.py:tiny", []]
@@ -812,6 +852,31 @@ CATALOGUE: dict[str, Experiment] = {
             metrics=_compare_metrics,
             seeds=(0,),
             note="`zoo compare` trains every model at one seed; its own page holds the full tables.",
+        ),
+        Experiment(
+            name="mqar_grid",
+            summary="Zoology's MQAR grid: every LM by model dimension x length, best of 3 lrs, 3 seeds",
+            backs=("docs/compare.md",),
+            budgets={
+                "test": {"preset": "mqar-test"},
+                "cpu": {"preset": "mqar-cpu", "out": "docs/compare/mqar"},
+                "paper": {"preset": "mqar-paper", "out": "docs/compare/mqar-paper"},
+            },
+            run=_mqar_run,
+            metrics=_mqar_metrics,
+            seeds=(0,),
+            note="One cell of this catalogue is the whole grid, which keeps its own seeds and resumes cell "
+            "by cell in its folder; the page's MQAR section has the figures and the verdicts.",
+        ),
+        Experiment(
+            name="hip_search_quality",
+            summary="HiP's search, representative vs block-max scoring: attention mass, recall, FLOPs, vs dense",
+            backs=("docs/kernels/sparse_attention.md",),
+            budgets={"test": {}, "cpu": {"out": "results/hip_search"}, "paper": {"out": "results/hip_search"}},
+            run=_hip_search_run,
+            metrics=_hip_search_metrics,
+            seeds=(0,),
+            note="The measurement is deterministic (seed 0 of the script); its full tables are on the page.",
         ),
     ]
 }
