@@ -398,6 +398,11 @@ def load_results(out_dir) -> tuple[list[dict], list[dict]]:
     return runs, checks
 
 
+def run_label(r: dict) -> str:
+    a = r["args"]
+    return ("zoo" if a["run"] == "zoo" else f"transformers (init {a['init']})") + f", seed {a['seed']}"
+
+
 def table(out_dir) -> str:
     """Markdown tables of every JSON in out_dir: the parity checks, then the training runs."""
     runs, checks = load_results(out_dir)
@@ -422,7 +427,7 @@ def table(out_dir) -> str:
     for r in runs:
         a, last = r["args"], r["curve"][-1]
         by = ", ".join(f"{k}: {v[0]:.2f}" for k, v in last["acc_by_distance"].items())
-        model = "zoo" if a["run"] == "zoo" else f"transformers (init {a['init']})"
+        model = run_label(r)
         lines.append(
             f"| {model} | {a['task']} | {a['lr']:g} | {a['wd']:g} | {last['step']} / {a['steps']} | "
             f"{last['acc']:.3f} | {by} | {np.mean(r['losses'][-100:]):.3f} | {r['wall_s']:.0f} |"
@@ -434,10 +439,7 @@ def curves(out_dir) -> str:
     """Held-out accuracy of every run at every evaluation, one column per run."""
     runs, _ = load_results(out_dir)
     steps = sorted({p["step"] for r in runs for p in r["curve"]})
-    names = [
-        ("zoo" if r["args"]["run"] == "zoo" else f"transformers (init {r['args']['init']})") + f", {r['args']['task']}"
-        for r in runs
-    ]
+    names = [f"{run_label(r)}, {r['args']['task']}" for r in runs]
     lines = ["| step | " + " | ".join(names) + " |", "|---" * (len(runs) + 1) + "|"]
     for s in steps:
         cells = []
