@@ -26,6 +26,8 @@ process, onto shardings that span the processes (never one process's device).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import sys
 from collections.abc import Mapping
@@ -108,15 +110,31 @@ class DamagedCheckpoint(ValueError):
     """A checkpoint step that cannot be used: unreadable, or its contents differ from their checksums."""
 
 
+def json_digest(obj) -> str:
+    """SHA-256 of a JSON value in canonical form (sorted keys, no spaces)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _check_json(step: int, item: str, obj, want: str | None) -> None:
+    """A checkpoint's JSON item (data position, meta) against the digest saved with it; a step
+    without digests (an older zoo's) is checked by its array checksums only."""
+    if want is not None and json_digest(obj) != want:
+        raise DamagedCheckpoint(f"step {step} is damaged: its {item} item differs from the digest written with it")
+
+
 class Checkpointer:
     """Orbax checkpoints of the trainer's state that are good or not used.
 
-    Every save records content checksums of the parameters and optimizer state in the step's `meta`
-    (written in the same atomic Orbax commit). `restore` recomputes them on the restored arrays; a step
+    Every save records content checksums of the parameters and optimizer state, a SHA-256 digest of
+    the data-iterator position and one of `meta` itself in the step's `meta` (written in the same
+    atomic Orbax commit), so every item of a step is verified. `restore` recomputes them on the restored arrays; a step
     that fails to read or to match is moved aside to `<workdir>/damaged/<step>` (nothing is deleted)
     and the next older step is tried (`restore_latest`). Retention is ours, not Orbax's: a step is
     deleted only when `keep` newer steps have been read back and verified, so the last verified
-    checkpoint is never rotated out. Non-finite states are refused by `save`.
+    checkpoint is never rotated out, and never when it is protected (`protect_before`: the trainer
+    protects the last `keep` steps written before a run's first non-finite step). Non-finite states
+    are refused by `save`.
     """
 
     def __init__(self, workdir, keep: int = 2, create: bool = True, log=None):
@@ -128,6 +146,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.pending: int | None = None  # saved, not yet read back
         self.verified: list[int] = []
+        self.protected: set[int] = set()
         self.targets = None
 
     def latest_step(self) -> int | None:
@@ -136,12 +155,22 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def protect_before(self, step: int) -> list[int]:
+        """Protects the last `keep` checkpoints older than `step` from rotation (for the rest of this
+        run); returns them, oldest first."""
+        written = set(self.all_steps()) | ({self.pending} if self.pending is not None else set())
+        kept = sorted(s for s in written if s < step)[-self.keep :]
+        self.protected.update(kept)
+        return kept
+
     def save(self, step: int, params, opt_state, data_state: dict, meta: dict) -> None:
         """Saves asynchronously after verifying the previous save; refuses non-finite states."""
         if not all_finite((params, opt_state)):
             raise ValueError(f"refusing to save a non-finite state at step {step}: the run diverged")
         self._finish_pending()
         meta = {**meta, "checksums": checksums({"params": params, "opt_state": opt_state})}
+        meta["data_sha256"] = json_digest(data_state)
+        meta["meta_sha256"] = json_digest(meta)
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -163,7 +192,7 @@ class Checkpointer:
         self.verified.append(step)
         good = sorted(set(self.verified))
         for old in self.all_steps():
-            if old < step and len([v for v in good if v > old]) >= self.keep:
+            if old < step and old not in self.protected and len([v for v in good if v > old]) >= self.keep:
                 self.manager.delete(old)
 
     def bind(self, abstract_params, abstract_opt_state) -> None:
@@ -207,6 +236,8 @@ class Checkpointer:
         meta = restored["meta"]
         if not isinstance(meta, dict) or "checksums" not in meta:
             raise DamagedCheckpoint(f"step {step} has no checksums (written by an older zoo or damaged)")
+        _check_json(step, "meta", {k: v for k, v in meta.items() if k != "meta_sha256"}, meta.get("meta_sha256"))
+        _check_json(step, "data", restored["data"], meta.get("data_sha256"))
         tree = {"params": restored["params"]}
         if abstract_opt_state is not None:
             tree["opt_state"] = restored["opt_state"]
@@ -327,15 +358,17 @@ def load_model(
     step: int | None = None,
     *,
     shardings: jax.sharding.Sharding | Mapping[str, jax.sharding.Sharding] | None = None,
+    return_step: bool = False,
     **model_overrides,
 ):
-    """(model, run config) from a work directory.
+    """(model, run config) from a work directory; (model, run config, step) with `return_step`.
 
     Args:
       step: the checkpoint step (default: the latest).
       shardings: where the parameters are restored: one sharding for all, or one per flat name of
         the run's saved layout. Default: the first device in a single process; in a job of several
         processes (which must all call this), replicated over every device of every process.
+      return_step: also return the step that was loaded (the latest good one when `step` is None).
       **model_overrides: model fields changed at load time, e.g. `scan_layers=False` (a scanned
         run's checkpoint loaded into a looped model) or an inference option.
     """
@@ -370,7 +403,8 @@ def load_model(
         ckpt.manager.close()
     for k, v in model_overrides.items():
         config.model[k] = list(v) if isinstance(v, tuple) else v
-    return bind(config.model_name, cfg, restored["params"], saved_cfg), config
+    model = bind(config.model_name, cfg, restored["params"], saved_cfg)
+    return (model, config, step) if return_step else (model, config)
 
 
 def default_sharding() -> jax.sharding.Sharding:

@@ -293,6 +293,8 @@ def train(
     Args:
       stop_after: stop after this global step without a final checkpoint (tests simulate preemption).
     """
+    if not str(workdir).strip():
+        raise ValueError("--workdir is empty; name a directory for the run (e.g. --workdir runs/default)")
     sharding.maybe_initialize_distributed()
     validate(config)
     setup = make_setup(config)
@@ -303,7 +305,13 @@ def train(
         _record_config(workdir, config)
         checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints, log=_log)
         checkpointer.bind(abstract_params, abstract_opt)
+        had = checkpointer.all_steps()
         start, restored = checkpointer.restore_latest(abstract_params, abstract_opt)
+        if restored is None and had:
+            _log(
+                f"zoo: no usable checkpoint: every step ({', '.join(map(str, had))}) is damaged and was moved "
+                f"to {io.path(workdir) / 'damaged'}; training starts again from step 0"
+            )
         if restored is not None:
             params, opt_state = restored["params"], restored["opt_state"]
             batches.set_state(
@@ -492,6 +500,7 @@ class _Loop:
         )
         self.unseen: list[tuple[int, int, dict]] = []  # (step, seq_len, device metrics) not yet looked at
         self.consecutive = self.nonfinite_total = self.rollbacks = 0
+        self.first_bad: int | None = None  # the run's first non-finite step
         self.term = False
         self.previous_handler = None
         if threading.current_thread() is threading.main_thread():
@@ -528,23 +537,43 @@ class _Loop:
                 continue
             self.consecutive += 1
             self.nonfinite_total += 1
+            if self.first_bad is None:  # the checkpoints before it are never rotated out
+                self.first_bad = s
+                self.checkpointer.protect_before(s)
             names = [n for n, g in zip(self.setup.view.names, groups) if g]
             where = f"step {s} (sequence length {seq_len}): non-finite loss or gradient" + (
                 f", first in {names[0]}" if names else " (the loss; every gradient is finite)"
             )
             policy = self.config.train.on_nonfinite
             if policy == "stop" or self.consecutive > self.config.train.max_nonfinite:
-                last = self.checkpointer.latest_step()
                 raise NonFinite(
                     f"{where}; the update was skipped and training stopped (train.on_nonfinite="
                     f"{policy}, {self.consecutive} in a row, limit train.max_nonfinite="
-                    f"{self.config.train.max_nonfinite}); the last checkpoint is step {last}"
+                    f"{self.config.train.max_nonfinite}); {self._resume_hint()}"
                 )
             if policy == "rollback":
                 self.unseen = []
                 raise _Rollback(where)
             _log(f"zoo: {where}; the update was skipped (train.on_nonfinite=skip)")
         self.unseen = []
+
+    def _resume_hint(self) -> str:
+        """Which checkpoint a rerun resumes from, and the last one written before the divergence."""
+        self.checkpointer.wait()
+        steps = self.checkpointer.all_steps()
+        if not steps:
+            return "there is no checkpoint yet, so a rerun starts from step 0"
+        before = [s for s in steps if s < self.first_bad]
+        if before and before[-1] == steps[-1]:
+            return (
+                f"the last checkpoint is step {steps[-1]}, written before the first non-finite step "
+                f"({self.first_bad}); change the settings (e.g. a lower optim.lr) and rerun to resume from it"
+            )
+        good = f"step {before[-1]}" if before else "none"
+        return (
+            f"a rerun resumes from the last checkpoint, step {steps[-1]}; the last checkpoint before the "
+            f"first non-finite step ({self.first_bad}) is {good}"
+        )
 
     def run(self, params, opt_state, stop_after: int | None) -> dict:
         config, total = self.config, self.config.train.steps
@@ -595,11 +624,21 @@ class _Loop:
             if stop_after is not None and step >= stop_after:
                 self.checkpointer.wait()
                 return {"train": last, "step": step}
-            if save_now or stop:
+            saved = False
+            if (save_now or stop) and self.consecutive:
+                # Updates are being skipped: the state may be collapsing, so no checkpoint replaces a good one.
+                _log(f"zoo: no checkpoint at step {step}: its update was skipped (non-finite)")
+            elif save_now or stop:
                 self._save(step, params, opt_state)
+                saved = True
             if stop:
                 self.checkpointer.wait()
-                _log(f"zoo: stopped by SIGTERM at step {step}; checkpoint saved, rerun the same command to resume")
+                what = (
+                    "checkpoint saved"
+                    if saved
+                    else f"no checkpoint (non-finite), last is step {self.checkpointer.latest_step()}"
+                )
+                _log(f"zoo: stopped by SIGTERM at step {step}; {what}, rerun the same command to resume")
                 return {"train": last, "step": step, "preempted": True}
         self.checkpointer.wait()
         return {"train": last, "step": step}

@@ -1,0 +1,325 @@
+"""Reliability at the edges: divergence never costs a good checkpoint, one writer per work directory
+under a race, converters that never overwrite unasked, every item of a checkpoint verified, and one
+clear line for bad input. The table in docs/guide.md ("Faults and bad input") names these tests."""
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ROOT, TINY_OVERRIDES, tiny_config
+from flax import nnx
+
+from zoo import io
+from zoo.checkpoint import load_model
+from zoo.models import registry
+from zoo.models.params import ParamView
+from zoo.train import trainer
+
+
+def _cli(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "zoo.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _train_args(work, *extra: str) -> list[str]:
+    return ["train", "--config", "transformer:tiny", "--workdir", str(work), "--no-eval", *TINY_OVERRIDES, *extra]
+
+
+def _one_line_error(out, match: str) -> None:
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zoo: error:") and match in lines[0], out.stderr[-2000:]
+
+
+def _nan_from(first: int, last: int):
+    """make_batches wrapper: the batches of global steps first..last get a NaN loss mask (a NaN loss
+    and NaN gradients: the update is skipped), every other batch is untouched."""
+    real = trainer.make_batches
+
+    def make(data, split, **kw):
+        it = real(data, split, **kw)
+        if split != "train":
+            return it
+
+        class Poisoned:
+            def __init__(self):
+                self.n = 0
+
+            def __iter__(self):
+                return self
+
+            def __next__(self):
+                batch = dict(next(it))
+                self.n += 1
+                if first + 1 <= self.n <= last + 1:  # +1: the trainer peeks at one batch before it starts
+                    batch["loss_mask"] = batch["loss_mask"] * np.nan
+                return batch
+
+            def get_state(self):
+                return it.get_state()
+
+            def set_state(self, s):
+                it.set_state(s)
+
+        return Poisoned()
+
+    return make
+
+
+# -- data loss --------------------------------------------------------------------------------------
+
+
+def test_divergence_writes_no_checkpoint_and_keeps_the_last_good_ones(tmp_path, monkeypatch, capfd):
+    """Steps 3-6 skipped: no checkpoint at 4 or 6, and the checkpoint before step 3 (step 2) survives
+    the rotation by the later saves at 8 and 10 (keep 2)."""
+    monkeypatch.setattr(trainer, "make_batches", _nan_from(3, 6))
+    config = tiny_config(steps=10, checkpoint_every=2, keep_checkpoints=2, max_nonfinite=10)
+    result = trainer.train(config, str(tmp_path), progress=False)
+    assert result["step"] == 10 and result["train"]["nonfinite_steps"] == 4
+    assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints")) == [2, 8, 10]
+    err = capfd.readouterr().err
+    assert "no checkpoint at step 4" in err and "no checkpoint at step 6" in err
+
+
+def test_divergence_stop_names_the_step_to_resume_from(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer, "make_batches", _nan_from(5, 100))
+    config = tiny_config(steps=20, checkpoint_every=2, keep_checkpoints=2, max_nonfinite=3)
+    with pytest.raises(
+        trainer.NonFinite, match=r"last checkpoint is step 4, written before the first non-finite step \(5\)"
+    ):
+        trainer.train(config, str(tmp_path), progress=False)
+    assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints")) == [2, 4]
+
+
+def test_stop_without_a_checkpoint_says_a_rerun_starts_from_0(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer, "make_batches", _nan_from(1, 100))
+    config = tiny_config(steps=10, checkpoint_every=5)
+    config.train.on_nonfinite = "stop"
+    with pytest.raises(trainer.NonFinite, match="no checkpoint yet, so a rerun starts from step 0") as e:
+        trainer.train(config, str(tmp_path), progress=False)
+    assert "None" not in str(e.value)
+
+
+def _contend(workdir: str, barrier, results, index: int, trials: int, procs: int) -> None:
+    """One of `procs` processes entering WorkdirLock at the same instant, `trials` times (a fresh
+    directory each time); each holder keeps the lock until every process has tried."""
+    from zoo import io as zoo_io
+
+    for t in range(trials):
+        lock = zoo_io.WorkdirLock(os.path.join(workdir, str(t)))
+        barrier.wait()
+        try:
+            lock.__enter__()
+            got = lock.fd is not None
+        except ValueError:
+            got = False
+        results[t * procs + index] = int(got)
+        barrier.wait()
+        if got:
+            lock.__exit__(None, None, None)
+
+
+def test_workdir_lock_race_admits_exactly_one_holder(tmp_path):
+    procs, trials = 6, 40
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(procs)
+    results = ctx.Array("i", procs * trials)
+    workers = [
+        ctx.Process(target=_contend, args=(str(tmp_path), barrier, results, i, trials, procs)) for i in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=300)
+    assert all(w.exitcode == 0 for w in workers)
+    holders = [sum(results[t * procs : (t + 1) * procs]) for t in range(trials)]
+    assert holders == [1] * trials, holders
+
+
+def test_workdir_lock_is_released_by_a_killed_holder_and_names_a_live_one(tmp_path):
+    work = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from zoo import io; io.WorkdirLock(sys.argv[1]).__enter__(); "
+            "print('held', flush=True); time.sleep(600)",
+            str(work),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=f"in use by process {holder.pid}"):
+            io.WorkdirLock(work).__enter__()
+    finally:
+        holder.kill()
+        holder.wait()
+    with io.WorkdirLock(work) as lock:  # kill -9 released it: no stale lock to clean up
+        assert lock.fd is not None
+    assert (work / ".zoo.lock").read_text() == ""
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny transformer's model directory (what `zoo convert --from` writes)."""
+    import zoo
+    from zoo.checkpoint import save_pretrained
+
+    out = tmp_path_factory.mktemp("zoo") / "model"
+    save_pretrained(zoo.create_model("transformer", "tiny"), str(out))
+    return out
+
+
+@pytest.mark.parametrize("direction", ["to_hf", "from_hf"])
+def test_convert_refuses_a_non_empty_out_without_overwrite(tmp_path, model_dir, direction):
+    from zoo.cli import main
+
+    hf = tmp_path / "hf"
+    assert main(["convert", "--to", "hf", str(model_dir), "--out", str(hf)]) == 0
+    if direction == "to_hf":
+        args, out = ["convert", "--to", "hf", str(model_dir)], tmp_path / "existing"
+    else:
+        args, out = ["convert", "--from", "hf", str(hf), "--tokenizer", "none"], tmp_path / "existing"
+    out.mkdir()
+    (out / "config.json").write_text("mine")
+    (out / "model.json").write_text("mine too")
+    _one_line_error(_cli(*args, "--out", str(out)), "--overwrite")
+    assert sorted(os.listdir(out)) == ["config.json", "model.json"] and (out / "config.json").read_text() == "mine"
+    assert main([*args, "--out", str(out), "--overwrite"]) == 0
+    assert json.loads((out / ("config.json" if direction == "to_hf" else "model.json")).read_text())
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary directory left behind
+
+
+def test_an_interrupted_export_leaves_the_old_files(tmp_path, model_dir, monkeypatch):
+    from zoo.convert import pretrained
+
+    out = tmp_path / "hf"
+    pretrained.export_hf(str(model_dir), str(out))
+    before = {p: (out / p).read_bytes() for p in os.listdir(out)}
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrained.json, "dump", interrupted)  # after model.safetensors, before config.json
+    with pytest.raises(KeyboardInterrupt):
+        pretrained.export_hf(str(model_dir), str(out), overwrite=True)
+    assert {p: (out / p).read_bytes() for p in os.listdir(out)} == before
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+# -- silent wrong results ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("item", ["data", "meta"])
+def test_an_edited_data_position_or_meta_is_a_damaged_checkpoint(tmp_path, item, capfd):
+    config = tiny_config(steps=4, checkpoint_every=2, keep_checkpoints=3)
+    trainer.train(config, str(tmp_path), progress=False)
+    file = tmp_path / "checkpoints" / "4" / item / "metadata"
+    saved = json.loads(file.read_text())
+    if item == "data":
+        saved["hosts"][0] = {k: v + 1 if isinstance(v, int) else v for k, v in saved["hosts"][0].items()}
+    else:
+        saved["model_name"] = "mamba2"
+    file.write_text(json.dumps(saved))
+    config.train.steps = 6
+    trainer.train(config, str(tmp_path), progress=False)  # resumes from 2, not the edited 4
+    err = capfd.readouterr().err
+    assert f"step 4 is damaged: its {item} item differs" in err, err
+    assert (tmp_path / "damaged" / "4").is_dir()
+
+
+def test_an_empty_workdir_is_refused(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "zoo.cli", *_train_args("", "--config.train.steps=2")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    _one_line_error(out, "--workdir is empty")
+    assert os.listdir(tmp_path) == []
+
+
+def _params(workdir):
+    model, _ = load_model(str(workdir))
+    return {n: np.asarray(v) for n, v in ParamView(model).flat(model).items()}
+
+
+@pytest.mark.parametrize("name", registry.list_models("lm"))
+def test_every_eager_entry_point_refuses_ids_outside_the_vocabulary(name):
+    model = registry.create_model(name, "tiny")
+    vocab = model.config.vocab_size
+    for bad in (vocab, -1):
+        with pytest.raises(ValueError, match=f"token id {bad}, outside the vocabulary"):
+            model(jnp.array([[1, bad, 2]]))
+        with pytest.raises(ValueError, match=f"token id {bad}, outside the vocabulary"):
+            model.prefill(jnp.array([[1, bad]]), model.init_cache(1, 8))
+        with pytest.raises(ValueError, match=f"token id {bad}, outside the vocabulary"):
+            model.decode_step(jnp.array([bad]), model.init_cache(1, 8))
+
+
+def test_s4_classifier_refuses_ids_outside_the_vocabulary():
+    model = registry.create_model("s4_classifier", "tiny")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(jnp.array([[0, model.config.vocab_size]]))
+
+
+def test_jitted_decode_past_the_cache_gives_nan_logits_not_plausible_ones():
+    model = registry.create_model("transformer", "tiny")
+    step = nnx.jit(lambda m, t, c: m.decode_step(t, c))
+    cache = model.init_cache(1, 4)
+    for t in range(6):
+        logits, cache = step(model, jnp.array([t + 1]), cache)
+        assert bool(jnp.all(jnp.isfinite(logits))) == (t < 4), t
+    prefill = nnx.jit(lambda m, t, c: m.prefill(t, c))
+    _, half = prefill(model, jnp.ones((1, 2), jnp.int32), model.init_cache(1, 4))
+    logits, _ = prefill(model, jnp.ones((1, 3), jnp.int32), half)  # 2 + 3 tokens in 4 slots
+    assert bool(jnp.all(jnp.isnan(logits)))
+    logits, _ = prefill(model, jnp.ones((1, 2), jnp.int32), half)
+    assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+# -- smaller points ---------------------------------------------------------------------------------
+
+
+def test_every_checkpoint_damaged_says_training_starts_again(tmp_path, capfd):
+    config = tiny_config(steps=2, checkpoint_every=2)
+    trainer.train(config, str(tmp_path), progress=False)
+    (tmp_path / "checkpoints" / "2" / "meta" / "metadata").write_text("{not json")
+    trainer.train(config, str(tmp_path), progress=False)
+    err = capfd.readouterr().err
+    assert "no usable checkpoint: every step (2) is damaged" in err and "starts again from step 0" in err, err
+
+
+def test_a_nan_weight_converts_with_a_warning(tmp_path, capfd):
+    import zoo
+    from zoo.convert import pretrained
+
+    model = zoo.create_model("transformer", "tiny")
+    view = ParamView(model)
+    params = view.flat(model)
+    params["embed/embedding"] = params["embed/embedding"].at[3, 1].set(jnp.nan)
+    pretrained.export_hf(None, str(tmp_path / "hf"), model=view.merge(params), meta={})
+    _, info = pretrained.import_checkpoint(str(tmp_path / "hf"), "hf")
+    assert "embed/embedding" in info["report"]["nonfinite"]  # (and the untied head the export writes)
+    assert "hold NaN or Inf values (first: zoo parameter embed/embedding)" in capfd.readouterr().err
+
+
+def test_eval_json_records_the_checkpoint_step(tmp_path):
+    from zoo.eval.evaluate import evaluate_workdir
+
+    trainer.train(tiny_config(steps=4, checkpoint_every=2, keep_checkpoints=3), str(tmp_path), progress=False)
+    evaluate_workdir(str(tmp_path), step=2)
+    assert json.loads((tmp_path / "eval.json").read_text())["checkpoint_step"] == 2
+    evaluate_workdir(str(tmp_path))
+    assert json.loads((tmp_path / "eval.json").read_text())["checkpoint_step"] == 4
