@@ -64,7 +64,15 @@ def read_config(workdir) -> ml_collections.ConfigDict:
         raise ValueError(
             f"{str(workdir)!r} has no {CONFIG_FILE}; it is not a zoo work directory (run `zoo train` first)"
         )
-    return ml_collections.ConfigDict(io.read_json(file))
+    saved = io.read_json(file)
+    if not isinstance(saved, dict) or not {"model_name", "model", "train", "data"} <= set(saved):
+        hint = (
+            "it looks like a Hugging Face config.json: convert that directory with `zoo convert --from hf`"
+            if isinstance(saved, dict) and ("architectures" in saved or "model_type" in saved)
+            else "it is not a zoo run config"
+        )
+        raise ValueError(f"{str(file)!r} is not the config of a zoo run; {hint}, and use another --workdir")
+    return ml_collections.ConfigDict(saved)
 
 
 def check_resume_config(workdir, config: ml_collections.ConfigDict) -> None:
@@ -164,10 +172,17 @@ class Checkpointer:
         return kept
 
     def save(self, step: int, params, opt_state, data_state: dict, meta: dict) -> None:
-        """Saves asynchronously after verifying the previous save; refuses non-finite states."""
+        """Saves asynchronously after verifying the previous save; refuses non-finite states.
+
+        A previous save that no longer reads back (damaged on disk since) does not stop the run: this
+        state is saved and verified first, then the damaged step is set aside."""
         if not all_finite((params, opt_state)):
             raise ValueError(f"refusing to save a non-finite state at step {step}: the run diverged")
-        self._finish_pending()
+        previous, damaged = self.pending, None
+        try:
+            self._finish_pending()
+        except DamagedCheckpoint as e:
+            damaged = (previous, str(e))
         meta = {**meta, "checksums": checksums({"params": params, "opt_state": opt_state})}
         meta["data_sha256"] = json_digest(data_state)
         meta["meta_sha256"] = json_digest(meta)
@@ -181,6 +196,11 @@ class Checkpointer:
             ),
         )
         self.pending = step
+        if damaged is not None:
+            self.protected.add(damaged[0])  # kept for inspection, not rotated out
+            self._finish_pending()
+            self.set_aside(*damaged)
+            self.protected.discard(damaged[0])
 
     def _finish_pending(self) -> None:
         """Waits for the last save, reads it back, and only then rotates out older steps."""
@@ -486,8 +506,13 @@ def read_model_dir(model_dir) -> dict:
             )
         raise ValueError(f"{str(model_dir)!r} is not a zoo model directory (no {MODEL_FILE}); {hint}")
     meta = io.read_json(file)
-    if meta.get("format") != "zoo-model":
-        raise ValueError(f"{str(file)!r} is not a zoo model description (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != "zoo-model":
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{str(file)!r} is not a zoo model description (format {got!r})")
+    if not isinstance(meta.get("model_name"), str) or not isinstance(meta.get("model"), dict):
+        raise ValueError(
+            f'{str(file)!r} lacks "model_name" or the "model" fields; write the directory again with `zoo convert`'
+        )
     return meta
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 import zoo  # the package is imported before zoo.cli anyway
@@ -137,7 +138,8 @@ def _run(args, overrides) -> int:
         if result.get("preempted"):  # SIGTERM: the checkpoint is written; exit cleanly, evaluate later
             return 0
         if not args.no_eval:  # every process evaluates (the parameters may span them); process 0 writes
-            _evaluate(args.workdir, None)
+            if not _evaluate_after_training(args.workdir):
+                return 0
             if jax.process_index() == 0:
                 print(f"evaluation written to {args.workdir}/eval.json and eval.png")
         return 0
@@ -195,6 +197,31 @@ def _run(args, overrides) -> int:
 
     print(describe(load_config(args.config, overrides), args.seq_len))
     return 0
+
+
+class _Terminated(BaseException):
+    """A SIGTERM during the evaluation that follows training (no `except Exception` swallows it)."""
+
+
+def _evaluate_after_training(workdir: str) -> bool:
+    """The evaluation after `zoo train`; a SIGTERM skips it cleanly (False): the checkpoint is saved."""
+
+    def stop(signum, frame):
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        _evaluate(workdir, None)
+        return True
+    except _Terminated:
+        print(
+            f"zoo: stopped by SIGTERM during the evaluation, which was skipped (the checkpoint is saved); "
+            f"run `zoo eval --workdir {workdir}` later",
+            file=sys.stderr,
+        )
+        return False
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _evaluate(workdir: str, step: int | None) -> None:

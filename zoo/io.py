@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -62,7 +63,12 @@ def write_json_atomic(file, obj: Any) -> None:
 
 
 def read_json(file) -> Any:
-    return json.loads(path(file).read_text())
+    """A JSON file's value; a damaged file is one ValueError naming it."""
+    text = path(file).read_text()
+    try:
+        return json.loads(text)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{str(file)!r} is not valid JSON ({e}); restore or delete the file") from None
 
 
 class MetricsWriter:
@@ -85,8 +91,17 @@ class MetricsWriter:
         self.remote = is_remote(workdir)
         self.flush_every_s, self.flushed_at = flush_every_s, time.monotonic()
         lines = self.file.read_text().splitlines(keepends=True) if self.file.exists() else []
-        kept = [ln for ln in lines if ln.strip() and (resume_at is None or json.loads(ln)["step"] <= resume_at)]
-        if len(kept) != len(lines):
+        records = [(ln, _record(ln)) for ln in lines]
+        cut = [ln for ln, r in records if ln.strip() and r is None]
+        if cut:  # a line cut off by a killed run (or otherwise unreadable): dropped, the log goes on
+            print(
+                f"zoo: dropped {len(cut)} unreadable line(s) of {str(self.file)!r} (a cut-off write)",
+                file=sys.stderr,
+                flush=True,
+            )
+        kept = [ln for ln, r in records if r is not None and (resume_at is None or r["step"] <= resume_at)]
+        kept = [ln if ln.endswith("\n") else ln + "\n" for ln in kept]
+        if kept != lines:
             write_text_atomic(self.file, "".join(kept))
         if self.remote:
             self.lines, self.dirty = kept, False
@@ -171,14 +186,23 @@ def _register_tensorboard_scheme(scheme: str) -> None:
         record_writer.register_writer_factory(scheme, _RemoteEventFiles())
 
 
+def _record(line: str) -> dict | None:
+    """One metrics.jsonl record, or None for a line that is not one (cut off by a killed run)."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("step"), int) else None
+
+
 def read_metrics(workdir) -> list[dict]:
-    """The metrics log; after a resume, the last record of each step wins."""
+    """The metrics log; after a resume, the last record of each step wins (unreadable lines skipped)."""
     file = path(workdir) / "metrics.jsonl"
     by_step: dict[int, dict] = {}
     if file.exists():
         for line in file.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
+            rec = _record(line)
+            if rec is not None:
                 by_step[rec["step"]] = rec
     return [by_step[s] for s in sorted(by_step)]
 
@@ -195,7 +219,13 @@ def load_flat(file) -> dict[str, np.ndarray]:
     """{name: numpy array} from a safetensors file."""
     from safetensors.numpy import load
 
-    return load(path(file).read_bytes())
+    try:
+        return load(path(file).read_bytes())
+    except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types for damaged files
+        raise ValueError(
+            f"{str(file)!r} is not a readable safetensors file ({type(e).__name__}: {str(e)[:120]}); "
+            "write it again (zoo convert, save_pretrained)"
+        ) from None
 
 
 def check_writable_dir(workdir, what: str = "the work directory") -> None:

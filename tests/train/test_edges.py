@@ -323,3 +323,140 @@ def test_eval_json_records_the_checkpoint_step(tmp_path):
     assert json.loads((tmp_path / "eval.json").read_text())["checkpoint_step"] == 2
     evaluate_workdir(str(tmp_path))
     assert json.loads((tmp_path / "eval.json").read_text())["checkpoint_step"] == 4
+
+
+# -- unclear errors ---------------------------------------------------------------------------------
+
+
+def test_a_huge_seq_len_is_refused_before_anything_is_allocated(tmp_path):
+    out = _cli(*_train_args(tmp_path / "run", "--config.data.seq_len=100000000"), timeout=120)
+    _one_line_error(out, "lower data.batch_size or data.seq_len")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_damaged_during_the_run_is_set_aside_after_the_next_save(tmp_path, monkeypatch, capfd):
+    from zoo import checkpoint as ckpt_lib
+
+    real = ckpt_lib.Checkpointer.save
+
+    def save(self, step, *args):
+        if step == 4:  # step 2 is on disk (not yet read back) when its bytes change
+            self.manager.wait_until_finished()
+            params = tmp_path / "checkpoints" / "2" / "params"
+            target = max((p for p in params.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+            data = bytearray(target.read_bytes())
+            data[len(data) // 2 : len(data) // 2 + 16] = os.urandom(16)
+            target.write_bytes(bytes(data))
+        return real(self, step, *args)
+
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "save", save)
+    result = trainer.train(tiny_config(steps=6, checkpoint_every=2, keep_checkpoints=2), str(tmp_path), progress=False)
+    assert result["step"] == 6
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "6"] and (tmp_path / "damaged" / "2").is_dir()
+    assert "checkpoint step 2" in capfd.readouterr().err
+
+
+def test_init_from_with_other_layers_touches_nothing(tmp_path):
+    import zoo
+    from zoo.checkpoint import save_pretrained
+
+    other = tmp_path / "other"
+    save_pretrained(
+        zoo.create_model("transformer", "tiny", d_model=32, n_layers=2, n_heads=2, n_kv_heads=2), str(other)
+    )
+    work = tmp_path / "run"
+    _one_line_error(_cli(*_train_args(work, f"--config.train.init_from={other}")), "init_from")
+    assert not work.exists()
+
+
+_SIGTERM_AT = """
+import os, signal, sys, time
+sys.path.insert(0, "tests")
+from conftest import TINY_OVERRIDES
+from zoo import cli
+from zoo.train import trainer
+import zoo.eval.evaluate as ev
+def term(real):
+    def wrapped(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)
+        return real(*a, **k)
+    return wrapped
+if sys.argv[2] == "compile":
+    trainer.check_memory = term(trainer.check_memory)
+else:
+    ev.evaluate = term(ev.evaluate)
+sys.exit(cli.main(["train", "--config", "transformer:tiny", "--workdir", sys.argv[1], *TINY_OVERRIDES,
+                   "--config.train.steps=4", "--config.train.checkpoint_every=4"]))
+"""
+
+
+@pytest.mark.parametrize("when", ["compile", "evaluation"])
+def test_sigterm_during_the_first_compile_or_the_evaluation_exits_0(tmp_path, when):
+    work = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_AT, str(work), when], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    if when == "compile":  # the first step runs, is saved, and the run stops
+        assert "stopped by SIGTERM at step 1" in out.stderr and os.listdir(work / "checkpoints") == ["1"]
+    else:
+        assert "during the evaluation, which was skipped" in out.stderr and not (work / "eval.json").exists()
+        assert os.listdir(work / "checkpoints") == ["4"]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "config_syntax",
+        "hf_config_in_workdir",
+        "garbage_params",
+        "corrupt_config_json",
+        "bad_model_json",
+        "info_seq_len",
+    ],
+)
+def test_bad_files_are_one_line_naming_the_file(tmp_path, model_dir, case):
+    work = tmp_path / "run"
+    if case == "config_syntax":
+        bad = tmp_path / "cfg.py"
+        bad.write_text("def get_config(:\n")
+        args, match = ["train", "--config", str(bad), "--workdir", str(work)], f"{bad}' is not valid Python (line 1"
+    elif case == "hf_config_in_workdir":
+        work.mkdir()
+        (work / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+        args, match = _train_args(work), "looks like a Hugging Face config.json"
+    elif case == "corrupt_config_json":
+        work.mkdir()
+        (work / "config.json").write_text('{"model_name": "transformer", ')
+        args, match = _train_args(work), f"{work / 'config.json'}' is not valid JSON"
+    elif case == "garbage_params":
+        import shutil
+
+        work = tmp_path / "model"
+        shutil.copytree(model_dir, work)
+        (work / "params.safetensors").write_bytes(os.urandom(64))
+        args = ["generate", "--pretrained", str(work), "--prompt-ids", "1,2"]
+        match = f"{work / 'params.safetensors'}' is not a readable safetensors file"
+    elif case == "bad_model_json":
+        import shutil
+
+        work = tmp_path / "model"
+        shutil.copytree(model_dir, work)
+        (work / "model.json").write_text(json.dumps({"format": "zoo-model"}))
+        args, match = ["generate", "--pretrained", str(work), "--prompt-ids", "1,2"], 'lacks "model_name"'
+    else:
+        args, match = ["info", "--config", "transformer:tiny", "--seq-len", "-5"], "--seq-len -5"
+    before = sorted(os.listdir(work)) if work.exists() else None
+    _one_line_error(_cli(*args), match)
+    assert (sorted(os.listdir(work)) if work.exists() else None) == before
+
+
+def test_a_cut_off_metrics_line_does_not_block_the_resume(tmp_path, capfd):
+    config = tiny_config(steps=4, checkpoint_every=2, keep_checkpoints=3)
+    trainer.train(config, str(tmp_path), progress=False, stop_after=3)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 1.2')  # a write cut off by kill -9
+    trainer.train(config, str(tmp_path), progress=False)
+    assert "dropped 1 unreadable line(s)" in capfd.readouterr().err
+    assert [r["step"] for r in io.read_metrics(str(tmp_path))] == [1, 2, 3, 4]
