@@ -460,3 +460,21 @@ def test_a_cut_off_metrics_line_does_not_block_the_resume(tmp_path, capfd):
     trainer.train(config, str(tmp_path), progress=False)
     assert "dropped 1 unreadable line(s)" in capfd.readouterr().err
     assert [r["step"] for r in io.read_metrics(str(tmp_path))] == [1, 2, 3, 4]
+
+
+def test_the_guide_table_names_every_edge_test_and_only_real_ones():
+    """docs/guide.md's "Faults and bad input" table: each test it names exists, and each test of
+    this file (but this one) is in it."""
+    import re
+
+    guide = open(os.path.join(ROOT, "docs", "guide.md")).read()
+    table = guide.split("## Faults and bad input")[1].split("\n## ")[0]
+    named, current = set(), None
+    for file, name in re.findall(r"`(?:(tests/[\w/]+\.py))?::(\w+)`", table):
+        current = file or current
+        named.add((current, name))
+    for file, name in named:
+        assert f"def {name}(" in open(os.path.join(ROOT, file)).read(), (file, name)
+    here = re.findall(r"^def (test_\w+)\(", open(__file__).read(), re.M)
+    missing = [n for n in here if ("tests/train/test_edges.py", n) not in named and "guide_table" not in n]
+    assert not missing, missing
