@@ -478,3 +478,45 @@ def test_the_guide_table_names_every_edge_test_and_only_real_ones():
     here = re.findall(r"^def (test_\w+)\(", open(__file__).read(), re.M)
     missing = [n for n in here if ("tests/train/test_edges.py", n) not in named and "guide_table" not in n]
     assert not missing, missing
+
+
+def test_a_truncated_hugging_face_safetensors_is_one_line(tmp_path, model_dir):
+    hf = tmp_path / "hf"
+    from zoo.convert import pretrained
+
+    pretrained.export_hf(str(model_dir), str(hf))
+    file = hf / "model.safetensors"
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    _one_line_error(_cli("convert", "--from", "hf", str(hf), "--out", str(tmp_path / "o")), "is truncated")
+    assert not (tmp_path / "o").exists()
+
+
+# -- zoo data prepare -------------------------------------------------------------------------------
+
+
+def test_prepare_rerun_after_an_in_place_edit_refuses_the_stale_shards(tmp_path):
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"{i}.txt").write_text(f"document {i} " * 40)
+    args = ["data", "prepare", "--source", "text", "--input", str(corpus), "--output", str(tmp_path / "out")]
+    assert _cli(*args).returncode == 0
+    first = corpus / "0.txt"
+    text = first.read_text()
+    first.write_text(text.replace("document", "DOCUMENT"))  # same size, other content
+    stat = first.stat()
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    _one_line_error(_cli(*args), "the input files changed since")
+
+
+@pytest.mark.parametrize("bad", ["empty_jsonl", "binary_jsonl"])
+def test_prepare_of_bad_input_leaves_nothing_and_the_corrected_rerun_works(tmp_path, bad):
+    data = tmp_path / "in.jsonl"
+    data.write_bytes(b"" if bad == "empty_jsonl" else b'{"text": "ok"}\n\xff\xfe\x00\x01binary\n')
+    out = tmp_path / "out"
+    args = ["data", "prepare", "--source", "jsonl", "--input", str(data), "--output", str(out)]
+    match = "yielded no non-empty documents" if bad == "empty_jsonl" else f"{data}: byte 15: not valid JSON (not UTF-8"
+    _one_line_error(_cli(*args), match)
+    assert not out.exists()
+    data.write_text("".join(json.dumps({"text": f"document {i} " * 30}) + "\n" for i in range(20)))
+    assert _cli(*args).returncode == 0 and (out / "manifest.json").is_file()
