@@ -520,3 +520,41 @@ def test_prepare_of_bad_input_leaves_nothing_and_the_corrected_rerun_works(tmp_p
     assert not out.exists()
     data.write_text("".join(json.dumps({"text": f"document {i} " * 30}) + "\n" for i in range(20)))
     assert _cli(*args).returncode == 0 and (out / "manifest.json").is_file()
+
+
+def _damaged_shards(tmp_path, how: str):
+    """A prepared corpus whose first train shard has flipped bytes or lost its second half."""
+    from zoo.data import prepare as pp
+
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    for i in range(24):
+        (corpus / f"{i}.txt").write_text(f"document {i} " * 200)
+    out = tmp_path / "shards"
+    pp.prepare("text", str(corpus), str(out), shard_mb=0.002)
+    shard = out / json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"][0]["path"]
+    data = bytearray(shard.read_bytes())
+    if how == "flipped":
+        for k in range(64, len(data) - 64, 97):
+            data[k] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    shard.write_bytes(bytes(data))
+    return out, shard
+
+
+@pytest.mark.parametrize("how", ["flipped", "truncated"])
+def test_a_damaged_shard_is_one_line_naming_it(tmp_path, how):
+    from zoo.data.shards import ShardDocuments
+
+    out, shard = _damaged_shards(tmp_path, how)
+    docs = ShardDocuments(str(out), "train")
+    with pytest.raises(ValueError, match=f"{shard}' is damaged .*rerun the same `zoo data prepare`"):
+        for d in range(len(docs)):
+            docs[d]
+
+
+def test_training_on_a_damaged_shard_is_one_line(tmp_path):
+    out, shard = _damaged_shards(tmp_path, "flipped")
+    args = _train_args(tmp_path / "run", "--config.data.source=shards", f"--config.data.path={out}")
+    _one_line_error(_cli(*args), f"{shard}' is damaged")
