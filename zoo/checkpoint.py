@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -204,16 +205,47 @@ class Checkpointer:
 
     def _finish_pending(self) -> None:
         """Waits for the last save, reads it back, and only then rotates out older steps."""
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 -- Orbax and tensorstore raise many types
+            if self.pending is not None:
+                step, self.pending = self.pending, None
+                raise self._failed_save(step, str(e)) from e
+            raise
         if self.pending is None:
             return
         step, self.pending = self.pending, None
+        if not (self.directory / str(step)).exists():  # the save failed in Orbax's threads
+            raise self._failed_save(step, "")
         self.verify(step)
         self.verified.append(step)
         good = sorted(set(self.verified))
         for old in self.all_steps():
             if old < step and old not in self.protected and len([v for v in good if v > old]) >= self.keep:
                 self.manager.delete(old)
+
+    def _failed_save(self, step: int, error: str) -> ValueError:
+        """The one line for a save that did not complete (its partial files are removed): a full disk
+        when it says so or when less space is left than the newest step takes, else a failed save."""
+        intact = [s for s in self.all_steps() if s != step]
+        full = "No space left" in error or "RESOURCE_EXHAUSTED" in error
+        if not io.is_remote(self.directory):
+            local = str(self.directory)
+            newest = os.path.join(local, str(intact[-1])) if intact else None
+            size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(newest) for f in fs) if newest else 0
+            full = full or shutil.disk_usage(local).free < max(size, 1 << 20)
+            for name in os.listdir(local):
+                if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                    shutil.rmtree(os.path.join(local, name), ignore_errors=True)
+        kept = {0: "no earlier step exists", 1: f"step {intact[0]} is intact"}.get(
+            len(intact), f"steps {', '.join(map(str, intact))} are intact"
+        )
+        if full:
+            return ValueError(
+                f"no space left on device while saving step {step} in {str(self.directory)!r}; {kept}; free "
+                "space and rerun the same command to resume"
+            )
+        return ValueError(f"saving step {step} failed (see the errors above); {kept}; rerun to resume")
 
     def bind(self, abstract_params, abstract_opt_state) -> None:
         """The abstract state (shapes, dtypes, the run's shardings) that saves are read back into."""

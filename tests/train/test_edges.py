@@ -558,3 +558,29 @@ def test_training_on_a_damaged_shard_is_one_line(tmp_path):
     out, shard = _damaged_shards(tmp_path, "flipped")
     args = _train_args(tmp_path / "run", "--config.data.source=shards", f"--config.data.path={out}")
     _one_line_error(_cli(*args), f"{shard}' is damaged")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 12 MB tmpfs (root only; skipped where mounting is not allowed)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", str(disk)])
+
+
+def test_a_full_disk_names_the_step_and_the_intact_ones(small_disk):
+    work = small_disk / "run"
+    args = _train_args(work, "--config.train.steps=8", "--config.train.checkpoint_every=2")
+    assert _cli(*args, "--config.train.steps=2").returncode == 0  # step 2 fits
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    with open(small_disk / "fill", "wb") as f:  # leaves less than one checkpoint's space
+        f.truncate(0)
+        f.write(b"\0" * (free - 100 * 1024))
+    out = _cli(*args)
+    assert out.returncode == 2, out.stderr[-2000:]
+    (line,) = [ln for ln in out.stderr.splitlines() if ln.startswith("zoo: error:")]  # Orbax's threads print too
+    assert line.startswith("zoo: error: no space left on device while saving step 4") and "step 2 is intact" in line
+    assert os.listdir(work / "checkpoints") == ["2"]  # the partial step is removed
