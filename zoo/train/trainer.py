@@ -433,10 +433,11 @@ def check_memory(compiled, config) -> None:
 
 def check_memory_estimate(config) -> None:
     """One clear error, before anything is allocated or compiled, when a step's batch cannot fit: its
-    fp32 logits and residual stream alone (B x T x (vocab + d_model) x 4 bytes, split over the
-    devices) are a lower bound of the step's memory. `check_memory` compares the compiled step."""
+    fp32 logits and residual stream alone (B x T x (vocab + d_model) x 4 bytes per micro-batch of
+    `train.grad_accum`, split over the devices) are a lower bound of the step's memory.
+    `check_memory` compares the compiled step."""
     cfg = model_config(config)
-    tokens = data_tokens_per_step(config.data)
+    tokens = data_tokens_per_step(config.data) // max(int(config.train.grad_accum), 1)
     devices = (
         config.mesh.data * config.mesh.fsdp if config.mesh.data > 0 and config.mesh.fsdp > 0 else jax.device_count()
     )
@@ -444,9 +445,9 @@ def check_memory_estimate(config) -> None:
     have = device_memory_bytes()
     if have is not None and need > have:
         raise ValueError(
-            f"a step of {tokens:,} tokens needs at least {need / 2**30:.1f} GiB per device (its logits alone) but a "
-            f"device has {have / 2**30:.1f} GiB; lower data.batch_size or data.seq_len (now "
-            f"{config.data.batch_size} x {config.data.seq_len}) or add devices to the mesh"
+            f"a (micro-)batch of {tokens:,} tokens needs at least {need / 2**30:.1f} GiB per device (its logits "
+            f"alone) but a device has {have / 2**30:.1f} GiB; lower data.batch_size or data.seq_len (now "
+            f"{config.data.batch_size} x {config.data.seq_len}), raise train.grad_accum or add devices to the mesh"
         )
 
 
