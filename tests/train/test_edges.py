@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -106,23 +107,33 @@ def test_stop_without_a_checkpoint_says_a_rerun_starts_from_0(tmp_path, monkeypa
     assert "None" not in str(e.value)
 
 
-def _contend(workdir: str, barrier, results, index: int, trials: int, procs: int) -> None:
+def _contend(workdir: str, barrier, start, results, index: int, trials: int, procs: int) -> None:
     """One of `procs` processes entering WorkdirLock at the same instant, `trials` times (a fresh
-    directory each time); each holder keeps the lock until every process has tried."""
+    directory each time); each holder keeps the lock until every process has tried. A process that
+    fails records -1 and breaks the barrier, so the others stop at once instead of waiting."""
     from zoo import io as zoo_io
 
-    for t in range(trials):
-        lock = zoo_io.WorkdirLock(os.path.join(workdir, str(t)))
-        barrier.wait()
-        try:
-            lock.__enter__()
-            got = lock.fd is not None
-        except ValueError:
-            got = False
-        results[t * procs + index] = int(got)
-        barrier.wait()
-        if got:
-            lock.__exit__(None, None, None)
+    try:
+        for t in range(trials):
+            lock = zoo_io.WorkdirLock(os.path.join(workdir, str(t)))
+            if barrier.wait(timeout=120) == 0:
+                start.value = time.time() + 0.02
+            barrier.wait(timeout=120)
+            while time.time() < start.value:  # one instant for all, sharper than the barrier's wake-ups
+                pass
+            try:
+                lock.__enter__()
+                got = True
+            except ValueError:
+                got = False
+            results[t * procs + index] = int(got)
+            barrier.wait(timeout=120)
+            if got:
+                lock.__exit__(None, None, None)
+    except BaseException:
+        results[index] = -1
+        barrier.abort()
+        raise
 
 
 def test_workdir_lock_race_admits_exactly_one_holder(tmp_path):
@@ -130,8 +141,10 @@ def test_workdir_lock_race_admits_exactly_one_holder(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(procs)
     results = ctx.Array("i", procs * trials)
+    start = ctx.Value("d", 0.0)
     workers = [
-        ctx.Process(target=_contend, args=(str(tmp_path), barrier, results, i, trials, procs)) for i in range(procs)
+        ctx.Process(target=_contend, args=(str(tmp_path), barrier, start, results, i, trials, procs))
+        for i in range(procs)
     ]
     for w in workers:
         w.start()
