@@ -163,7 +163,7 @@ def test_model_entry_points_give_logits_or_value_errors(name, batch, length, dty
     valid = batch >= 1 and length >= 1 and dtype != np.float32 and in_range
     if not valid:
         with pytest.raises(ValueError):
-            model(jnp.asarray(tokens), check_tokens_range=True)
+            model(jnp.asarray(tokens))
         return
-    logits = model(jnp.asarray(tokens), check_tokens_range=True)
+    logits = model(jnp.asarray(tokens))
     assert logits.shape == (batch, length, vocab) and bool(jnp.all(jnp.isfinite(logits)))

@@ -26,7 +26,10 @@ process, onto shardings that span the processes (never one process's device).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
+import shutil
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -63,7 +66,15 @@ def read_config(workdir) -> ml_collections.ConfigDict:
         raise ValueError(
             f"{str(workdir)!r} has no {CONFIG_FILE}; it is not a zoo work directory (run `zoo train` first)"
         )
-    return ml_collections.ConfigDict(io.read_json(file))
+    saved = io.read_json(file)
+    if not isinstance(saved, dict) or not {"model_name", "model", "train", "data"} <= set(saved):
+        hint = (
+            "it looks like a Hugging Face config.json: convert that directory with `zoo convert --from hf`"
+            if isinstance(saved, dict) and ("architectures" in saved or "model_type" in saved)
+            else "it is not a zoo run config"
+        )
+        raise ValueError(f"{str(file)!r} is not the config of a zoo run; {hint}, and use another --workdir")
+    return ml_collections.ConfigDict(saved)
 
 
 def check_resume_config(workdir, config: ml_collections.ConfigDict) -> None:
@@ -109,15 +120,31 @@ class DamagedCheckpoint(ValueError):
     """A checkpoint step that cannot be used: unreadable, or its contents differ from their checksums."""
 
 
+def json_digest(obj) -> str:
+    """SHA-256 of a JSON value in canonical form (sorted keys, no spaces)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _check_json(step: int, item: str, obj, want: str | None) -> None:
+    """A checkpoint's JSON item (data position, meta) against the digest saved with it; a step
+    without digests (an older zoo's) is checked by its array checksums only."""
+    if want is not None and json_digest(obj) != want:
+        raise DamagedCheckpoint(f"step {step} is damaged: its {item} item differs from the digest written with it")
+
+
 class Checkpointer:
     """Orbax checkpoints of the trainer's state that are good or not used.
 
-    Every save records content checksums of the parameters and optimizer state in the step's `meta`
-    (written in the same atomic Orbax commit). `restore` recomputes them on the restored arrays; a step
+    Every save records content checksums of the parameters and optimizer state, a SHA-256 digest of
+    the data-iterator position and one of `meta` itself in the step's `meta` (written in the same
+    atomic Orbax commit), so every item of a step is verified. `restore` recomputes them on the restored arrays; a step
     that fails to read or to match is moved aside to `<workdir>/damaged/<step>` (nothing is deleted)
     and the next older step is tried (`restore_latest`). Retention is ours, not Orbax's: a step is
     deleted only when `keep` newer steps have been read back and verified, so the last verified
-    checkpoint is never rotated out. Non-finite states are refused by `save`.
+    checkpoint is never rotated out, and never when it is protected (`protect_before`: the trainer
+    protects the last `keep` steps written before a run's first non-finite step). Non-finite states
+    are refused by `save`.
     """
 
     def __init__(self, workdir, keep: int = 2, create: bool = True, log=None):
@@ -129,6 +156,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.pending: int | None = None  # saved, not yet read back
         self.verified: list[int] = []
+        self.protected: set[int] = set()
         self.targets = None
 
     def latest_step(self) -> int | None:
@@ -137,12 +165,29 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def protect_before(self, step: int) -> list[int]:
+        """Protects the last `keep` checkpoints older than `step` from rotation (for the rest of this
+        run); returns them, oldest first."""
+        written = set(self.all_steps()) | ({self.pending} if self.pending is not None else set())
+        kept = sorted(s for s in written if s < step)[-self.keep :]
+        self.protected.update(kept)
+        return kept
+
     def save(self, step: int, params, opt_state, data_state: dict, meta: dict) -> None:
-        """Saves asynchronously after verifying the previous save; refuses non-finite states."""
+        """Saves asynchronously after verifying the previous save; refuses non-finite states.
+
+        A previous save that no longer reads back (damaged on disk since) does not stop the run: this
+        state is saved and verified first, then the damaged step is set aside."""
         if not all_finite((params, opt_state)):
             raise ValueError(f"refusing to save a non-finite state at step {step}: the run diverged")
-        self._finish_pending()
+        previous, damaged = self.pending, None
+        try:
+            self._finish_pending()
+        except DamagedCheckpoint as e:
+            damaged = (previous, str(e))
         meta = {**meta, "checksums": checksums({"params": params, "opt_state": opt_state})}
+        meta["data_sha256"] = json_digest(data_state)
+        meta["meta_sha256"] = json_digest(meta)
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -153,19 +198,55 @@ class Checkpointer:
             ),
         )
         self.pending = step
+        if damaged is not None:
+            self.protected.add(damaged[0])  # kept for inspection, not rotated out
+            self._finish_pending()
+            self.set_aside(*damaged)
+            self.protected.discard(damaged[0])
 
     def _finish_pending(self) -> None:
         """Waits for the last save, reads it back, and only then rotates out older steps."""
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 -- Orbax and tensorstore raise many types
+            if self.pending is not None:
+                step, self.pending = self.pending, None
+                raise self._failed_save(step, str(e)) from e
+            raise
         if self.pending is None:
             return
         step, self.pending = self.pending, None
+        if not (self.directory / str(step)).exists():  # the save failed in Orbax's threads
+            raise self._failed_save(step, "")
         self.verify(step)
         self.verified.append(step)
         good = sorted(set(self.verified))
         for old in self.all_steps():
-            if old < step and len([v for v in good if v > old]) >= self.keep:
+            if old < step and old not in self.protected and len([v for v in good if v > old]) >= self.keep:
                 self.manager.delete(old)
+
+    def _failed_save(self, step: int, error: str) -> ValueError:
+        """The one line for a save that did not complete (its partial files are removed): a full disk
+        when it says so or when less space is left than the newest step takes, else a failed save."""
+        intact = [s for s in self.all_steps() if s != step]
+        full = "No space left" in error or "RESOURCE_EXHAUSTED" in error
+        if not io.is_remote(self.directory):
+            local = str(self.directory)
+            newest = os.path.join(local, str(intact[-1])) if intact else None
+            size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(newest) for f in fs) if newest else 0
+            full = full or shutil.disk_usage(local).free < max(size, 1 << 20)
+            for name in os.listdir(local):
+                if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                    shutil.rmtree(os.path.join(local, name), ignore_errors=True)
+        kept = {0: "no earlier step exists", 1: f"step {intact[0]} is intact"}.get(
+            len(intact), f"steps {', '.join(map(str, intact))} are intact"
+        )
+        if full:
+            return ValueError(
+                f"no space left on device while saving step {step} in {str(self.directory)!r}; {kept}; free "
+                "space and rerun the same command to resume"
+            )
+        return ValueError(f"saving step {step} failed (see the errors above); {kept}; rerun to resume")
 
     def bind(self, abstract_params, abstract_opt_state) -> None:
         """The abstract state (shapes, dtypes, the run's shardings) that saves are read back into."""
@@ -208,6 +289,8 @@ class Checkpointer:
         meta = restored["meta"]
         if not isinstance(meta, dict) or "checksums" not in meta:
             raise DamagedCheckpoint(f"step {step} has no checksums (written by an older zoo or damaged)")
+        _check_json(step, "meta", {k: v for k, v in meta.items() if k != "meta_sha256"}, meta.get("meta_sha256"))
+        _check_json(step, "data", restored["data"], meta.get("data_sha256"))
         tree = {"params": restored["params"]}
         if abstract_opt_state is not None:
             tree["opt_state"] = restored["opt_state"]
@@ -329,15 +412,17 @@ def load_model(
     step: int | None = None,
     *,
     shardings: jax.sharding.Sharding | Mapping[str, jax.sharding.Sharding] | None = None,
+    return_step: bool = False,
     **model_overrides,
 ):
-    """(model, run config) from a work directory.
+    """(model, run config) from a work directory; (model, run config, step) with `return_step`.
 
     Args:
       step: the checkpoint step (default: the latest).
       shardings: where the parameters are restored: one sharding for all, or one per flat name of
         the run's saved layout. Default: the first device in a single process; in a job of several
         processes (which must all call this), replicated over every device of every process.
+      return_step: also return the step that was loaded (the latest good one when `step` is None).
       **model_overrides: model fields changed at load time, e.g. `scan_layers=False` (a scanned
         run's checkpoint loaded into a looped model) or an inference option.
     """
@@ -372,7 +457,8 @@ def load_model(
         ckpt.manager.close()
     for k, v in model_overrides.items():
         config.model[k] = list(v) if isinstance(v, tuple) else v
-    return bind(config.model_name, cfg, restored["params"], saved_cfg), config
+    model = bind(config.model_name, cfg, restored["params"], saved_cfg)
+    return (model, config, step) if return_step else (model, config)
 
 
 def default_sharding() -> jax.sharding.Sharding:
@@ -456,8 +542,13 @@ def read_model_dir(model_dir) -> dict:
             )
         raise ValueError(f"{str(model_dir)!r} is not a zoo model directory (no {MODEL_FILE}); {hint}")
     meta = io.read_json(file)
-    if meta.get("format") != "zoo-model":
-        raise ValueError(f"{str(file)!r} is not a zoo model description (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != "zoo-model":
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{str(file)!r} is not a zoo model description (format {got!r})")
+    if not isinstance(meta.get("model_name"), str) or not isinstance(meta.get("model"), dict):
+        raise ValueError(
+            f'{str(file)!r} lacks "model_name" or the "model" fields; write the directory again with `zoo convert`'
+        )
     return meta
 
 

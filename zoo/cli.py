@@ -5,8 +5,8 @@
     zoo info  --config mamba2:130m [--seq-len 2048] [--config.a.b=value ...]
     zoo models
     zoo convert masformer --src runs/base --out runs/mas-init [--schedule window,full]
-    zoo convert --from hf|mamba_ssm SRC --out DIR [--model NAME] [--tokenizer auto] [--set FIELD=VALUE]
-    zoo convert --to hf MODEL_DIR|WORKDIR --out DIR [--step N] [--dtype float32]
+    zoo convert --from hf|mamba_ssm SRC --out DIR [--overwrite] [--model NAME] [--tokenizer auto] [--set FIELD=VALUE]
+    zoo convert --to hf MODEL_DIR|WORKDIR --out DIR [--step N] [--overwrite] [--dtype float32]
     zoo generate --workdir DIR | --pretrained DIR --prompt TEXT [--max-new-tokens N --temperature T ...]
     zoo data prepare --input DIR --output SHARDS [--tokenizer tokenizer.json] [--workers N]
     zoo bench train [mamba2:130m transformer:small ...] [--batch-size 16 --seq-len 2048]
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 import zoo  # the package is imported before zoo.cli anyway
@@ -55,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         "--model", default=None, help="import: the zoo model (transformer, hip, masformer, mamba2, memmamba)"
     )
     c.add_argument("--out", dest="out_dir", default=None, help="--from/--to: the directory to write")
+    c.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     c.add_argument("--tokenizer", default="auto", help="import: auto (the source's), none, bytes or a tokenizer file")
     c.add_argument("--eos-token", default=None, help="import: the end-of-text token of a tokenizer.json")
     c.add_argument("--dtype", default="float32", help="import: compute dtype; export: tensor dtype")
@@ -65,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--src", required=True, help="work directory of a transformer run")
     m.add_argument("--out", required=True, help="new model directory (train from it with train.init_from)")
     m.add_argument("--schedule", default="", help="e.g. window,full or full@5,11:block (default: the tiny preset's)")
+    m.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     g = sub.add_parser("generate", help="generate text from a trained run or a model directory")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="a `zoo train` work directory (its latest checkpoint, its data tokenizer)")
@@ -176,7 +179,8 @@ def _run(args, overrides) -> int:
         if result.get("preempted"):  # SIGTERM: the checkpoint is written; exit cleanly, evaluate later
             return 0
         if not args.no_eval:  # every process evaluates (the parameters may span them); process 0 writes
-            _evaluate(args.workdir, None)
+            if not _evaluate_after_training(args.workdir):
+                return 0
             if jax.process_index() == 0:
                 print(f"evaluation written to {args.workdir}/eval.json and eval.png")
         return 0
@@ -265,6 +269,31 @@ def _reproduce(args) -> int:
     return 0
 
 
+class _Terminated(BaseException):
+    """A SIGTERM during the evaluation that follows training (no `except Exception` swallows it)."""
+
+
+def _evaluate_after_training(workdir: str) -> bool:
+    """The evaluation after `zoo train`; a SIGTERM skips it cleanly (False): the checkpoint is saved."""
+
+    def stop(signum, frame):
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        _evaluate(workdir, None)
+        return True
+    except _Terminated:
+        print(
+            f"zoo: stopped by SIGTERM during the evaluation, which was skipped (the checkpoint is saved); "
+            f"run `zoo eval --workdir {workdir}` later",
+            file=sys.stderr,
+        )
+        return False
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _evaluate(workdir: str, step: int | None) -> None:
     """Evaluates a run's checkpoint on every process of the job; process 0 writes and prints.
 
@@ -287,10 +316,12 @@ def _evaluate(workdir: str, step: int | None) -> None:
 
 
 def _convert(args) -> int:
+    from zoo import io
     from zoo.checkpoint import load_model, save_pretrained
     from zoo.convert import convert_model
     from zoo.models.masformer import PRESETS, parse_schedule
 
+    io.check_out_dir(args.out, args.overwrite)
     model, config = load_model(args.src)
     if config.model_name != "transformer" or any(s.kind != "full" for s in model.config.layer_specs()):
         raise ValueError(f"{args.src!r} is not a full-attention transformer run (model {config.model_name})")
@@ -299,7 +330,8 @@ def _convert(args) -> int:
     if len(schedule) != n:
         raise ValueError(f"the schedule has {len(schedule)} layers but the source has {n}; pass --schedule")
     mas = convert_model(model, "masformer", layer_attention=tuple(schedule), attention="full")
-    save_pretrained(mas, args.out, source={"converted_from": args.src, "model_name": "transformer"})
+    with io.replacing_dir(args.out, args.overwrite) as tmp:
+        save_pretrained(mas, tmp, source={"converted_from": args.src, "model_name": "transformer"})
     print(
         f"wrote {args.out}: masformer with schedule {','.join(schedule)}; train it with "
         f"--config.train.init_from={args.out}"
@@ -330,7 +362,7 @@ def _convert_pretrained(args) -> int:
         fmt, src = args.to
         if fmt != "hf":
             raise ValueError(f"--to {fmt!r}: the zoo exports to 'hf' (Hugging Face safetensors + config.json)")
-        out = pretrained.export_hf(src, args.out_dir, dtype=args.dtype, step=args.step)
+        out = pretrained.export_hf(src, args.out_dir, dtype=args.dtype, step=args.step, overwrite=args.overwrite)
         print(f"wrote {out['path']}: {out['config']['architectures'][0]}, {out['tensors']} tensors ({args.dtype})")
         return 0
     fmt, src = args.from_
@@ -349,6 +381,7 @@ def _convert_pretrained(args) -> int:
         eos_token=args.eos_token,
         dtype=args.dtype,
         seed=args.seed,
+        overwrite=args.overwrite,
         **fields,
     )
     print(pretrained.describe(info))

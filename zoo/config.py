@@ -293,7 +293,12 @@ def _config_module(path: str):
             )
         module_spec = importlib.util.spec_from_file_location("zoo_run_config", path)
         module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except SyntaxError as e:
+            raise ValueError(
+                f"config file {path!r} is not valid Python (line {e.lineno}: {e.msg}); fix the file"
+            ) from None
         return module
     available = packaged_configs()
     if path not in available:

@@ -57,6 +57,8 @@ def forward_flops_per_token(config: ml_collections.ConfigDict, seq_len: int) -> 
 
 def describe(config: ml_collections.ConfigDict, seq_len: int | None = None) -> str:
     """A text summary of the run config: model, parameters, FLOPs per token and the model's own lines at `seq_len`."""
+    if seq_len is not None and seq_len < 1:
+        raise ValueError(f"--seq-len {seq_len}: a sequence length must be >= 1")
     seq_len = seq_len or config.data.seq_len
     n = count_params(config)
     lines = [f"model      {config.model_name} (preset {config.preset})", f"params     {n:,} ({n / 1e6:.2f}M)"]

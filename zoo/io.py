@@ -10,12 +10,16 @@ event files are kept in memory and each file is rewritten whole at every flush.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -59,8 +63,12 @@ def write_json_atomic(file, obj: Any) -> None:
 
 
 def read_json(file) -> Any:
-    """The JSON value in `file` (a local or remote path)."""
-    return json.loads(path(file).read_text())
+    """The JSON value in `file` (a local or remote path); a damaged file is one ValueError naming it."""
+    text = path(file).read_text()
+    try:
+        return json.loads(text)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{str(file)!r} is not valid JSON ({e}); restore or delete the file") from None
 
 
 class MetricsWriter:
@@ -83,8 +91,17 @@ class MetricsWriter:
         self.remote = is_remote(workdir)
         self.flush_every_s, self.flushed_at = flush_every_s, time.monotonic()
         lines = self.file.read_text().splitlines(keepends=True) if self.file.exists() else []
-        kept = [ln for ln in lines if ln.strip() and (resume_at is None or json.loads(ln)["step"] <= resume_at)]
-        if len(kept) != len(lines):
+        records = [(ln, _record(ln)) for ln in lines]
+        cut = [ln for ln, r in records if ln.strip() and r is None]
+        if cut:  # a line cut off by a killed run (or otherwise unreadable): dropped, the log goes on
+            print(
+                f"zoo: dropped {len(cut)} unreadable line(s) of {str(self.file)!r} (a cut-off write)",
+                file=sys.stderr,
+                flush=True,
+            )
+        kept = [ln for ln, r in records if r is not None and (resume_at is None or r["step"] <= resume_at)]
+        kept = [ln if ln.endswith("\n") else ln + "\n" for ln in kept]
+        if kept != lines:
             write_text_atomic(self.file, "".join(kept))
         if self.remote:
             self.lines, self.dirty = kept, False
@@ -169,14 +186,23 @@ def _register_tensorboard_scheme(scheme: str) -> None:
         record_writer.register_writer_factory(scheme, _RemoteEventFiles())
 
 
+def _record(line: str) -> dict | None:
+    """One metrics.jsonl record, or None for a line that is not one (cut off by a killed run)."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("step"), int) else None
+
+
 def read_metrics(workdir) -> list[dict]:
-    """The metrics log; after a resume, the last record of each step wins."""
+    """The metrics log; after a resume, the last record of each step wins (unreadable lines skipped)."""
     file = path(workdir) / "metrics.jsonl"
     by_step: dict[int, dict] = {}
     if file.exists():
         for line in file.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
+            rec = _record(line)
+            if rec is not None:
                 by_step[rec["step"]] = rec
     return [by_step[s] for s in sorted(by_step)]
 
@@ -193,7 +219,13 @@ def load_flat(file) -> dict[str, np.ndarray]:
     """{name: numpy array} from a safetensors file."""
     from safetensors.numpy import load
 
-    return load(path(file).read_bytes())
+    try:
+        return load(path(file).read_bytes())
+    except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types for damaged files
+        raise ValueError(
+            f"{str(file)!r} is not a readable safetensors file ({type(e).__name__}: {str(e)[:120]}); "
+            "write it again (zoo convert, save_pretrained)"
+        ) from None
 
 
 def check_writable_dir(workdir, what: str = "the work directory") -> None:
@@ -222,60 +254,95 @@ def check_writable_dir(workdir, what: str = "the work directory") -> None:
     os.unlink(probe)
 
 
+def check_out_dir(out, overwrite: bool, flag: str = "--out") -> None:
+    """One clear ValueError when output directory `out` is a file, or holds anything and `overwrite`
+    is not set: a conversion never replaces a user's files unasked."""
+    p = os.path.abspath(os.fspath(out))
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise ValueError(f"{flag} {str(out)!r} is a file; pass a directory")
+    if os.path.isdir(p) and os.listdir(p) and not overwrite:
+        raise ValueError(
+            f"{flag} {str(out)!r} is not empty; pass --overwrite to replace its contents, or choose a new directory"
+        )
+
+
+@contextlib.contextmanager
+def replacing_dir(out, overwrite: bool, flag: str = "--out") -> Iterator[str]:
+    """Yields a new temporary directory beside local directory `out` to write into; when the block
+    succeeds it takes `out`'s place (renames), when it fails it is removed and `out` is untouched.
+
+    `out` must be empty or missing unless `overwrite` (`check_out_dir`); an interruption between the
+    two renames leaves the old contents at `.<name>.zoo-old-<pid>` beside it, never half-written."""
+    check_out_dir(out, overwrite, flag)
+    final = os.path.abspath(os.fspath(out))
+    parent, name = os.path.split(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.zoo-tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(final):
+        old = os.path.join(parent, f".{name}.zoo-old-{os.getpid()}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
 class WorkdirLock:
-    """One writer per work directory: a lock file `<workdir>/.zoo.lock` holding the host, the process id
-    and the start time, created exclusively by process 0. A lock left by a run that died (kill -9) is
-    recognised as stale when its host is this one and its process is gone, and taken over. Remote work
-    directories (no exclusive create on object stores) are not locked."""
+    """One writer per work directory: an exclusive `fcntl.flock` on `<workdir>/.zoo.lock`, taken by
+    process 0. The kernel grants the lock to one process at a time and releases it when that process
+    exits, however it exits (kill -9 included), so a run that died leaves no stale lock. The file is
+    never deleted (a new file beside a locked one would admit a second writer); while held it names
+    the host, the process id and the start time. Remote work directories (object stores have no
+    locks) are not locked."""
 
     NAME = ".zoo.lock"
 
     def __init__(self, workdir):
         self.file = path(workdir) / self.NAME
-        self.held = False
+        self.fd: int | None = None
 
     def __enter__(self) -> WorkdirLock:
         if jax.process_index() != 0 or is_remote(self.file):
             return self
+        import fcntl
+
         self.file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(str(self.file), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            other = self._holder()
+            who = (
+                f"process {other.get('pid')} on {other.get('host')} (since {other.get('since')})"
+                if other
+                else "a process"
+            )
+            raise ValueError(
+                f"{str(self.file.parent)!r} is in use by {who}; wait for that run to finish, or use another --workdir"
+            ) from None
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(2):
-            try:
-                fd = os.open(str(self.file), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                other = self._holder()
-                if other is not None and not self._stale(other):
-                    raise ValueError(
-                        f"{str(self.file.parent)!r} is in use by process {other.get('pid')} on {other.get('host')} "
-                        f"(since {other.get('since')}); wait for it, or delete {str(self.file)!r} if that run is gone"
-                    ) from None
-                self.file.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return self
-        raise ValueError(f"could not take the lock {str(self.file)!r}; another run is starting in the same directory")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        self.fd = fd
+        return self
 
     def _holder(self) -> dict | None:
         try:
-            return json.loads(self.file.read_text())
+            holder = json.loads(self.file.read_text())
         except (OSError, ValueError):
-            return None  # unreadable: half-written by a run killed while taking it
-
-    @staticmethod
-    def _stale(holder: dict) -> bool:
-        if holder.get("host") != socket.gethostname():
-            return False  # another host's process cannot be checked from here
-        try:
-            os.kill(int(holder.get("pid", -1)), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError):
-            return False
-        return False
+            return None  # the holder has not written its name yet
+        return holder if isinstance(holder, dict) else None
 
     def __exit__(self, *exc) -> None:
-        if self.held:
-            self.file.unlink(missing_ok=True)
-            self.held = False
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # no holder named; the kernel lock goes with the descriptor
+            os.close(self.fd)
+            self.fd = None

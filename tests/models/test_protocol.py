@@ -113,7 +113,7 @@ def test_bad_tokens_are_value_errors(name):
         with pytest.raises(ValueError, match=match):
             model(bad)
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        model(jnp.full((1, 3), model.config.vocab_size, jnp.int32), check_tokens_range=True)
+        model(jnp.full((1, 3), model.config.vocab_size, jnp.int32))
 
 
 @pytest.mark.parametrize("name", LMS)

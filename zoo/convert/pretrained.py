@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from typing import Any
 
 import ml_dtypes
@@ -149,6 +150,13 @@ def import_checkpoint(
     shapes = ParamView(abstract_model(base, base_cfg)).shapes
     params = hf.import_table(table, weights, shapes)
     report = weights.finish()
+    report["nonfinite"] = sorted(n for n, a in params.items() if not np.all(np.isfinite(np.asarray(a, np.float32))))
+    if report["nonfinite"]:
+        print(
+            f"zoo: warning: {where}: {len(report['nonfinite'])} tensors hold NaN or Inf values (first: zoo "
+            f"parameter {report['nonfinite'][0]}); the converted model will compute NaN",
+            file=sys.stderr,
+        )
 
     looped = dataclasses.replace(cfg, scan_layers=False)
     target_names = ParamView(abstract_model(model_name, looped)).names
@@ -200,15 +208,21 @@ def convert_checkpoint(
     eos_token: str | None = None,
     dtype: str = "float32",
     seed: int = 0,
+    overwrite: bool = False,
     **fields,
 ) -> dict:
     """`import_checkpoint`, then a model directory at `out` with the tokenizer (`find_tokenizer`).
 
+    `out` must be empty or missing unless `overwrite`; the directory is written under a temporary
+    name and renamed into place, so an interrupted conversion leaves `out` as it was.
+
     Returns the conversion info written into model.json's "source" (plus "model_name")."""
+    io.check_out_dir(out, overwrite)
     tok = find_tokenizer(src, tokenizer, eos_token)
     model, info = import_checkpoint(src, fmt, model_name, dtype=dtype, seed=seed, **fields)
     check_tokenizer(tok, model.config.vocab_size)
-    save_pretrained(model, out, tokenizer=None if tok is None else tok.spec(), source=info)
+    with io.replacing_dir(out, overwrite) as tmp:
+        save_pretrained(model, tmp, tokenizer=None if tok is None else tok.spec(), source=info)
     return {**info, "model_name": model.model_name, "tokenizer": None if tok is None else tok.spec()}
 
 
@@ -315,13 +329,18 @@ def export_hf(
     model=None,
     meta=None,
     step: int | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Writes a Hugging Face checkpoint (config.json, model.safetensors, generation_config.json and
     the tokenizer files) of a zoo model directory or a `zoo train` work directory (checkpoint
     `step`, default the latest), or of `model` with its model.json `meta`. A byte-level tokenizer
     is written as an equivalent tokenizer.json (`byte_tokenizer_json`).
 
+    `out` must be empty or missing unless `overwrite`; the files are written under a temporary
+    directory renamed into place, so an interrupted export leaves `out` as it was.
+
     Returns {"path", "config", "tensors"}."""
+    io.check_out_dir(out, overwrite)
     if model is None:
         model, meta = load_any(model_dir, step)
     meta = meta or {}
@@ -344,19 +363,19 @@ def export_hf(
         )
     else:
         config = hf.export_mamba2_config(model.config, dtype=dtype, special=special)
-    os.makedirs(out, exist_ok=True)
-    write_safetensors(os.path.join(out, "model.safetensors"), tensors, metadata={"format": "pt"})
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    with open(os.path.join(out, "generation_config.json"), "w") as f:
-        json.dump({k: v for k, v in special.items() if k != "pad_token_id"}, f, indent=2)
-    if spec is not None and spec.get("kind") in ("hf", "sentencepiece"):
-        folder = os.path.dirname(spec["path"])
-        for name in (os.path.basename(spec["path"]), "tokenizer_config.json", "special_tokens_map.json"):
-            if os.path.isfile(os.path.join(folder, name)):
-                shutil.copyfile(os.path.join(folder, name), os.path.join(out, name))
-    elif spec is not None and spec.get("kind") == "bytes":
-        byte_tokenizer_json(out)
+    with io.replacing_dir(out, overwrite) as tmp:
+        write_safetensors(os.path.join(tmp, "model.safetensors"), tensors, metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump({k: v for k, v in special.items() if k != "pad_token_id"}, f, indent=2)
+        if spec is not None and spec.get("kind") in ("hf", "sentencepiece"):
+            folder = os.path.dirname(spec["path"])
+            for name in (os.path.basename(spec["path"]), "tokenizer_config.json", "special_tokens_map.json"):
+                if os.path.isfile(os.path.join(folder, name)):
+                    shutil.copyfile(os.path.join(folder, name), os.path.join(tmp, name))
+        elif spec is not None and spec.get("kind") == "bytes":
+            byte_tokenizer_json(tmp)
     return {"path": os.path.abspath(str(out)), "config": config, "tensors": len(tensors)}
 
 

@@ -55,7 +55,14 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
             header = json.loads(f.read(n))
         except (ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"{path!r} is not a safetensors file (its header is not JSON: {e})") from e
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    size = os.path.getsize(path) - 8 - n  # bytes of tensor data the file holds
+    ends = [info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"]
+    if ends and max(ends) > size:
+        raise ValueError(
+            f"{path!r} is truncated: its header describes {max(ends)} bytes of tensor data but the file holds "
+            f"{max(size, 0)}; download or write it again"
+        )
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 0 else np.zeros(0, np.uint8)
     out = {}
     for name, info in header.items():
         if name == "__metadata__":

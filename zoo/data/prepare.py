@@ -180,6 +180,18 @@ def plan_jsonl(path: str, text_key: str, shard_bytes: int, splits: str = "") -> 
     return desc, units
 
 
+def _fingerprint(desc: dict, units: list[dict]) -> str:
+    """SHA-256 over (file, size, mtime) of a text or JSONL input's files: an input edited in place,
+    even at the same size, makes another plan, so its old shards are never reused."""
+    rels = sorted({f[0] for u in units for f in u.get("files", [])} | {u["file"] for u in units if "file" in u})
+    h = hashlib.sha256()
+    for rel in rels:
+        full = os.path.join(desc["path"], rel) if os.path.isdir(desc["path"]) else desc["path"]
+        st = os.stat(full)
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def split_mapping(splits: str, available: list[str]) -> dict[str, str]:
     """``{source split: 'train' | 'validation' | 'hash'}`` from ``--splits`` or the automatic rule."""
     if splits:
@@ -344,8 +356,9 @@ def _jsonl_documents(desc: dict, unit: dict, skipped: dict) -> Iterator[tuple[st
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: byte {pos}: not valid JSON ({e.msg}); fix the line") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text; a binary file?"
+            raise ValueError(f"{path}: byte {pos}: not valid JSON ({why}); fix the line") from e
         if not isinstance(obj, dict) or not isinstance(obj.get(key), str):
             fields = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
             raise ValueError(f"{path}: byte {pos}: no string field {key!r} (fields: {fields}); pass --text-key")
@@ -543,8 +556,9 @@ def _check_output(out: str, plan: dict) -> None:
             old = json.load(f)
         if old != plan:
             diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+            changed = "; the input files changed since" if "source" in diff else ""
             raise ValueError(
-                f"--output {out!r} holds a different preparation (differs in {', '.join(diff)}); choose "
+                f"--output {out!r} holds a different preparation (differs in {', '.join(diff)}{changed}); choose "
                 "a new directory or delete that one"
             )
         return
@@ -651,6 +665,8 @@ def prepare(
     else:
         desc, units = plan_hf(input_path, text_key, splits, docs_per_shard)
     desc["validation_fraction"] = float(validation_fraction)
+    if desc["kind"] in ("text", "jsonl"):
+        desc["fingerprint"] = _fingerprint(desc, units)
     plan = {
         "format": sh.FORMAT,
         "format_version": sh.FORMAT_VERSION,
@@ -788,8 +804,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``zoo data prepare`` from parsed :func:`add_arguments` arguments; prints a summary; returns 0."""
-    manifest = prepare(
+    """Runs ``zoo data prepare`` from parsed :func:`add_arguments` arguments; prints a summary; returns 0.
+
+    Bad input (a ValueError) into a new or empty ``--output`` leaves nothing behind, so the corrected
+    command starts afresh; an interrupted run keeps its units for the rerun to resume."""
+    out = os.path.abspath(args.output) if args.output else ""
+    existed = bool(out) and os.path.isdir(out)
+    fresh = bool(out) and (not existed or not os.listdir(out))
+    try:
+        manifest = _prepare_from_args(args)
+    except ValueError:
+        if fresh:
+            _remove_preparation(out, existed)
+        raise
+    print(summary(manifest, args.output))
+    return 0
+
+
+def _remove_preparation(out: str, keep_dir: bool) -> None:
+    """Removes what a failed preparation wrote into a directory that was new or empty."""
+    import shutil
+
+    if not keep_dir:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for name in (*sh.SPLITS, "work", sh.PLAN, sh.MANIFEST):
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def _prepare_from_args(args: argparse.Namespace) -> dict:
+    return prepare(
         args.source,
         args.input,
         args.output,
@@ -805,8 +853,6 @@ def run(args: argparse.Namespace) -> int:
         record_tokens=args.record_tokens,
         log=print,
     )
-    print(summary(manifest, args.output))
-    return 0
 
 
 def summary(manifest: dict, output: str) -> str:

@@ -156,13 +156,28 @@ class ShardDocuments:
         first = self._records.start(d)
         r0, r1 = start // self.record_tokens, (stop - 1) // self.record_tokens
         keys = list(range(first + r0, first + r1 + 1))
-        raw = self.source.__getitems__(keys) if len(keys) > 1 else [self.source[keys[0]]]
+        try:
+            raw = self.source.__getitems__(keys) if len(keys) > 1 else [self.source[keys[0]]]
+        except RuntimeError as e:  # Riegeli/ArrayRecord: a truncated or corrupted file
+            raise self._damaged(keys[0], str(e).strip().splitlines()[0][:120]) from None
         tokens = np.frombuffer(b"".join(raw), RECORD_DTYPE).astype(np.int32)  # [(r1 - r0 + 1) * R or less]
         base = r0 * self.record_tokens
-        return tokens[start - base : stop - base]
+        out = tokens[start - base : stop - base]
+        if len(out) != stop - start:  # records shorter than the length index says: a damaged shard
+            raise self._damaged(keys[0], f"document {d} has {len(out)} of its tokens {start}:{stop}")
+        return out
 
     def __getitem__(self, d: int) -> np.ndarray:
         return self.read(int(d))
+
+    def _damaged(self, record: int, why: str) -> ValueError:
+        """One line naming the shard that holds global record `record` of the split, and the fix."""
+        ends = np.cumsum([s["records"] for s in self.info["shards"]])
+        shard = self.info["shards"][min(int(np.searchsorted(ends, record, side="right")), len(ends) - 1)]
+        return ValueError(
+            f"{os.path.join(self.path, shard['path'])!r} is damaged ({why}); rerun the same `zoo data prepare` "
+            "command: it verifies every shard's checksum and redoes the damaged ones"
+        )
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

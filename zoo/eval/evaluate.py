@@ -27,7 +27,7 @@ def evaluate(model, config: ml_collections.ConfigDict) -> dict:
 
 def evaluate_workdir(workdir: str, model=None, config=None, step: int | None = None, *, shardings=None) -> dict:
     """Evaluates the run in `workdir` (loading its checkpoint unless a model is given) and writes
-    eval.json, eval.png and training.png there.
+    eval.json (with "checkpoint_step", the step evaluated, when known), eval.png and training.png there.
 
     In a job of several processes every process calls this (the evaluation's computations span
     them); `shardings` (see `zoo.checkpoint.load_model`) places the restored parameters, and only
@@ -40,8 +40,10 @@ def evaluate_workdir(workdir: str, model=None, config=None, step: int | None = N
             if (out / name).exists() and not io.is_remote(out) and not os.access(str(out / name), os.W_OK):
                 raise ValueError(f"{str(out / name)!r} is read-only; evaluation results could not be written")
     if model is None:
-        model, config = load_model(workdir, step, shardings=shardings)
+        model, config, step = load_model(workdir, step, shardings=shardings, return_step=True)
     result = evaluate(model, config)
+    if step is not None:
+        result["checkpoint_step"] = step
     if jax.process_index() != 0:
         return result
     out = io.path(workdir)

@@ -464,6 +464,15 @@ class LanguageModel(nnx.Module, ModelInfo):
     Subclasses build `self.config` (an `LMConfig`), `self.blocks` (`make_stack`) and implement
     `embed_tokens` and `logits`; everything else (the parallel form, the cache, prefill, decoding, the residual stream
     for analysis) is here, once.
+
+    The input contract of `__call__`, `prefill` and `decode_step`:
+      - token ids lie in [0, vocab_size). An eager call (concrete ids) raises one ValueError for an
+        id outside; under `jit` the ids are not known while tracing, so callers validate on the host
+        before entering jit, as the trainer, `zoo.generate`, the evaluators and the converters do.
+      - a cache with a capacity (`cache_capacity`, e.g. a KV cache) takes at most that many tokens.
+        An eager call past it raises ValueError; under `jit` the logits of such a call are NaN (every
+        row), so an overflow never passes for an answer. `zoo.generate` sizes its cache to the
+        prompt plus the new tokens.
     """
 
     config: Any
@@ -487,16 +496,15 @@ class LanguageModel(nnx.Module, ModelInfo):
         del cfg, seq_len
         return []
 
-    def __call__(self, tokens: jax.Array, *, segment_ids=None, positions=None, check_tokens_range: bool = False):
+    def __call__(self, tokens: jax.Array, *, segment_ids=None, positions=None):
         """tokens int32 [B, T] -> logits float32 [B, T, V].
 
         Args:
           segment_ids: int32 [B, T] document ids of packed rows: each token sees only earlier tokens
             of its own document, so a packed document gets the logits it gets alone.
           positions: int32 [B, T] positions within each document (default arange(T)).
-          check_tokens_range: raise ValueError for ids outside [0, vocab_size) (concrete inputs only).
         """
-        tokens = check_tokens(tokens, 2, vocab_size=self.config.vocab_size if check_tokens_range else None)
+        tokens = check_tokens(tokens, 2, vocab_size=self.config.vocab_size)
         ctx = make_context(tokens, segment_ids, positions)
         return self.logits(self.blocks(self.embed_tokens(tokens), ctx))
 
@@ -520,21 +528,31 @@ class LanguageModel(nnx.Module, ModelInfo):
                 f"it with init_cache(batch_size, max_length >= {int(pos) + n})"
             )
 
+    def _mark_overflow(self, logits: jax.Array, cache: dict, n: int) -> jax.Array:
+        """Under jit the position is not known while tracing: logits of a call that runs past the
+        cache's capacity become NaN (every row), never plausible values computed from a clipped cache."""
+        cap, pos = self.cache_capacity(cache), cache["pos"]
+        if cap is None or not isinstance(pos, jax.core.Tracer):
+            return logits
+        return jnp.where(pos + n > cap, jnp.nan, logits)
+
     def prefill(self, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
         """tokens int32 [B, T] continuing from `cache` -> (logits [B, T, V], cache after the last token)."""
-        tokens = check_tokens(tokens, 2)
+        tokens = check_tokens(tokens, 2, vocab_size=self.config.vocab_size)
         self._check_room(cache, tokens.shape[1])
         ctx = make_context(tokens, index=cache["pos"])
         h, layers = self.blocks.prefill(self.embed_tokens(tokens), cache["layers"], ctx)
-        return self.logits(h), {"layers": layers, "pos": cache["pos"] + tokens.shape[1]}
+        logits = self._mark_overflow(self.logits(h), cache, tokens.shape[1])
+        return logits, {"layers": layers, "pos": cache["pos"] + tokens.shape[1]}
 
     def decode_step(self, tokens_t: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
         """tokens_t int32 [B] -> (logits [B, V], updated cache)."""
-        tokens_t = check_tokens(tokens_t, 1, "tokens_t")[:, None]
+        tokens_t = check_tokens(tokens_t, 1, "tokens_t", vocab_size=self.config.vocab_size)[:, None]
         self._check_room(cache, 1)
         ctx = make_context(tokens_t, index=cache["pos"])
         h, layers = self.blocks.decode(self.embed_tokens(tokens_t), cache["layers"], ctx)
-        return self.logits(h)[:, 0], {"layers": layers, "pos": cache["pos"] + 1}
+        logits = self._mark_overflow(self.logits(h)[:, 0], cache, 1)
+        return logits, {"layers": layers, "pos": cache["pos"] + 1}
 
     def residual_stream(self, embeddings: jax.Array) -> jax.Array:
         """Analysis hook (zoo.eval.memory_fidelity): the residual after each block [L, B, T, D] of the

@@ -520,7 +520,7 @@ class S4Classifier(Classifier):
 
     def __call__(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """tokens int32 [B,T], mask bool [B,T] (True = real token; None = all) -> logits [B, n_classes]."""
-        tokens = check_tokens(tokens, 2)
+        tokens = check_tokens(tokens, 2, vocab_size=self.config.vocab_size)
         if mask is None:
             mask = jnp.ones(tokens.shape, bool)
         m = mask[..., None].astype(jnp.float32)  # [B,T,1]

@@ -295,27 +295,46 @@ def train(
     Args:
       stop_after: stop after this global step without a final checkpoint (tests simulate preemption).
     """
+    if not str(workdir).strip():
+        raise ValueError("--workdir is empty; name a directory for the run (e.g. --workdir runs/default)")
+    with _Sigterm() as sigterm:
+        return _train(config, workdir, progress, stop_after, sigterm)
+
+
+def _train(config, workdir, progress: bool, stop_after: int | None, sigterm: _Sigterm) -> dict:
     sharding.maybe_initialize_distributed()
     validate(config)
+    check_memory_estimate(config)
     setup = make_setup(config)
     batches = make_batches(config.data, "train", process_index=jax.process_index(), process_count=jax.process_count())
     step_fn, opt_sh, abstract_params, abstract_opt = _preflight(config, setup, batches, workdir)
+    # A fresh run's starting point is read (and its shapes checked) before the work directory is touched.
+    fresh = not (io.path(workdir) / "checkpoints").exists() or not list((io.path(workdir) / "checkpoints").iterdir())
+    start_from = initial_params(setup, config.train.init_from) if config.train.init_from and fresh else None
 
     with io.WorkdirLock(workdir):
         _record_config(workdir, config)
         checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints, log=_log)
         checkpointer.bind(abstract_params, abstract_opt)
+        had = checkpointer.all_steps()
         start, restored = checkpointer.restore_latest(abstract_params, abstract_opt)
+        if restored is None and had:
+            _log(
+                f"zoo: no usable checkpoint: every step ({', '.join(map(str, had))}) is damaged and was moved "
+                f"to {io.path(workdir) / 'damaged'}; training starts again from step 0"
+            )
         if restored is not None:
             params, opt_state = restored["params"], restored["opt_state"]
             batches.set_state(
                 host_data_state(restored["data"], config.data.mode, jax.process_index(), jax.process_count())
             )
         else:
-            params = initial_params(setup, config.train.init_from) if config.train.init_from else setup.init_params()
+            if start_from is None and config.train.init_from:
+                start_from = initial_params(setup, config.train.init_from)
+            params = setup.init_params() if start_from is None else start_from
             opt_state = jax.jit(setup.tx.init, out_shardings=opt_sh)(params)
             start = 0
-        loop = _Loop(config, setup, step_fn, batches, checkpointer, workdir, start, progress)
+        loop = _Loop(config, setup, step_fn, batches, checkpointer, workdir, start, progress, sigterm)
         try:
             return loop.run(params, opt_state, stop_after)
         finally:
@@ -346,6 +365,7 @@ def _preflight(config, setup: Setup, batches, workdir):
                 "change data.batch_size (or data.tokens_per_step) or the mesh"
             )
     io.check_writable_dir(workdir)
+    ckpt_lib.check_resume_config(workdir, config)  # a work dir of another run (or not a zoo run) is refused
     if config.train.init_from:
         src = io.path(config.train.init_from)
         if not (src / ckpt_lib.MODEL_FILE).is_file() and not (src / ckpt_lib.CONFIG_FILE).is_file():
@@ -413,6 +433,26 @@ def check_memory(compiled, config) -> None:
         )
 
 
+def check_memory_estimate(config) -> None:
+    """One clear error, before anything is allocated or compiled, when a step's batch cannot fit: its
+    fp32 logits and residual stream alone (B x T x (vocab + d_model) x 4 bytes per micro-batch of
+    `train.grad_accum`, split over the devices) are a lower bound of the step's memory.
+    `check_memory` compares the compiled step."""
+    cfg = model_config(config)
+    tokens = data_tokens_per_step(config.data) // max(int(config.train.grad_accum), 1)
+    devices = (
+        config.mesh.data * config.mesh.fsdp if config.mesh.data > 0 and config.mesh.fsdp > 0 else jax.device_count()
+    )
+    need = tokens * (cfg.vocab_size + getattr(cfg, "d_model", 0)) * 4 // max(devices, 1)
+    have = device_memory_bytes()
+    if have is not None and need > have:
+        raise ValueError(
+            f"a (micro-)batch of {tokens:,} tokens needs at least {need / 2**30:.1f} GiB per device (its logits "
+            f"alone) but a device has {have / 2**30:.1f} GiB; lower data.batch_size or data.seq_len (now "
+            f"{config.data.batch_size} x {config.data.seq_len}), raise train.grad_accum or add devices to the mesh"
+        )
+
+
 def device_memory_bytes() -> int | None:
     """Memory of one local device: the accelerator's limit, or the available host RAM on CPU."""
     stats = jax.local_devices()[0].memory_stats() or {}
@@ -466,10 +506,33 @@ def _flat_diff(a: dict, b: dict, prefix: str = "") -> dict:
     return out
 
 
+class _Sigterm:
+    """Notes a SIGTERM (from the start of `train`, compiling included) for the loop, which acts on it
+    after its next step: a checkpoint, then a clean exit."""
+
+    def __init__(self):
+        self.term = False
+        self.previous = None
+
+    def __enter__(self) -> _Sigterm:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.term = True
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
 class _Loop:
     """The training loop proper: steps, logging, checkpoints, the non-finite policy, SIGTERM."""
 
-    def __init__(self, config, setup: Setup, step_fn, batches, checkpointer, workdir, start: int, progress: bool):
+    def __init__(
+        self, config, setup: Setup, step_fn, batches, checkpointer, workdir, start: int, progress: bool, sigterm
+    ):
         self.config, self.setup, self.step_fn, self.batches = config, setup, step_fn, batches
         self.checkpointer, self.workdir, self.start = checkpointer, workdir, start
         self.writer = io.MetricsWriter(workdir, resume_at=start)
@@ -494,14 +557,9 @@ class _Loop:
         )
         self.unchecked: list[tuple[int, int, dict]] = []  # (step, seq_len, device metrics) not yet checked
         self.consecutive = self.nonfinite_total = self.rollbacks = 0
-        self.term = False
-        self.previous_handler = None
-        if threading.current_thread() is threading.main_thread():
-            self.previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.first_bad: int | None = None  # the run's first non-finite step
+        self.sigterm = sigterm
         self.profiling = False
-
-    def _on_sigterm(self, signum, frame) -> None:
-        self.term = True  # acted on after the current step: checkpoint, then a clean exit
 
     def close(self) -> None:
         if self.bar is not None:
@@ -510,16 +568,14 @@ class _Loop:
             jax.profiler.stop_trace()
         self.writer.close()
         self.checkpointer.close()
-        if self.previous_handler is not None:
-            signal.signal(signal.SIGTERM, self.previous_handler)
 
     def _stop_requested(self) -> bool:
         """SIGTERM on any process stops every process at the same step (a tiny collective when several)."""
         if jax.process_count() == 1:
-            return self.term
+            return self.sigterm.term
         from jax.experimental import multihost_utils
 
-        return bool(np.any(multihost_utils.process_allgather(np.int32(self.term))))
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.sigterm.term))))
 
     def _check_guard_flags(self, step: int) -> None:
         """Reads the non-finite guard flags of the steps not yet checked and applies the policy."""
@@ -530,23 +586,43 @@ class _Loop:
                 continue
             self.consecutive += 1
             self.nonfinite_total += 1
+            if self.first_bad is None:  # the checkpoints before it are never rotated out
+                self.first_bad = s
+                self.checkpointer.protect_before(s)
             names = [n for n, g in zip(self.setup.view.names, groups) if g]
             where = f"step {s} (sequence length {seq_len}): non-finite loss or gradient" + (
                 f", first in {names[0]}" if names else " (the loss; every gradient is finite)"
             )
             policy = self.config.train.on_nonfinite
             if policy == "stop" or self.consecutive > self.config.train.max_nonfinite:
-                last = self.checkpointer.latest_step()
                 raise NonFinite(
                     f"{where}; the update was skipped and training stopped (train.on_nonfinite="
                     f"{policy}, {self.consecutive} in a row, limit train.max_nonfinite="
-                    f"{self.config.train.max_nonfinite}); the last checkpoint is step {last}"
+                    f"{self.config.train.max_nonfinite}); {self._resume_hint()}"
                 )
             if policy == "rollback":
                 self.unchecked = []
                 raise _Rollback(where)
             _log(f"zoo: {where}; the update was skipped (train.on_nonfinite=skip)")
         self.unchecked = []
+
+    def _resume_hint(self) -> str:
+        """Which checkpoint a rerun resumes from, and the last one written before the divergence."""
+        self.checkpointer.wait()
+        steps = self.checkpointer.all_steps()
+        if not steps:
+            return "there is no checkpoint yet, so a rerun starts from step 0"
+        before = [s for s in steps if s < self.first_bad]
+        if before and before[-1] == steps[-1]:
+            return (
+                f"the last checkpoint is step {steps[-1]}, written before the first non-finite step "
+                f"({self.first_bad}); change the settings (e.g. a lower optim.lr) and rerun to resume from it"
+            )
+        good = f"step {before[-1]}" if before else "none"
+        return (
+            f"a rerun resumes from the last checkpoint, step {steps[-1]}; the last checkpoint before the "
+            f"first non-finite step ({self.first_bad}) is {good}"
+        )
 
     def run(self, params, opt_state, stop_after: int | None) -> dict:
         config, total = self.config, self.config.train.steps
@@ -597,11 +673,21 @@ class _Loop:
             if stop_after is not None and step >= stop_after:
                 self.checkpointer.wait()
                 return {"train": last, "step": step}
-            if save_now or stop:
+            saved = False
+            if (save_now or stop) and self.consecutive:
+                # Updates are being skipped: the state may be collapsing, so no checkpoint replaces a good one.
+                _log(f"zoo: no checkpoint at step {step}: its update was skipped (non-finite)")
+            elif save_now or stop:
                 self._save(step, params, opt_state)
+                saved = True
             if stop:
                 self.checkpointer.wait()
-                _log(f"zoo: stopped by SIGTERM at step {step}; checkpoint saved, rerun the same command to resume")
+                what = (
+                    "checkpoint saved"
+                    if saved
+                    else f"no checkpoint (non-finite), last is step {self.checkpointer.latest_step()}"
+                )
+                _log(f"zoo: stopped by SIGTERM at step {step}; {what}, rerun the same command to resume")
                 return {"train": last, "step": step, "preempted": True}
         self.checkpointer.wait()
         return {"train": last, "step": step}
