@@ -438,7 +438,7 @@ def check_memory_estimate(config) -> None:
     fp32 logits and residual stream alone (B x T x (vocab + d_model) x 4 bytes per micro-batch of
     `train.grad_accum`, split over the devices) are a lower bound of the step's memory.
     `check_memory` compares the compiled step."""
-    cfg = model_config(config)
+    cfg = registry.config_from_run(config)
     tokens = data_tokens_per_step(config.data) // max(int(config.train.grad_accum), 1)
     devices = (
         config.mesh.data * config.mesh.fsdp if config.mesh.data > 0 and config.mesh.fsdp > 0 else jax.device_count()
