@@ -27,7 +27,7 @@ a JSON report (--out) whose table `--markdown REPORT` prints for docs/kernels/ss
 `--short` times what the tiny Mamba-2 trains at on CPU (fp32, short T): the SSD op at its heads
 (H 8, P 16, N 32, G 1) for the XLA path against the sequential reference, at chunk 64 and 32 and, for
 T below the chunk, the XLA path on the input padded to a whole chunk (dt = 0 on the padding, the
-work a padded chunk costs); and the trainer's own step (`zoo.bench.bench_train`) of `mamba2:tiny`
+work a padded chunk costs); and the trainer's own step (`zoo.bench.train_step_runner`) of `mamba2:tiny`
 at chunk 64 and 32 and of `transformer:tiny` at the same d_model. It writes a JSON report whose
 table `--short-markdown REPORT` prints for docs/kernels/ssd.md:
 
@@ -377,12 +377,12 @@ def _padded_to_chunk(a, name, chunk):
     return jnp.pad(a, pad)
 
 
-def short_comparison(repeats=10, step_reps=5) -> dict:
+def short_comparison(repeats=10, step_reps=10) -> dict:
     """The SSD op and the training step of the tiny Mamba-2 at short T on CPU (see the module docstring)."""
     import datetime  # pylint: disable=g-import-not-at-top
     import platform  # pylint: disable=g-import-not-at-top
 
-    from zoo.bench import bench_train  # pylint: disable=g-import-not-at-top
+    from zoo.bench import bench_config, train_step_runner  # pylint: disable=g-import-not-at-top
 
     ssd_rows = []
     loads = [os.getloadavg()[0]]
@@ -415,12 +415,11 @@ def short_comparison(repeats=10, step_reps=5) -> dict:
         loads.append(os.getloadavg()[0])
     step_rows = []
     for batch, seqlen in SHORT_STEP_CASES:
-        ms = {}
+        runs = {}
         for label, (spec, overrides) in SHORT_STEP_CONFIGS.items():
-            r = bench_train([spec], batch_size=batch, seq_len=seqlen, overrides=overrides, reps=step_reps, peak=1.0)
-            if "error" in r[0]:
-                raise RuntimeError(f"{label}: {r[0]['error']}")
-            ms[label] = r[0]["step_ms"]
+            config = bench_config(spec, batch, seqlen, "float32", overrides)
+            runs[label] = lambda run=train_step_runner(config)[0]: jax.block_until_ready(run())
+        ms = _median_ms(runs, step_reps)  # the three steps in turn, so that load changes hit them alike
         step_rows.append({"batch": batch, "seqlen": seqlen, "ms": ms})
         print(f"train step B{batch} T{seqlen} " + "  ".join(f"{k} {v:7.1f} ms" for k, v in ms.items()), flush=True)
         loads.append(os.getloadavg()[0])
@@ -456,8 +455,8 @@ def short_markdown(report: dict) -> str:
     step_labels = list(report["train_step"][0]["ms"])
     lines += [
         "",
-        f"Training step (`zoo.bench.bench_train`: gradient, AdamW update, metrics; median of "
-        f"{report['step_reps']} steps; ms):",
+        f"Training step (`zoo.bench.train_step_runner`, the trainer's jitted step: gradient, AdamW "
+        f"update, metrics; median of {report['step_reps']} steps taken in turn; ms):",
         "",
         "| B x T | " + " | ".join(step_labels) + " | Q64 / Q32 |",
         "|---|" + "---|" * (len(step_labels) + 1),
