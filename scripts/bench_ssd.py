@@ -24,6 +24,15 @@ a JSON report (--out) whose table `--markdown REPORT` prints for docs/kernels/ss
 
     .venv/bin/python scripts/bench_ssd.py --vs-minimal --out docs/kernels/results/ssd_vs_minimal_cpu.json
 
+`--short` times what the tiny Mamba-2 trains at on CPU (fp32, short T): the SSD op at its heads
+(H 8, P 16, N 32, G 1) for the XLA path against the sequential reference, at chunk 64 and 32 and, for
+T below the chunk, the XLA path on the input padded to a whole chunk (dt = 0 on the padding, the
+work a padded chunk costs); and the trainer's own step (`zoo.bench.train_step_runner`) of `mamba2:tiny`
+at chunk 64 and 32 and of `transformer:tiny` at the same d_model. It writes a JSON report whose
+table `--short-markdown REPORT` prints for docs/kernels/ssd.md:
+
+    .venv/bin/python scripts/bench_ssd.py --short --out docs/kernels/results/ssd_short_cpu.json
+
 `run(shapes, dtypes)` returns the rows as dicts for `scripts/bench_kernels.py`. The peer is imported
 here only (never by the package).
 """
@@ -335,6 +344,140 @@ def minimal_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+SHORT_SSD_CASES = ((16, 64), (64, 64), (16, 16))  # (B, T) at the tiny Mamba-2's heads
+SHORT_STEP_CASES = ((16, 64), (64, 64), (16, 128))  # (B, T) of the training step; 128 = the preset's length
+SHORT_STEP_CONFIGS = {  # label -> (run config, overrides)
+    "mamba2 Q64": ("mamba2:tiny", ("--config.model.chunk_size=64",)),
+    "mamba2 Q32": ("mamba2:tiny", ("--config.model.chunk_size=32",)),
+    "transformer D64": ("transformer:tiny", ("--config.model.d_model=64",)),
+}
+
+
+def _median_ms(fns: dict, repeats: int) -> dict:
+    """Median milliseconds of each no-argument function, after a warm-up, timed in turn per repeat."""
+    import time  # pylint: disable=g-import-not-at-top
+
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def _padded_to_chunk(a, name, chunk):
+    """Pads time (axis 1) to a whole chunk with zeros: dt = 0 there (no decay, no input), so the real
+    steps' outputs are the same."""
+    del name
+    pad = [(0, 0)] * a.ndim
+    pad[1] = (0, chunk - a.shape[1])
+    return jnp.pad(a, pad)
+
+
+def short_comparison(repeats=10, step_reps=10) -> dict:
+    """The SSD op and the training step of the tiny Mamba-2 at short T on CPU (see the module docstring)."""
+    import datetime  # pylint: disable=g-import-not-at-top
+    import platform  # pylint: disable=g-import-not-at-top
+
+    from zoo.bench import bench_config, train_step_runner  # pylint: disable=g-import-not-at-top
+
+    ssd_rows = []
+    loads = [os.getloadavg()[0]]
+    for batch, seqlen in SHORT_SSD_CASES:
+        fns = {}
+        for impl, chunk in (("reference", 64), ("xla", 64), ("xla", 32)):
+            s = Shape(batch, seqlen, 8, 16, 32, 1, chunk)
+            raw = make_inputs(s, jnp.float32)
+            args = [jnp.asarray(raw[k]) for k in "x dt A B C".split()]
+            gy = jnp.asarray(raw["gy"])
+            fwd, bwd = _zoo_fns(impl, chunk)
+            label = impl if impl == "reference" else f"xla Q{chunk}"
+            fns[(label, "fwd")] = lambda fwd=fwd, args=args: jax.block_until_ready(fwd(*args))
+            fns[(label, "fwd+bwd")] = lambda bwd=bwd, args=args, gy=gy: jax.block_until_ready(bwd(*args, gy))
+            if impl == "xla" and chunk == 64 and seqlen < chunk:
+                pa = [_padded_to_chunk(a, n, chunk) if n != "A" else a for n, a in zip("x dt A B C".split(), args)]
+                pgy = _padded_to_chunk(gy, "gy", chunk)
+                fns[("xla Q64 padded", "fwd")] = lambda pa=pa: jax.block_until_ready(fwd(*pa))
+                fns[("xla Q64 padded", "fwd+bwd")] = lambda pa=pa, pgy=pgy: jax.block_until_ready(bwd(*pa, pgy))
+        ms = _median_ms(fns, repeats)
+        for mode in ("fwd", "fwd+bwd"):
+            row = {
+                "batch": batch,
+                "seqlen": seqlen,
+                "mode": mode,
+                "ms": {k: v for (k, m), v in ms.items() if m == mode},
+            }
+            ssd_rows.append(row)
+            print(f"ssd B{batch} T{seqlen} {mode:8s} " + "  ".join(f"{k} {v:7.2f} ms" for k, v in row["ms"].items()))
+        loads.append(os.getloadavg()[0])
+    step_rows = []
+    for batch, seqlen in SHORT_STEP_CASES:
+        runs = {}
+        for label, (spec, overrides) in SHORT_STEP_CONFIGS.items():
+            config = bench_config(spec, batch, seqlen, "float32", overrides)
+            runs[label] = lambda run=train_step_runner(config)[0]: jax.block_until_ready(run())
+        ms = _median_ms(runs, step_reps)  # the three steps in turn, so that load changes hit them alike
+        step_rows.append({"batch": batch, "seqlen": seqlen, "ms": ms})
+        print(f"train step B{batch} T{seqlen} " + "  ".join(f"{k} {v:7.1f} ms" for k, v in ms.items()), flush=True)
+        loads.append(os.getloadavg()[0])
+    return {
+        "command": "python bench_ssd.py " + " ".join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, jax {jax.__version__}",
+        "load_average_1min": {"min": min(loads), "max": max(loads)},
+        "commit": _commit(),
+        "dtype": "float32",
+        "repeats": repeats,
+        "step_reps": step_reps,
+        "ssd": ssd_rows,
+        "train_step": step_rows,
+    }
+
+
+def short_markdown(report: dict) -> str:
+    """The tables of a `short_comparison` report, as docs/kernels/ssd.md shows them."""
+    load = report["load_average_1min"]
+    ssd_labels = ["reference", "xla Q64 padded", "xla Q64", "xla Q32"]
+    lines = [
+        f"Measured {report['date']} on {report['machine']} (load average {load['min']:.1f}-{load['max']:.1f}; "
+        f"commit {report['commit']}), {report['dtype']}; SSD: median of {report['repeats']} runs taken in turn "
+        "(H 8, P 16, N 32, G 1; ms):",
+        "",
+        "| B x T | pass | " + " | ".join(ssd_labels) + " |",
+        "|---|---|" + "---|" * len(ssd_labels),
+    ]
+    for r in report["ssd"]:
+        cells = [f"{r['ms'][k]:.2f}" if k in r["ms"] else "–" for k in ssd_labels]
+        lines.append(f"| {r['batch']} x {r['seqlen']} | {r['mode']} | " + " | ".join(cells) + " |")
+    step_labels = list(report["train_step"][0]["ms"])
+    lines += [
+        "",
+        f"Training step (`zoo.bench.train_step_runner`, the trainer's jitted step: gradient, AdamW "
+        f"update, metrics; median of {report['step_reps']} steps taken in turn; ms):",
+        "",
+        "| B x T | " + " | ".join(step_labels) + " | Q64 / Q32 |",
+        "|---|" + "---|" * (len(step_labels) + 1),
+    ]
+    for r in report["train_step"]:
+        ratio = r["ms"]["mamba2 Q64"] / r["ms"]["mamba2 Q32"]
+        cells = " | ".join(f"{r['ms'][k]:.1f}" for k in step_labels)
+        lines.append(f"| {r['batch']} x {r['seqlen']} | {cells} | {ratio:.2f} |")
+    return "\n".join(lines)
+
+
+def _commit() -> str:
+    import subprocess  # pylint: disable=g-import-not-at-top
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return out.stdout.strip()
+
+
 def matmul_ceiling(dtype, repeats=5) -> float:
     """FLOP/s of one square matmul in `dtype` on this backend (n = 8192 on accelerators, 1024 on CPU)."""
     return matmul_flops(dtype, reps=repeats)
@@ -438,9 +581,23 @@ def main(argv=None):
     p.add_argument("--costs-only", action="store_true", help="print the kernels' cost model and exit")
     p.add_argument("--json", help="also write the rows to this JSON-lines file")
     p.add_argument("--vs-minimal", action="store_true", help="zoo xla vs the PyTorch SSD minimal algorithm (CPU)")
-    p.add_argument("--out", help="with --vs-minimal: write the report as JSON to this file")
+    p.add_argument("--out", help="with --vs-minimal or --short: write the report as JSON to this file")
     p.add_argument("--markdown", metavar="REPORT", help="print the docs table of a --vs-minimal report and exit")
+    p.add_argument("--short", action="store_true", help="the tiny Mamba-2's SSD and training step at short T (CPU)")
+    p.add_argument("--short-markdown", metavar="REPORT", help="print the docs tables of a --short report and exit")
     args = p.parse_args(argv)
+    if args.short_markdown:
+        with open(args.short_markdown) as f:
+            print(short_markdown(json.load(f)))
+        return
+    if args.short:
+        report = short_comparison(args.repeats)
+        if args.out:
+            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+            with open(args.out, "w") as f:
+                f.write(json.dumps(report, indent=1) + "\n")
+            print(f"wrote {args.out}")
+        return
     if args.markdown:
         with open(args.markdown) as f:
             print(minimal_markdown(json.load(f)))

@@ -48,6 +48,7 @@ def _script(name):
     [
         ("bench_causal_attention", "markdown", "causal_attention_cpu.json", "sparse_attention.md"),
         ("bench_ssd", "minimal_markdown", "ssd_vs_minimal_cpu.json", "ssd.md"),
+        ("bench_ssd", "short_markdown", "ssd_short_cpu.json", "ssd.md"),
     ],
 )
 def test_cpu_speed_tables_in_docs_equal_result_files(script, render, result, doc):

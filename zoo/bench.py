@@ -66,7 +66,7 @@ def attention_train_flops_per_token(cfg: Any, seq_len: int) -> float:
     return 3.0 * attention_flops(cfg, seq_len)["total"] / seq_len
 
 
-def _bench_config(spec: str, batch_size: int, seq_len: int, dtype: str, overrides: Sequence[str]):
+def bench_config(spec: str, batch_size: int, seq_len: int, dtype: str, overrides: Sequence[str]):
     """The run config `spec` at this batch, length and dtype on passkey data (then `overrides`)."""
     ov = [
         f"--config.data.batch_size={batch_size}",
@@ -88,6 +88,38 @@ def run_shape(spec: str, overrides: Sequence[str] = ()) -> tuple[int, int]:
         seq_len = 1 << int(d.max_log2)
         return max(1, int(d.tokens_per_step) // seq_len), seq_len
     return int(d.batch_size), int(d.seq_len)
+
+
+def train_step_runner(config) -> tuple[Callable[[], dict], int, dict | None]:
+    """The trainer's own jitted step (`make_setup` + `make_train_step`) on random tokens of the run
+    config's data.batch_size x data.seq_len, ready to call: (run() -> metrics, parameters, the
+    compiled step's memory analysis). Each call of `run` is one optimizer step."""
+    n_rows, length = int(config.data.batch_size), int(config.data.seq_len)
+    setup = trainer.make_setup(config)
+    params = setup.init_params()
+    n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    opt_sh = setup.opt_shardings(jax.eval_shape(setup.tx.init, params))
+    opt_state = jax.jit(setup.tx.init, out_shardings=opt_sh)(params)
+    step = trainer.make_train_step(setup, opt_sh)
+    vocab = registry.config_from_run(config).vocab_size
+    toks = np.random.default_rng(0).integers(0, vocab, (n_rows, length + 1)).astype(np.int32)
+    batch = trainer.global_batch(
+        {
+            "inputs": toks[:, :-1],
+            "targets": toks[:, 1:],
+            "loss_mask": np.ones((n_rows, length), np.float32),
+            "answer_mask": np.zeros((n_rows, length), np.float32),
+        },
+        setup.mesh,
+    )
+    memory = compiled_memory(step.lower(params, opt_state, batch).compile())
+    state = [params, opt_state]
+
+    def run():
+        state[0], state[1], metrics = step(state[0], state[1], batch)
+        return metrics
+
+    return run, n, memory
 
 
 def bench_train(
@@ -128,31 +160,8 @@ def bench_train(
             "matmul_tflops": peak / 1e12,
         }
         try:
-            config = _bench_config(spec, n_rows, length, dtype, overrides)
-            setup = trainer.make_setup(config)
-            params = setup.init_params()
-            n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-            opt_sh = setup.opt_shardings(jax.eval_shape(setup.tx.init, params))
-            opt_state = jax.jit(setup.tx.init, out_shardings=opt_sh)(params)
-            step = trainer.make_train_step(setup, opt_sh)
-            vocab = registry.config_from_run(config).vocab_size
-            toks = np.random.default_rng(0).integers(0, vocab, (n_rows, length + 1)).astype(np.int32)
-            batch = trainer.global_batch(
-                {
-                    "inputs": toks[:, :-1],
-                    "targets": toks[:, 1:],
-                    "loss_mask": np.ones((n_rows, length), np.float32),
-                    "answer_mask": np.zeros((n_rows, length), np.float32),
-                },
-                setup.mesh,
-            )
-            memory = compiled_memory(step.lower(params, opt_state, batch).compile())
-            state = [params, opt_state]
-
-            def run():
-                state[0], state[1], metrics = step(state[0], state[1], batch)
-                return metrics
-
+            config = bench_config(spec, n_rows, length, dtype, overrides)
+            run, n, memory = train_step_runner(config)
             t = time_fn(run, reps=reps, warmup=1)
             tokens = n_rows * length / t
             attn = attention_train_flops_per_token(registry.config_from_run(config), length)
@@ -185,7 +194,7 @@ def compile_train_memory(
     `batch_size`, `seq_len`: None for the preset's own (`run_shape`)."""
     own = run_shape(spec, overrides)
     batch_size, seq_len = batch_size or own[0], seq_len or own[1]
-    config = _bench_config(spec, batch_size, seq_len, dtype, overrides)
+    config = bench_config(spec, batch_size, seq_len, dtype, overrides)
     setup = trainer.make_setup(config)
     # Abstract parameters, optimiser state and batch, built as the trainer's preflight builds them for
     # its memory check (trainer._preflight): one builder on the trainer's Setup would serve both.

@@ -15,7 +15,9 @@ step 1 is the stable form (a cumulative sum of masked copies, no cancellation be
 cumsums), and masked entries are zeroed with a double `where` after a finite `exp`, so no -inf
 enters the graph and gradients stay finite. `seq_idx` boundaries are masked in steps 1, 2 and 4 and
 reset the state passed in step 3. Any T works: the sequence is padded to a multiple of Q with dt = 0
-(decay 1, no input), which leaves the outputs and the final state unchanged.
+(decay 1, no input), which leaves the outputs and the final state unchanged. A sequence no longer
+than Q is one chunk of its own length (Q = T): no padding, and the [Q,Q] work of step 1 shrinks
+with T (the same sums; only the floating-point order differs from a padded chunk).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def ssd_xla(
     batch, seqlen, num_heads, head_dim = x.shape
     num_groups, d_state = B.shape[-2:]
     rep = num_heads // num_groups
-    q = chunk_size
+    q = max(1, min(chunk_size, seqlen))  # a short sequence is a single chunk, not padded to chunk_size
     num_chunks = -(-seqlen // q)
     pad = num_chunks * q - seqlen
     f32 = jnp.float32

@@ -324,6 +324,22 @@ def test_gradients(impl, case):
     assert_grads_close(grads, _reference_grads(case), dtype)
 
 
+def test_xla_short_sequence_is_one_unpadded_chunk():
+    """T < chunk_size runs as one chunk of length T: the compiled graph holds no [64,64] decay
+    matrix, and the values, the final state and the gradients (packed documents, initial state)
+    still match the float64 oracle and the reference."""
+    args, kw = make_inputs(11, seqlen=24, groups=2, head_dim=8, d_state=12)
+    seq_idx = seq_idx_for(2, (10, 1, 13), (0, 1, 2))
+    y, h = run("xla", 64, **args, **kw, seq_idx=seq_idx)
+    y_ref, h_ref = numpy_oracle(**args, **kw, seq_idx=seq_idx)
+    assert_close(y, y_ref, jnp.float32)
+    assert_close(h, h_ref, jnp.float32)
+    grads = _vjp_case("xla", 64, args, kw, seq_idx, True)
+    assert_grads_close(grads, _vjp_case("reference", 64, args, kw, seq_idx, True), jnp.float32)
+    hlo = _compiled("xla", 64).lower(**args, **kw, seq_idx=seq_idx).as_text()
+    assert "x64x64xf32" not in hlo and "x24x24xf32" in hlo
+
+
 @pytest.mark.parametrize("impl", CHUNKED)
 def test_extreme_decay_gradients_finite(impl):
     """Huge dt*|A| (decays underflow to 0 within a chunk) keeps values and gradients finite."""
