@@ -285,3 +285,19 @@ def test_finished_cells_keep_only_the_weights_a_converted_row_needs(tmp_path, mo
     assert set(c["row"] for c in r["cells"].values()) == {"transformer", "s4", "hip"}
     assert (runs / "transformer" / "d32-T32-lr0.003-s0").is_dir()  # HiP's source, kept
     assert not (runs / "s4" / "d32-T32-lr0.003-s0").exists()  # recorded in mqar.json, removed
+
+
+def test_a_cell_stopped_by_sigterm_is_not_recorded(tmp_path, monkeypatch, capsys):
+    """A SIGTERM stops the trainer after a checkpoint; the cell cut short is not written as finished,
+    and the whole sitting stops (exit 0) instead of going on to the next cell."""
+    from zoo.train import trainer
+
+    monkeypatch.setattr(compare_mqar, "train", lambda config, run_dir, progress: {"step": 1, "preempted": True})
+    out = tmp_path / "out"
+    with pytest.raises(trainer.Preempted) as stop:
+        compare_mqar.run("mqar-test", str(out), str(tmp_path / "runs"))
+    assert stop.value.code == 0
+    assert "stopped by SIGTERM at step 1" in capsys.readouterr().err
+    file = out / "mqar.json"
+    assert not file.exists() or json.loads(file.read_text())["cells"] == {}
+    assert trainer.finished({"step": 4, "train": {}}, "run") == {"step": 4, "train": {}}

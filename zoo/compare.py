@@ -47,7 +47,7 @@ from zoo.eval import longcontext
 from zoo.info import count_params, forward_flops_per_token
 from zoo.models import registry
 from zoo.models.params import ParamView
-from zoo.train.trainer import compiled_memory, train
+from zoo.train.trainer import compiled_memory, finished, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +235,7 @@ def run(
             entry.update(how=f"converted from the trained {row.source} (training-free)", train={}, step=0)
         else:
             run_dir = os.path.join(workdir, row.name)
-            result = train(config, run_dir, progress=False)
+            result = finished(train(config, run_dir, progress=False), run_dir)
             model, _ = load_model(run_dir)
             trained[row.name] = model
             records = io.read_metrics(run_dir)  # the last logged metrics, also of a finished run reused

@@ -45,7 +45,7 @@ from zoo.convert import convert_model
 from zoo.data.pipeline import example_source, to_model_inputs
 from zoo.eval.longcontext import token_stats
 from zoo.models import registry
-from zoo.train.trainer import train
+from zoo.train.trainer import finished, train
 
 RESULT = "mqar.json"
 
@@ -299,14 +299,15 @@ def run(
             config = cell_config(settings, source, c)
             run_dir = os.path.join(workdir, source.name, c.run_name)
             if dataclasses.replace(c, row=source.name).key not in results["cells"] or not os.path.isdir(run_dir):
-                train(config, run_dir, progress=False)  # the source's run is missing (another workdir): again
+                # the source row's run is missing (another workdir): train it again
+                finished(train(config, run_dir, progress=False), run_dir)
             trained, _ = load_model(run_dir)
             model = convert_model(trained, row.model, **row.fields)
             entry = {"how": f"converted from the trained {source.name} (training-free)", "steps": 0, "train_s": 0.0}
         else:
             config = cell_config(settings, row, c)
             run_dir = os.path.join(workdir, row.name, c.run_name)
-            result = train(config, run_dir, progress=False)
+            result = finished(train(config, run_dir, progress=False), run_dir)
             model, _ = load_model(run_dir)
             records = io.read_metrics(run_dir)
             last = records[-1] if records else result["train"]

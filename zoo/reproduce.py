@@ -418,14 +418,14 @@ def _train_eval(params: dict, cell: dict, workdir: pathlib.Path) -> dict:
     """`zoo train` + `zoo eval` of one config at one seed (`train.seed` and `data.seed`)."""
     from zoo.config import load_config
     from zoo.eval.evaluate import evaluate_workdir
-    from zoo.train.trainer import train
+    from zoo.train.trainer import finished, train
 
     spec, overrides = params["configs"][cell.get("model", "main")]
     seed = cell["seed"]
     overrides = [*overrides, *params.get("overrides", []), f"--config.train.seed={seed}", f"--config.data.seed={seed}"]
     config = load_config(spec if ".py" not in spec else str(ROOT / spec), overrides)
     run_dir = workdir / "run"
-    result = train(config, str(run_dir), progress=False)
+    result = finished(train(config, str(run_dir), progress=False), str(run_dir))
     return {"train": result["train"], "step": result["step"], "eval": evaluate_workdir(str(run_dir))}
 
 

@@ -280,6 +280,23 @@ class NonFinite(ValueError):
     """The run met non-finite losses or gradients that its `train.on_nonfinite` policy does not absorb."""
 
 
+class Preempted(SystemExit):
+    """A SIGTERM stopped a run after its checkpoint: a caller that runs several runs stops as well (exit 0)."""
+
+
+def finished(result: dict, run_dir: str) -> dict:
+    """`result` of `train` when the run reached its last step; else (a SIGTERM stopped it) one line and
+    `Preempted`, so that a driver of several runs never records a run cut short as done."""
+    if result.get("preempted"):
+        print(
+            f"zoo: stopped by SIGTERM at step {result['step']} of {run_dir} (its checkpoint is saved); "
+            "rerun the same command to resume",
+            file=sys.stderr,
+        )
+        raise Preempted(0)
+    return result
+
+
 def train(
     config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, stop_after: int | None = None
 ) -> dict:
