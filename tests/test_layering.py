@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 
 # layer -> the layers it may import (besides itself). The floors, bottom up:
-# kernels; layers; models, data, io; config, checkpoint; convert, train, eval, generate; info; compare;
+# kernels; layers; models, data, io; config, checkpoint; model_dir; convert, train, eval, generate; info; compare;
 # reproduce; cli. (compare_report is a leaf: it reads the comparison's JSON only.)
 ALLOWED = {
     "pallas_kernels": set(),
@@ -20,21 +20,32 @@ ALLOWED = {
     "zoo.config": {"zoo.models"},
     "zoo.configs": {"zoo.config"},
     "zoo.checkpoint": {"zoo.models", "zoo.io"},
-    "zoo.convert": {"zoo.checkpoint", "zoo.models", "zoo.io", "zoo.data"},
+    "zoo.model_dir": {"zoo.checkpoint", "zoo.models", "zoo.io"},
+    "zoo.convert": {"zoo.checkpoint", "zoo.model_dir", "zoo.models", "zoo.io", "zoo.data"},
     "zoo.generate": {"zoo.models", "zoo.data"},
-    "zoo.train": {"zoo.models", "zoo.data", "zoo.config", "zoo.checkpoint", "zoo.io", "zoo.layers", "pallas_kernels"},
+    "zoo.train": {
+        "zoo.models",
+        "zoo.data",
+        "zoo.config",
+        "zoo.checkpoint",
+        "zoo.model_dir",
+        "zoo.io",
+        "zoo.layers",
+        "pallas_kernels",
+    },
     "zoo.eval": {
         "zoo.models",
         "zoo.data",
         "zoo.config",
         "zoo.checkpoint",
+        "zoo.model_dir",
         "zoo.convert",
         "zoo.io",
         "zoo.layers",
         "zoo.generate",
     },
-    "zoo.bench": {"zoo.models", "zoo.config", "zoo.train", "zoo.checkpoint", "zoo.io"},
-    "zoo.info": {"zoo.models", "zoo.data", "zoo.config", "zoo.checkpoint", "zoo.train"},
+    "zoo.bench": {"zoo.models", "zoo.config", "zoo.train", "zoo.checkpoint", "zoo.model_dir", "zoo.io"},
+    "zoo.info": {"zoo.models", "zoo.data", "zoo.config", "zoo.checkpoint", "zoo.model_dir", "zoo.train"},
     # `zoo compare`: the top floor beside the CLI (trains, converts, evaluates and benchmarks every model)
     "zoo.compare": {
         "zoo.models",
@@ -42,6 +53,7 @@ ALLOWED = {
         "zoo.config",
         "zoo.configs",
         "zoo.checkpoint",
+        "zoo.model_dir",
         "zoo.convert",
         "zoo.train",
         "zoo.eval",
@@ -60,6 +72,7 @@ ALLOWED = {
         "zoo.config",
         "zoo.configs",
         "zoo.checkpoint",
+        "zoo.model_dir",
         "zoo.convert",
         "zoo.train",
         "zoo.eval",
@@ -72,12 +85,20 @@ ALLOWED = {
         "zoo",
         "zoo.config",
         "zoo.checkpoint",
+        "zoo.model_dir",
         "zoo.train",
         "zoo.eval",
         "zoo.compare",
         "zoo.compare_report",
     },
-    "zoo": {"zoo.models", "zoo.checkpoint", "zoo.generate", "zoo.convert", "zoo.data"},
+    "zoo": {
+        "zoo.models",
+        "zoo.checkpoint",
+        "zoo.model_dir",
+        "zoo.generate",
+        "zoo.convert",
+        "zoo.data",
+    },
 }
 LAYERS = sorted(ALLOWED, key=len, reverse=True)
 

@@ -317,8 +317,9 @@ def _evaluate(workdir: str, step: int | None) -> None:
 
 def _convert(args) -> int:
     from zoo import io
-    from zoo.checkpoint import load_model, save_pretrained
+    from zoo.checkpoint import load_model
     from zoo.convert import convert_model
+    from zoo.model_dir import save_pretrained
     from zoo.models.masformer import PRESETS, parse_schedule
 
     io.check_out_dir(args.out, args.overwrite)
@@ -400,8 +401,8 @@ def _generate(args) -> int:
         model, config = load_model(args.workdir, args.step)
         tok = run_tokenizer(config.data)
     else:
-        from zoo.checkpoint import tokenizer_spec
         from zoo.convert.pretrained import load_any
+        from zoo.model_dir import tokenizer_spec
 
         model, meta = load_any(args.pretrained, args.step)
         spec = tokenizer_spec(args.pretrained, meta)

@@ -185,7 +185,7 @@ def test_workdir_lock_is_released_by_a_killed_holder_and_names_a_live_one(tmp_pa
 def model_dir(tmp_path_factory):
     """A tiny transformer's model directory (what `zoo convert --from` writes)."""
     import zoo
-    from zoo.checkpoint import save_pretrained
+    from zoo.model_dir import save_pretrained
 
     out = tmp_path_factory.mktemp("zoo") / "model"
     save_pretrained(zoo.create_model("transformer", "tiny"), str(out))
@@ -371,7 +371,7 @@ def test_a_checkpoint_damaged_during_the_run_is_set_aside_after_the_next_save(tm
 
 def test_init_from_with_other_layers_touches_nothing(tmp_path):
     import zoo
-    from zoo.checkpoint import save_pretrained
+    from zoo.model_dir import save_pretrained
 
     other = tmp_path / "other"
     save_pretrained(

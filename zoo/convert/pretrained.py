@@ -28,23 +28,13 @@ import numpy as np
 from flax import nnx
 
 from zoo import io
-from zoo.checkpoint import (
-    CONFIG_FILE,
-    MODEL_FILE,
-    abstract_model,
-    bind,
-    convert_layout,
-    load_model,
-    load_pretrained,
-    model_dir_of,
-    save_pretrained,
-    tokenizer_spec,
-)
+from zoo.checkpoint import CONFIG_FILE, load_model
 from zoo.convert import hf, mamba_ssm
 from zoo.convert.sources import SourceWeights, checkpoint_dir, read_config, read_weights, write_safetensors
 from zoo.data.tokenizers import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer, run_tokenizer
+from zoo.model_dir import MODEL_FILE, load_pretrained, model_dir_of, save_pretrained, tokenizer_spec
 from zoo.models import registry
-from zoo.models.params import ParamView
+from zoo.models.params import ParamView, abstract_model, convert_layout, model_with_params
 
 FORMATS = ("hf", "mamba_ssm")
 EXPORT_DTYPES = {
@@ -166,7 +156,7 @@ def import_checkpoint(
         fresh = ParamView(fresh_model).flat(fresh_model)
         params.update({n: np.asarray(fresh[n]) for n in missing})
     report["initialised"] = missing
-    model = bind(model_name, cfg, params, looped)
+    model = model_with_params(model_name, cfg, params, looped)
     info = {"format": fmt, "path": os.path.abspath(str(src)), "config": _json_safe(config), "report": report}
     return model, info
 

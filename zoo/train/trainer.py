@@ -38,12 +38,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from zoo import checkpoint as ckpt_lib
-from zoo import io
+from zoo import io, model_dir
 from zoo.config import validate
 from zoo.data.pipeline import DOCUMENT_SOURCES, PACKED_KEYS, check_vocab, make_batches
 from zoo.data.pipeline import tokens_per_step as data_tokens_per_step
 from zoo.models import registry
-from zoo.models.params import ParamView
+from zoo.models.params import ParamView, check_same_tree
 from zoo.train import optim, sharding
 
 
@@ -202,14 +202,14 @@ def _lower_under_mesh(jitted, mesh, *args):
 def initial_params(setup: Setup, source: str) -> dict:
     """Parameters to start training from: a model directory (`zoo convert`, pretrained weights) or
     another run's work directory (its latest checkpoint), in this run's layout and shardings."""
-    is_model_dir = (io.path(source) / ckpt_lib.MODEL_FILE).is_file()
+    is_model_dir = (io.path(source) / model_dir.MODEL_FILE).is_file()
     model = (
-        ckpt_lib.load_pretrained(source, **_layout(setup))
+        model_dir.load_pretrained(source, **_layout(setup))
         if is_model_dir
         else ckpt_lib.load_model(source, **_layout(setup))
     )[0]
     params = ParamView(model).flat(model)
-    ckpt_lib.check_same_tree(params, setup.view.shapes, f"train.init_from={source!r} vs {setup.config.model_name}")
+    check_same_tree(params, setup.view.shapes, f"train.init_from={source!r} vs {setup.config.model_name}")
     out = {}
     for n, s in setup.view.shapes.items():
         # Via the host: every process holds the whole array (one device, or replicated over all
@@ -368,7 +368,7 @@ def _preflight(config, setup: Setup, batches, workdir):
     ckpt_lib.check_resume_config(workdir, config)  # a work dir of another run (or not a zoo run) is refused
     if config.train.init_from:
         src = io.path(config.train.init_from)
-        if not (src / ckpt_lib.MODEL_FILE).is_file() and not (src / ckpt_lib.CONFIG_FILE).is_file():
+        if not (src / model_dir.MODEL_FILE).is_file() and not (src / ckpt_lib.CONFIG_FILE).is_file():
             raise ValueError(
                 f"train.init_from={config.train.init_from!r} is neither a model directory nor a work directory"
             )
