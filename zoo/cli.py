@@ -306,7 +306,7 @@ def _evaluate(workdir: str, step: int | None) -> None:
     from zoo.checkpoint import read_config
     from zoo.eval.evaluate import evaluate_workdir
     from zoo.train.sharding import maybe_initialize_distributed
-    from zoo.train.trainer import run_param_shardings
+    from zoo.train.step import run_param_shardings
 
     maybe_initialize_distributed()
     shardings = run_param_shardings(read_config(workdir)) if jax.process_count() > 1 else None

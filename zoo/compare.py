@@ -47,7 +47,8 @@ from zoo.eval import longcontext
 from zoo.info import count_params, forward_flops_per_token
 from zoo.models import registry
 from zoo.models.params import ParamView
-from zoo.train.trainer import compiled_memory, train
+from zoo.train.memory import compiled_memory
+from zoo.train.trainer import train
 
 
 @dataclasses.dataclass(frozen=True)

@@ -166,7 +166,7 @@ def test_convert_baseline_checkpoint_and_fine_tune(tmp_path, tiny):
 def _first_loss(converted, config) -> float:
     from zoo.data.pipeline import make_batches
     from zoo.models.params import ParamView, model_with_params
-    from zoo.train.trainer import lm_loss
+    from zoo.train.step import lm_loss
 
     model = model_with_params("masformer", registry.config_from_run(config), ParamView(converted).flat(converted))
     batch = next(make_batches(config.data, "train"))

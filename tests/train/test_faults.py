@@ -294,7 +294,7 @@ def test_checkpoint_of_8_devices_restores_on_1_device_and_another_mesh(tmp_path)
     code = (
         "import sys, json, numpy as np; sys.path.insert(0, 'tests'); from conftest import tiny_config;"
         "from zoo.train.trainer import train; from zoo.checkpoint import load_model;"
-        "from zoo.models.params import ParamView; from zoo.train.trainer import run_param_shardings;"
+        "from zoo.models.params import ParamView; from zoo.train.step import run_param_shardings;"
         "c = tiny_config(steps=3, checkpoint_every=3); c.model.d_model, c.model.n_heads, c.model.n_kv_heads = 64, 4, 2;"
         "c.mesh.data, c.mesh.fsdp, c.mesh.tensor = [int(x) for x in sys.argv[2].split(',')];"
         "train(c, sys.argv[1], progress=False) if sys.argv[3] == 'train' else None;"
