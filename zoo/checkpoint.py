@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from zoo import io
+from zoo import storage
 from zoo.models import registry
 from zoo.models.params import ParamView, abstract_model, model_with_params
 
@@ -51,12 +51,12 @@ RUNTIME_FIELDS = ("implementation", "remat")
 
 def read_config(workdir) -> ml_collections.ConfigDict:
     """The run config saved in `workdir` (ValueError naming the directory when it has none)."""
-    file = io.path(workdir) / CONFIG_FILE
+    file = storage.path(workdir) / CONFIG_FILE
     if not file.is_file():
         raise ValueError(
             f"{str(workdir)!r} has no {CONFIG_FILE}; it is not a zoo work directory (run `zoo train` first)"
         )
-    saved = io.read_json(file)
+    saved = storage.read_json(file)
     if not isinstance(saved, dict) or not {"model_name", "model", "train", "data"} <= set(saved):
         hint = (
             "it looks like a Hugging Face config.json: convert that directory with `zoo convert --from hf`"
@@ -69,7 +69,7 @@ def read_config(workdir) -> ml_collections.ConfigDict:
 
 def check_resume_config(workdir, config: ml_collections.ConfigDict) -> None:
     """A work directory belongs to one model: refuse to resume it with another model config."""
-    if not (io.path(workdir) / CONFIG_FILE).is_file():
+    if not (storage.path(workdir) / CONFIG_FILE).is_file():
         return
     saved = read_config(workdir)
     strip = lambda m: {k: v for k, v in m.to_dict().items() if k not in RUNTIME_FIELDS}  # noqa: E731
@@ -140,7 +140,7 @@ class Checkpointer:
     def __init__(self, workdir, keep: int = 2, create: bool = True, log=None):
         if keep < 1:
             raise ValueError(f"keep_checkpoints={keep} must be >= 1: a run always keeps its last good checkpoint")
-        self.workdir, self.keep, self.log = io.path(workdir), keep, log or _to_stderr
+        self.workdir, self.keep, self.log = storage.path(workdir), keep, log or _to_stderr
         self.directory = self.workdir / "checkpoints"
         options = ocp.CheckpointManagerOptions(max_to_keep=None, create=create)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -220,7 +220,7 @@ class Checkpointer:
         when it says so or when less space is left than the newest step takes, else a failed save."""
         intact = [s for s in self.all_steps() if s != step]
         full = "No space left" in error or "RESOURCE_EXHAUSTED" in error
-        if not io.is_remote(self.directory):
+        if not storage.is_remote(self.directory):
             local = str(self.directory)
             newest = os.path.join(local, str(intact[-1])) if intact else None
             size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(newest) for f in fs) if newest else 0

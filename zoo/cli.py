@@ -265,9 +265,9 @@ def _run(args, overrides) -> int:
             )
             print(bench.format_rows(rows))
         if args.json:
-            from zoo import io
+            from zoo import storage
 
-            io.write_json_atomic(args.json, rows)
+            storage.write_json_atomic(args.json, rows)
         return 0
     from zoo.info import describe
 

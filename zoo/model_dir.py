@@ -17,7 +17,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from zoo import io
+from zoo import storage
 from zoo.checkpoint import CONFIG_FILE
 from zoo.models import registry
 from zoo.models.params import ParamView, abstract_model, convert_layout, model_with_params
@@ -35,7 +35,7 @@ def _copy_tokenizer(spec: dict, out) -> dict:
     """Copies the tokenizer's files into model directory `out`; the spec with a relative path."""
     if not spec.get("path"):
         return dict(spec)
-    src = io.path(spec["path"])
+    src = storage.path(spec["path"])
     if not src.is_file():
         raise ValueError(f"tokenizer file {spec['path']!r} does not exist; it cannot travel with the model")
     (out / src.name).write_bytes(src.read_bytes())
@@ -53,15 +53,15 @@ def save_pretrained(model: nnx.Module, out_dir, *, tokenizer: dict | None = None
     tokenizer.json's tokenizer_config.json) is copied into the directory and model.json keeps the
     spec with the file's name relative to the directory, so the directory is self-contained.
     """
-    out = io.path(out_dir)
+    out = storage.path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     looped = dataclasses.replace(cfg, scan_layers=False) if hasattr(cfg, "scan_layers") else cfg
     flat = ParamView(model).flat(model)
     params = convert_layout(flat, model, abstract_model(model.model_name, looped))
-    io.save_flat(out / PARAMS_FILE, {k: np.asarray(v) for k, v in params.items()})
+    storage.save_flat(out / PARAMS_FILE, {k: np.asarray(v) for k, v in params.items()})
     fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(looped).items()}
-    io.write_json_atomic(
+    storage.write_json_atomic(
         out / MODEL_FILE,
         {
             "format": "zoo-model",
@@ -77,7 +77,7 @@ def save_pretrained(model: nnx.Module, out_dir, *, tokenizer: dict | None = None
 def model_dir_of(path) -> epath.Path:
     """The model directory of `path`: the directory itself, or the directory of its model.json /
     params.safetensors."""
-    p = io.path(path)
+    p = storage.path(path)
     if p.is_file() and p.name in (MODEL_FILE, PARAMS_FILE):
         return p.parent
     return p
@@ -89,7 +89,7 @@ def read_model_dir(model_dir) -> dict:
     file = directory / MODEL_FILE
     if not file.is_file():
         hint = "write one with `zoo convert` or zoo.model_dir.save_pretrained"
-        if (directory / CONFIG_FILE).is_file() and "model_name" in io.read_json(directory / CONFIG_FILE):
+        if (directory / CONFIG_FILE).is_file() and "model_name" in storage.read_json(directory / CONFIG_FILE):
             hint = "it is a `zoo train` work directory: load it with zoo.load or zoo.from_pretrained"
         elif (directory / CONFIG_FILE).is_file():
             hint = (
@@ -97,7 +97,7 @@ def read_model_dir(model_dir) -> dict:
                 f"(converted in memory) or convert it once with `zoo convert --from hf {str(model_dir)} --out DIR`"
             )
         raise ValueError(f"{str(model_dir)!r} is not a zoo model directory (no {MODEL_FILE}); {hint}")
-    meta = io.read_json(file)
+    meta = storage.read_json(file)
     if not isinstance(meta, dict) or meta.get("format") != "zoo-model":
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ValueError(f"{str(file)!r} is not a zoo model description (format {got!r})")
@@ -115,7 +115,7 @@ def tokenizer_spec(model_dir, meta: dict | None = None) -> dict | None:
     if not spec:
         return None
     spec = dict(spec)
-    if spec.get("path") and not (io.is_remote(spec["path"]) or os.path.isabs(spec["path"])):
+    if spec.get("path") and not (storage.is_remote(spec["path"]) or os.path.isabs(spec["path"])):
         spec["path"] = str(model_dir_of(model_dir) / spec["path"])
     return spec
 
@@ -126,5 +126,5 @@ def load_pretrained(model_dir, **model_overrides):
     meta = read_model_dir(model_dir)
     saved_cfg = registry.config_from_dict(meta["model_name"], meta["model"])
     cfg = registry.config_with_overrides(saved_cfg, model_overrides)
-    params = io.load_flat(model_dir_of(model_dir) / PARAMS_FILE)
+    params = storage.load_flat(model_dir_of(model_dir) / PARAMS_FILE)
     return model_with_params(meta["model_name"], cfg, params, saved_cfg), meta

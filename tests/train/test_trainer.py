@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import zoo
-from zoo.io import read_metrics
+from zoo.storage import read_metrics
 from zoo.train import optim
 from zoo.train.trainer import train
 

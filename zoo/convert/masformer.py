@@ -4,7 +4,7 @@ the same parameters under a per-layer attention schedule, to continue training f
 
 from __future__ import annotations
 
-from zoo import io
+from zoo import storage
 from zoo.checkpoint import load_model
 from zoo.convert import convert_model
 from zoo.model_dir import save_pretrained
@@ -20,7 +20,7 @@ def from_transformer_run(src, out, schedule: str = "", *, overwrite: bool = Fals
         empty: the tiny preset's.
       overwrite: replace the contents of a non-empty `out`.
     """
-    io.check_out_dir(out, overwrite)
+    storage.check_out_dir(out, overwrite)
     model, config = load_model(src)
     if config.model_name != "transformer" or any(s.kind != "full" for s in model.config.layer_specs()):
         raise ValueError(f"{src!r} is not a full-attention transformer run (model {config.model_name})")
@@ -29,6 +29,6 @@ def from_transformer_run(src, out, schedule: str = "", *, overwrite: bool = Fals
     if len(layers) != n:
         raise ValueError(f"the schedule has {len(layers)} layers but the source has {n}; pass --schedule")
     mas = convert_model(model, "masformer", layer_attention=tuple(layers), attention="full")
-    with io.replacing_dir(out, overwrite) as tmp:
+    with storage.replacing_dir(out, overwrite) as tmp:
         save_pretrained(mas, tmp, source={"converted_from": src, "model_name": "transformer"})
     return tuple(layers)

@@ -27,7 +27,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from zoo import io
+from zoo import storage
 from zoo.checkpoint import CONFIG_FILE, load_model
 from zoo.convert import hf, mamba_ssm
 from zoo.convert.sources import SourceWeights, checkpoint_dir, read_config, read_weights, write_safetensors
@@ -207,11 +207,11 @@ def convert_checkpoint(
     name and renamed into place, so an interrupted conversion leaves `out` as it was.
 
     Returns the conversion info written into model.json's "source" (plus "model_name")."""
-    io.check_out_dir(out, overwrite)
+    storage.check_out_dir(out, overwrite)
     tok = find_tokenizer(src, tokenizer, eos_token)
     model, info = import_checkpoint(src, fmt, model_name, dtype=dtype, seed=seed, **fields)
     check_tokenizer(tok, model.config.vocab_size)
-    with io.replacing_dir(out, overwrite) as tmp:
+    with storage.replacing_dir(out, overwrite) as tmp:
         save_pretrained(model, tmp, tokenizer=None if tok is None else tok.spec(), source=info)
     return {**info, "model_name": model.model_name, "tokenizer": None if tok is None else tok.spec()}
 
@@ -223,7 +223,7 @@ def source_kind(path) -> str:
     if (directory / MODEL_FILE).is_file():
         return "model"
     if (directory / CONFIG_FILE).is_file():
-        config = io.read_json(directory / CONFIG_FILE)
+        config = storage.read_json(directory / CONFIG_FILE)
         if isinstance(config, dict) and "model_name" in config and "train" in config:
             return "run"
         if isinstance(config, dict) and ("model_type" in config or "architectures" in config):
@@ -251,7 +251,7 @@ def load_any(path, step: int | None = None, *, dtype: str = "float32", **model_o
         return load_pretrained(path, **model_overrides)
     if kind == "run":
         model, config = load_model(path, step, **model_overrides)
-        source = {"workdir": str(io.path(path)), "step": step}
+        source = {"workdir": str(storage.path(path)), "step": step}
         tok = run_tokenizer(config.data)
     else:
         tok = find_tokenizer(path)
@@ -330,7 +330,7 @@ def export_hf(
     directory renamed into place, so an interrupted export leaves `out` as it was.
 
     Returns {"path", "config", "tensors"}."""
-    io.check_out_dir(out, overwrite)
+    storage.check_out_dir(out, overwrite)
     if model is None:
         model, meta = load_any(model_dir, step)
     meta = meta or {}
@@ -353,7 +353,7 @@ def export_hf(
         )
     else:
         config = hf.export_mamba2_config(model.config, dtype=dtype, special=special)
-    with io.replacing_dir(out, overwrite) as tmp:
+    with storage.replacing_dir(out, overwrite) as tmp:
         write_safetensors(os.path.join(tmp, "model.safetensors"), tensors, metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from zoo import checkpoint as ckpt_lib
-from zoo import io, model_dir
+from zoo import model_dir, storage
 from zoo.config import validate
 from zoo.data.pipeline import DOCUMENT_SOURCES, check_vocab, make_batches
 from zoo.models import registry
@@ -38,7 +38,7 @@ from zoo.train.step import Setup, global_batch, make_setup, make_train_step
 def initial_params(setup: Setup, source: str) -> dict:
     """Parameters to start training from: a model directory (`zoo convert`, pretrained weights) or
     another run's work directory (its latest checkpoint), in this run's layout and shardings."""
-    is_model_dir = (io.path(source) / model_dir.MODEL_FILE).is_file()
+    is_model_dir = (storage.path(source) / model_dir.MODEL_FILE).is_file()
     model = (
         model_dir.load_pretrained(source, **_layout(setup))
         if is_model_dir
@@ -132,10 +132,12 @@ def _train(config, workdir, progress: bool, stop_after: int | None, sigterm: _Si
     batches = make_batches(config.data, "train", process_index=jax.process_index(), process_count=jax.process_count())
     step_fn, opt_sh, abstract_params, abstract_opt = _preflight(config, setup, batches, workdir)
     # A fresh run's starting point is read (and its shapes checked) before the work directory is touched.
-    fresh = not (io.path(workdir) / "checkpoints").exists() or not list((io.path(workdir) / "checkpoints").iterdir())
+    fresh = not (storage.path(workdir) / "checkpoints").exists() or not list(
+        (storage.path(workdir) / "checkpoints").iterdir()
+    )
     start_from = initial_params(setup, config.train.init_from) if config.train.init_from and fresh else None
 
-    with io.WorkdirLock(workdir):
+    with storage.WorkdirLock(workdir):
         _record_config(workdir, config)
         checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints, log=_log)
         checkpointer.bind(abstract_params, abstract_opt)
@@ -144,7 +146,7 @@ def _train(config, workdir, progress: bool, stop_after: int | None, sigterm: _Si
         if restored is None and had:
             _log(
                 f"zoo: no usable checkpoint: every step ({', '.join(map(str, had))}) is damaged and was moved "
-                f"to {io.path(workdir) / 'damaged'}; training starts again from step 0"
+                f"to {storage.path(workdir) / 'damaged'}; training starts again from step 0"
             )
         if restored is not None:
             params, opt_state = restored["params"], restored["opt_state"]
@@ -186,10 +188,10 @@ def _preflight(config, setup: Setup, batches, workdir):
                 f"a global batch of {b} sequences is not divisible by the mesh's data x fsdp = {dp}; "
                 "change data.batch_size (or data.tokens_per_step) or the mesh"
             )
-    io.check_writable_dir(workdir)
+    storage.check_writable_dir(workdir)
     ckpt_lib.check_resume_config(workdir, config)  # a work dir of another run (or not a zoo run) is refused
     if config.train.init_from:
-        src = io.path(config.train.init_from)
+        src = storage.path(config.train.init_from)
         if not (src / model_dir.MODEL_FILE).is_file() and not (src / ckpt_lib.CONFIG_FILE).is_file():
             raise ValueError(
                 f"train.init_from={config.train.init_from!r} is neither a model directory nor a work directory"
@@ -209,13 +211,13 @@ def _record_config(workdir, config) -> None:
     ckpt_lib.check_resume_config(workdir, config)
     if jax.process_index() != 0:
         return
-    file = io.path(workdir) / ckpt_lib.CONFIG_FILE
-    io.path(workdir).mkdir(parents=True, exist_ok=True)
+    file = storage.path(workdir) / ckpt_lib.CONFIG_FILE
+    storage.path(workdir).mkdir(parents=True, exist_ok=True)
     new = config.to_dict()
     if not file.is_file():
-        io.write_json_atomic(file, new)
+        storage.write_json_atomic(file, new)
         return
-    old = io.read_json(file)
+    old = storage.read_json(file)
     changes = {k: [v, w] for k, (v, w) in _flat_diff(old, json.loads(json.dumps(new))).items()}
     if not changes:
         return
@@ -223,11 +225,11 @@ def _record_config(workdir, config) -> None:
         "zoo: resuming with changed settings (recorded in config_history.jsonl): "
         + ", ".join(f"{k} {v!r} -> {w!r}" for k, (v, w) in sorted(changes.items()))
     )
-    history = io.path(workdir) / "config_history.jsonl"
+    history = storage.path(workdir) / "config_history.jsonl"
     lines = history.read_text() if history.exists() else ""
     entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "changes": changes}
-    io.write_text_atomic(history, lines + json.dumps(entry) + "\n")
-    io.write_json_atomic(file, new)
+    storage.write_text_atomic(history, lines + json.dumps(entry) + "\n")
+    storage.write_json_atomic(file, new)
 
 
 def _flat_diff(a: dict, b: dict, prefix: str = "") -> dict:
@@ -270,7 +272,7 @@ class _Loop:
     ):
         self.config, self.setup, self.step_fn, self.batches = config, setup, step_fn, batches
         self.checkpointer, self.workdir, self.start = checkpointer, workdir, start
-        self.writer = io.MetricsWriter(workdir, resume_at=start)
+        self.writer = storage.MetricsWriter(workdir, resume_at=start)
         self.vocab = registry.config_from_run(config).vocab_size
         self.bar = None
         if progress and jax.process_index() == 0:
@@ -366,7 +368,7 @@ class _Loop:
         profile = list(config.train.profile_steps)
         while step < total:
             if profile and step + 1 == profile[0] and jax.process_index() == 0:
-                jax.profiler.start_trace(str(io.path(self.workdir) / "profile"))
+                jax.profiler.start_trace(str(storage.path(self.workdir) / "profile"))
                 self.profiling = True
             host_batch = next(self.batches)
             check_vocab(host_batch, self.vocab, f"data.source={config.data.source!r}")
@@ -380,7 +382,8 @@ class _Loop:
                 jax.block_until_ready(metrics)
                 jax.profiler.stop_trace()
                 self.profiling = False
-                _log(f"zoo: profile of steps {profile[0]}..{profile[1]} written to {io.path(self.workdir) / 'profile'}")
+                where = storage.path(self.workdir) / "profile"
+                _log(f"zoo: profile of steps {profile[0]}..{profile[1]} written to {where}")
             log_now = step % config.train.log_every == 0 or step == total
             save_now = step % config.train.checkpoint_every == 0 or step == total
             stop = self._stop_requested()
