@@ -41,7 +41,7 @@ import zoo
 from zoo.config import make_config
 from zoo.data.pipeline import make_batches
 from zoo.eval.longcontext import loss_by_position
-from zoo.train.trainer import lm_loss
+from zoo.train.step import lm_loss
 
 FAST = os.environ.get("ZOO_NOTEBOOK_FAST") == "1"
 WINDOW = 16 if FAST else 32  # window of both models = LaCT's chunk size

@@ -54,8 +54,8 @@ CASES = {
 
 def export(out: str) -> None:
     import zoo
-    from zoo.checkpoint import save_pretrained
     from zoo.convert.pretrained import export_hf, import_checkpoint
+    from zoo.model_dir import save_pretrained
 
     tokens = (np.arange(2 * 40, dtype=np.int32).reshape(2, 40) * 37 + 11) % 250
     logits = {}

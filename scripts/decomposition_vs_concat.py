@@ -36,7 +36,7 @@ from zoo.config import load_config
 from zoo.data.pipeline import make_batches
 from zoo.data.prepare import prepare
 from zoo.eval.plots import plain_log_ticks
-from zoo.io import read_metrics
+from zoo.storage import read_metrics
 from zoo.train.trainer import train
 
 

@@ -245,7 +245,7 @@ OVERRIDES = {
 
 def _model_loss_export(name: str, overrides: dict, platform: str, *, packed: bool) -> str:
     from zoo.config import make_config
-    from zoo.train.trainer import lm_loss, make_setup
+    from zoo.train.step import lm_loss, make_setup
 
     config = make_config(name, "tiny")
     for key, value in overrides.items():

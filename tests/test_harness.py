@@ -21,11 +21,11 @@ from conftest import ROOT
 from flax import nnx
 
 import zoo
-from zoo.checkpoint import save_pretrained
 from zoo.data.tokenizers import ByteTokenizer, HFTokenizer
 from zoo.eval import harness
 from zoo.eval.harness import ZooLM, parse_arg_string
 from zoo.eval.perplexity import _score as score_fn
+from zoo.model_dir import save_pretrained
 
 L = 16  # max_length of the adapters under test
 TOK = ByteTokenizer()

@@ -16,9 +16,9 @@ import pytest
 lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval extra (pip install 'longcontext-zoo[lm-eval]')")
 
 import zoo  # noqa: E402
-from zoo.checkpoint import save_pretrained  # noqa: E402
 from zoo.data.tokenizers import ByteTokenizer  # noqa: E402
 from zoo.eval import harness  # noqa: E402
+from zoo.model_dir import save_pretrained  # noqa: E402
 
 WORDS = ["reds", "blue", "cats", "dogs", "suns", "moon", "tree", "leaf"]  # one length: prompts of two lengths
 

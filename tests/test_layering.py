@@ -9,32 +9,43 @@ import pytest
 from conftest import ROOT
 
 # layer -> the layers it may import (besides itself). The floors, bottom up:
-# kernels; layers; models, data, io; config, checkpoint; convert, train, eval, generate; info; compare;
+# kernels; layers; models, data, storage; config, checkpoint; model_dir; convert, train, eval, generate; info; compare;
 # reproduce; cli. (compare_report is a leaf: it reads the comparison's JSON only.)
 ALLOWED = {
     "pallas_kernels": set(),
-    "zoo.io": set(),
+    "zoo.storage": set(),
     "zoo.data": set(),
     "zoo.layers": {"pallas_kernels"},
     "zoo.models": {"zoo.layers", "pallas_kernels"},
     "zoo.config": {"zoo.models"},
     "zoo.configs": {"zoo.config"},
-    "zoo.checkpoint": {"zoo.models", "zoo.io"},
-    "zoo.convert": {"zoo.checkpoint", "zoo.models", "zoo.io", "zoo.data"},
+    "zoo.checkpoint": {"zoo.models", "zoo.storage"},
+    "zoo.model_dir": {"zoo.checkpoint", "zoo.models", "zoo.storage"},
+    "zoo.convert": {"zoo.checkpoint", "zoo.model_dir", "zoo.models", "zoo.storage", "zoo.data"},
     "zoo.generate": {"zoo.models", "zoo.data"},
-    "zoo.train": {"zoo.models", "zoo.data", "zoo.config", "zoo.checkpoint", "zoo.io", "zoo.layers", "pallas_kernels"},
+    "zoo.train": {
+        "zoo.models",
+        "zoo.data",
+        "zoo.config",
+        "zoo.checkpoint",
+        "zoo.model_dir",
+        "zoo.storage",
+        "zoo.layers",
+        "pallas_kernels",
+    },
     "zoo.eval": {
         "zoo.models",
         "zoo.data",
         "zoo.config",
         "zoo.checkpoint",
+        "zoo.model_dir",
         "zoo.convert",
-        "zoo.io",
+        "zoo.storage",
         "zoo.layers",
         "zoo.generate",
     },
-    "zoo.bench": {"zoo.models", "zoo.config", "zoo.train", "zoo.checkpoint", "zoo.io"},
-    "zoo.info": {"zoo.models", "zoo.data", "zoo.config", "zoo.checkpoint", "zoo.train"},
+    "zoo.bench": {"zoo.models", "zoo.config", "zoo.train", "zoo.checkpoint", "zoo.model_dir", "zoo.storage"},
+    "zoo.info": {"zoo.models", "zoo.data", "zoo.config", "zoo.checkpoint", "zoo.model_dir", "zoo.train"},
     # `zoo compare`: the top floor beside the CLI (trains, converts, evaluates and benchmarks every model)
     "zoo.compare": {
         "zoo.models",
@@ -42,12 +53,13 @@ ALLOWED = {
         "zoo.config",
         "zoo.configs",
         "zoo.checkpoint",
+        "zoo.model_dir",
         "zoo.convert",
         "zoo.train",
         "zoo.eval",
         "zoo.bench",
         "zoo.info",
-        "zoo.io",
+        "zoo.storage",
         "zoo.compare_report",
         "zoo.compare_mqar",
     },
@@ -60,10 +72,11 @@ ALLOWED = {
         "zoo.config",
         "zoo.configs",
         "zoo.checkpoint",
+        "zoo.model_dir",
         "zoo.convert",
         "zoo.train",
         "zoo.eval",
-        "zoo.io",
+        "zoo.storage",
     },
     # the comparison's markdown and figures, written from its JSON alone (with the shared plot helpers)
     "zoo.compare_report": {"zoo.eval"},
@@ -72,12 +85,20 @@ ALLOWED = {
         "zoo",
         "zoo.config",
         "zoo.checkpoint",
+        "zoo.model_dir",
         "zoo.train",
         "zoo.eval",
         "zoo.compare",
         "zoo.compare_report",
     },
-    "zoo": {"zoo.models", "zoo.checkpoint", "zoo.generate", "zoo.convert", "zoo.data"},
+    "zoo": {
+        "zoo.models",
+        "zoo.checkpoint",
+        "zoo.model_dir",
+        "zoo.generate",
+        "zoo.convert",
+        "zoo.data",
+    },
 }
 LAYERS = sorted(ALLOWED, key=len, reverse=True)
 

@@ -13,9 +13,9 @@ import pytest
 from flax import nnx
 
 import zoo
-from zoo.checkpoint import save_pretrained
 from zoo.data.tokenizers import ByteTokenizer
 from zoo.eval import perplexity as ppl
+from zoo.model_dir import save_pretrained
 
 W = 8
 

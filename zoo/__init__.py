@@ -74,9 +74,9 @@ def from_pretrained(model_dir: str, step: int | None = None, **model_overrides):
 def load_tokenizer(model_dir: str):
     """The tokenizer of a model directory, work directory or checkpoint (`from_pretrained`'s
     sources) as a `zoo.data.tokenizers.Tokenizer`, or None."""
-    from zoo.checkpoint import tokenizer_spec
     from zoo.convert.pretrained import find_tokenizer, source_kind
     from zoo.generate import tokenizer_from_spec
+    from zoo.model_dir import tokenizer_spec
 
     kind = source_kind(model_dir)
     if kind in ("hf", "mamba_ssm"):

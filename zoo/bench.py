@@ -25,8 +25,8 @@ import numpy as np
 
 from zoo.config import load_config
 from zoo.models import registry
-from zoo.train import trainer
-from zoo.train.trainer import compiled_memory
+from zoo.train import step as train_step
+from zoo.train.memory import compiled_memory
 
 
 def time_fn(fn: Callable, *args, reps: int = 10, warmup: int = 2) -> float:
@@ -95,15 +95,15 @@ def train_step_runner(config) -> tuple[Callable[[], dict], int, dict | None]:
     config's data.batch_size x data.seq_len, ready to call: (run() -> metrics, parameters, the
     compiled step's memory analysis). Each call of `run` is one optimizer step."""
     n_rows, length = int(config.data.batch_size), int(config.data.seq_len)
-    setup = trainer.make_setup(config)
+    setup = train_step.make_setup(config)
     params = setup.init_params()
     n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     opt_sh = setup.opt_shardings(jax.eval_shape(setup.tx.init, params))
     opt_state = jax.jit(setup.tx.init, out_shardings=opt_sh)(params)
-    step = trainer.make_train_step(setup, opt_sh)
+    step = train_step.make_train_step(setup, opt_sh)
     vocab = registry.config_from_run(config).vocab_size
     toks = np.random.default_rng(0).integers(0, vocab, (n_rows, length + 1)).astype(np.int32)
-    batch = trainer.global_batch(
+    batch = train_step.global_batch(
         {
             "inputs": toks[:, :-1],
             "targets": toks[:, 1:],
@@ -195,28 +195,12 @@ def compile_train_memory(
     own = run_shape(spec, overrides)
     batch_size, seq_len = batch_size or own[0], seq_len or own[1]
     config = bench_config(spec, batch_size, seq_len, dtype, overrides)
-    setup = trainer.make_setup(config)
-    # Abstract parameters, optimiser state and batch, built as the trainer's preflight builds them for
-    # its memory check (trainer._preflight): one builder on the trainer's Setup would serve both.
-    abstract = {
-        n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=setup.param_shardings[n])
-        for n, s in setup.view.shapes.items()
-    }
-    abstract_opt = jax.eval_shape(setup.tx.init, abstract)
-    opt_sh = setup.opt_shardings(abstract_opt)
-    abstract_opt = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract_opt, opt_sh)
-    bsh = trainer.sharding.batch_sharding(setup.mesh, 2)
-    batch = {
-        k: jax.ShapeDtypeStruct((batch_size, seq_len), d, sharding=bsh)
-        for k, d in (
-            ("inputs", jnp.int32),
-            ("targets", jnp.int32),
-            ("loss_mask", jnp.float32),
-            ("answer_mask", jnp.float32),
-        )
-    }
+    setup = train_step.make_setup(config)
+    # The abstract state and batch the trainer's preflight compiles its memory check on.
+    abstract, abstract_opt, opt_sh = setup.abstract_state()
+    batch = setup.abstract_batch((batch_size, seq_len))
     t0 = time.perf_counter()
-    compiled = trainer.make_train_step(setup, opt_sh).lower(abstract, abstract_opt, batch).compile()
+    compiled = train_step.make_train_step(setup, opt_sh).lower(abstract, abstract_opt, batch).compile()
     n = sum(int(np.prod(s.shape)) for s in setup.view.shapes.values())
     return {
         "config": spec,

@@ -1,4 +1,4 @@
-"""Checkpoints: a training run's Orbax state, and model directories (pretrained weights).
+"""Run checkpoints: a training run's Orbax state, its configuration and checksums.
 
 Layout of a work directory:
     config.json            the run configuration (written once, atomically; checked on resume)
@@ -7,14 +7,10 @@ Layout of a work directory:
                            and `keep_checkpoints` most recent steps are kept
     metrics.jsonl, tensorboard/, eval.json, *.png
 
-A model directory (`save_pretrained` / `load_pretrained`, what `zoo convert` writes and
-`zoo.from_pretrained` reads):
-    model.json             {"format": "zoo-model", "model_name", "model": config fields, "tokenizer", "source"}
-    params.safetensors     the parameters, flat names of the looped layout (`zoo.models.params`)
-    tokenizer.json | *.model   the tokenizer (its spec in model.json names the file relative to the directory)
+Model directories (pretrained weights, what `zoo convert` writes) are `zoo.model_dir`.
 
 Parameters load into either layer layout: a checkpoint written with `model.scan_layers` loads into a
-looped model and back (`zoo.models.base.to_scanned` / `to_looped`).
+looped model and back (`zoo.models.params.convert_layout`).
 
 Several processes: every process constructs the `Checkpointer` and calls `save` / `restore`; Orbax
 writes each step once (each process its own array blocks, process 0 the JSON items and the
@@ -25,7 +21,6 @@ process, onto shardings that span the processes (never one process's device).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -39,13 +34,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
-from flax import nnx
 
-from zoo import io
+from zoo import storage
 from zoo.models import registry
-from zoo.models.base import to_looped, to_scanned
-from zoo.models.params import ParamView
+from zoo.models.params import ParamView, abstract_model, model_with_params
 
 
 def _to_stderr(line: str) -> None:
@@ -53,20 +45,18 @@ def _to_stderr(line: str) -> None:
 
 
 CONFIG_FILE = "config.json"
-MODEL_FILE = "model.json"
-PARAMS_FILE = "params.safetensors"
 # Model fields that change how a model runs, not what it computes: a run may resume with them changed.
 RUNTIME_FIELDS = ("implementation", "remat")
 
 
 def read_config(workdir) -> ml_collections.ConfigDict:
     """The run config saved in `workdir` (ValueError naming the directory when it has none)."""
-    file = io.path(workdir) / CONFIG_FILE
+    file = storage.path(workdir) / CONFIG_FILE
     if not file.is_file():
         raise ValueError(
             f"{str(workdir)!r} has no {CONFIG_FILE}; it is not a zoo work directory (run `zoo train` first)"
         )
-    saved = io.read_json(file)
+    saved = storage.read_json(file)
     if not isinstance(saved, dict) or not {"model_name", "model", "train", "data"} <= set(saved):
         hint = (
             "it looks like a Hugging Face config.json: convert that directory with `zoo convert --from hf`"
@@ -79,7 +69,7 @@ def read_config(workdir) -> ml_collections.ConfigDict:
 
 def check_resume_config(workdir, config: ml_collections.ConfigDict) -> None:
     """A work directory belongs to one model: refuse to resume it with another model config."""
-    if not (io.path(workdir) / CONFIG_FILE).is_file():
+    if not (storage.path(workdir) / CONFIG_FILE).is_file():
         return
     saved = read_config(workdir)
     strip = lambda m: {k: v for k, v in m.to_dict().items() if k not in RUNTIME_FIELDS}  # noqa: E731
@@ -150,7 +140,7 @@ class Checkpointer:
     def __init__(self, workdir, keep: int = 2, create: bool = True, log=None):
         if keep < 1:
             raise ValueError(f"keep_checkpoints={keep} must be >= 1: a run always keeps its last good checkpoint")
-        self.workdir, self.keep, self.log = io.path(workdir), keep, log or _to_stderr
+        self.workdir, self.keep, self.log = storage.path(workdir), keep, log or _to_stderr
         self.directory = self.workdir / "checkpoints"
         options = ocp.CheckpointManagerOptions(max_to_keep=None, create=create)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -230,7 +220,7 @@ class Checkpointer:
         when it says so or when less space is left than the newest step takes, else a failed save."""
         intact = [s for s in self.all_steps() if s != step]
         full = "No space left" in error or "RESOURCE_EXHAUSTED" in error
-        if not io.is_remote(self.directory):
+        if not storage.is_remote(self.directory):
             local = str(self.directory)
             newest = os.path.join(local, str(intact[-1])) if intact else None
             size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(newest) for f in fs) if newest else 0
@@ -361,52 +351,6 @@ def _first_line(e: BaseException) -> str:
     return text[0][:200] if text else ""
 
 
-def abstract_model(model_name: str, cfg: Any) -> nnx.Module:
-    """The model with abstract (shape-only) parameters: nothing is allocated."""
-    cls = registry.model_class(model_name)
-    return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
-
-
-def _scan_period(model: nnx.Module) -> int:
-    """The period of `model`'s scanned layer stack (1 for a model without one)."""
-    return model.blocks.period if hasattr(model, "blocks") and hasattr(model.blocks, "period") else 1
-
-
-def convert_layout(params: dict[str, Any], src: nnx.Module, dst: nnx.Module) -> dict[str, Any]:
-    """Flat parameters of model `src`'s layer layout in `dst`'s layout (looped <-> scanned)."""
-    src_scan = getattr(getattr(src, "blocks", None), "scan", False)
-    dst_scan = getattr(getattr(dst, "blocks", None), "scan", False)
-    if src_scan and not dst_scan:
-        return to_looped(params, _scan_period(src))
-    if dst_scan and not src_scan:
-        return to_scanned(params, _scan_period(dst))
-    return params
-
-
-def bind(model_name: str, cfg: Any, params: dict[str, Any], src_cfg: Any | None = None) -> nnx.Module:
-    """A model `model_name` with config `cfg` holding `params` (flat names; in the layout of
-    `src_cfg`, default `cfg`), on the default device. Names and shapes must match exactly."""
-    target = abstract_model(model_name, cfg)
-    if src_cfg is not None:
-        params = convert_layout(params, abstract_model(model_name, src_cfg), target)
-    view = ParamView(target)
-    check_same_tree(params, view.shapes, f"{model_name} parameters")
-    return view.merge({n: jax.numpy.asarray(params[n], view.shapes[n].dtype) for n in view.names})
-
-
-def check_same_tree(params: dict[str, Any], shapes: dict[str, Any], what: str) -> None:
-    """One clear error when two flat parameter trees differ in names or shapes."""
-    missing, extra = sorted(set(shapes) - set(params)), sorted(set(params) - set(shapes))
-    if missing or extra:
-        raise ValueError(
-            f"{what}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
-            f"{extra[:5]}{'...' if len(extra) > 5 else ''}"
-        )
-    for n, s in shapes.items():
-        if tuple(np.shape(params[n])) != tuple(s.shape):
-            raise ValueError(f"{what}: {n!r} has shape {tuple(np.shape(params[n]))}, expected {tuple(s.shape)}")
-
-
 def load_model(
     workdir,
     step: int | None = None,
@@ -457,7 +401,7 @@ def load_model(
         ckpt.manager.close()
     for k, v in model_overrides.items():
         config.model[k] = list(v) if isinstance(v, tuple) else v
-    model = bind(config.model_name, cfg, restored["params"], saved_cfg)
+    model = model_with_params(config.model_name, cfg, restored["params"], saved_cfg)
     return (model, config, step) if return_step else (model, config)
 
 
@@ -468,107 +412,3 @@ def default_sharding() -> jax.sharding.Sharding:
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("devices",))
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-
-# Files of a tokenizer that travel with it into a model directory: the model file named by its
-# spec, and for a Hugging Face tokenizer.json the configuration files beside it (EOS/BOS tokens).
-TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json")
-
-
-def _copy_tokenizer(spec: dict, out) -> dict:
-    """Copies the tokenizer's files into model directory `out`; the spec with a relative path."""
-    if not spec.get("path"):
-        return dict(spec)
-    src = io.path(spec["path"])
-    if not src.is_file():
-        raise ValueError(f"tokenizer file {spec['path']!r} does not exist; it cannot travel with the model")
-    (out / src.name).write_bytes(src.read_bytes())
-    if spec.get("kind") == "hf":
-        for name in TOKENIZER_COMPANIONS:
-            if (src.parent / name).is_file():
-                (out / name).write_bytes((src.parent / name).read_bytes())
-    return {**spec, "path": src.name}
-
-
-def save_pretrained(model: nnx.Module, out_dir, *, tokenizer: dict | None = None, source: dict | None = None) -> None:
-    """Writes a model directory: model.json and params.safetensors (looped layout, fp32 as held).
-
-    `tokenizer` is a tokenizer spec (`zoo.data.tokenizers.Tokenizer.spec()`): its model file (and a
-    tokenizer.json's tokenizer_config.json) is copied into the directory and model.json keeps the
-    spec with the file's name relative to the directory, so the directory is self-contained.
-    """
-    out = io.path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    looped = dataclasses.replace(cfg, scan_layers=False) if hasattr(cfg, "scan_layers") else cfg
-    flat = ParamView(model).flat(model)
-    params = convert_layout(flat, model, abstract_model(model.model_name, looped))
-    io.save_flat(out / PARAMS_FILE, {k: np.asarray(v) for k, v in params.items()})
-    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(looped).items()}
-    io.write_json_atomic(
-        out / MODEL_FILE,
-        {
-            "format": "zoo-model",
-            "version": 1,
-            "model_name": model.model_name,
-            "model": fields,
-            "tokenizer": None if tokenizer is None else _copy_tokenizer(tokenizer, out),
-            "source": source or {},
-        },
-    )
-
-
-def model_dir_of(path) -> epath.Path:
-    """The model directory of `path`: the directory itself, or the directory of its model.json /
-    params.safetensors."""
-    p = io.path(path)
-    if p.is_file() and p.name in (MODEL_FILE, PARAMS_FILE):
-        return p.parent
-    return p
-
-
-def read_model_dir(model_dir) -> dict:
-    """The model.json of a model directory (one clear error when it is not one)."""
-    directory = model_dir_of(model_dir)
-    file = directory / MODEL_FILE
-    if not file.is_file():
-        hint = "write one with `zoo convert` or zoo.checkpoint.save_pretrained"
-        if (directory / CONFIG_FILE).is_file() and "model_name" in io.read_json(directory / CONFIG_FILE):
-            hint = "it is a `zoo train` work directory: load it with zoo.load or zoo.from_pretrained"
-        elif (directory / CONFIG_FILE).is_file():
-            hint = (
-                "it looks like a Hugging Face / mamba_ssm checkpoint: load it with zoo.from_pretrained "
-                f"(converted in memory) or convert it once with `zoo convert --from hf {str(model_dir)} --out DIR`"
-            )
-        raise ValueError(f"{str(model_dir)!r} is not a zoo model directory (no {MODEL_FILE}); {hint}")
-    meta = io.read_json(file)
-    if not isinstance(meta, dict) or meta.get("format") != "zoo-model":
-        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ValueError(f"{str(file)!r} is not a zoo model description (format {got!r})")
-    if not isinstance(meta.get("model_name"), str) or not isinstance(meta.get("model"), dict):
-        raise ValueError(
-            f'{str(file)!r} lacks "model_name" or the "model" fields; write the directory again with `zoo convert`'
-        )
-    return meta
-
-
-def tokenizer_spec(model_dir, meta: dict | None = None) -> dict | None:
-    """The tokenizer spec of a model directory with its file path resolved (None: no tokenizer)."""
-    meta = read_model_dir(model_dir) if meta is None else meta
-    spec = meta.get("tokenizer")
-    if not spec:
-        return None
-    spec = dict(spec)
-    if spec.get("path") and not (io.is_remote(spec["path"]) or os.path.isabs(spec["path"])):
-        spec["path"] = str(model_dir_of(model_dir) / spec["path"])
-    return spec
-
-
-def load_pretrained(model_dir, **model_overrides):
-    """(model, model.json dict) from a model directory (or its model.json / params.safetensors);
-    `model_overrides` as in `load_model`."""
-    meta = read_model_dir(model_dir)
-    saved_cfg = registry.config_from_dict(meta["model_name"], meta["model"])
-    cfg = registry.config_with_overrides(saved_cfg, model_overrides)
-    params = io.load_flat(model_dir_of(model_dir) / PARAMS_FILE)
-    return bind(meta["model_name"], cfg, params, saved_cfg), meta

@@ -87,9 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     d = sub.add_parser("data", help="prepare corpora: tokenized ArrayRecord shards")
     dsub = d.add_subparsers(dest="what", required=True)
-    from zoo.data import prepare
+    from zoo.data.prepare import SOURCES as PREPARE_SOURCES
 
-    prepare.add_arguments(dsub.add_parser("prepare", help="tokenize a corpus into ArrayRecord shards (resumable)"))
+    _add_prepare_arguments(
+        dsub.add_parser("prepare", help="tokenize a corpus into ArrayRecord shards (resumable)"), PREPARE_SOURCES
+    )
     cmp = sub.add_parser("compare", help="every LM at one matched size: train, evaluate, one table per measure")
     cmp.add_argument(
         "--preset",
@@ -136,6 +138,35 @@ def _parser() -> argparse.ArgumentParser:
         help="only compile (abstract inputs, nothing allocated) and print XLA's memory analysis",
     )
     return p
+
+
+def _add_prepare_arguments(parser: argparse.ArgumentParser, sources: tuple[str, ...]) -> None:
+    """The arguments of `zoo data prepare` (see `zoo.data.prepare.prepare` for their meaning)."""
+    parser.add_argument("--source", choices=sources, default="text", help="kind of input (default: text)")
+    parser.add_argument(
+        "--input", default="", help="text dir | .jsonl file or dir | TFDS data_dir | HF save_to_disk dir"
+    )
+    parser.add_argument("--output", required=True, help="the prepared directory (new, empty, or an interrupted run)")
+    parser.add_argument("--tokenizer", default="bytes", help="bytes | SentencePiece .model | tokenizer.json")
+    parser.add_argument("--eos-token", default=None, help="end-of-document token of a tokenizer.json")
+    parser.add_argument("--tfds-name", default="", help="TFDS dataset name (--source tfds)")
+    parser.add_argument("--text-key", default="text", help="text field of JSONL / TFDS / HF records")
+    parser.add_argument(
+        "--splits",
+        default="",
+        help="TFDS/HF: split mapping, e.g. train=train,validation=test; text/JSONL: paths under --input, "
+        "e.g. train=train,validation=valid (default: split by --validation-fraction)",
+    )
+    parser.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.01,
+        help="share of hash-split documents in validation, at least one document (default: 0.01)",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--shard-mb", type=float, default=64.0, help="MiB of text/JSONL input per shard")
+    parser.add_argument("--docs-per-shard", type=int, default=4096, help="TFDS/HF records per shard")
+    parser.add_argument("--record-tokens", type=int, default=65536, help="tokens per ArrayRecord record")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,9 +265,9 @@ def _run(args, overrides) -> int:
             )
             print(bench.format_rows(rows))
         if args.json:
-            from zoo import io
+            from zoo import storage
 
-            io.write_json_atomic(args.json, rows)
+            storage.write_json_atomic(args.json, rows)
         return 0
     from zoo.info import describe
 
@@ -306,7 +337,7 @@ def _evaluate(workdir: str, step: int | None) -> None:
     from zoo.checkpoint import read_config
     from zoo.eval.evaluate import evaluate_workdir
     from zoo.train.sharding import maybe_initialize_distributed
-    from zoo.train.trainer import run_param_shardings
+    from zoo.train.step import run_param_shardings
 
     maybe_initialize_distributed()
     shardings = run_param_shardings(read_config(workdir)) if jax.process_count() > 1 else None
@@ -316,22 +347,9 @@ def _evaluate(workdir: str, step: int | None) -> None:
 
 
 def _convert(args) -> int:
-    from zoo import io
-    from zoo.checkpoint import load_model, save_pretrained
-    from zoo.convert import convert_model
-    from zoo.models.masformer import PRESETS, parse_schedule
+    from zoo.convert.masformer import from_transformer_run
 
-    io.check_out_dir(args.out, args.overwrite)
-    model, config = load_model(args.src)
-    if config.model_name != "transformer" or any(s.kind != "full" for s in model.config.layer_specs()):
-        raise ValueError(f"{args.src!r} is not a full-attention transformer run (model {config.model_name})")
-    n = model.config.n_layers
-    schedule = parse_schedule(args.schedule, n) if args.schedule else PRESETS["tiny"].layer_attention
-    if len(schedule) != n:
-        raise ValueError(f"the schedule has {len(schedule)} layers but the source has {n}; pass --schedule")
-    mas = convert_model(model, "masformer", layer_attention=tuple(schedule), attention="full")
-    with io.replacing_dir(args.out, args.overwrite) as tmp:
-        save_pretrained(mas, tmp, source={"converted_from": args.src, "model_name": "transformer"})
+    schedule = from_transformer_run(args.src, args.out, args.schedule, overwrite=args.overwrite)
     print(
         f"wrote {args.out}: masformer with schedule {','.join(schedule)}; train it with "
         f"--config.train.init_from={args.out}"
@@ -392,7 +410,7 @@ def _convert_pretrained(args) -> int:
 def _generate(args) -> int:
     """zoo generate --workdir DIR | --pretrained DIR --prompt TEXT ...: prints the continuations."""
     from zoo.data.tokenizers import from_spec, run_tokenizer
-    from zoo.generate import encode_prompt, generate
+    from zoo.generate import decode_new, encode_prompt, generate
 
     if args.workdir:
         from zoo.checkpoint import load_model
@@ -400,8 +418,8 @@ def _generate(args) -> int:
         model, config = load_model(args.workdir, args.step)
         tok = run_tokenizer(config.data)
     else:
-        from zoo.checkpoint import tokenizer_spec
         from zoo.convert.pretrained import load_any
+        from zoo.model_dir import tokenizer_spec
 
         model, meta = load_any(args.pretrained, args.step)
         spec = tokenizer_spec(args.pretrained, meta)
@@ -432,9 +450,8 @@ def _generate(args) -> int:
         eos=eos,
         seed=args.seed,
     )
-    stop = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
     for i, row in enumerate(out.rows()):
-        text = None if tok is None else tok.decode([t for t in row if t not in stop])
+        text = None if tok is None else decode_new(tok, row, eos)
         if args.json:
             print(json.dumps({"prompt": i, "prompt_ids": [int(t) for t in prompts[i]], "ids": row, "text": text}))
         else:

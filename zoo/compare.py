@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from zoo import io
+from zoo import storage
 from zoo.bench import time_fn
 from zoo.checkpoint import load_model
 from zoo.compare_report import markdown, write_figures
@@ -47,7 +47,8 @@ from zoo.eval import longcontext
 from zoo.info import count_params, forward_flops_per_token
 from zoo.models import registry
 from zoo.models.params import ParamView
-from zoo.train.trainer import compiled_memory, finished, train
+from zoo.train.memory import compiled_memory
+from zoo.train.trainer import finished, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +222,7 @@ def run(
         settings["train"]["steps"] = int(steps)
     rows = rows_of(settings, models)
     configs = {row.name: run_config(settings, row) for row in rows}  # every config checked before training
-    io.check_writable_dir(out, "--out")
+    storage.check_writable_dir(out, "--out")
     workdir_arg, workdir = workdir, workdir or tempfile.mkdtemp(prefix="zoo-compare-")
     started = time.perf_counter()
     results: dict[str, dict] = {}
@@ -238,7 +239,7 @@ def run(
             result = finished(train(config, run_dir, progress=False), run_dir)
             model, _ = load_model(run_dir)
             trained[row.name] = model
-            records = io.read_metrics(run_dir)  # the last logged metrics, also of a finished run reused
+            records = storage.read_metrics(run_dir)  # the last logged metrics, also of a finished run reused
             entry.update(how="trained", train=records[-1] if records else result["train"], step=result["step"])
         entry["train_s"] = time.perf_counter() - t0
         n_model = sum(int(np.prod(p.shape)) for p in ParamView(model).flat(model).values())
@@ -274,9 +275,9 @@ def run(
         "order": list(results),  # the rows' order (JSON objects are written with sorted keys)
         "rows": results,
     }
-    outdir = io.path(out)
+    outdir = storage.path(out)
     outdir.mkdir(parents=True, exist_ok=True)
-    io.write_json_atomic(outdir / "compare.json", report)
+    storage.write_json_atomic(outdir / "compare.json", report)
     figures = write_figures(report, outdir)
     (outdir / "compare.md").write_text(markdown(report, figures))
     return report

@@ -36,7 +36,7 @@ import time
 import jax
 import numpy as np
 
-from zoo import io
+from zoo import storage
 from zoo.checkpoint import load_model
 from zoo.compare import Row, machine, run_config
 from zoo.compare_report import write_mqar_report
@@ -192,7 +192,7 @@ def load_results(file, settings: dict, preset: str) -> dict:
     if not file.exists():
         return {"preset": preset, "settings": settings, "sittings": [], "cells": {}}
     try:
-        report = io.read_json(file)
+        report = storage.read_json(file)
         old, _, _ = report["settings"], report["cells"], report["sittings"]
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"--out: {file} is not an MQAR result file ({e!r}); move it away to start anew") from e
@@ -268,7 +268,7 @@ def run(
     for c in todo:  # every config checked before anything runs
         if not all_rows[c.row].source:
             cell_config(settings, all_rows[c.row], c)
-    outdir = io.path(out)
+    outdir = storage.path(out)
     file = outdir / RESULT
     results = load_results(file, settings, preset)
     pending = [c for c in todo if c.key not in results["cells"]]
@@ -284,7 +284,7 @@ def run(
             n = sum(c.row == name for c in pending)
             print(f"  {name:20s} {n:4d} cells  {s / 3600:6.1f} h", file=sys.stderr)
         return results
-    io.check_writable_dir(out, "--out")
+    storage.check_writable_dir(out, "--out")
     outdir.mkdir(parents=True, exist_ok=True)
     workdir = workdir or tempfile.mkdtemp(prefix="zoo-mqar-")
     started, ran = time.perf_counter(), 0
@@ -309,7 +309,7 @@ def run(
             run_dir = os.path.join(workdir, row.name, c.run_name)
             result = finished(train(config, run_dir, progress=False), run_dir)
             model, _ = load_model(run_dir)
-            records = io.read_metrics(run_dir)
+            records = storage.read_metrics(run_dir)
             last = records[-1] if records else result["train"]
             entry = {
                 "how": "trained",
@@ -331,7 +331,7 @@ def run(
             eval_s=time.perf_counter() - t1,
         )
         results["cells"][c.key] = entry
-        io.write_json_atomic(file, results)  # at once: a later sitting skips this cell
+        storage.write_json_atomic(file, results)  # at once: a later sitting skips this cell
         if not row.source and row.name not in sources:  # only a converted row's source needs its weights kept
             shutil.rmtree(run_dir, ignore_errors=True)
         ran += 1
@@ -343,6 +343,6 @@ def run(
     results["command"] = command
     results["order"] = list(all_rows)  # the rows' order (JSON objects are written with sorted keys)
     results["sittings"].append({**provenance(), "cells_run": ran, "wall_s": time.perf_counter() - started})
-    io.write_json_atomic(file, results)
+    storage.write_json_atomic(file, results)
     write_mqar_report(results, outdir)
     return results

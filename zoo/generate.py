@@ -314,8 +314,13 @@ def generate_text(
     ids = [encode_prompt(tokenizer, p, add_special_tokens) for p in prompts]
     eos_ids = tokenizer.eos_id if eos == "tokenizer" else eos
     out = generate(model, ids, max_new_tokens, eos=eos_ids, **sampling)
-    stop = set() if eos_ids is None else {eos_ids} if isinstance(eos_ids, int) else set(eos_ids)
-    return [tokenizer.decode([t for t in row if t not in stop]) for row in out.rows()]
+    return [decode_new(tokenizer, row, eos_ids) for row in out.rows()]
+
+
+def decode_new(tokenizer: Tokenizer, row: Sequence[int], eos: int | Sequence[int] | None) -> str:
+    """The text of a row of new tokens, its EOS tokens (`eos`, as given to `generate`) left out."""
+    stop = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+    return tokenizer.decode([t for t in row if t not in stop])
 
 
 def tokenizer_from_spec(spec: dict) -> Tokenizer:

@@ -22,20 +22,19 @@ import re
 import jax
 import ml_collections
 
-from zoo import checkpoint
 from zoo.models import registry
-from zoo.models.params import ParamView
+from zoo.models.params import ParamView, abstract_model
 from zoo.train import sharding
 
 
-def abstract_model(config: ml_collections.ConfigDict):
+def abstract_run_model(config: ml_collections.ConfigDict):
     """The run's model with abstract (shape-only) parameters."""
-    return checkpoint.abstract_model(config.model_name, registry.config_from_run(config))
+    return abstract_model(config.model_name, registry.config_from_run(config))
 
 
 def count_params(config: ml_collections.ConfigDict) -> int:
     """The number of parameters of the run's model."""
-    return sum(math.prod(s.shape) for s in ParamView(abstract_model(config)).shapes.values())
+    return sum(math.prod(s.shape) for s in ParamView(abstract_run_model(config)).shapes.values())
 
 
 def forward_flops_per_token(config: ml_collections.ConfigDict, seq_len: int) -> float | None:
@@ -46,7 +45,7 @@ def forward_flops_per_token(config: ml_collections.ConfigDict, seq_len: int) -> 
     cfg = registry.config_from_run(config)
     if getattr(cfg, "scan_layers", False):
         cfg = dataclasses.replace(cfg, scan_layers=False)
-    view = ParamView(checkpoint.abstract_model(config.model_name, cfg))
+    view = ParamView(abstract_model(config.model_name, cfg))
     fn = jax.jit(lambda p, x: view.merge(p)(x))
     lowered = fn.lower(dict(view.shapes), jax.ShapeDtypeStruct((1, seq_len), jax.numpy.int32))
     cost = lowered.cost_analysis()

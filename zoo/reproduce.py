@@ -489,7 +489,8 @@ def _hip_metrics(result: dict) -> dict[str, float]:
 def _hip_run(params: dict, cell: dict, workdir: pathlib.Path) -> dict:
     """Trains the main job's transformer at the cell's seed, saves it as a model directory, then
     runs `scripts/hip_eval.py` on it (dense vs HiP on the same parameters)."""
-    from zoo.checkpoint import load_model, save_pretrained
+    from zoo.checkpoint import load_model
+    from zoo.model_dir import save_pretrained
 
     _train_eval(params, cell, workdir)
     model, _ = load_model(str(workdir / "run"))

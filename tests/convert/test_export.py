@@ -10,9 +10,9 @@ import pytest
 from golden_testing import FIXTURES, converted, forward, golden_dir, manifest
 
 import zoo
-from zoo.checkpoint import save_pretrained
 from zoo.convert.pretrained import export_hf, import_checkpoint
 from zoo.convert.sources import read_safetensors, read_weights
+from zoo.model_dir import save_pretrained
 from zoo.models.params import ParamView
 
 # config.json keys whose values must survive the round trip (all the computation depends on)

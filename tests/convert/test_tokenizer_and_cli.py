@@ -16,10 +16,10 @@ from flax import nnx
 from golden_testing import GOLDEN, golden_dir
 
 import zoo
-from zoo.checkpoint import save_pretrained
 from zoo.cli import main
 from zoo.data.tokenizers import HFTokenizer
 from zoo.generate import encode_prompt, generate, generate_text
+from zoo.model_dir import save_pretrained
 
 TOKENIZER = os.path.join(GOLDEN, "tokenizer", "tokenizer.json")
 
@@ -150,7 +150,7 @@ def test_a_training_run_exports_and_loads_as_a_model_directory(tmp_path, tiny, c
     """A `zoo train` work directory wherever a model directory goes: `zoo convert --to hf` (latest or
     --step) with its byte tokenizer as tokenizer.json, `zoo generate --pretrained` on the export (a
     Hugging Face checkpoint converted in memory) equal to `zoo generate --workdir`, `zoo.from_pretrained`."""
-    from zoo.checkpoint import load_pretrained
+    from zoo.model_dir import load_pretrained
     from zoo.train.trainer import train
 
     run = tmp_path / "run"

@@ -1,6 +1,5 @@
 """`zoo data prepare`: every source into shards, read back exactly; resume, parallel workers, errors."""
 
-import argparse
 import json
 import os
 import shutil
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 from data_testing import WORDS, tfds_builder, train_hf_tokenizer, write_text_corpus
 
+from zoo import cli
 from zoo.data import prepare as pp
 from zoo.data import shards as sh
 from zoo.data.text import TextFiles
@@ -78,9 +78,10 @@ def test_text_dir_reads_back_as_tokenized_files(tmp_path):
 def test_hf_tokenizer_and_cli_hooks(tmp_path, capsys):
     texts = write_text_corpus(tmp_path / "in", 20, nested=False)
     tok_path = train_hf_tokenizer(tmp_path / "tokenizer.json", texts)
-    parser = pp.add_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(
+    args = cli._parser().parse_args(
         [
+            "data",
+            "prepare",
             "--input",
             str(tmp_path / "in"),
             "--output",

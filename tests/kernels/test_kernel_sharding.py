@@ -441,7 +441,7 @@ def _model_grad(model: str, overrides: dict, platform: str, batch: int = 8, seq:
     """The exported gradient of a tiny model's training loss on the trainer's mesh and shardings."""
     from zoo.config import make_config
     from zoo.train import sharding as train_sharding
-    from zoo.train.trainer import lm_loss, make_setup
+    from zoo.train.step import lm_loss, make_setup
 
     config = make_config(model, "tiny")
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2

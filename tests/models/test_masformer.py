@@ -130,7 +130,8 @@ def test_attention_flops():
 def test_convert_baseline_checkpoint_and_fine_tune(tmp_path, tiny):
     """Baseline run -> `zoo convert masformer` (same weights, new masks) -> `zoo train` starts from it."""
     from zoo import cli
-    from zoo.checkpoint import load_model, load_pretrained
+    from zoo.checkpoint import load_model
+    from zoo.model_dir import load_pretrained
     from zoo.train.trainer import train
 
     src, init, dst = str(tmp_path / "base"), str(tmp_path / "mas-init"), str(tmp_path / "mas")
@@ -163,11 +164,10 @@ def test_convert_baseline_checkpoint_and_fine_tune(tmp_path, tiny):
 
 
 def _first_loss(converted, config) -> float:
-    from zoo.checkpoint import bind
     from zoo.data.pipeline import make_batches
-    from zoo.models.params import ParamView
-    from zoo.train.trainer import lm_loss
+    from zoo.models.params import ParamView, model_with_params
+    from zoo.train.step import lm_loss
 
-    model = bind("masformer", registry.config_from_run(config), ParamView(converted).flat(converted))
+    model = model_with_params("masformer", registry.config_from_run(config), ParamView(converted).flat(converted))
     batch = next(make_batches(config.data, "train"))
     return float(lm_loss(model(jnp.asarray(batch["inputs"])), {k: jnp.asarray(v) for k, v in batch.items()})[0])

@@ -15,10 +15,9 @@ import pytest
 from flax import nnx
 from lm_testing import decode_all, forward, prefill
 
-from zoo.checkpoint import bind, convert_layout
 from zoo.models import registry
 from zoo.models.base import Classifier, Forecaster, LanguageModel, LMConfig
-from zoo.models.params import ParamView
+from zoo.models.params import ParamView, convert_layout, model_with_params
 
 LMS = registry.list_models("lm")
 T = 20
@@ -76,7 +75,7 @@ def test_scanned_layers_equal_looped_and_convert(name):
     # the parameters convert both ways and give the same model
     flat = ParamView(scanned).flat(scanned)
     assert any("/scanned/" in n for n in flat) and not any("/layers/" in n for n in flat)
-    back = bind(name, looped.config, flat, scanned.config)
+    back = model_with_params(name, looped.config, flat, scanned.config)
     for n, v in ParamView(looped).flat(looped).items():
         np.testing.assert_array_equal(ParamView(back).flat(back)[n], v)
     again = convert_layout(ParamView(back).flat(back), back, scanned)

@@ -11,8 +11,9 @@ import jax
 sys.path.insert(0, __file__.rsplit("/tests/", 1)[0] + "/tests")
 from conftest import tiny_config  # noqa: E402
 
-from zoo.io import read_metrics  # noqa: E402
-from zoo.train.trainer import make_setup, train  # noqa: E402
+from zoo.storage import read_metrics  # noqa: E402
+from zoo.train.step import make_setup  # noqa: E402
+from zoo.train.trainer import train  # noqa: E402
 
 
 def main():

@@ -128,7 +128,7 @@ def test_kill_9_then_rerun_resumes_identically(tmp_path, cli):
     assert os.path.isdir(run / "checkpoints" / "10"), "the run never reached its second checkpoint"
     out = cli("train", "--workdir", str(run), *args)
     assert out.returncode == 0, out.stderr[-2000:]
-    from zoo.io import read_metrics
+    from zoo.storage import read_metrics
 
     a = {r["step"]: r["loss"] for r in read_metrics(str(ref))}
     b = {r["step"]: r["loss"] for r in read_metrics(str(run))}

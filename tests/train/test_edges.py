@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT, TINY_OVERRIDES, tiny_config
 from flax import nnx
 
-from zoo import io
+from zoo import storage
 from zoo.checkpoint import load_model
 from zoo.models import registry
 from zoo.models.params import ParamView
@@ -111,7 +111,7 @@ def _contend(workdir: str, barrier, start, results, index: int, trials: int, pro
     """One of `procs` processes entering WorkdirLock at the same instant, `trials` times (a fresh
     directory each time); each holder keeps the lock until every process has tried. A process that
     fails records -1 and breaks the barrier, so the others stop at once instead of waiting."""
-    from zoo import io as zoo_io
+    from zoo import storage as zoo_io
 
     try:
         for t in range(trials):
@@ -161,7 +161,7 @@ def test_workdir_lock_is_released_by_a_killed_holder_and_names_a_live_one(tmp_pa
         [
             sys.executable,
             "-c",
-            "import sys, time; from zoo import io; io.WorkdirLock(sys.argv[1]).__enter__(); "
+            "import sys, time; from zoo import storage; storage.WorkdirLock(sys.argv[1]).__enter__(); "
             "print('held', flush=True); time.sleep(600)",
             str(work),
         ],
@@ -172,11 +172,11 @@ def test_workdir_lock_is_released_by_a_killed_holder_and_names_a_live_one(tmp_pa
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(ValueError, match=f"in use by process {holder.pid}"):
-            io.WorkdirLock(work).__enter__()
+            storage.WorkdirLock(work).__enter__()
     finally:
         holder.kill()
         holder.wait()
-    with io.WorkdirLock(work) as lock:  # kill -9 released it: no stale lock to clean up
+    with storage.WorkdirLock(work) as lock:  # kill -9 released it: no stale lock to clean up
         assert lock.fd is not None
     assert (work / ".zoo.lock").read_text() == ""
 
@@ -185,7 +185,7 @@ def test_workdir_lock_is_released_by_a_killed_holder_and_names_a_live_one(tmp_pa
 def model_dir(tmp_path_factory):
     """A tiny transformer's model directory (what `zoo convert --from` writes)."""
     import zoo
-    from zoo.checkpoint import save_pretrained
+    from zoo.model_dir import save_pretrained
 
     out = tmp_path_factory.mktemp("zoo") / "model"
     save_pretrained(zoo.create_model("transformer", "tiny"), str(out))
@@ -371,7 +371,7 @@ def test_a_checkpoint_damaged_during_the_run_is_set_aside_after_the_next_save(tm
 
 def test_init_from_with_other_layers_touches_nothing(tmp_path):
     import zoo
-    from zoo.checkpoint import save_pretrained
+    from zoo.model_dir import save_pretrained
 
     other = tmp_path / "other"
     save_pretrained(
@@ -472,7 +472,7 @@ def test_a_cut_off_metrics_line_does_not_block_the_resume(tmp_path, capfd):
         f.write('{"step": 4, "loss": 1.2')  # a write cut off by kill -9
     trainer.train(config, str(tmp_path), progress=False)
     assert "dropped 1 unreadable line(s)" in capfd.readouterr().err
-    assert [r["step"] for r in io.read_metrics(str(tmp_path))] == [1, 2, 3, 4]
+    assert [r["step"] for r in storage.read_metrics(str(tmp_path))] == [1, 2, 3, 4]
 
 
 def test_the_guide_table_names_every_edge_test_and_only_real_ones():

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, TINY_OVERRIDES, tiny_config
 
-from zoo import io
+from zoo import storage
 from zoo.checkpoint import load_model
 from zoo.cli import main
 from zoo.models.params import ParamView
@@ -31,7 +31,7 @@ def _params(workdir):
 
 
 def _losses(workdir):
-    return {r["step"]: r["loss"] for r in io.read_metrics(str(workdir))}
+    return {r["step"]: r["loss"] for r in storage.read_metrics(str(workdir))}
 
 
 def _cli(*args, timeout=600, **popen):
@@ -221,7 +221,7 @@ def test_sigterm_checkpoints_then_exits_zero_and_resumes_exactly(tmp_path, refer
 def test_one_writer_per_workdir_and_stale_locks(tmp_path):
     work = tmp_path / "run"
     args = _train_args(work, "--config.train.steps=2")
-    with io.WorkdirLock(work):
+    with storage.WorkdirLock(work):
         out = _cli(*args)
     assert out.returncode == 2 and f"is in use by process {os.getpid()}" in out.stderr
     assert not (work / "config.json").exists()
@@ -294,7 +294,7 @@ def test_checkpoint_of_8_devices_restores_on_1_device_and_another_mesh(tmp_path)
     code = (
         "import sys, json, numpy as np; sys.path.insert(0, 'tests'); from conftest import tiny_config;"
         "from zoo.train.trainer import train; from zoo.checkpoint import load_model;"
-        "from zoo.models.params import ParamView; from zoo.train.trainer import run_param_shardings;"
+        "from zoo.models.params import ParamView; from zoo.train.step import run_param_shardings;"
         "c = tiny_config(steps=3, checkpoint_every=3); c.model.d_model, c.model.n_heads, c.model.n_kv_heads = 64, 4, 2;"
         "c.mesh.data, c.mesh.fsdp, c.mesh.tensor = [int(x) for x in sys.argv[2].split(',')];"
         "train(c, sys.argv[1], progress=False) if sys.argv[3] == 'train' else None;"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import zoo
-from zoo.io import read_metrics
+from zoo.storage import read_metrics
 from zoo.train import optim
 from zoo.train.trainer import train
 
@@ -93,7 +93,7 @@ def test_optimizer_groups_and_token_schedule():
 
 def test_weight_decay_skips_norms(tiny):
     """One step with lr ~ 0 except weight decay: only decayed params move."""
-    from zoo.train.trainer import make_setup
+    from zoo.train.step import make_setup
 
     config = tiny()
     config.optim.weight_decay = 0.5

@@ -5,7 +5,7 @@ from and to the formats of other codebases.
     mas = convert_model(transformer, "masformer", layer_attention=("window", "full"))
 
 A converted model keeps every parameter of the source; only the config (the attention pattern)
-changes. Write it with `zoo.checkpoint.save_pretrained` and train from it with
+changes. Write it with `zoo.model_dir.save_pretrained` and train from it with
 `--config.train.init_from=DIR` (MASFormer's continual-training setting).
 """
 
@@ -15,9 +15,8 @@ import dataclasses
 
 from flax import nnx
 
-from zoo.checkpoint import abstract_model, check_same_tree
 from zoo.models import registry
-from zoo.models.params import ParamView
+from zoo.models.params import ParamView, abstract_model, check_same_tree
 
 
 def convert_model(model: nnx.Module, model_name: str, **fields) -> nnx.Module:

@@ -27,24 +27,14 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from zoo import io
-from zoo.checkpoint import (
-    CONFIG_FILE,
-    MODEL_FILE,
-    abstract_model,
-    bind,
-    convert_layout,
-    load_model,
-    load_pretrained,
-    model_dir_of,
-    save_pretrained,
-    tokenizer_spec,
-)
+from zoo import storage
+from zoo.checkpoint import CONFIG_FILE, load_model
 from zoo.convert import hf, mamba_ssm
 from zoo.convert.sources import SourceWeights, checkpoint_dir, read_config, read_weights, write_safetensors
 from zoo.data.tokenizers import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer, run_tokenizer
+from zoo.model_dir import MODEL_FILE, load_pretrained, model_dir_of, save_pretrained, tokenizer_spec
 from zoo.models import registry
-from zoo.models.params import ParamView
+from zoo.models.params import ParamView, abstract_model, convert_layout, model_with_params
 
 FORMATS = ("hf", "mamba_ssm")
 EXPORT_DTYPES = {
@@ -166,7 +156,7 @@ def import_checkpoint(
         fresh = ParamView(fresh_model).flat(fresh_model)
         params.update({n: np.asarray(fresh[n]) for n in missing})
     report["initialised"] = missing
-    model = bind(model_name, cfg, params, looped)
+    model = model_with_params(model_name, cfg, params, looped)
     info = {"format": fmt, "path": os.path.abspath(str(src)), "config": _json_safe(config), "report": report}
     return model, info
 
@@ -217,11 +207,11 @@ def convert_checkpoint(
     name and renamed into place, so an interrupted conversion leaves `out` as it was.
 
     Returns the conversion info written into model.json's "source" (plus "model_name")."""
-    io.check_out_dir(out, overwrite)
+    storage.check_out_dir(out, overwrite)
     tok = find_tokenizer(src, tokenizer, eos_token)
     model, info = import_checkpoint(src, fmt, model_name, dtype=dtype, seed=seed, **fields)
     check_tokenizer(tok, model.config.vocab_size)
-    with io.replacing_dir(out, overwrite) as tmp:
+    with storage.replacing_dir(out, overwrite) as tmp:
         save_pretrained(model, tmp, tokenizer=None if tok is None else tok.spec(), source=info)
     return {**info, "model_name": model.model_name, "tokenizer": None if tok is None else tok.spec()}
 
@@ -233,7 +223,7 @@ def source_kind(path) -> str:
     if (directory / MODEL_FILE).is_file():
         return "model"
     if (directory / CONFIG_FILE).is_file():
-        config = io.read_json(directory / CONFIG_FILE)
+        config = storage.read_json(directory / CONFIG_FILE)
         if isinstance(config, dict) and "model_name" in config and "train" in config:
             return "run"
         if isinstance(config, dict) and ("model_type" in config or "architectures" in config):
@@ -261,7 +251,7 @@ def load_any(path, step: int | None = None, *, dtype: str = "float32", **model_o
         return load_pretrained(path, **model_overrides)
     if kind == "run":
         model, config = load_model(path, step, **model_overrides)
-        source = {"workdir": str(io.path(path)), "step": step}
+        source = {"workdir": str(storage.path(path)), "step": step}
         tok = run_tokenizer(config.data)
     else:
         tok = find_tokenizer(path)
@@ -340,7 +330,7 @@ def export_hf(
     directory renamed into place, so an interrupted export leaves `out` as it was.
 
     Returns {"path", "config", "tensors"}."""
-    io.check_out_dir(out, overwrite)
+    storage.check_out_dir(out, overwrite)
     if model is None:
         model, meta = load_any(model_dir, step)
     meta = meta or {}
@@ -363,7 +353,7 @@ def export_hf(
         )
     else:
         config = hf.export_mamba2_config(model.config, dtype=dtype, special=special)
-    with io.replacing_dir(out, overwrite) as tmp:
+    with storage.replacing_dir(out, overwrite) as tmp:
         write_safetensors(os.path.join(tmp, "model.safetensors"), tensors, metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)

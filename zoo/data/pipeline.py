@@ -39,7 +39,8 @@ from zoo.data.tokenizers import load_tokenizer, tokenizer_for
 SOURCES = ("passkey", "recall", "mqar", "selective_copy", "passkey_recall", *ruler.TASKS, "text", "tfds", "shards")
 DOCUMENT_SOURCES = ("text", "tfds", "shards")
 MODES = ("fixed", "decomposition", "packed")
-PACKED_KEYS = ("inputs", "targets", "loss_mask", "answer_mask", "segment_ids", "positions")
+BATCH_KEYS = ("inputs", "targets", "loss_mask", "answer_mask")
+PACKED_KEYS = (*BATCH_KEYS, "segment_ids", "positions")
 # Background reading: a few threads and a short buffer (Grain's default buffers 500 elements, which
 # for batches of a large run is gigabytes). Neither changes the batches nor the iterator state.
 READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
@@ -176,9 +177,20 @@ def check_vocab(batch: dict[str, np.ndarray], vocab_size: int, where: str) -> No
 
 
 class _GrainBatches:
-    """A Grain iterator of per-host batches whose state (a small JSON dict) is checkpointable."""
+    """A Grain iterator of per-host batches whose state (a small JSON dict) is checkpointable.
+
+    `keys` names the arrays of every batch; `global_shapes` lists the global [batch, length] shapes
+    it yields (one, or one per decomposition bucket) and `max_shape` the longest of them.
+    """
 
     _iter: grain.DatasetIterator
+    keys: tuple[str, ...] = BATCH_KEYS
+    global_shapes: tuple[tuple[int, int], ...]
+
+    @property
+    def max_shape(self) -> tuple[int, int]:
+        """The global [batch, length] of the longest batch (what a step's memory is checked at)."""
+        return max(self.global_shapes, key=lambda shape: shape[1])
 
     def __iter__(self):
         return self
@@ -216,6 +228,7 @@ class FixedLengthBatches(_GrainBatches):
         ds = ds[process_index::process_count].map(to_model_inputs)
         self.dataset = ds.batch(batch_size // process_count, drop_remainder=True)
         self._iter = iter(self.dataset.to_iter_dataset(READ_OPTIONS))
+        self.global_shapes = ((batch_size, length or data.seq_len),)
 
 
 class PackedBatches(_GrainBatches):
@@ -266,6 +279,8 @@ class PackedBatches(_GrainBatches):
         )
         self.dataset = ds.map(packed_inputs).batch(batch_size // process_count, drop_remainder=True)
         self._iter = iter(self.dataset)
+        self.keys = PACKED_KEYS
+        self.global_shapes = ((batch_size, length),)
 
 
 def make_batches(data: Any, split: str = "train", *, process_index: int = 0, process_count: int = 1):
@@ -316,6 +331,7 @@ class DecompositionBatches(_GrainBatches):
                 )
         ds = grain.MapDataset.range(2**62).map(self.batch)
         self._iter = iter(ds.to_iter_dataset(READ_OPTIONS))
+        self.global_shapes = tuple((b, 1 << k) for k, b in sorted(self.schedule.batch_sizes.items()))
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This host's shard of the global batch of `step` (a pure function of the step)."""

@@ -773,38 +773,8 @@ def _one_validation_document(commits: dict[int, dict]) -> tuple[int, str] | None
     return i, key
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds the ``zoo data prepare`` arguments to ``parser`` (see :func:`prepare` for their meaning)."""
-    parser.add_argument("--source", choices=SOURCES, default="text", help="kind of input (default: text)")
-    parser.add_argument(
-        "--input", default="", help="text dir | .jsonl file or dir | TFDS data_dir | HF save_to_disk dir"
-    )
-    parser.add_argument("--output", required=True, help="the prepared directory (new, empty, or an interrupted run)")
-    parser.add_argument("--tokenizer", default="bytes", help="bytes | SentencePiece .model | tokenizer.json")
-    parser.add_argument("--eos-token", default=None, help="end-of-document token of a tokenizer.json")
-    parser.add_argument("--tfds-name", default="", help="TFDS dataset name (--source tfds)")
-    parser.add_argument("--text-key", default="text", help="text field of JSONL / TFDS / HF records")
-    parser.add_argument(
-        "--splits",
-        default="",
-        help="TFDS/HF: split mapping, e.g. train=train,validation=test; text/JSONL: paths under --input, "
-        "e.g. train=train,validation=valid (default: split by --validation-fraction)",
-    )
-    parser.add_argument(
-        "--validation-fraction",
-        type=float,
-        default=0.01,
-        help="share of hash-split documents in validation, at least one document (default: 0.01)",
-    )
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    parser.add_argument("--shard-mb", type=float, default=64.0, help="MiB of text/JSONL input per shard")
-    parser.add_argument("--docs-per-shard", type=int, default=4096, help="TFDS/HF records per shard")
-    parser.add_argument("--record-tokens", type=int, default=65536, help="tokens per ArrayRecord record")
-    return parser
-
-
 def run(args: argparse.Namespace) -> int:
-    """Runs ``zoo data prepare`` from parsed :func:`add_arguments` arguments; prints a summary; returns 0.
+    """Runs ``zoo data prepare`` from its parsed arguments (`zoo.cli`); prints a summary; returns 0.
 
     Bad input (a ValueError) into a new or empty ``--output`` leaves nothing behind, so the corrected
     command starts afresh; an interrupted run keeps its units for the rerun to resume."""

@@ -7,7 +7,7 @@ import os
 import jax
 import ml_collections
 
-from zoo import io
+from zoo import storage
 from zoo.checkpoint import load_model
 from zoo.eval import longcontext, plots
 
@@ -34,10 +34,10 @@ def evaluate_workdir(workdir: str, model=None, config=None, step: int | None = N
     process 0 writes the files. Every process returns the same result.
     """
     if jax.process_index() == 0:  # check before computing that the results can be written
-        io.check_writable_dir(workdir, "the run's work directory")
-        out = io.path(workdir)
+        storage.check_writable_dir(workdir, "the run's work directory")
+        out = storage.path(workdir)
         for name in ("eval.json", "eval.png", "training.png"):
-            if (out / name).exists() and not io.is_remote(out) and not os.access(str(out / name), os.W_OK):
+            if (out / name).exists() and not storage.is_remote(out) and not os.access(str(out / name), os.W_OK):
                 raise ValueError(f"{str(out / name)!r} is read-only; evaluation results could not be written")
     if model is None:
         model, config, step = load_model(workdir, step, shardings=shardings, return_step=True)
@@ -46,11 +46,11 @@ def evaluate_workdir(workdir: str, model=None, config=None, step: int | None = N
         result["checkpoint_step"] = step
     if jax.process_index() != 0:
         return result
-    out = io.path(workdir)
-    io.write_json_atomic(out / "eval.json", result)
+    out = storage.path(workdir)
+    storage.write_json_atomic(out / "eval.json", result)
     title = f"{config.model_name} ({config.preset}) on {config.data.source}"
     plots.eval_figure(result, out / "eval.png", config.data.seq_len, title)
-    records = io.read_metrics(workdir)
+    records = storage.read_metrics(workdir)
     if records:
         plots.training_curves(records, out / "training.png", title)
     return result

@@ -144,9 +144,9 @@ class ZooLM(_LMBase):
             raise ValueError("give exactly one of pretrained=DIR, workdir=DIR or model= (with tokenizer=)")
         source_length = None
         if pretrained is not None:
-            from zoo.checkpoint import tokenizer_spec
             from zoo.convert.pretrained import load_any
             from zoo.data.tokenizers import from_spec
+            from zoo.model_dir import tokenizer_spec
 
             model, meta = load_any(pretrained, step)
             spec = tokenizer_spec(pretrained, meta)

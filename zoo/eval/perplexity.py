@@ -229,9 +229,10 @@ def _parser() -> argparse.ArgumentParser:
 def load_model_and_tokenizer(pretrained: str | None = None, workdir: str | None = None, step: int | None = None):
     """(model, tokenizer) of a model directory (or anything `zoo.from_pretrained` takes) or a work
     directory; the tokenizer may be None for a model directory converted without one."""
-    from zoo.checkpoint import load_model, tokenizer_spec
+    from zoo.checkpoint import load_model
     from zoo.convert.pretrained import load_any
     from zoo.data.tokenizers import from_spec, run_tokenizer
+    from zoo.model_dir import tokenizer_spec
 
     if (pretrained is None) == (workdir is None):
         raise ValueError("give exactly one of pretrained= (a model directory) or workdir= (a zoo train run)")

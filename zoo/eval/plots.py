@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import LogFormatter  # noqa: E402
 
-from zoo import io  # noqa: E402
+from zoo import storage  # noqa: E402
 
 
 def training_curves(records: list[dict], path: str, title: str = "") -> None:
@@ -81,4 +81,4 @@ def _save(fig, path) -> None:
     buf = BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    io.path(path).write_bytes(buf.getvalue())
+    storage.path(path).write_bytes(buf.getvalue())

@@ -1,12 +1,7 @@
-"""The training loop: one jitted, explicitly sharded step over (params, opt_state, batch).
-
-    params, opt_state, metrics = step(params, opt_state, batch)
-
-`params` is a flat dict (see `zoo.models.params`) sharded by the logical-axis rules of
-`zoo.train.sharding`; the optimizer state follows its parameters; the batch is split over
-data x fsdp. Re-running the same command resumes from the latest checkpoint: parameters,
-optimizer state, data-iterator state and step are restored, so the continued run is identical
-to an uninterrupted one.
+"""The training loop: `train` runs the jitted step (`zoo.train.step`) over the data, checks its
+non-finite flags, logs and saves checkpoints. Re-running the same command resumes from the latest
+checkpoint: parameters, optimizer state, data-iterator state and step are restored, so the
+continued run is identical to an uninterrupted one.
 
 Several processes (hosts) run the same loop (`zoo.train.sharding.maybe_initialize_distributed`):
 each reads only its own shard of every global batch, every process takes part in each checkpoint
@@ -19,197 +14,38 @@ as it was saved with).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from zoo import checkpoint as ckpt_lib
-from zoo import io
+from zoo import model_dir, storage
 from zoo.config import validate
-from zoo.data.pipeline import DOCUMENT_SOURCES, PACKED_KEYS, check_vocab, make_batches
-from zoo.data.pipeline import tokens_per_step as data_tokens_per_step
+from zoo.data.pipeline import DOCUMENT_SOURCES, check_vocab, make_batches
 from zoo.models import registry
-from zoo.models.params import ParamView
+from zoo.models.params import ParamView, check_same_tree
 from zoo.train import optim, sharding
-
-
-def lm_loss(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Masked next-token cross-entropy (fp32) and answer accuracy."""
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
-    lm, am = batch["loss_mask"], batch["answer_mask"]
-    correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
-    stats = {
-        "loss_sum": jnp.sum(ce * lm),
-        "loss_weight": jnp.sum(lm),
-        "correct": jnp.sum(correct * am),
-        "answers": jnp.sum(am),
-    }
-    return stats["loss_sum"] / jnp.maximum(stats["loss_weight"], 1.0), stats
-
-
-@dataclasses.dataclass
-class Setup:
-    """Everything derived from a run config before any state exists."""
-
-    config: ml_collections.ConfigDict
-    mesh: jax.sharding.Mesh
-    view: ParamView
-    param_shardings: dict[str, NamedSharding]
-    tx: optax.GradientTransformation
-    init_params: Callable[[], dict]
-    tokens_per_step: int
-
-    def opt_shardings(self, abstract_opt_state) -> Any:
-        """Each optimizer leaf keyed by a parameter name gets that parameter's sharding."""
-        replicated = NamedSharding(self.mesh, P())
-
-        def pick(path, leaf):
-            for k in reversed(path):
-                name = getattr(k, "key", None)
-                if name in self.param_shardings:
-                    return self.param_shardings[name]
-            return replicated
-
-        return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
-
-
-def make_setup(config: ml_collections.ConfigDict) -> Setup:
-    """Builds a run's model (abstractly), mesh, parameter shardings, optimiser and jitted initialiser."""
-    cfg = registry.config_from_run(config)
-    cls = registry.model_class(config.model_name)
-    kind = registry.model_kind(config.model_name)
-    if kind != "lm":
-        raise ValueError(
-            f"model {config.model_name!r} is a {kind}, not a language model; `zoo train` trains "
-            "language models (see the model's card in docs/models/)"
-        )
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    seed = config.train.seed
-    abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(seed)))
-    view = ParamView(abstract)
-    param_sh = sharding.param_shardings(view, mesh)
-    labels = view.tree(lambda n, meta, s: optim.param_label(meta, len(s.shape)))
-    tokens_per_step = data_tokens_per_step(config.data)
-    tx = optim.make_optimizer(config.optim, config.train.steps, tokens_per_step, labels)
-    init = jax.jit(lambda: view.flat(cls(cfg, rngs=nnx.Rngs(seed))), out_shardings=param_sh)
-    return Setup(config, mesh, view, param_sh, tx, init, tokens_per_step)
-
-
-def run_param_shardings(config: ml_collections.ConfigDict) -> dict[str, NamedSharding]:
-    """The run's parameter shardings on the current devices (its mesh and logical-axis rules), keyed
-    by flat names in the run's layer layout: what evaluation of a multi-process run restores into."""
-    cls = registry.model_class(config.model_name)
-    abstract = nnx.eval_shape(lambda: cls(registry.config_from_run(config), rngs=nnx.Rngs(0)))
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    return sharding.param_shardings(ParamView(abstract), mesh)
-
-
-def make_train_step(setup: Setup, opt_sh) -> Callable:
-    """The jitted training step (params, opt_state, batch) -> (params, opt_state, metrics)."""
-    view, tx, accum = setup.view, setup.tx, setup.config.train.grad_accum
-
-    def loss_fn(params, batch):
-        # Packed rows carry document ids and positions: no token sees another document.
-        logits = view.merge(params)(
-            batch["inputs"], segment_ids=batch.get("segment_ids"), positions=batch.get("positions")
-        )
-        return lm_loss(logits, batch)
-
-    def step(params, opt_state, batch):
-        grad_fn = jax.grad(loss_fn, has_aux=True)
-        if accum == 1:
-            grads, stats = grad_fn(params, batch)
-        else:
-            micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
-
-            def body(carry, mb):
-                g, s = grad_fn(params, mb)
-                w = s["loss_weight"]  # weight each micro-batch by its loss tokens
-                return jax.tree.map(jnp.add, carry, (jax.tree.map(lambda x: x * w, g), s)), None
-
-            zeros = (
-                jax.tree.map(jnp.zeros_like, params),
-                {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "loss_weight", "correct", "answers")},
-            )
-            (grads, stats), _ = jax.lax.scan(body, zeros, micro)
-            grads = jax.tree.map(lambda g: g / jnp.maximum(stats["loss_weight"], 1.0), grads)
-        loss = stats["loss_sum"] / jnp.maximum(stats["loss_weight"], 1.0)
-        grad_norm = optax.global_norm(grads)
-        # The non-finite guard: a NaN/Inf loss or gradient skips the update (parameters and optimizer
-        # state unchanged); the host learns it from the metrics when it next looks, no sync per step.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt = tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        params, opt_state = jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt, opt_state)
-        metrics = {
-            "loss": loss,
-            "accuracy": stats["correct"] / jnp.maximum(stats["answers"], 1.0),
-            "grad_norm": grad_norm,
-            "nonfinite": ~finite,
-            # per parameter (in `view.names` order): its gradient is not finite
-            "bad_grads": jnp.stack([~jnp.all(jnp.isfinite(grads[n])) for n in view.names]),
-        }
-        return params, opt_state, metrics
-
-    batch_sh = sharding.batch_sharding(setup.mesh, 2)
-    jitted = jax.jit(
-        step,
-        in_shardings=(setup.param_shardings, opt_sh, batch_sh),
-        out_shardings=(setup.param_shardings, opt_sh, None),
-        donate_argnums=(0, 1),
-    )
-
-    compiled = {}  # batch shape -> ahead-of-time compiled step (`precompile`)
-
-    def run(params, opt_state, batch):
-        exe = compiled.get(batch["inputs"].shape)
-        if exe is not None:
-            return exe(params, opt_state, batch)
-        with jax.set_mesh(setup.mesh):  # the kernels see the mesh while tracing (shard_map)
-            return jitted(params, opt_state, batch)
-
-    def precompile(params, opt_state, batch):
-        """Compiles the step for these (abstract) inputs; later calls with this batch shape use it."""
-        exe = _lower_under_mesh(jitted, setup.mesh, params, opt_state, batch).compile()
-        compiled[batch["inputs"].shape] = exe
-        return exe
-
-    run.lower = lambda *a: _lower_under_mesh(jitted, setup.mesh, *a)
-    run.precompile = precompile
-    return run
-
-
-def _lower_under_mesh(jitted, mesh, *args):
-    with jax.set_mesh(mesh):
-        return jitted.lower(*args)
+from zoo.train.memory import check_memory, check_memory_estimate
+from zoo.train.step import Setup, global_batch, make_setup, make_train_step
 
 
 def initial_params(setup: Setup, source: str) -> dict:
     """Parameters to start training from: a model directory (`zoo convert`, pretrained weights) or
     another run's work directory (its latest checkpoint), in this run's layout and shardings."""
-    is_model_dir = (io.path(source) / ckpt_lib.MODEL_FILE).is_file()
+    is_model_dir = (storage.path(source) / model_dir.MODEL_FILE).is_file()
     model = (
-        ckpt_lib.load_pretrained(source, **_layout(setup))
+        model_dir.load_pretrained(source, **_layout(setup))
         if is_model_dir
         else ckpt_lib.load_model(source, **_layout(setup))
     )[0]
     params = ParamView(model).flat(model)
-    ckpt_lib.check_same_tree(params, setup.view.shapes, f"train.init_from={source!r} vs {setup.config.model_name}")
+    check_same_tree(params, setup.view.shapes, f"train.init_from={source!r} vs {setup.config.model_name}")
     out = {}
     for n, s in setup.view.shapes.items():
         # Via the host: every process holds the whole array (one device, or replicated over all
@@ -221,19 +57,6 @@ def initial_params(setup: Setup, source: str) -> dict:
 
 def _layout(setup: Setup) -> dict:
     return {"scan_layers": bool(setup.config.model.get("scan_layers", False))}
-
-
-def global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """Per-host numpy batch -> global jax arrays split over data x fsdp."""
-    sh = sharding.batch_sharding(mesh, 2)
-    dp = sharding.data_parallel_size(mesh)
-    n = batch["inputs"].shape[0] * jax.process_count()
-    if n % dp:
-        raise ValueError(
-            f"global batch {n} is not divisible by data x fsdp = {dp}; change data.batch_size "
-            "(or data.tokens_per_step) or the mesh"
-        )
-    return {k: jax.make_array_from_process_local_data(sh, v) for k, v in batch.items()}
 
 
 def gather_data_states(state: dict) -> dict:
@@ -326,10 +149,12 @@ def _train(config, workdir, progress: bool, stop_after: int | None, sigterm: _Si
     batches = make_batches(config.data, "train", process_index=jax.process_index(), process_count=jax.process_count())
     step_fn, opt_sh, abstract_params, abstract_opt = _preflight(config, setup, batches, workdir)
     # A fresh run's starting point is read (and its shapes checked) before the work directory is touched.
-    fresh = not (io.path(workdir) / "checkpoints").exists() or not list((io.path(workdir) / "checkpoints").iterdir())
+    fresh = not (storage.path(workdir) / "checkpoints").exists() or not list(
+        (storage.path(workdir) / "checkpoints").iterdir()
+    )
     start_from = initial_params(setup, config.train.init_from) if config.train.init_from and fresh else None
 
-    with io.WorkdirLock(workdir):
+    with storage.WorkdirLock(workdir):
         _record_config(workdir, config)
         checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints, log=_log)
         checkpointer.bind(abstract_params, abstract_opt)
@@ -338,7 +163,7 @@ def _train(config, workdir, progress: bool, stop_after: int | None, sigterm: _Si
         if restored is None and had:
             _log(
                 f"zoo: no usable checkpoint: every step ({', '.join(map(str, had))}) is damaged and was moved "
-                f"to {io.path(workdir) / 'damaged'}; training starts again from step 0"
+                f"to {storage.path(workdir) / 'damaged'}; training starts again from step 0"
             )
         if restored is not None:
             params, opt_state = restored["params"], restored["opt_state"]
@@ -374,115 +199,27 @@ def _preflight(config, setup: Setup, batches, workdir):
     if config.data.source in DOCUMENT_SOURCES:  # the evaluation's split must exist before training
         make_batches(config.data, "validation")
     dp = sharding.data_parallel_size(setup.mesh)
-    sizes = batches.schedule.batch_sizes.values() if config.data.mode == "decomposition" else [config.data.batch_size]
-    for b in sizes:
+    for b, _ in batches.global_shapes:
         if b % dp:
             raise ValueError(
                 f"a global batch of {b} sequences is not divisible by the mesh's data x fsdp = {dp}; "
                 "change data.batch_size (or data.tokens_per_step) or the mesh"
             )
-    io.check_writable_dir(workdir)
+    storage.check_writable_dir(workdir)
     ckpt_lib.check_resume_config(workdir, config)  # a work dir of another run (or not a zoo run) is refused
     if config.train.init_from:
-        src = io.path(config.train.init_from)
-        if not (src / ckpt_lib.MODEL_FILE).is_file() and not (src / ckpt_lib.CONFIG_FILE).is_file():
+        src = storage.path(config.train.init_from)
+        if not (src / model_dir.MODEL_FILE).is_file() and not (src / ckpt_lib.CONFIG_FILE).is_file():
             raise ValueError(
                 f"train.init_from={config.train.init_from!r} is neither a model directory nor a work directory"
             )
-    abstract_params = {
-        n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=setup.param_shardings[n])
-        for n, s in setup.view.shapes.items()
-    }
-    abstract_opt = jax.eval_shape(setup.tx.init, abstract_params)
-    opt_sh = setup.opt_shardings(abstract_opt)
-    abstract_opt = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract_opt, opt_sh)
+    abstract_params, abstract_opt, opt_sh = setup.abstract_state()
     step_fn = make_train_step(setup, opt_sh)
     # The largest step (fixed: the one shape; decomposition: the longest bucket) compiled now, and
     # its memory compared with the device's before anything is written.
-    if config.data.mode == "decomposition":
-        k = max(batches.schedule.batch_sizes)
-        shape = (batches.schedule.batch_size(k), 1 << k)
-    else:
-        shape = (config.data.batch_size, config.data.seq_len)
-    bsh = sharding.batch_sharding(setup.mesh, 2)
-    keys = PACKED_KEYS if config.data.mode == "packed" else PACKED_KEYS[:4]
-    abstract_batch = {
-        k: jax.ShapeDtypeStruct(shape, jnp.float32 if k.endswith("mask") else jnp.int32, sharding=bsh) for k in keys
-    }
+    abstract_batch = setup.abstract_batch(batches.max_shape, batches.keys)
     check_memory(step_fn.precompile(abstract_params, abstract_opt, abstract_batch), config)
     return step_fn, opt_sh, abstract_params, abstract_opt
-
-
-def compiled_memory(compiled) -> dict[str, int] | None:
-    """XLA's memory analysis of a compiled function (bytes), where the backend offers one."""
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 -- some backends do not implement it
-        return None
-    if m is None:
-        return None
-    fields = (
-        "argument_size_in_bytes",
-        "output_size_in_bytes",
-        "temp_size_in_bytes",
-        "alias_size_in_bytes",
-        "generated_code_size_in_bytes",
-    )
-    out = {f: int(getattr(m, f, 0) or 0) for f in fields}
-    out["peak_bytes"] = (
-        out["argument_size_in_bytes"]
-        + out["output_size_in_bytes"]
-        + out["temp_size_in_bytes"]
-        - out["alias_size_in_bytes"]
-    )
-    return out
-
-
-def check_memory(compiled, config) -> None:
-    """One clear error when the compiled step needs more memory than a device has (where known)."""
-    need = (compiled_memory(compiled) or {}).get("peak_bytes")
-    have = device_memory_bytes()
-    if need is not None and have is not None and need > have:
-        raise ValueError(
-            f"the training step needs {need / 2**30:.1f} GiB per device but a device has {have / 2**30:.1f} GiB; "
-            f"lower data.batch_size or data.seq_len (now {config.data.batch_size} x {config.data.seq_len}), set "
-            "--config.model.remat=full, or add devices to the mesh"
-        )
-
-
-def check_memory_estimate(config) -> None:
-    """One clear error, before anything is allocated or compiled, when a step's batch cannot fit: its
-    fp32 logits and residual stream alone (B x T x (vocab + d_model) x 4 bytes per micro-batch of
-    `train.grad_accum`, split over the devices) are a lower bound of the step's memory.
-    `check_memory` compares the compiled step."""
-    cfg = registry.config_from_run(config)
-    tokens = data_tokens_per_step(config.data) // max(int(config.train.grad_accum), 1)
-    devices = (
-        config.mesh.data * config.mesh.fsdp if config.mesh.data > 0 and config.mesh.fsdp > 0 else jax.device_count()
-    )
-    need = tokens * (cfg.vocab_size + getattr(cfg, "d_model", 0)) * 4 // max(devices, 1)
-    have = device_memory_bytes()
-    if have is not None and need > have:
-        raise ValueError(
-            f"a (micro-)batch of {tokens:,} tokens needs at least {need / 2**30:.1f} GiB per device (its logits "
-            f"alone) but a device has {have / 2**30:.1f} GiB; lower data.batch_size or data.seq_len (now "
-            f"{config.data.batch_size} x {config.data.seq_len}), raise train.grad_accum or add devices to the mesh"
-        )
-
-
-def device_memory_bytes() -> int | None:
-    """Memory of one local device: the accelerator's limit, or the available host RAM on CPU."""
-    stats = jax.local_devices()[0].memory_stats() or {}
-    if "bytes_limit" in stats:
-        return int(stats["bytes_limit"])
-    if jax.default_backend() == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                info = dict(line.split(":", 1) for line in f)
-            return int(info["MemAvailable"].split()[0]) * 1024
-        except (OSError, KeyError, ValueError):
-            return None
-    return None
 
 
 def _record_config(workdir, config) -> None:
@@ -491,13 +228,13 @@ def _record_config(workdir, config) -> None:
     ckpt_lib.check_resume_config(workdir, config)
     if jax.process_index() != 0:
         return
-    file = io.path(workdir) / ckpt_lib.CONFIG_FILE
-    io.path(workdir).mkdir(parents=True, exist_ok=True)
+    file = storage.path(workdir) / ckpt_lib.CONFIG_FILE
+    storage.path(workdir).mkdir(parents=True, exist_ok=True)
     new = config.to_dict()
     if not file.is_file():
-        io.write_json_atomic(file, new)
+        storage.write_json_atomic(file, new)
         return
-    old = io.read_json(file)
+    old = storage.read_json(file)
     changes = {k: [v, w] for k, (v, w) in _flat_diff(old, json.loads(json.dumps(new))).items()}
     if not changes:
         return
@@ -505,11 +242,11 @@ def _record_config(workdir, config) -> None:
         "zoo: resuming with changed settings (recorded in config_history.jsonl): "
         + ", ".join(f"{k} {v!r} -> {w!r}" for k, (v, w) in sorted(changes.items()))
     )
-    history = io.path(workdir) / "config_history.jsonl"
+    history = storage.path(workdir) / "config_history.jsonl"
     lines = history.read_text() if history.exists() else ""
     entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "changes": changes}
-    io.write_text_atomic(history, lines + json.dumps(entry) + "\n")
-    io.write_json_atomic(file, new)
+    storage.write_text_atomic(history, lines + json.dumps(entry) + "\n")
+    storage.write_json_atomic(file, new)
 
 
 def _flat_diff(a: dict, b: dict, prefix: str = "") -> dict:
@@ -552,7 +289,7 @@ class _Loop:
     ):
         self.config, self.setup, self.step_fn, self.batches = config, setup, step_fn, batches
         self.checkpointer, self.workdir, self.start = checkpointer, workdir, start
-        self.writer = io.MetricsWriter(workdir, resume_at=start)
+        self.writer = storage.MetricsWriter(workdir, resume_at=start)
         self.vocab = registry.config_from_run(config).vocab_size
         self.bar = None
         if progress and jax.process_index() == 0:
@@ -648,7 +385,7 @@ class _Loop:
         profile = list(config.train.profile_steps)
         while step < total:
             if profile and step + 1 == profile[0] and jax.process_index() == 0:
-                jax.profiler.start_trace(str(io.path(self.workdir) / "profile"))
+                jax.profiler.start_trace(str(storage.path(self.workdir) / "profile"))
                 self.profiling = True
             host_batch = next(self.batches)
             check_vocab(host_batch, self.vocab, f"data.source={config.data.source!r}")
@@ -662,7 +399,8 @@ class _Loop:
                 jax.block_until_ready(metrics)
                 jax.profiler.stop_trace()
                 self.profiling = False
-                _log(f"zoo: profile of steps {profile[0]}..{profile[1]} written to {io.path(self.workdir) / 'profile'}")
+                where = storage.path(self.workdir) / "profile"
+                _log(f"zoo: profile of steps {profile[0]}..{profile[1]} written to {where}")
             log_now = step % config.train.log_every == 0 or step == total
             save_now = step % config.train.checkpoint_every == 0 or step == total
             stop = self._stop_requested()
