@@ -425,7 +425,8 @@ def check_tokens(tokens, ndim: int, name: str = "tokens", vocab_size: int | None
     if any(s == 0 for s in tokens.shape):
         raise ValueError(f"{name} has shape {tokens.shape}; batch and length must be >= 1")
     if vocab_size is not None and not isinstance(tokens, jax.core.Tracer):
-        lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+        host = np.asarray(tokens)  # a concrete array, also when a jit trace closes over it
+        lo, hi = int(host.min()), int(host.max())
         if lo < 0 or hi >= vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(
