@@ -52,6 +52,9 @@ def _nan_from(first: int, last: int):
             def __init__(self):
                 self.n = 0
 
+            def __getattr__(self, name):  # the iterator's keys and shapes
+                return getattr(it, name)
+
             def __iter__(self):
                 return self
 

@@ -141,6 +141,8 @@ def _check_checkpoint(workdir, step: int, processes: int, next_index: int) -> No
     assert data == {"process_count": processes, "hosts": [{"next_index": next_index}] * processes}
     meta = json.loads((d / "meta" / "metadata").read_text())
     checksums = meta.pop("checksums")  # content checksums of every saved array, verified on restore
+    digests = {k: meta.pop(k) for k in ("data_sha256", "meta_sha256")}  # the checksums of the data state and meta
+    assert all(len(v) == 64 for v in digests.values())
     assert meta == {"step": step, "model_name": "transformer", "process_count": processes}
     assert any("blocks/layers/0/attn/wq/kernel" in k for k in checksums) and len(checksums) > 20
 
