@@ -187,7 +187,16 @@ def test_two_processes_equal_one_process_and_resume_across_process_counts(tmp_pa
         assert len(r["eval"]) == 1 and {"step": 6, **r["eval"][0]} == r["saves"][0]
     assert "evaluation written" in out_c[0] and "evaluation written" not in out_c[1]
     assert sorted(p.name for p in work.iterdir()) == sorted(
-        ["checkpoints", "config.json", "eval.json", "eval.png", "metrics.jsonl", "tensorboard", "training.png"]
+        [
+            ".zoo.lock",
+            "checkpoints",
+            "config.json",
+            "eval.json",
+            "eval.png",
+            "metrics.jsonl",
+            "tensorboard",
+            "training.png",
+        ]
     )  # nothing else, no temporary file of process 1
     ev, ev_ref = (json.loads((d / "eval.json").read_text()) for d in (work, tmp_path / "ref"))
     assert ev["passkey"] == ev_ref["passkey"]
